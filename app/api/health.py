@@ -1,0 +1,30 @@
+"""GET /healthz (alive) and GET /readyz (every configured model loaded and warmed up)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.api.deps import ServiceDep
+from app.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "some models are not ready"}},
+    summary="200 when every configured model is loaded and warmed up",
+)
+async def readyz(service: ServiceDep) -> JSONResponse:
+    ready, not_ready = service.is_ready()
+    body = Readiness(ready=ready, not_ready=not_ready).model_dump()
+    return JSONResponse(
+        body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"}
+    )

@@ -1,0 +1,155 @@
+"""Custom models (e.g. your own fine-tuned checkpoints) declared in a TOML file.
+
+    [models.defects_r50]
+    arch = "resnet50"               # a catalog arch or any torchvision classification builder
+    weights = "/models/defects.pt"  # a state_dict or {"state_dict": ...}; "module." is stripped
+    labels = "/models/defects.txt"  # one label per line; their number sets the classifier width
+    preprocess = "imagenet"         # or "cifar", or a table: resize, crop, mean, std, interpolation
+
+Every problem stops startup with a message naming the file, the entry and what is wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torchvision
+from torch import nn
+from torchvision.models import get_model_builder, list_models
+
+from app.catalog import cifar
+from app.catalog.preprocess import (
+    Transform,
+    cifar_preset,
+    imagenet_preset,
+    output_size,
+    table_preset,
+)
+from app.catalog.registry import Family, ModelSpec, _conv_linear_gflops, _count_params
+
+ALLOWED_KEYS = {"arch", "weights", "labels", "preprocess", "family", "depth"}
+RESIDUAL_PREFIXES = ("resnet", "resnext", "wide_resnet", "cifar10_resnet")
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def _builder(arch: str, num_classes: int) -> Callable[[], nn.Module]:
+    m = re.fullmatch(r"cifar10_(resnet|plain)(\d+)", arch)
+    if m:
+        fn = cifar.cifar_resnet if m.group(1) == "resnet" else cifar.cifar_plain
+        return functools.partial(fn, int(m.group(2)), num_classes=num_classes)
+    if arch not in list_models(module=torchvision.models):
+        raise ValueError(
+            f"unknown arch {arch!r}: use a torchvision classification model "
+            "(e.g. resnet50, vgg16) or cifar10_resnetN / cifar10_plainN"
+        )
+    return functools.partial(get_model_builder(arch), weights=None, num_classes=num_classes)
+
+
+def _preprocess(value: Any) -> Transform:
+    if value == "imagenet":
+        return imagenet_preset()
+    if value == "cifar":
+        return cifar_preset()
+    if isinstance(value, dict):
+        return table_preset(value)
+    raise ValueError(f'preprocess must be "imagenet", "cifar" or a table, got {value!r}')
+
+
+def _depth(arch: str, model: nn.Module) -> int:
+    if arch == "alexnet":
+        return 8
+    m = re.search(r"(\d+)", arch.removeprefix("cifar10_"))
+    if m and not arch.startswith(("efficientnet", "mobilenet", "regnet", "shufflenet")):
+        return int(m.group(1))
+    return sum(isinstance(x, (nn.Conv2d, nn.Linear)) for x in model.modules())
+
+
+def _read_labels(path: Path) -> tuple[str, ...]:
+    labels = tuple(line.strip() for line in path.read_text("utf-8").splitlines() if line.strip())
+    if not labels:
+        raise ValueError(f"labels file {path} has no labels")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels file {path} repeats a label")
+    return labels
+
+
+def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
+    from app.weights import WeightsError, load_into
+
+    unknown = set(entry) - ALLOWED_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ALLOWED_KEYS)}")
+    for key in ("arch", "weights", "labels"):
+        if key not in entry:
+            raise ValueError(f"missing required key {key!r}")
+    arch = str(entry["arch"])
+    weights = (base / str(entry["weights"])).resolve()
+    labels_path = (base / str(entry["labels"])).resolve()
+    if not labels_path.is_file():
+        raise ValueError(f"labels file {labels_path} does not exist")
+    if not weights.is_file():
+        raise ValueError(f"weights file {weights} does not exist")
+    labels = _read_labels(labels_path)
+    builder = _builder(arch, len(labels))
+    transform = _preprocess(entry.get("preprocess", "imagenet"))
+    model = builder()
+    try:
+        load_into(model, weights)
+    except WeightsError as exc:
+        raise ValueError(f"{exc} (the labels file declares {len(labels)} classes)") from None
+    size = output_size(transform)
+    declared = entry.get("family") or ("resnet" if arch.startswith(RESIDUAL_PREFIXES) else "cnn")
+    if declared not in ("cnn", "resnet"):
+        raise ValueError(f'family must be "cnn" or "resnet", got {declared!r}')
+    family: Family = "resnet" if declared == "resnet" else "cnn"
+    return ModelSpec(
+        name=name,
+        arch=arch,
+        family=family,
+        depth=int(entry.get("depth") or _depth(arch, model)),
+        source="custom",
+        builder=builder,
+        labels=labels,
+        transform=transform,
+        input_size=size,
+        weights_name=weights.name,
+        weights_file=str(weights),
+        weights_url=None,
+        params=_count_params(model),
+        gflops=_conv_linear_gflops(model, size),
+    )
+
+
+def load_model_config(path: Path, reserved: set[str]) -> list[ModelSpec]:
+    """Specs for every ``[models.NAME]`` table in ``path``; raises ModelConfigError otherwise."""
+    where = f"model config {path}"
+    try:
+        doc = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ModelConfigError(f"{where}: file does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ModelConfigError(f"{where}: not valid TOML: {exc}") from None
+    models = doc.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ModelConfigError(f"{where}: no [models.NAME] tables")
+    specs = []
+    for name, entry in models.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise ModelConfigError(f"{where}: [models.{name}]: name must be letters, digits, _ . -")
+        if name in reserved:
+            raise ModelConfigError(f"{where}: [models.{name}]: name is taken by a built-in model")
+        if not isinstance(entry, dict):
+            raise ModelConfigError(f"{where}: [models.{name}]: must be a table")
+        try:
+            specs.append(_spec(name, entry, path.parent))
+        except Exception as exc:
+            raise ModelConfigError(f"{where}: [models.{name}]: {exc}") from None
+    return specs

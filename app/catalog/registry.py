@@ -1,0 +1,262 @@
+"""The catalog: every servable backbone, with labels, preprocessing and reference figures.
+
+Built on torchvision's own model API (``get_model_builder``, ``get_model_weights`` and the weights
+enums): labels come from ``meta["categories"]``, preprocessing from ``weights.transforms()``,
+figures from ``meta`` -- never copied by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+from torchvision.models import get_model_builder, get_model_weights
+
+from app.catalog import cifar
+from app.catalog.preprocess import Transform, cifar_preset, output_size, transform_key
+
+Family = Literal["cnn", "resnet"]
+
+TORCHVISION_CNN = (
+    "alexnet",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
+)
+TORCHVISION_RESNET = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+class UnknownModelError(KeyError):
+    def __init__(self, name: str, available: Iterable[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.available = sorted(available)
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r}; available: {', '.join(self.available)}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable backbone. ``builder`` is picklable, so worker processes can rebuild it."""
+
+    name: str
+    arch: str
+    family: Family
+    depth: int
+    source: Literal["torchvision", "cifar10", "custom"]
+    builder: Callable[[], nn.Module] = field(repr=False, compare=False)
+    labels: tuple[str, ...] = field(repr=False)
+    transform: Transform = field(repr=False, compare=False)
+    input_size: int
+    weights_name: str | None  # the weights enum member, e.g. IMAGENET1K_V2
+    weights_file: str | None  # file name in the weights dir, or an absolute path (custom)
+    weights_url: str | None
+    params: int | None
+    gflops: float | None
+    acc1: float | None = None
+    acc5: float | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def transform_key(self) -> str:
+        return transform_key(self.transform)
+
+    @property
+    def label_set_key(self) -> int:
+        return hash(self.labels)
+
+    def weights_path(self, weights_dir: Path) -> Path | None:
+        if self.weights_file is None:
+            return None
+        p = Path(self.weights_file)
+        return p if p.is_absolute() else weights_dir / p
+
+    @property
+    def sha256_prefix(self) -> str | None:
+        """torch.hub convention: ``name-<first hex digits of sha256>.ext``."""
+        if not self.weights_file:
+            return None
+        m = re.search(r"-([a-f0-9]{6,})\.", Path(self.weights_file).name)
+        return m.group(1) if m else None
+
+    def catalog_entry(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "family": self.family,
+            "depth": self.depth,
+            "source": self.source,
+            "params": self.params,
+            "gflops": self.gflops,
+            "acc1": self.acc1,
+            "acc5": self.acc5,
+            "weights_name": self.weights_name,
+            "weights_file": self.weights_file,
+            "input_size": self.input_size,
+            "num_classes": self.num_classes,
+        }
+
+
+def _conventional_depth(arch: str) -> int:
+    """Weighted layers, as the architectures are named (AlexNet has 8)."""
+    if arch == "alexnet":
+        return 8
+    m = re.search(r"(\d+)", arch)
+    if not m:
+        raise ValueError(f"cannot tell the depth of {arch!r}")
+    return int(m.group(1))
+
+
+def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
+    """A catalog entry for a torchvision ImageNet classifier and one of its weights."""
+    enum = get_model_weights(arch)
+    if variant is None:
+        weights = enum.DEFAULT
+        name = arch
+    else:
+        try:
+            weights = enum[variant]
+        except KeyError:
+            variants = ", ".join(f"{arch}:{w.name}" for w in enum)
+            raise UnknownModelError(f"{arch}:{variant}", variants.split(", ")) from None
+        name = f"{arch}:{variant}"
+    meta = weights.meta
+    metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
+    transform = weights.transforms()
+    return ModelSpec(
+        name=name,
+        arch=arch,
+        family="resnet" if arch.startswith("resnet") else "cnn",
+        depth=_conventional_depth(arch),
+        source="torchvision",
+        builder=functools.partial(get_model_builder(arch), weights=None),
+        labels=tuple(meta["categories"]),
+        transform=transform,
+        input_size=int(transform.crop_size[0]),
+        weights_name=weights.name,
+        weights_file=Path(weights.url).name,
+        weights_url=weights.url,
+        params=int(meta["num_params"]),
+        gflops=float(meta["_ops"]),
+        acc1=metrics.get("acc@1"),
+        acc5=metrics.get("acc@5"),
+    )
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _conv_linear_gflops(model: nn.Module, size: int) -> float:
+    """Multiply-accumulates of conv and linear layers per image, in billions (as torchvision)."""
+    import torch
+
+    total = 0
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+            total += out.numel() * k
+        elif isinstance(mod, nn.Linear):
+            total += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.inference_mode():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return round(total / 1e9, 4)
+
+
+def cifar_spec(depth: int, residual: bool) -> ModelSpec:
+    kind = "resnet" if residual else "plain"
+    build = cifar.cifar_resnet if residual else cifar.cifar_plain
+    builder = functools.partial(build, depth)
+    model = builder()
+    file, acc = cifar.CIFAR_CHECKPOINTS.get(depth, (None, None)) if residual else (None, None)
+    transform = cifar_preset()
+    return ModelSpec(
+        name=f"cifar10_{kind}{depth}",
+        arch=f"cifar10_{kind}{depth}",
+        family="resnet" if residual else "cnn",
+        depth=depth,
+        source="cifar10",
+        builder=builder,
+        labels=cifar.CIFAR10_LABELS,
+        transform=transform,
+        input_size=output_size(transform),
+        weights_name="CIFAR10" if file else None,
+        weights_file=file,
+        weights_url=cifar.CIFAR_URL + file if file else None,
+        params=_count_params(model),
+        gflops=_conv_linear_gflops(model, 32),
+        acc1=acc,
+        acc5=None,
+    )
+
+
+class Catalog:
+    """Registry of specs by name; ``arch:VARIANT`` names resolve torchvision weights lazily."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for s in specs:
+            self.add(s)
+
+    def add(self, spec: ModelSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"model {spec.name!r} is already in the catalog")
+        self._specs[spec.name] = spec
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except UnknownModelError:
+            return False
+        return True
+
+    def get(self, name: str) -> ModelSpec:
+        spec = self._specs.get(name)
+        if spec is not None:
+            return spec
+        arch, sep, variant = name.partition(":")
+        base = self._specs.get(arch)
+        if sep and base is not None and base.source == "torchvision":
+            spec = torchvision_spec(arch, variant)
+            self._specs[name] = spec
+            return spec
+        raise UnknownModelError(name, self._specs)
+
+    def specs(self) -> list[ModelSpec]:
+        return list(self._specs.values())
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_specs() -> tuple[ModelSpec, ...]:
+    specs = [torchvision_spec(a) for a in TORCHVISION_CNN + TORCHVISION_RESNET]
+    for residual in (True, False):
+        specs += [cifar_spec(d, residual) for d in cifar.CIFAR_DEPTHS]
+    return tuple(specs)
+
+
+def build_catalog(extra: Iterable[ModelSpec] = ()) -> Catalog:
+    """The built-in catalog plus extra (custom) specs."""
+    return Catalog([*_builtin_specs(), *extra])

@@ -1,0 +1,1 @@
+"""Everything that runs models: worker processes, the pool, and the dynamic batcher."""

@@ -1,0 +1,152 @@
+"""A device worker: a separate process that owns its models and runs batches in inference mode.
+
+It runs in its own process so that a model that crashes (a segfault, the OOM killer, a CUDA fault)
+cannot take the API down. Batches arrive as shared-memory tensors; probabilities go back as arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a worker builds one model: picklable, so it crosses the process boundary."""
+
+    name: str
+    builder: Callable[[], nn.Module]
+    weights_path: str | None  # None: random initialisation (explicitly allowed)
+    input_size: int
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: int
+    device: str
+    precision: str  # fp32 | bf16 | fp16, already resolved for the device
+    channels_last: bool
+    compile: bool
+    threads: int | None
+    warmup_batch: int
+    plans: list[LoadPlan] = field(default_factory=list)
+
+
+# Messages from the worker (tuples keep pickling cheap):
+#   ("status", name, status, reason, info)   status: loading | ready | failed
+#   ("result", batch_id, probs ndarray, start_monotonic, inference_ms)
+#   ("error", batch_id, message)
+#   ("started", pid)
+
+
+def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    from app.weights import load_into
+
+    model = plan.builder()
+    if plan.weights_path is not None:
+        from pathlib import Path
+
+        load_into(model, Path(plan.weights_path))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = torch.device(cfg.device)
+    model = model.to(device=device, dtype=DTYPES[cfg.precision])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
+    return model
+
+
+class Runner:
+    """Runs batches for one worker's models; also usable in-process (benchmarks, tests)."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.precision]
+        self.models: dict[str, nn.Module] = {}
+
+    def load(self, plan: LoadPlan) -> None:
+        model = _build(plan, self.cfg)
+        self.models[plan.name] = model
+        # Warm-up: the first forward passes allocate, pick kernels and (with compile) compile.
+        for bs in sorted({1, self.cfg.warmup_batch}):
+            x = torch.zeros(bs, 3, plan.input_size, plan.input_size)
+            out = self.forward(plan.name, x)
+            if out.shape != (bs, plan.num_classes):
+                raise RuntimeError(
+                    f"{plan.name} outputs {tuple(out.shape)}, expected {(bs, plan.num_classes)}"
+                )
+
+    def forward(self, name: str, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (float32, on the CPU) for a batch of preprocessed images."""
+        model = self.models[name]
+        try:
+            return self._forward(model, batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = batch.shape[0] // 2  # split the batch and retry each half
+            return torch.cat([self.forward(name, batch[:half]), self.forward(name, batch[half:])])
+
+    def _forward(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                x = batch.pin_memory() if not batch.is_pinned() else batch
+                x = x.to(self.device, non_blocking=True)
+            else:
+                x = batch
+            x = x.to(dtype=self.dtype, memory_format=fmt)
+            logits = model(x)
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
+    """Entry point of a worker process."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(cfg.device))
+        torch.backends.cudnn.benchmark = True
+    outbox.put(("started", os.getpid()))
+    runner = Runner(cfg)
+    for plan in cfg.plans:
+        outbox.put(("status", plan.name, "loading", None, None))
+        try:
+            runner.load(plan)
+        except Exception as exc:
+            outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
+            continue
+        outbox.put(("status", plan.name, "ready", None, {"precision": cfg.precision}))
+
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            break
+        batch_id, name, batch = msg
+        start = time.monotonic()
+        try:
+            if name not in runner.models:
+                raise KeyError(f"model {name!r} is not loaded on this worker")
+            probs = runner.forward(name, batch)
+            ms = (time.monotonic() - start) * 1000.0
+            outbox.put(("result", batch_id, probs.numpy(), start, ms))
+        except Exception as exc:
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            outbox.put(("error", batch_id, detail))
+        finally:
+            del batch

@@ -1,0 +1,226 @@
+"""The running service: catalog, weights, worker pool and one batcher per model.
+
+Routes call ``classify``/``compare``-level helpers here; nothing in this module knows about HTTP
+except the domain errors it raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from app import weights as weights_mod
+from app.catalog import Catalog, ModelSpec, build_catalog
+from app.catalog.custom import load_model_config
+from app.engine.batcher import ModelBatcher, Prediction
+from app.engine.pool import WorkerPool, resolve_devices
+from app.engine.worker import LoadPlan, WorkerConfig
+from app.errors import ModelNotReadyError, ModelNotServedError
+from app.settings import Settings
+
+log = logging.getLogger("imgcls.service")
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """``auto``: fp16 on CUDA, fp32 on the CPU (the guard-tested default)."""
+    if requested != "auto":
+        if requested == "fp16" and not device.startswith("cuda"):
+            raise ValueError("fp16 runs only on CUDA; use bf16 or fp32 on the CPU")
+        return requested
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+@dataclass
+class Served:
+    """A model this service was started with, and what stops it from serving if anything."""
+
+    spec: ModelSpec
+    weights_label: str | None = None  # the enum name, the file, or "random"
+    problem: str | None = None  # "missing-weights" | "failed"
+    reason: str | None = None
+
+
+class Service:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+        self.settings = settings
+        if catalog is None:
+            extra: list[ModelSpec] = []
+            if settings.model_config_file is not None:
+                reserved = set(build_catalog().names())
+                extra = load_model_config(settings.model_config_file, reserved)
+            catalog = build_catalog(extra)
+        self.catalog = catalog
+        self.served: dict[str, Served] = {}
+        for name in settings.model_names:
+            self.served[name] = Served(self.catalog.get(name))  # unknown names stop startup
+        self.devices = resolve_devices(settings.device)
+        self.pool: WorkerPool | None = None
+        self.batchers: dict[str, ModelBatcher] = {}
+        self.started = time.monotonic()
+        self._startup: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        torch.set_num_threads(1)  # the API process only preprocesses; workers own the cores
+        self._startup = asyncio.create_task(self._load())
+
+    async def wait_started(self) -> None:
+        if self._startup is not None:
+            await asyncio.shield(self._startup)
+
+    async def _load(self) -> None:
+        plans = []
+        for name, served in self.served.items():
+            try:
+                path = await asyncio.to_thread(
+                    weights_mod.resolve,
+                    served.spec,
+                    self.settings.weights_dir,
+                    auto_download=self.settings.auto_download,
+                    allow_random=self.settings.allow_random_weights,
+                    mirror=self.settings.weights_mirror,
+                )
+            except weights_mod.WeightsError as exc:
+                served.problem, served.reason = "missing-weights", str(exc)
+                log.error("%s", exc)
+                continue
+            if path is None:
+                served.weights_label = "random"
+                log.warning("%s serves RANDOM weights (IMGCLS_ALLOW_RANDOM_WEIGHTS)", name)
+            elif served.spec.source == "torchvision":
+                served.weights_label = served.spec.weights_name
+            else:
+                served.weights_label = path.name
+            spec = served.spec
+            plans.append(
+                LoadPlan(
+                    name=name,
+                    builder=spec.builder,
+                    weights_path=str(path) if path else None,
+                    input_size=spec.input_size,
+                    num_classes=spec.num_classes,
+                )
+            )
+        configs: list[WorkerConfig] = []
+        per_device = self.settings.workers_per_device
+        cpu_workers = sum(per_device for d in self.devices if d == "cpu")
+        threads = self.settings.threads_per_worker or max(
+            1, (os.cpu_count() or 1) // max(1, cpu_workers)
+        )
+        for device in self.devices:
+            for _ in range(per_device):
+                configs.append(
+                    WorkerConfig(
+                        worker_id=len(configs),
+                        device=device,
+                        precision=resolve_precision(self.settings.precision, device),
+                        channels_last=self.settings.channels_last,
+                        compile=self.settings.compile,
+                        threads=threads if device == "cpu" else None,
+                        warmup_batch=self.settings.max_batch_size,
+                        plans=plans,
+                    )
+                )
+        self.pool = WorkerPool(configs)
+        await self.pool.start()
+        for plan in plans:
+            b = ModelBatcher(
+                plan.name,
+                self.pool,
+                max_batch_size=self.settings.max_batch_size,
+                max_wait_s=self.settings.max_batch_wait_ms / 1000.0,
+                max_queue=self.settings.max_queue,
+            )
+            b.start()
+            self.batchers[plan.name] = b
+
+    async def stop(self) -> None:
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+            await asyncio.gather(self._startup, return_exceptions=True)
+        for b in self.batchers.values():
+            await b.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+    # ---- status ----------------------------------------------------------------------------
+    def status(self, name: str) -> tuple[str, str | None, list[str], str | None]:
+        """(status, reason, devices, precision) of any catalog model."""
+        served = self.served.get(name)
+        if served is None:
+            return "not-loaded", "not in IMGCLS_MODELS", [], None
+        if served.problem:
+            return served.problem, served.reason, [], None
+        if self.pool is None or name not in self.batchers:
+            return "loading", "resolving weights and starting workers", [], None
+        return self.pool.model_status(name)
+
+    def is_ready(self) -> tuple[bool, list[str]]:
+        not_ready = []
+        for name in self.served:
+            status, reason, _, _ = self.status(name)
+            fully = self.pool is not None and self.pool.fully_ready(name)
+            if status != "ready" or not fully:
+                not_ready.append(
+                    f"{name}: {status if status != 'ready' else 'restarting'}"
+                    + (f" ({reason})" if reason else "")
+                )
+        return not not_ready, not_ready
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        names = list(dict.fromkeys([*self.catalog.names(), *self.served]))
+        entries = []
+        for name in names:
+            spec = self.catalog.get(name)
+            status, reason, devices, precision = self.status(name)
+            served = self.served.get(name)
+            entry = spec.catalog_entry()
+            entry.update(
+                status=status,
+                reason=reason,
+                device=",".join(devices) if devices else None,
+                weights=served.weights_label if served else None,
+                precision=precision,
+            )
+            entries.append(entry)
+        return entries
+
+    # ---- inference -------------------------------------------------------------------------
+    def servable(self, name: str) -> Served:
+        """The served model called ``name``, or the error that says why it cannot run."""
+        served = self.served.get(name)
+        if served is None:
+            spec = self.catalog.get(name)  # raises UnknownModelError for names not in the catalog
+            raise ModelNotServedError(
+                f"model {spec.name!r} is in the catalog but not loaded by this service; "
+                f"loaded models: {', '.join(self.served)} (add it to IMGCLS_MODELS)"
+            )
+        status, reason, _, _ = self.status(name)
+        if status != "ready":
+            raise ModelNotReadyError(
+                f"model {name!r} is not ready: {status}" + (f" ({reason})" if reason else ""),
+                retry_after=30 if status in ("missing-weights", "failed") else 5,
+            )
+        return served
+
+    async def preprocess(self, spec: ModelSpec, image: Image.Image) -> torch.Tensor:
+        return await asyncio.to_thread(spec.transform, image)
+
+    async def predict(self, name: str, tensor: torch.Tensor, deadline: float) -> Prediction:
+        batcher = self.batchers[name]
+        fut = batcher.submit(tensor, deadline)
+        remaining = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(fut, max(0.001, remaining))
+        except TimeoutError:
+            raise TimeoutError(
+                f"no result for {name} within IMGCLS_REQUEST_TIMEOUT_S="
+                f"{self.settings.request_timeout_s:g}s"
+            ) from None

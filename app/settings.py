@@ -1,0 +1,99 @@
+"""All configuration, read once from ``IMGCLS_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGCLS_", extra="ignore")
+
+    models: str = Field(
+        "alexnet,vgg16,resnet18,resnet50",
+        description="Comma-separated backbones to load at startup (name or name:WEIGHTS_ENUM).",
+    )
+    default_model: str | None = None
+    model_config_file: Path | None = Field(
+        None,
+        validation_alias="IMGCLS_MODEL_CONFIG",
+        description="TOML file declaring extra (custom) models.",
+    )
+
+    weights_dir: Path = Path("weights")
+    auto_download: bool = True
+    allow_random_weights: bool = False
+    weights_mirror: str | None = Field(
+        None, description="Base URL that replaces each checkpoint's public download folder."
+    )
+
+    device: str = "auto"
+    workers_per_device: int = Field(1, ge=1, le=16)
+    threads_per_worker: int | None = Field(None, ge=1)
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1)
+
+    api_key: str | None = None
+    cors_origins: str | None = None
+    log_level: str = "info"
+
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, v: str) -> str:
+        if not [m for m in v.split(",") if m.strip()]:
+            raise ValueError("IMGCLS_MODELS must name at least one model")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in {"auto", "cpu", "cuda"} or v.startswith("cuda:"):
+            return v
+        raise ValueError("IMGCLS_DEVICE must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _default_in_models(self) -> Settings:
+        if self.default_model and self.default_model not in self.model_names:
+            raise ValueError(
+                f"IMGCLS_DEFAULT_MODEL={self.default_model!r} is not in IMGCLS_MODELS "
+                f"({', '.join(self.model_names)})"
+            )
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        names: list[str] = []
+        for m in self.models.split(","):
+            m = m.strip()
+            if m and m not in names:
+                names.append(m)
+        return names
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.model_names[0]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
