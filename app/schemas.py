@@ -115,6 +115,10 @@ class ModelEntry(BaseModel):
     precision: str | None
 
 
+class ModelDetail(ModelEntry):
+    labels: list[str]
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelEntry]
 

@@ -148,7 +148,7 @@ class Service:
         for b in self.batchers.values():
             await b.stop()
         if self.pool is not None:
-            await self.pool.close()
+            await self.pool.close(grace_s=self.settings.shutdown_grace_s)
 
     # ---- status ----------------------------------------------------------------------------
     def status(self, name: str) -> tuple[str, str | None, list[str], str | None]:
@@ -174,23 +174,25 @@ class Service:
                 )
         return not not_ready, not_ready
 
+    def model_entry(self, name: str) -> dict[str, Any]:
+        """Catalog fields, status and labels of one model (UnknownModelError if unknown)."""
+        spec = self.catalog.get(name)
+        status, reason, devices, precision = self.status(name)
+        served = self.served.get(name)
+        entry = spec.catalog_entry()
+        entry.update(
+            status=status,
+            reason=reason,
+            device=",".join(devices) if devices else None,
+            weights=served.weights_label if served else None,
+            precision=precision,
+            labels=list(spec.labels),
+        )
+        return entry
+
     def model_entries(self) -> list[dict[str, Any]]:
-        names = list(dict.fromkeys([*self.catalog.names(), *self.served]))
-        entries = []
-        for name in names:
-            spec = self.catalog.get(name)
-            status, reason, devices, precision = self.status(name)
-            served = self.served.get(name)
-            entry = spec.catalog_entry()
-            entry.update(
-                status=status,
-                reason=reason,
-                device=",".join(devices) if devices else None,
-                weights=served.weights_label if served else None,
-                precision=precision,
-            )
-            entries.append(entry)
-        return entries
+        names = dict.fromkeys([*self.catalog.names(), *self.served])
+        return [self.model_entry(n) for n in names]
 
     # ---- inference -------------------------------------------------------------------------
     def servable(self, name: str) -> Served:

@@ -13,7 +13,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMGCLS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="IMGCLS_", extra="ignore", populate_by_name=True)
 
     models: str = Field(
         "alexnet,vgg16,resnet18,resnet50",
@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     max_upload_mb: float = Field(20.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import ServiceDep
-from app.schemas import ModelsResponse
+from app.schemas import ModelDetail, ModelsResponse
 
 router = APIRouter(tags=["models"])
 
@@ -13,3 +13,13 @@ router = APIRouter(tags=["models"])
 @router.get("/models", response_model=ModelsResponse, summary="The catalog, with status per model")
 async def list_models(service: ServiceDep) -> ModelsResponse:
     return ModelsResponse.model_validate({"models": service.model_entries()})
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelDetail,
+    responses={404: {"description": "unknown model"}},
+    summary="One catalog entry, with its labels",
+)
+async def get_model(name: str, service: ServiceDep) -> ModelDetail:
+    return ModelDetail.model_validate(service.model_entry(name))

@@ -1,0 +1,117 @@
+"""`imgcls serve | weights pull | weights list | eval`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.settings import Settings
+
+    settings = Settings()
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from app import weights
+    from app.catalog import UnknownModelError, build_catalog
+    from app.settings import Settings
+
+    settings = Settings()
+    weights_dir = Path(args.dir) if args.dir else settings.weights_dir
+    mirror = args.mirror or settings.weights_mirror
+    catalog = build_catalog()
+    if args.action == "list":
+        print(f"{'model':<24} {'status':<8} {'size':>10}  file")
+        for spec in catalog.specs():
+            st = weights.status(spec, weights_dir)
+            if st.file is None:
+                print(f"{spec.name:<24} {'-':<8} {'':>10}  (no published weights)")
+                continue
+            size = f"{st.size_bytes / 1e6:.1f} MB" if st.size_bytes else ""
+            print(
+                f"{spec.name:<24} {'present' if st.present else 'missing':<8} {size:>10}  {st.file}"
+            )
+        return 0
+    failed = 0
+    for name in args.names:
+        try:
+            spec = catalog.get(name)
+            path = weights.pull(spec, weights_dir, mirror=mirror, progress=not args.quiet)
+            print(f"{name}: {path} (sha256 verified)")
+        except (UnknownModelError, weights.WeightsError) as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from app.evaluate import run_eval
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    reports = run_eval(
+        Path(args.data), models, args.url, args.limit, args.concurrency, Path(args.out)
+    )
+    for r in reports:
+        print(
+            f"{r.model:<22} top-1 {r.top1:6.2f}%  top-5 {r.top5:6.2f}%  "
+            f"{r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms"
+        )
+    print(f"reports written to {args.out}/report.json, report.md, report.png")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgcls", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP service (configured by IMGCLS_* variables)")
+    s.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    s.set_defaults(func=_serve)
+
+    w = sub.add_parser("weights", help="download, verify and list checkpoints")
+    wsub = w.add_subparsers(dest="action", required=True)
+    pull = wsub.add_parser("pull", help="download and verify checkpoints by model name")
+    pull.add_argument("names", nargs="+")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
+    lst = wsub.add_parser("list", help="show which checkpoints are present and how big")
+    for sp in (pull, lst):
+        sp.add_argument("--dir", help="weights folder (default IMGCLS_WEIGHTS_DIR or ./weights)")
+        sp.add_argument("--mirror", help="base URL to download from instead of the publisher's")
+        sp.set_defaults(func=_weights)
+
+    e = sub.add_parser("eval", help="accuracy and latency per model on an ImageFolder tree")
+    e.add_argument("--data", required=True, help="one subfolder per class, named by its label")
+    e.add_argument("--models", required=True, help="comma-separated model names")
+    e.add_argument("--url", help="a running service (default: start one in-process)")
+    e.add_argument("--limit", type=int, help="at most N images (balanced over classes)")
+    e.add_argument("--concurrency", type=int, default=8)
+    e.add_argument("--out", default="report", help="folder for report.json/.md/.png")
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TimeoutError) as exc:
+        print(f"imgcls: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

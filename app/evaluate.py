@@ -1,0 +1,292 @@
+"""`imgcls eval`: accuracy and latency per model on an ImageFolder tree, through the HTTP API.
+
+It measures what users get: every image is uploaded to ``/classify`` of a running service (or of
+one started in-process when no URL is given). Results go to ``report.json``, ``report.md`` (the
+article's "ResNet variants" table, measured) and ``report.png`` (accuracy against latency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class ModelReport:
+    model: str
+    family: str
+    depth: int
+    params: int | None
+    gflops: float | None
+    weights: str
+    device: str
+    precision: str
+    images: int
+    top1: float
+    top5: float
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch: float
+
+
+def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
+    """(path, label) for an ImageFolder tree: one subfolder per class, named by its label.
+
+    With ``limit``, the first images of every class in turn, so a short run stays balanced.
+    """
+    classes = sorted(p for p in data.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{data} has no class subfolders")
+    per_class = [
+        sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes
+    ]
+    items: list[tuple[Path, str]] = []
+    for row in range(max(len(files) for files in per_class)):
+        for cls, files in zip(classes, per_class, strict=True):
+            if row < len(files):
+                items.append((files[row], cls.name))
+    return items[:limit] if limit else items
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_service(models: list[str]) -> Iterator[str]:
+    """A real uvicorn server on a free 127.0.0.1 port serving ``models``; yields its URL."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = Settings(models=",".join(models))
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=600)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def wait_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s: {last}")
+
+
+async def _run_model(
+    client: httpx.AsyncClient,
+    model: str,
+    items: list[tuple[Path, str]],
+    concurrency: int,
+    progress: Any,
+) -> tuple[list[dict[str, Any]], float]:
+    payloads = [(p.read_bytes(), p.name, label) for p, label in items]
+    results: list[dict[str, Any]] = [{} for _ in payloads]
+    next_index = 0
+
+    async def one(i: int) -> None:
+        data, name, label = payloads[i]
+        t0 = time.perf_counter()
+        r = await client.post(
+            "/classify", params={"model": model, "top_k": 5}, files={"file": (name, data)}
+        )
+        elapsed = (time.perf_counter() - t0) * 1000.0
+        if r.status_code != 200:
+            raise RuntimeError(f"{model} on {name}: HTTP {r.status_code}: {r.text}")
+        body = r.json()
+        labels = [p["label"] for p in body["predictions"]]
+        results[i] = {"label": label, "labels": labels, "ms": elapsed, "body": body}
+        progress.update(1)
+
+    async def user() -> None:
+        nonlocal next_index
+        while next_index < len(payloads):
+            i = next_index
+            next_index += 1
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+def _summarise(
+    model: str, entry: dict[str, Any], results: list[dict[str, Any]], wall_s: float
+) -> ModelReport:
+    n = len(results)
+    top1 = sum(r["labels"][0] == r["label"] for r in results)
+    top5 = sum(r["label"] in r["labels"][:5] for r in results)
+    ms = np.array([r["ms"] for r in results])
+    first = results[0]["body"]
+    return ModelReport(
+        model=model,
+        family=entry["family"],
+        depth=entry["depth"],
+        params=entry["params"],
+        gflops=entry["gflops"],
+        weights=first["weights"],
+        device=first["device"],
+        precision=first["precision"],
+        images=n,
+        top1=round(100.0 * top1 / n, 2),
+        top5=round(100.0 * top5 / n, 2),
+        images_per_s=round(n / wall_s, 2),
+        p50_ms=round(float(np.percentile(ms, 50)), 2),
+        p95_ms=round(float(np.percentile(ms, 95)), 2),
+        p99_ms=round(float(np.percentile(ms, 99)), 2),
+        mean_batch=round(float(np.mean([r["body"]["batch_size"] for r in results])), 2),
+    )
+
+
+async def evaluate_url(
+    url: str, data: Path, models: list[str], limit: int | None, concurrency: int
+) -> list[ModelReport]:
+    from tqdm import tqdm
+
+    items = list_images(data, limit)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        entries = {}
+        for model in models:
+            r = await client.get(f"/models/{model}")
+            if r.status_code != 200:
+                raise ValueError(f"{url}: model {model!r}: {r.json().get('detail', r.text)}")
+            entries[model] = r.json()
+            unknown = sorted({label for _, label in items} - set(entries[model]["labels"]))
+            if unknown:
+                raise ValueError(
+                    f"class folders {unknown[:5]} of {data} are not labels of {model}; "
+                    "each subfolder must be named by one of the model's labels"
+                )
+        reports = []
+        for model in models:
+            with tqdm(total=len(items), desc=model, unit="img") as bar:
+                results, wall = await _run_model(client, model, items, concurrency, bar)
+            reports.append(_summarise(model, entries[model], results, wall))
+    return reports
+
+
+def write_reports(reports: list[ModelReport], out: Path, meta: dict[str, Any]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in reports]
+    (out / "report.json").write_text(json.dumps({"meta": meta, "models": rows}, indent=2))
+    lines = [
+        f"# imgcls eval: {meta['data']}",
+        "",
+        f"{meta['images']} images per model, concurrency {meta['concurrency']}, via {meta['url']}.",
+        "",
+        "| model | family | depth | params (M) | GFLOPs | top-1 % | top-5 % | images/s "
+        "| p50 ms | p95 ms | p99 ms | device | precision | weights |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in reports:
+        params = f"{r.params / 1e6:.2f}" if r.params else "-"
+        gflops = f"{r.gflops:.3g}" if r.gflops is not None else "-"
+        lines.append(
+            f"| {r.model} | {r.family} | {r.depth} | {params} | {gflops} | {r.top1:.2f} | "
+            f"{r.top5:.2f} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | "
+            f"{r.p99_ms:.1f} | {r.device} | {r.precision} | {r.weights} |"
+        )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(reports, out / "report.png")
+    return [out / "report.json", out / "report.md", out / "report.png"]
+
+
+def _plot(reports: list[ModelReport], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = {"cnn": ("s", "#d95f02", "plain CNN"), "resnet": ("o", "#1b9e77", "ResNet")}
+    for family, (marker, color, label) in styles.items():
+        pts = [r for r in reports if r.family == family]
+        if pts:
+            ax.scatter(
+                [r.p50_ms for r in pts],
+                [r.top1 for r in pts],
+                marker=marker,
+                c=color,
+                s=60,
+                label=label,
+            )
+            for r in pts:
+                ax.annotate(
+                    r.model,
+                    (r.p50_ms, r.top1),
+                    textcoords="offset points",
+                    xytext=(5, 4),
+                    fontsize=8,
+                )
+    ax.set_xlabel("median latency per image over HTTP (ms)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Accuracy against latency, measured")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_eval(
+    data: Path,
+    models: list[str],
+    url: str | None,
+    limit: int | None,
+    concurrency: int,
+    out: Path,
+) -> list[ModelReport]:
+    if not data.is_dir():
+        raise ValueError(f"--data {data} is not a folder")
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            url = stack.enter_context(local_service(models))
+            shown_url = "in-process service"
+        else:
+            shown_url = url
+        reports = asyncio.run(evaluate_url(url, data, models, limit, concurrency))
+    meta = {
+        "data": str(data),
+        "images": reports[0].images if reports else 0,
+        "concurrency": concurrency,
+        "url": shown_url,
+        "cpu_count": os.cpu_count(),
+    }
+    write_reports(reports, out, meta)
+    return reports

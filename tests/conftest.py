@@ -1,0 +1,185 @@
+"""Shared fixtures: a real uvicorn server on a free port running small real torchvision models.
+
+The session service serves:
+- ``resnet18`` from a generated checkpoint (random weights, saved under torchvision's file name),
+  so tests can run the very same model locally for parity checks;
+- ``alexnet`` with random weights (IMGCLS_ALLOW_RANDOM_WEIGHTS), which must say so;
+- the four real pretrained CIFAR-10 ResNets from ../shared/data;
+- two custom models from an IMGCLS_MODEL_CONFIG file: a copy of resnet18 and a 3-class resnet18.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from torchvision.models import get_model_builder
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+IMAGES = SHARED / "images"
+CIFAR_WEIGHTS = SHARED / "cifar10-resnets"
+CIFAR_SAMPLE = SHARED / "cifar10-test-sample"
+CIFAR_FILES = {
+    "cifar10_resnet20": "resnet20-12fca82f.th",
+    "cifar10_resnet32": "resnet32-d509ac18.th",
+    "cifar10_resnet44": "resnet44-014dd654.th",
+    "cifar10_resnet56": "resnet56-4bfd9763.th",
+}
+
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(),
+    reason=f"shared test data not found at {SHARED} (it sits beside the project in CI)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    url: str
+    settings: object
+    app: object
+
+    @property
+    def service(self):  # the Service object, for tests that look at workers
+        return self.app.state.service  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def run_service(wait_ready: bool = True, timeout: float = 300, **settings_kw: object) -> Iterator[Running]:
+    """A real uvicorn server in a thread on a free 127.0.0.1 port, app built from Settings."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings_kw.setdefault("auto_download", False)
+    settings_kw.setdefault("device", "cpu")
+    settings = Settings(**settings_kw)  # type: ignore[arg-type]
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("server thread exited during startup")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            time.sleep(0.05)
+        if wait_ready:
+            wait_until_ready(url, timeout)
+        yield Running(url, settings, app)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def wait_until_ready(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/readyz", timeout=10)
+        if r.status_code == 200:
+            return
+        body = r.text
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready: {body}")
+
+
+def save_resnet18(path: Path, num_classes: int = 1000, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = get_model_builder("resnet18")(weights=None, num_classes=num_classes).eval()
+    torch.save(model.state_dict(), path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder: generated resnet18 checkpoint, custom models, links to CIFAR files."""
+    d = tmp_path_factory.mktemp("weights")
+    save_resnet18(d / "resnet18-f37072fd.pth")
+    save_resnet18(d / "tiny3.pt", num_classes=3, seed=1)
+    (d / "tiny3.txt").write_text("ok\nscratch\ndent\n")
+    for f in CIFAR_FILES.values():
+        if (CIFAR_WEIGHTS / f).is_file():
+            os.symlink(CIFAR_WEIGHTS / f, d / f)
+    (d / "models.toml").write_text(
+        """
+[models.r18_copy]
+arch = "resnet18"
+weights = "resnet18-f37072fd.pth"
+labels = "imagenet.txt"
+preprocess = "imagenet"
+
+[models.tiny3]
+arch = "resnet18"
+weights = "tiny3.pt"
+labels = "tiny3.txt"
+preprocess = { resize = 160, crop = 128, interpolation = "bilinear" }
+"""
+    )
+    from torchvision.models import ResNet18_Weights
+
+    (d / "imagenet.txt").write_text("\n".join(ResNet18_Weights.DEFAULT.meta["categories"]) + "\n")
+    return d
+
+
+SESSION_MODELS = ["resnet18", "alexnet", *CIFAR_FILES, "r18_copy", "tiny3"]
+
+
+@pytest.fixture(scope="session")
+def service(model_dir: Path) -> Iterator[Running]:
+    if not CIFAR_WEIGHTS.is_dir():
+        pytest.skip(f"CIFAR-10 checkpoints not found at {CIFAR_WEIGHTS}")
+    with run_service(
+        models=",".join(SESSION_MODELS),
+        weights_dir=model_dir,
+        allow_random_weights=True,
+        model_config_file=model_dir / "models.toml",
+        max_batch_size=8,
+        max_batch_wait_ms=20,
+        max_upload_mb=2,
+        max_pixels=20_000_000,
+        precision="fp32",
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def client(service: Running) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=120) as c:
+        yield c
+
+
+def image_bytes(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def shared_image(name: str) -> bytes:
+    path = IMAGES / name
+    if not path.is_file():
+        pytest.skip(f"shared image {path} not found")
+    return path.read_bytes()

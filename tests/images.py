@@ -1,0 +1,62 @@
+"""Generated test images: odd-but-valid ones and hostile ones."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A deterministic RGB image with structure (gradients), not flat colour."""
+    w, h = size
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None]
+    arr = np.stack([x + 0 * y, y + 0 * x, (x + y) / 2], axis=-1).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares a huge image (one compressed row of zeros)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1), 9)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(
+        b"IEND", b""
+    )
+
+
+def gif_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A GIF whose logical screen and frame declare a huge size."""
+    raw = bytearray(encode(Image.new("P", (1, 1)), "GIF"))
+    raw[6:10] = struct.pack("<HH", width, height)
+    i = raw.index(b",")  # image descriptor
+    raw[i + 5 : i + 9] = struct.pack("<HH", width, height)
+    return bytes(raw)
+
+
+def jpeg_bomb(width: int = 65_000, height: int = 65_000) -> bytes:
+    """A JPEG whose SOF header declares a huge size."""
+    raw = bytearray(encode(Image.new("RGB", (8, 8)), "JPEG"))
+    i = raw.index(b"\xff\xc0")
+    raw[i + 5 : i + 9] = struct.pack(">HH", height, width)
+    return bytes(raw)
+
+
+def exif_rotated(orientation: int = 6) -> bytes:
+    img = photo((120, 60))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", exif=exif.tobytes(), quality=95)

@@ -1,0 +1,172 @@
+"""/classify and /models through real HTTP with real models."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import ResNet18_Weights, get_model_builder
+
+from tests.conftest import IMAGES, needs_shared, shared_image
+
+pytestmark = needs_shared
+
+
+def classify(client, data: bytes, name: str = "x.png", **params):
+    return client.post("/classify", params=params, files={"file": (name, data)})
+
+
+def test_classify_response_shape(client):
+    r = classify(client, shared_image("chelsea.png"), model="resnet18", top_k=5)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "resnet18"
+    assert body["device"] == "cpu"
+    assert body["precision"] == "fp32"
+    assert [p["rank"] for p in body["predictions"]] == [1, 2, 3, 4, 5]
+    scores = [p["score"] for p in body["predictions"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    labels = ResNet18_Weights.DEFAULT.meta["categories"]
+    assert all(labels[p["index"]] == p["label"] for p in body["predictions"])
+    assert set(body["latency_ms"]) == {"decode", "preprocess", "queue", "inference", "total"}
+    assert body["latency_ms"]["total"] >= body["latency_ms"]["inference"] > 0
+    assert body["batch_size"] >= 1
+    assert r.headers["X-Request-ID"] == body["request_id"]
+
+
+def test_default_model_is_first_configured(client):
+    r = classify(client, shared_image("coffee.png"))
+    assert r.status_code == 200
+    assert r.json()["model"] == "resnet18"
+
+
+def test_request_id_is_honoured(client):
+    r = client.post(
+        "/classify",
+        files={"file": ("c.png", shared_image("coffee.png"))},
+        headers={"X-Request-ID": "trace-42"},
+    )
+    assert r.headers["X-Request-ID"] == "trace-42"
+    assert r.json()["request_id"] == "trace-42"
+
+
+def test_random_weights_are_labelled(client):
+    r = classify(client, shared_image("coffee.png"), model="alexnet")
+    assert r.status_code == 200
+    assert r.json()["weights"] == "random"
+    entry = next(m for m in client.get("/models").json()["models"] if m["name"] == "alexnet")
+    assert entry["weights"] == "random"
+
+
+def test_real_weights_are_named(client):
+    body = classify(client, shared_image("chelsea.png"), model="cifar10_resnet56").json()
+    assert body["weights"] == "resnet56-4bfd9763.th"
+    assert body["predictions"][0]["label"] == "cat"  # a real photo of a cat, real weights
+
+
+def test_top_k_is_capped_at_class_count(client):
+    r = classify(client, shared_image("chelsea.png"), model="cifar10_resnet20", top_k=20)
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert len(preds) == 10
+    assert abs(sum(p["score"] for p in preds) - 1.0) < 1e-4
+
+
+def test_models_lists_whole_catalog_with_status(client):
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    expected = {
+        "alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+        "vgg19_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    }  # fmt: skip
+    assert expected <= set(models)
+    r50 = models["resnet50"]
+    assert r50["status"] == "not-loaded" and r50["reason"]
+    assert r50["family"] == "resnet" and r50["depth"] == 50
+    assert r50["params"] == 25_557_032 and r50["gflops"] == pytest.approx(4.089)
+    assert r50["acc1"] == pytest.approx(80.858) and r50["acc5"] == pytest.approx(95.434)
+    assert r50["weights_file"] == "resnet50-11ad3fa6.pth" and r50["input_size"] == 224
+    assert models["vgg16"]["family"] == "cnn" and models["vgg16"]["depth"] == 16
+    assert models["alexnet"]["depth"] == 8
+    assert models["resnet18"]["status"] == "ready" and models["resnet18"]["device"] == "cpu"
+    assert models["tiny3"]["source"] == "custom" and models["tiny3"]["num_classes"] == 3
+
+
+def test_model_detail_has_labels(client):
+    r = client.get("/models/cifar10_resnet20")
+    assert r.status_code == 200
+    assert r.json()["labels"][:3] == ["airplane", "automobile", "bird"]
+    assert client.get("/models/nope").status_code == 404
+
+
+def test_weights_variant_resolves_in_catalog():
+    from app.catalog import build_catalog
+
+    spec = build_catalog().get("resnet50:IMAGENET1K_V1")
+    assert spec.weights_file == "resnet50-0676ba61.pth"
+    assert spec.acc1 == pytest.approx(76.13)
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True
+
+
+def _local_probs(model: torch.nn.Module, transform, img: Image.Image) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.softmax(model(transform(img).unsqueeze(0)), 1)[0].numpy()
+
+
+@pytest.mark.parametrize("image", ["chelsea.png", "rocket.jpg", "camera.png"])
+def test_preprocessing_parity_with_torchvision(client, model_dir, image):
+    """The service's top-k equals torchvision's weights.transforms() + the same checkpoint."""
+    model = get_model_builder("resnet18")(weights=None).eval()
+    model.load_state_dict(torch.load(model_dir / "resnet18-f37072fd.pth", weights_only=True))
+    img = Image.open(IMAGES / image).convert("RGB")
+    expected = _local_probs(model, ResNet18_Weights.DEFAULT.transforms(), img)
+    body = classify(client, shared_image(image), model="resnet18", top_k=5).json()
+    for p in body["predictions"]:
+        assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=1e-3)
+    top = np.argsort(-expected)[:5]
+    assert [p["index"] for p in body["predictions"]][:3] == top[:3].tolist()
+
+
+def test_batch_invariance_under_concurrency(service, client):
+    """Alone or batched, the same image gets the same probabilities (1e-4)."""
+    names = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "horse.png", "camera.png"]
+    data = {n: shared_image(n) for n in names}
+    alone = {}
+    for n in names:
+        body = classify(client, data[n], name=n, model="cifar10_resnet32", top_k=10).json()
+        assert body["batch_size"] == 1
+        alone[n] = {p["index"]: p["score"] for p in body["predictions"]}
+
+    jobs = [names[i % len(names)] for i in range(48)]
+
+    def send(n: str):
+        import httpx
+
+        with httpx.Client(base_url=service.url, timeout=120) as c:
+            return n, classify(c, data[n], name=n, model="cifar10_resnet32", top_k=10).json()
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(send, jobs))
+    sizes = [body["batch_size"] for _, body in results]
+    assert max(sizes) > 1, f"no batching observed: {sizes}"
+    for n, body in results:
+        for p in body["predictions"]:
+            assert abs(p["score"] - alone[n][p["index"]]) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["camera.png", "horse.png", "no_time_for_that_tiny.gif", "hubble_deep_field.jpg"],
+)
+def test_odd_but_valid_shared_images(client, name):
+    """Grayscale, RGBA, animated palette GIF, EXIF-tagged JPEG: all classified."""
+    r = classify(client, shared_image(name), name=name, model="cifar10_resnet20")
+    assert r.status_code == 200, r.text

@@ -1,0 +1,146 @@
+"""Every client mistake gets its status and a JSON detail; none gets a 500; workers survive."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from tests import images
+from tests.conftest import needs_shared, shared_image
+
+pytestmark = needs_shared
+
+
+def post(client, data: bytes, name: str = "x.png", path: str = "/classify", **params):
+    return client.post(path, params=params, files={"file": (name, data)})
+
+
+def assert_error(r: httpx.Response, status: int, *fragments: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    detail = r.json()["detail"]
+    assert isinstance(detail, (str, list))
+    for f in fragments:
+        assert f in str(detail), detail
+
+
+def test_empty_upload_400(client):
+    assert_error(post(client, b""), 400, "empty")
+
+
+def test_undecodable_upload_400(client):
+    assert_error(post(client, b"definitely not an image", name="a.jpg"), 400, "not a readable image")
+
+
+def test_unreadable_shared_tiff_400(client):
+    assert_error(post(client, shared_image("multipage_rgb.tif"), name="m.tif"), 400)
+
+
+def test_upload_over_limit_413(client):
+    assert_error(post(client, os.urandom(3 * 1024 * 1024)), 413, "limit")
+
+
+def test_chunked_upload_over_limit_413(client):
+    body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
+    payload = body + os.urandom(3 * 1024 * 1024) + b"\r\n--b--\r\n"
+
+    def gen():
+        for i in range(0, len(payload), 65536):
+            yield payload[i : i + 65536]
+
+    r = client.post(
+        "/classify", content=gen(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert_error(r, 413)
+
+
+@pytest.mark.parametrize("bomb", ["png", "gif", "jpeg"])
+def test_decompression_bomb_413(client, bomb):
+    data = {"png": images.png_bomb, "gif": images.gif_bomb, "jpeg": images.jpeg_bomb}[bomb]()
+    assert_error(post(client, data), 413)
+
+
+def test_pixels_over_limit_413(client):
+    # 20,000,000 pixels allowed by the session service: 5000 x 4001 is over
+    data = images.encode(images.photo((5000, 4001)).convert("L"), "PNG")
+    assert len(data) < 2 * 1024 * 1024
+    assert_error(post(client, data), 413, "limit")
+
+
+def test_unknown_model_404_lists_available(client):
+    assert_error(post(client, b"x", model="resnet9000"), 404, "resnet9000", "resnet18", "vgg16")
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "resnet18/../x", "..\\x", "a\x00b"])
+def test_path_like_model_names_404(client, name):
+    assert_error(post(client, images.encode(images.photo(), "PNG"), model=name), 404)
+
+
+def test_catalog_model_not_loaded_404(client):
+    assert_error(post(client, b"x", model="vgg19"), 404, "not loaded", "IMGCLS_MODELS")
+
+
+@pytest.mark.parametrize("top_k", ["0", "21", "-1", "five"])
+def test_bad_top_k_422(client, top_k):
+    r = post(client, images.encode(images.photo(), "PNG"), top_k=top_k)
+    assert r.status_code == 422, r.text
+
+
+def test_missing_file_field_422(client):
+    r = client.post("/classify", files={"image": ("x.png", images.encode(images.photo(), "PNG"))})
+    assert_error(r, 422, "file")
+
+
+def test_not_multipart_415(client):
+    r = client.post("/classify", content=b"{}", headers={"Content-Type": "application/json"})
+    assert_error(r, 415, "multipart/form-data")
+
+
+def test_malformed_multipart_400(client):
+    r = client.post(
+        "/classify",
+        content=b"--zz\r\ngarbage without headers end",
+        headers={"Content-Type": "multipart/form-data; boundary=zz"},
+    )
+    assert r.status_code in (400, 422), r.text
+
+
+def test_non_utf8_filename_is_fine(client):
+    data = images.encode(images.photo(), "PNG")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="\xff\xfe.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b--\r\n"
+    )
+    r = client.post(
+        "/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("models", ["resnet18", "a,b,c,d,e,f,g,h,i", "resnet18,resnet18"])
+def test_compare_bad_model_lists_422(client, models):
+    r = post(client, images.encode(images.photo(), "PNG"), path="/compare", models=models)
+    assert r.status_code == 422, r.text
+
+
+def test_compare_unknown_model_404(client):
+    r = post(client, b"x", path="/compare", models="resnet18,nope")
+    assert_error(r, 404, "nope")
+
+
+def test_wrong_image_content_type_is_judged_by_content(client):
+    data = images.encode(images.photo(), "PNG")
+    r = client.post("/classify", files={"file": ("x.jpg", data, "application/pdf")})
+    assert r.status_code == 200
+
+
+def test_service_still_serves_after_bad_input(client, service):
+    workers = service.service.pool.workers
+    pids = [w.pid for w in workers]
+    for data in (b"", b"junk", images.png_bomb(), os.urandom(1000)):
+        assert post(client, data).status_code < 500
+    r = post(client, images.encode(images.photo(), "PNG"))
+    assert r.status_code == 200
+    assert [w.pid for w in workers] == pids and all(w.alive for w in workers)
