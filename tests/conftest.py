@@ -63,7 +63,9 @@ class Running:
 
 
 @contextlib.contextmanager
-def run_service(wait_ready: bool = True, timeout: float = 300, **settings_kw: object) -> Iterator[Running]:
+def run_service(
+    wait_ready: bool = True, timeout: float = 300, **settings_kw: object
+) -> Iterator[Running]:
     """A real uvicorn server in a thread on a free 127.0.0.1 port, app built from Settings."""
     from app.main import create_app
     from app.settings import Settings

@@ -62,12 +62,18 @@ def test_compare_over_http(client):
     assert [x["model"] for x in body["results"]] == [
         "resnet18", "r18_copy", "alexnet", "cifar10_resnet20",
     ]  # fmt: skip
-    assert body["request_id"] == "cmp-1" and all(x["request_id"] == "cmp-1" for x in body["results"])
+    assert body["request_id"] == "cmp-1" and all(
+        x["request_id"] == "cmp-1" for x in body["results"]
+    )
     res = {x["model"]: x for x in body["results"]}
     # resnet18 and r18_copy are the same checkpoint with the same preprocessing: identical.
     assert res["resnet18"]["predictions"] == res["r18_copy"]["predictions"]
     pairs = {(p["a"], p["b"]): p for p in body["agreement"]["pairwise"]}
-    assert set(pairs) == {("resnet18", "r18_copy"), ("resnet18", "alexnet"), ("r18_copy", "alexnet")}
+    assert set(pairs) == {
+        ("resnet18", "r18_copy"),
+        ("resnet18", "alexnet"),
+        ("r18_copy", "alexnet"),
+    }
     same = pairs[("resnet18", "r18_copy")]
     assert same["top1_same"] is True and same["topk_overlap"] == 1.0
     assert same["js_divergence"] == pytest.approx(0.0, abs=1e-6)

@@ -31,7 +31,9 @@ def test_empty_upload_400(client):
 
 
 def test_undecodable_upload_400(client):
-    assert_error(post(client, b"definitely not an image", name="a.jpg"), 400, "not a readable image")
+    assert_error(
+        post(client, b"definitely not an image", name="a.jpg"), 400, "not a readable image"
+    )
 
 
 def test_unreadable_shared_tiff_400(client):
@@ -43,7 +45,7 @@ def test_upload_over_limit_413(client):
 
 
 def test_chunked_upload_over_limit_413(client):
-    body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
     payload = body + os.urandom(3 * 1024 * 1024) + b"\r\n--b--\r\n"
 
     def gen():

@@ -1,0 +1,101 @@
+"""Real predictions, proven: the real CIFAR-10 ResNets reach their reference accuracy over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from app.evaluate import list_images
+from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, ROOT, needs_shared
+
+pytestmark = [
+    needs_shared,
+    pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found"),
+]
+
+# ../shared/data/cifar10-resnets/NOTES.md: independent evaluation on cifar10-test-sample
+REFERENCE = {
+    "cifar10_resnet20": (80.40, 99.00),
+    "cifar10_resnet32": (84.00, 99.20),
+    "cifar10_resnet44": (82.10, 98.80),
+    "cifar10_resnet56": (82.50, 99.30),
+}
+
+
+async def _accuracy(url: str, model: str) -> tuple[float, float, int]:
+    items = list_images(CIFAR_SAMPLE)
+    sem = asyncio.Semaphore(16)
+    top1 = top5 = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(path, label) -> None:
+            nonlocal top1, top5
+            async with sem:
+                r = await client.post(
+                    "/classify",
+                    params={"model": model, "top_k": 5},
+                    files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+                )
+            assert r.status_code == 200, r.text
+            labels = [p["label"] for p in r.json()["predictions"]]
+            top1 += labels[0] == label
+            top5 += label in labels
+
+        await asyncio.gather(*(one(p, lab) for p, lab in items))
+    n = len(items)
+    return 100.0 * top1 / n, 100.0 * top5 / n, n
+
+
+@pytest.fixture(scope="module")
+def measured(service):
+    return {m: asyncio.run(_accuracy(service.url, m)) for m in CIFAR_FILES}
+
+
+@pytest.mark.parametrize("model", list(REFERENCE))
+def test_reference_accuracy_within_half_a_point(measured, model):
+    top1, top5, n = measured[model]
+    ref1, ref5 = REFERENCE[model]
+    assert n == 1000
+    assert abs(top1 - ref1) <= 0.5, f"{model}: top-1 {top1:.2f} vs reference {ref1:.2f}"
+    assert abs(top5 - ref5) <= 0.5, f"{model}: top-5 {top5:.2f} vs reference {ref5:.2f}"
+
+
+def test_imgcls_eval_reports_the_same_numbers(service, measured, tmp_path):
+    out = tmp_path / "report"
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "eval", "--data", str(CIFAR_SAMPLE),
+         "--models", ",".join(CIFAR_FILES), "--url", service.url, "--concurrency", "8",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {m["model"]: m for m in report["models"]}
+    for model, (top1, top5, n) in measured.items():
+        assert rows[model]["images"] == n
+        assert rows[model]["top1"] == pytest.approx(top1, abs=1e-9)
+        assert rows[model]["top5"] == pytest.approx(top5, abs=1e-9)
+        assert rows[model]["family"] == "resnet" and rows[model]["images_per_s"] > 0
+        assert rows[model]["p50_ms"] <= rows[model]["p95_ms"] <= rows[model]["p99_ms"]
+    md = (out / "report.md").read_text()
+    assert "| cifar10_resnet56 | resnet | 56 |" in md
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_eval_rejects_folders_that_are_not_labels(service, tmp_path):
+    (tmp_path / "data" / "not_a_cifar_class").mkdir(parents=True)
+    src = next(CIFAR_SAMPLE.glob("cat/*.jpg"))
+    (tmp_path / "data" / "not_a_cifar_class" / "x.jpg").write_bytes(src.read_bytes())
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "eval", "--data", str(tmp_path / "data"),
+         "--models", "cifar10_resnet20", "--url", service.url, "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2 and "not_a_cifar_class" in r.stderr

@@ -1,0 +1,200 @@
+"""Downloading and verifying checkpoints against a real local HTTP server."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app import weights
+from app.catalog import build_catalog
+from tests.conftest import CIFAR_WEIGHTS, ROOT, free_port, needs_shared, run_service
+
+
+@contextlib.contextmanager
+def http_server(directory: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_verifies_generated_checkpoint(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    raw = served / "raw.pth"
+    torch.save({"w": torch.arange(10.0)}, raw)
+    name = f"tiny-{sha256(raw)[:8]}.pth"
+    raw.rename(served / name)
+    dest = tmp_path / "weights" / name
+    with http_server(served) as url:
+        path = weights.download(f"{url}/{name}", dest, sha256(served / name)[:8], progress=False)
+    assert path == dest and sha256(dest) == sha256(served / name)
+    assert torch.load(dest, weights_only=True)["w"].sum() == 45
+
+
+def test_corrupted_download_is_rejected_and_leaves_nothing(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    f = served / "model.pth"
+    torch.save({"w": torch.ones(1000)}, f)
+    prefix = sha256(f)[:8]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    f.write_bytes(bytes(data))
+    dest_dir = tmp_path / "weights"
+    with http_server(served) as url, pytest.raises(weights.WeightsError, match=r"hash|prefix"):
+        weights.download(f"{url}/model.pth", dest_dir / "model.pth", prefix, progress=False)
+    assert not dest_dir.exists() or list(dest_dir.iterdir()) == []
+
+
+def test_unreachable_server_fails_cleanly(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/x.pth"
+    with pytest.raises(weights.WeightsError, match="failed"):
+        weights.download(url, tmp_path / "x.pth", "abcdef12", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_shared
+def test_cli_pull_from_mirror_verifies_and_is_idempotent(tmp_path):
+    """`imgcls weights pull` against a local mirror holding the real CIFAR checkpoint."""
+    dest = tmp_path / "w"
+    cmd = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "weights",
+        "pull",
+        "cifar10_resnet20",
+        "--dir",
+        str(dest),
+    ]
+    with http_server(CIFAR_WEIGHTS) as url:
+        first = subprocess.run([*cmd, "--mirror", url], capture_output=True, text=True, cwd=ROOT)
+        assert first.returncode == 0, first.stderr
+        assert "sha256 verified" in first.stdout
+        f = dest / "resnet20-12fca82f.th"
+        assert sha256(f).startswith("12fca82f")
+        mtime = f.stat().st_mtime_ns
+        again = subprocess.run([*cmd, "--mirror", url], capture_output=True, text=True, cwd=ROOT)
+        assert again.returncode == 0 and f.stat().st_mtime_ns == mtime
+    listing = subprocess.run(
+        [sys.executable, "-m", "app.cli", "weights", "list", "--dir", str(dest)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert "cifar10_resnet20" in listing.stdout and "present" in listing.stdout
+    assert "cifar10_resnet32" in listing.stdout and "missing" in listing.stdout
+
+
+@needs_shared
+def test_cli_pull_rejects_corrupted_mirror(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    data = bytearray((CIFAR_WEIGHTS / "resnet20-12fca82f.th").read_bytes())
+    data[1000] ^= 0x01
+    (served / "resnet20-12fca82f.th").write_bytes(bytes(data))
+    dest = tmp_path / "w"
+    with http_server(served) as url:
+        r = subprocess.run(
+            [sys.executable, "-m", "app.cli", "weights", "pull", "cifar10_resnet20",
+             "--dir", str(dest), "--mirror", url, "--quiet"],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+    assert r.returncode == 1
+    assert "hash" in r.stderr.lower() or "prefix" in r.stderr.lower()
+    assert not dest.exists() or list(dest.iterdir()) == []
+
+
+def test_resolve_offline_reports_the_fix(tmp_path):
+    spec = build_catalog().get("resnet50")
+    with pytest.raises(weights.WeightsError, match="imgcls weights pull resnet50"):
+        weights.resolve(
+            spec, tmp_path, auto_download=True, allow_random=False,
+            mirror=f"http://127.0.0.1:{free_port()}",
+        )  # fmt: skip
+    assert weights.resolve(spec, tmp_path, auto_download=False, allow_random=True) is None
+
+
+def test_checkpoint_formats(tmp_path):
+    from app.catalog.cifar import cifar_resnet
+
+    model = cifar_resnet(20)
+    sd = {f"module.{k}": v for k, v in model.state_dict().items() if "num_batches" not in k}
+    torch.save({"state_dict": sd, "best_prec1": 90.0}, tmp_path / "wrapped.th")
+    fresh = cifar_resnet(20)
+    weights.load_into(fresh, tmp_path / "wrapped.th")
+    assert torch.equal(fresh.linear.weight, model.linear.weight)
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(weights.WeightsError, match="keys"):
+        weights.load_into(cifar_resnet(20), tmp_path / "wrong.pt")
+
+
+@needs_shared
+def test_service_downloads_missing_weights_at_startup(tmp_path):
+    """IMGCLS_AUTO_DOWNLOAD: a missing checkpoint is fetched (from a local mirror) and served."""
+    with (
+        http_server(CIFAR_WEIGHTS) as url,
+        run_service(
+            models="cifar10_resnet20", weights_dir=tmp_path, auto_download=True, weights_mirror=url
+        ) as svc,
+    ):
+        assert (tmp_path / "resnet20-12fca82f.th").is_file()
+        entry = httpx.get(f"{svc.url}/models/cifar10_resnet20").json()
+        assert entry["status"] == "ready" and entry["weights"] == "resnet20-12fca82f.th"
+
+
+@needs_shared
+def test_missing_weights_are_reported_and_others_still_serve(tmp_path):
+    shutil.copy(CIFAR_WEIGHTS / "resnet20-12fca82f.th", tmp_path)
+    with run_service(
+        wait_ready=False,
+        models="cifar10_resnet20,resnet18",
+        weights_dir=tmp_path,
+        auto_download=True,
+        weights_mirror=f"http://127.0.0.1:{free_port()}",  # offline
+    ) as svc:
+        c = httpx.Client(base_url=svc.url, timeout=60)
+        for _ in range(600):
+            entry = c.get("/models/cifar10_resnet20").json()
+            if entry["status"] == "ready":
+                break
+            import time
+
+            time.sleep(0.1)
+        r18 = c.get("/models/resnet18").json()
+        assert r18["status"] == "missing-weights"
+        assert "imgcls weights pull resnet18" in r18["reason"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "resnet18" in ready.text
+        from tests import images
+
+        png = images.encode(images.photo(), "PNG")
+        r = c.post("/classify", params={"model": "resnet18"}, files={"file": ("x.png", png)})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        assert "imgcls weights pull resnet18" in r.json()["detail"]
+        ok = c.post(
+            "/classify", params={"model": "cifar10_resnet20"}, files={"file": ("x.png", png)}
+        )
+        assert ok.status_code == 200
+    assert os.listdir(tmp_path) == ["resnet20-12fca82f.th"]
