@@ -48,26 +48,25 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
 
 
 def agreement(outputs: Sequence[ModelOutput]) -> dict[str, object]:
-    """Consensus over the largest group of models sharing a label set, and pairwise metrics
-    between every two models that share one."""
+    """Consensus top-1 within the largest group of models sharing a label set, and pairwise
+    metrics between every two models that share one."""
     groups: dict[int, list[ModelOutput]] = {}
     for o in outputs:
         groups.setdefault(o.label_set, []).append(o)
     consensus = None
-    if outputs:
-        group = max(groups.values(), key=len)  # first-asked group wins ties (dict order)
-        votes = Counter(int(top_indices(o.probs, 1)[0]) for o in group)
-        best = max(votes.values())
-        # ties go to the label of the earliest-asked model among the tied ones
-        index = next(
-            int(top_indices(o.probs, 1)[0])
-            for o in group
-            if votes[int(top_indices(o.probs, 1)[0])] == best
-        )
+    best_key: tuple[int, int] | None = None
+    for group in groups.values():  # the largest group; among equals, the most votes; then first
+        tops = [int(top_indices(o.probs, 1)[0]) for o in group]
+        votes = Counter(tops)
+        most = max(votes.values())
+        if best_key is not None and (len(group), most) <= best_key:
+            continue
+        best_key = (len(group), most)
+        index = next(t for t in tops if votes[t] == most)  # ties: the earliest-asked model's
         consensus = {
             "label": group[0].labels[index],
             "index": index,
-            "votes": best,
+            "votes": most,
             "of": len(group),
         }
     pairwise = []

@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app import errors
+from app import __version__, errors
 from app.api import health, inference, models
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from app.service import Service
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(title="imgcls", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="imgcls", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     errors.install(app)
     app.include_router(inference.router)

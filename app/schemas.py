@@ -132,5 +132,15 @@ class Readiness(BaseModel):
     not_ready: list[str] = []
 
 
+class Info(BaseModel):
+    version: str
+    default_model: str
+    models: list[str] = Field(description="models this service was started with")
+    max_upload_mb: float
+    max_pixels: int
+    max_top_k: int
+    devices: list[str]
+
+
 class ErrorResponse(BaseModel):
     detail: str

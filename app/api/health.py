@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app import __version__
 from app.api.deps import ServiceDep
-from app.schemas import Health, Readiness
+from app.schemas import Health, Info, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -27,4 +28,18 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     body = Readiness(ready=ready, not_ready=not_ready).model_dump()
     return JSONResponse(
         body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"}
+    )
+
+
+@router.get("/info", response_model=Info, summary="Limits and defaults, for clients and the page")
+async def info(service: ServiceDep) -> Info:
+    s = service.settings
+    return Info(
+        version=__version__,
+        default_model=s.default,
+        models=list(service.served),
+        max_upload_mb=s.max_upload_mb,
+        max_pixels=s.max_pixels,
+        max_top_k=20,
+        devices=service.devices,
     )

@@ -31,6 +31,7 @@ def _result(
     started: float,
     request_id: str,
     precision: str | None,
+    finished: float | None = None,
 ) -> ClassifyResponse:
     labels = served.spec.labels
     idx = top_indices(pred.probs, top_k)
@@ -49,7 +50,7 @@ def _result(
                 "preprocess": round(preprocess_ms, 3),
                 "queue": round(pred.queue_ms, 3),
                 "inference": round(pred.inference_ms, 3),
-                "total": round((time.perf_counter() - started) * 1000.0, 3),
+                "total": round(((finished or time.perf_counter()) - started) * 1000.0, 3),
             },
             "batch_size": pred.batch_size,
             "request_id": request_id,
@@ -140,9 +141,13 @@ async def compare(
     )
     preprocess_ms = (time.perf_counter() - t0) * 1000.0
     deadline = time.monotonic() + settings.request_timeout_s
-    preds = await asyncio.gather(
-        *(service.predict(s.spec.name, tensors[s.spec.transform_key], deadline) for s in served)
-    )
+
+    async def timed(s: Served) -> tuple[Prediction, float]:
+        pred = await service.predict(s.spec.name, tensors[s.spec.transform_key], deadline)
+        return pred, time.perf_counter()
+
+    done = await asyncio.gather(*(timed(s) for s in served))
+    preds = [p for p, _ in done]
     results = [
         _result(
             s,
@@ -151,10 +156,11 @@ async def compare(
             decode_ms=decode_ms,
             preprocess_ms=preprocess_ms,
             started=started,
+            finished=finished,  # each model's total ends when its own result arrived
             request_id=request_id,
             precision=service.status(s.spec.name)[3],
         )
-        for s, p in zip(served, preds, strict=True)
+        for s, (p, finished) in zip(served, done, strict=True)
     ]
     outputs = [
         ModelOutput(

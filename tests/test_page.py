@@ -1,0 +1,146 @@
+"""The demo page, end to end in headless Chromium (Debian's package) against the real service."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IMAGES, ROOT, needs_shared, shared_image
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(os.environ.get("IMGCLS_ARTIFACTS", ROOT / "artifacts")) / "screenshots"
+
+pytestmark = [
+    needs_shared,
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    pg.goto(service.url + "/")
+    pg.wait_for_selector("#model-groups[aria-busy=false]")
+    yield pg
+    context.close()
+
+
+def _select(page, models: list[str]) -> None:
+    for box in page.query_selector_all("input[name=models]:checked"):
+        box.uncheck()
+    for m in models:
+        page.check(f"input[name=models][value='{m}']")
+
+
+def test_compare_cards_match_the_api(page, service):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    models = ["alexnet", "resnet18", "cifar10_resnet20", "cifar10_resnet56"]  # page order
+    page.set_input_files("#file-input", str(IMAGES / "chelsea.png"))
+    page.wait_for_selector("#preview:not([hidden])")
+    _select(page, models)
+    page.click("#compare-btn")
+    page.wait_for_selector(".card[data-model='cifar10_resnet56']")
+    api = httpx.post(
+        f"{service.url}/compare",
+        params={"models": ",".join(models), "top_k": 5},
+        files={"file": ("chelsea.png", shared_image("chelsea.png"))},
+        timeout=120,
+    ).json()
+    cards = page.query_selector_all(".card")
+    assert [c.get_attribute("data-model") for c in cards] == models
+    for card, result in zip(cards, api["results"], strict=True):
+        preds = card.query_selector_all("li.pred")
+        assert len(preds) == len(result["predictions"])
+        top1 = preds[0].query_selector(".pred-label").get_attribute("title")
+        assert top1 == result["predictions"][0]["label"]
+    # agreement panel, random-weights warning, chart with one point per model with accuracy
+    consensus = page.inner_text("#agreement .consensus")
+    assert api["agreement"]["top1_consensus"]["label"] in consensus
+    assert "alexnet" in page.inner_text("#random-warning")
+    assert page.is_visible("#random-warning")
+    assert len(page.query_selector_all("#chart .pt")) == 4
+    page.screenshot(path=str(SCREENSHOTS / "compare.png"), full_page=True)
+
+
+def test_text_file_is_refused_with_a_message(page, tmp_path):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    page.set_input_files("#file-input", str(notes))
+    error = page.wait_for_selector("#error:not([hidden])")
+    assert "not an image this service accepts" in error.inner_text()
+    assert page.is_disabled("#compare-btn")
+    page.screenshot(path=str(SCREENSHOTS / "error-text-file.png"), full_page=True)
+
+
+def test_api_error_is_shown_readably(page, tmp_path):
+    """A file that looks like a PNG but is not one passes the client check; the 400 is shown."""
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"this is text pretending to be a png")
+    page.set_input_files("#file-input", str(fake))
+    _select(page, ["resnet18"])
+    page.click("#classify-btn")
+    error = page.wait_for_selector("#error:not([hidden])")
+    text = error.inner_text()
+    assert "HTTP 400" in text and "not a readable image" in text
+    page.screenshot(path=str(SCREENSHOTS / "error-api-400.png"), full_page=True)
+
+
+def test_phone_width_and_keyboard(browser, service):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.goto(service.url + "/")
+    page.wait_for_selector("#model-groups[aria-busy=false]")
+    # nothing overflows horizontally at phone width
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    # every control has a label
+    unlabeled = page.evaluate(
+        """[...document.querySelectorAll('input:not([type=file])')].filter(
+             i => !(i.labels && i.labels.length) && !i.getAttribute('aria-label')).length"""
+    )
+    assert unlabeled == 0
+    page.set_input_files("#file-input", str(IMAGES / "coffee.png"))
+    _select(page, ["resnet18"])
+    page.focus("#classify-btn")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".card[data-model='resnet18']")
+    page.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
+    context.close()
+
+
+def test_not_ready_models_are_disabled_with_reason(page):
+    box = page.query_selector("input[name=models][value='vgg19']")
+    assert box is not None and box.is_disabled()
+    meta = page.text_content("#model-vgg19-meta") or ""  # inside a closed <details>
+    assert "not-loaded" in meta
+
+
+def test_page_is_served_at_root(service):
+    r = httpx.get(service.url + "/")
+    assert r.status_code == 200 and "imgcls" in r.text
