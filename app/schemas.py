@@ -31,7 +31,8 @@ class ClassifyResponse(BaseModel):
                     "model": "resnet50",
                     "weights": "IMAGENET1K_V2",
                     "device": "cpu",
-                    "precision": "fp32",
+                    "precision": "bf16",
+                    "backend": "inductor",
                     "predictions": [
                         {"rank": 1, "index": 285, "label": "Egyptian cat", "score": 0.71},
                         {"rank": 2, "index": 281, "label": "tabby", "score": 0.12},
@@ -54,6 +55,7 @@ class ClassifyResponse(BaseModel):
     weights: str = Field(description='weights enum name, checkpoint file, or "random"')
     device: str
     precision: str = Field(description="numeric precision the model ran in: fp32, bf16 or fp16")
+    backend: str = Field(description="eager, or inductor (torch.compile)")
     predictions: list[Prediction]
     latency_ms: Latency
     batch_size: int = Field(description="size of the batch this image actually ran in")
@@ -113,6 +115,7 @@ class ModelEntry(BaseModel):
     device: str | None
     weights: str | None
     precision: str | None
+    backend: str | None
 
 
 class ModelDetail(ModelEntry):

@@ -19,22 +19,14 @@ from PIL import Image
 from app import weights as weights_mod
 from app.catalog import Catalog, ModelSpec, build_catalog
 from app.catalog.custom import load_model_config
+from app.engine import fastpath
 from app.engine.batcher import ModelBatcher, Prediction
-from app.engine.pool import WorkerPool, resolve_devices
+from app.engine.pool import ModelStatus, WorkerPool, resolve_devices
 from app.engine.worker import LoadPlan, WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
 from app.settings import Settings
 
 log = logging.getLogger("imgcls.service")
-
-
-def resolve_precision(requested: str, device: str) -> str:
-    """``auto``: fp16 on CUDA, fp32 on the CPU (the guard-tested default)."""
-    if requested != "auto":
-        if requested == "fp16" and not device.startswith("cuda"):
-            raise ValueError("fp16 runs only on CUDA; use bf16 or fp32 on the CPU")
-        return requested
-    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 @dataclass
@@ -61,6 +53,10 @@ class Service:
         for name in settings.model_names:
             self.served[name] = Served(self.catalog.get(name))  # unknown names stop startup
         self.devices = resolve_devices(settings.device)
+        self.paths = {  # raises for impossible combinations (fp16 on a CPU) before serving
+            d: fastpath.resolve(settings.precision, settings.channels_last, settings.compile, d)
+            for d in self.devices
+        }
         self.pool: WorkerPool | None = None
         self.batchers: dict[str, ModelBatcher] = {}
         self.started = time.monotonic()
@@ -115,14 +111,15 @@ class Service:
             1, (os.cpu_count() or 1) // max(1, cpu_workers)
         )
         for device in self.devices:
+            fast = self.paths[device]
             for _ in range(per_device):
                 configs.append(
                     WorkerConfig(
                         worker_id=len(configs),
                         device=device,
-                        precision=resolve_precision(self.settings.precision, device),
-                        channels_last=self.settings.channels_last,
-                        compile=self.settings.compile,
+                        precision=fast.precision,
+                        channels_last=fast.channels_last,
+                        compile=fast.compile,
                         threads=threads if device == "cpu" else None,
                         warmup_batch=self.settings.max_batch_size,
                         plans=plans,
@@ -151,41 +148,40 @@ class Service:
             await self.pool.close(grace_s=self.settings.shutdown_grace_s)
 
     # ---- status ----------------------------------------------------------------------------
-    def status(self, name: str) -> tuple[str, str | None, list[str], str | None]:
-        """(status, reason, devices, precision) of any catalog model."""
+    def status(self, name: str) -> ModelStatus:
+        """The status of any catalog model in this service."""
         served = self.served.get(name)
         if served is None:
-            return "not-loaded", "not in IMGCLS_MODELS", [], None
+            return ModelStatus("not-loaded", "not in IMGCLS_MODELS")
         if served.problem:
-            return served.problem, served.reason, [], None
+            return ModelStatus(served.problem, served.reason)
         if self.pool is None or name not in self.batchers:
-            return "loading", "resolving weights and starting workers", [], None
+            return ModelStatus("loading", "resolving weights and starting workers")
         return self.pool.model_status(name)
 
     def is_ready(self) -> tuple[bool, list[str]]:
         not_ready = []
         for name in self.served:
-            status, reason, _, _ = self.status(name)
-            fully = self.pool is not None and self.pool.fully_ready(name)
-            if status != "ready" or not fully:
-                not_ready.append(
-                    f"{name}: {status if status != 'ready' else 'restarting'}"
-                    + (f" ({reason})" if reason else "")
-                )
+            st = self.status(name)
+            if st.status == "ready" and self.pool is not None and self.pool.fully_ready(name):
+                continue
+            what = st.status if st.status != "ready" else "restarting on some workers"
+            not_ready.append(f"{name}: {what}" + (f" ({st.reason})" if st.reason else ""))
         return not not_ready, not_ready
 
     def model_entry(self, name: str) -> dict[str, Any]:
         """Catalog fields, status and labels of one model (UnknownModelError if unknown)."""
         spec = self.catalog.get(name)
-        status, reason, devices, precision = self.status(name)
+        st = self.status(name)
         served = self.served.get(name)
         entry = spec.catalog_entry()
         entry.update(
-            status=status,
-            reason=reason,
-            device=",".join(devices) if devices else None,
+            status=st.status,
+            reason=st.reason,
+            device=",".join(st.devices) or None,
             weights=served.weights_label if served else None,
-            precision=precision,
+            precision=st.precision,
+            backend=st.backend,
             labels=list(spec.labels),
         )
         return entry
@@ -204,7 +200,8 @@ class Service:
                 f"model {spec.name!r} is in the catalog but not loaded by this service; "
                 f"loaded models: {', '.join(self.served)} (add it to IMGCLS_MODELS)"
             )
-        status, reason, _, _ = self.status(name)
+        st = self.status(name)
+        status, reason = st.status, st.reason
         if status != "ready":
             raise ModelNotReadyError(
                 f"model {name!r} is not ready: {status}" + (f" ({reason})" if reason else ""),

@@ -36,9 +36,13 @@ class Settings(BaseSettings):
     device: str = "auto"
     workers_per_device: int = Field(1, ge=1, le=16)
     threads_per_worker: int | None = Field(None, ge=1)
-    precision: Precision = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    precision: Precision = Field(
+        "auto", description="auto: fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX, else fp32"
+    )
+    channels_last: bool | None = Field(None, description="default: on for bf16/fp16")
+    compile: bool | None = Field(
+        None, description="torch.compile; default: on with bf16/fp16, absorbed by warm-up"
+    )
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)

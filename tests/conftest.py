@@ -72,6 +72,9 @@ def run_service(
 
     settings_kw.setdefault("auto_download", False)
     settings_kw.setdefault("device", "cpu")
+    # fp32 eager keeps start-up fast; tests/test_fast_paths.py covers the reduced-precision default
+    settings_kw.setdefault("precision", "fp32")
+    settings_kw.setdefault("compile", False)
     settings = Settings(**settings_kw)  # type: ignore[arg-type]
     app = create_app(settings)
     port = free_port()
@@ -163,7 +166,6 @@ def service(model_dir: Path) -> Iterator[Running]:
         max_batch_wait_ms=20,
         max_upload_mb=2,
         max_pixels=20_000_000,
-        precision="fp32",
     ) as running:
         yield running
 

@@ -25,7 +25,7 @@ def test_classify_response_shape(client):
     body = r.json()
     assert body["model"] == "resnet18"
     assert body["device"] == "cpu"
-    assert body["precision"] == "fp32"
+    assert body["precision"] == "fp32" and body["backend"] == "eager"
     assert [p["rank"] for p in body["predictions"]] == [1, 2, 3, 4, 5]
     scores = [p["score"] for p in body["predictions"]]
     assert scores == sorted(scores, reverse=True)

@@ -30,7 +30,6 @@ def _result(
     preprocess_ms: float,
     started: float,
     request_id: str,
-    precision: str | None,
     finished: float | None = None,
 ) -> ClassifyResponse:
     labels = served.spec.labels
@@ -40,7 +39,8 @@ def _result(
             "model": served.spec.name,
             "weights": served.weights_label or "unknown",
             "device": pred.device,
-            "precision": precision or "unknown",
+            "precision": pred.precision,
+            "backend": pred.backend,
             "predictions": [
                 {"rank": r + 1, "index": int(i), "label": labels[i], "score": float(pred.probs[i])}
                 for r, i in enumerate(idx)
@@ -91,7 +91,6 @@ async def classify(
         preprocess_ms=preprocess_ms,
         started=started,
         request_id=request_id,
-        precision=service.status(served.spec.name)[3],
     )
 
 
@@ -158,7 +157,6 @@ async def compare(
             started=started,
             finished=finished,  # each model's total ends when its own result arrived
             request_id=request_id,
-            precision=service.status(s.spec.name)[3],
         )
         for s, (p, finished) in zip(served, done, strict=True)
     ]

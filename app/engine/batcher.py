@@ -39,6 +39,8 @@ class Prediction:
     queue_ms: float
     inference_ms: float
     device: str
+    precision: str
+    backend: str
 
 
 @dataclass
@@ -172,6 +174,8 @@ class ModelBatcher:
                         queue_ms=max(0.0, (result.start - item.submitted) * 1000.0),
                         inference_ms=result.inference_ms,
                         device=result.device,
+                        precision=result.precision,
+                        backend=result.backend,
                     )
                 )
 

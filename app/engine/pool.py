@@ -43,6 +43,8 @@ class BatchResult:
     start: float  # time.monotonic() when the forward pass began
     inference_ms: float
     device: str
+    precision: str
+    backend: str  # eager | inductor
 
 
 @dataclass
@@ -50,6 +52,18 @@ class ModelState:
     status: str = "loading"  # loading | ready | failed
     reason: str | None = None
     precision: str | None = None
+    backend: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model's state aggregated over the workers (and, in the service, its weights)."""
+
+    status: str  # ready | loading | missing-weights | failed | not-loaded
+    reason: str | None = None
+    devices: tuple[str, ...] = ()
+    precision: str | None = None
+    backend: str | None = None
 
 
 @dataclass
@@ -155,10 +169,10 @@ class WorkerPool:
     def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "result":
-            _, batch_id, probs, start, ms = msg
+            _, batch_id, probs, start, ms, (precision, backend) = msg
             fut = w.inflight.pop(batch_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(BatchResult(probs, start, ms, w.device))
+                fut.set_result(BatchResult(probs, start, ms, w.device, precision, backend))
             self._notify_slot()
         elif kind == "error":
             _, batch_id, detail = msg
@@ -171,7 +185,7 @@ class WorkerPool:
             st = w.models.setdefault(name, ModelState())
             st.status, st.reason = status, reason
             if info:
-                st.precision = info.get("precision")
+                st.precision, st.backend = info.get("precision"), info.get("backend")
             if status == "failed":
                 log.error("worker %s failed to load %s: %s", w.worker_id, name, reason)
             self._notify_slot()
@@ -245,20 +259,21 @@ class WorkerPool:
         return fut
 
     # ---- status ----------------------------------------------------------------------------
-    def model_status(self, name: str) -> tuple[str, str | None, list[str], str | None]:
-        """(status, reason, devices where ready, precision) aggregated over workers."""
+    def model_status(self, name: str) -> ModelStatus:
+        """The model's state aggregated over workers: ready where any worker is ready."""
         states = [(w, w.models[name]) for w in self.workers if name in w.models]
         ready = [(w, s) for w, s in states if s.status == "ready" and w.alive]
-        devices = sorted({w.device for w, _ in ready})
-        precision = ready[0][1].precision if ready else None
         if ready:
-            return "ready", None, devices, precision
+            devices = tuple(sorted({w.device for w, _ in ready}))
+            first = ready[0][1]
+            return ModelStatus("ready", None, devices, first.precision, first.backend)
         failed = [s for _, s in states if s.status == "failed"]
         if states and len(failed) == len(states):
-            return "failed", failed[0].reason, [], None
+            return ModelStatus("failed", failed[0].reason)
         restarting = any(not w.alive or w.restarts for w, _ in states)
-        reason = "worker restarting" if restarting else "loading and warming up"
-        return "loading", reason, [], None
+        return ModelStatus(
+            "loading", "worker restarting" if restarting else "loading and warming up"
+        )
 
     def fully_ready(self, name: str) -> bool:
         return all(

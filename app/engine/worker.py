@@ -6,6 +6,7 @@ cannot take the API down. Batches arrive as shared-memory tensors; probabilities
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger("imgcls.worker")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,28 +47,25 @@ class WorkerConfig:
 
 # Messages from the worker (tuples keep pickling cheap):
 #   ("status", name, status, reason, info)   status: loading | ready | failed
-#   ("result", batch_id, probs ndarray, start_monotonic, inference_ms)
+#   ("result", batch_id, probs ndarray, start_monotonic, inference_ms, (precision, backend))
 #   ("error", batch_id, message)
 #   ("started", pid)
 
 
 def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    from pathlib import Path
+
     from app.weights import load_into
 
     model = plan.builder()
     if plan.weights_path is not None:
-        from pathlib import Path
-
-        load_into(model, Path(plan.weights_path))
+        load_into(model, Path(plan.weights_path))  # on the CPU first, weights_only=True
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    device = torch.device(cfg.device)
-    model = model.to(device=device, dtype=DTYPES[cfg.precision])
+    model = model.to(device=torch.device(cfg.device), dtype=DTYPES[cfg.precision])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
     return model
 
 
@@ -77,12 +77,30 @@ class Runner:
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.precision]
         self.models: dict[str, nn.Module] = {}
+        self.backends: dict[str, str] = {}
 
-    def load(self, plan: LoadPlan) -> None:
-        model = _build(plan, self.cfg)
-        self.models[plan.name] = model
-        # Warm-up: the first forward passes allocate, pick kernels and (with compile) compile.
-        for bs in sorted({1, self.cfg.warmup_batch}):
+    def load(self, plan: LoadPlan) -> str:
+        """Build, load and warm up one model; returns the backend that will run it."""
+        eager = _build(plan, self.cfg)
+        backend = "eager"
+        if self.cfg.compile:
+            # Compile time is absorbed here, before the model is reported ready. Dynamic shapes:
+            # one graph serves every batch size. Any failure falls back to eager.
+            try:
+                self.models[plan.name] = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
+                self._warm_up(plan)
+                backend = "inductor"
+            except Exception as exc:
+                log.warning("torch.compile failed for %s, serving eager: %s", plan.name, exc)
+        if backend == "eager":
+            self.models[plan.name] = eager
+            self._warm_up(plan)
+        self.backends[plan.name] = backend
+        return backend
+
+    def _warm_up(self, plan: LoadPlan) -> None:
+        # The first passes allocate, pick kernels and (with compile) compile.
+        for bs in sorted({1, 2, self.cfg.warmup_batch}):
             x = torch.zeros(bs, 3, plan.input_size, plan.input_size)
             out = self.forward(plan.name, x)
             if out.shape != (bs, plan.num_classes):
@@ -127,11 +145,12 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     for plan in cfg.plans:
         outbox.put(("status", plan.name, "loading", None, None))
         try:
-            runner.load(plan)
+            backend = runner.load(plan)
         except Exception as exc:
             outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
             continue
-        outbox.put(("status", plan.name, "ready", None, {"precision": cfg.precision}))
+        info = {"precision": cfg.precision, "backend": backend}
+        outbox.put(("status", plan.name, "ready", None, info))
 
     while True:
         msg = inbox.get()
@@ -144,7 +163,8 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
                 raise KeyError(f"model {name!r} is not loaded on this worker")
             probs = runner.forward(name, batch)
             ms = (time.monotonic() - start) * 1000.0
-            outbox.put(("result", batch_id, probs.numpy(), start, ms))
+            ran = (cfg.precision, runner.backends[name])
+            outbox.put(("result", batch_id, probs.numpy(), start, ms, ran))
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             outbox.put(("error", batch_id, detail))

@@ -1,0 +1,97 @@
+"""Accuracy guard for the fast paths: reduced precision and torch.compile must agree with fp32
+eager on real images (real CIFAR-10 ResNets, cifar10-test-sample): top-1 agreement >= 99% and
+accuracy within 0.3 points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.catalog import build_catalog
+from app.engine.fastpath import cpu_has_bf16, resolve
+from app.engine.worker import LoadPlan, Runner, WorkerConfig
+from app.evaluate import list_images
+from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, needs_shared, run_service
+
+pytestmark = [
+    needs_shared,
+    pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found"),
+]
+
+PATHS = {
+    "bf16-eager": ("bf16", True, False),
+    "bf16-compiled": ("bf16", True, True),
+    "fp32-compiled": ("fp32", False, True),
+}
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, np.ndarray]:
+    spec = build_catalog().get("cifar10_resnet20")
+    items = list_images(CIFAR_SAMPLE)
+    x = torch.stack([spec.transform(Image.open(p).convert("RGB")) for p, _ in items])
+    y = np.array([spec.labels.index(label) for _, label in items])
+    return x, y
+
+
+def _predict(model: str, path: tuple[str, bool, bool], x: torch.Tensor) -> np.ndarray:
+    spec = build_catalog().get(model)
+    precision, channels_last, compile_ = path
+    cfg = WorkerConfig(0, "cpu", precision, channels_last, compile_, 2, 50, [])
+    runner = Runner(cfg)
+    plan = LoadPlan(model, spec.builder, str(CIFAR_WEIGHTS / CIFAR_FILES[model]), 32, 10)
+    backend = runner.load(plan)
+    assert backend == ("inductor" if compile_ else "eager")
+    return torch.cat([runner.forward(model, x[i : i + 50]) for i in range(0, len(x), 50)]).numpy()
+
+
+@pytest.mark.parametrize("model", list(CIFAR_FILES))
+def test_fast_paths_agree_with_fp32_eager(data, model):
+    x, y = data
+    reference = _predict(model, ("fp32", False, False), x)
+    ref_top1 = reference.argmax(1)
+    ref_acc = 100.0 * (ref_top1 == y).mean()
+    for name, path in PATHS.items():
+        probs = _predict(model, path, x)
+        top1 = probs.argmax(1)
+        agreement = 100.0 * (top1 == ref_top1).mean()
+        acc = 100.0 * (top1 == y).mean()
+        print(f"{model} {name}: agreement {agreement:.1f}%, accuracy {acc:.1f} vs {ref_acc:.1f}")
+        assert agreement >= 99.0, f"{model} {name}: top-1 agreement {agreement:.1f}%"
+        assert abs(acc - ref_acc) <= 0.3, f"{model} {name}: accuracy {acc:.2f} vs {ref_acc:.2f}"
+
+
+def test_defaults_follow_the_hardware():
+    cpu = resolve("auto", None, None, "cpu")
+    assert cpu.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert cpu.compile == cpu.channels_last == (cpu.precision != "fp32")
+    assert resolve("auto", None, None, "cuda:0") == resolve("fp16", True, True, "cuda:0")
+    assert resolve("bf16", False, False, "cpu").compile is False
+    with pytest.raises(ValueError, match="fp16"):
+        resolve("fp16", None, None, "cpu")
+
+
+def test_default_path_over_http_says_what_ran(tmp_path: Path):
+    """The service with default settings: responses and /models name precision and backend."""
+    (tmp_path / "resnet20-12fca82f.th").symlink_to(CIFAR_WEIGHTS / "resnet20-12fca82f.th")
+    with run_service(
+        models="cifar10_resnet20", weights_dir=tmp_path, precision="auto", compile=None
+    ) as svc:
+        expected = resolve("auto", None, None, "cpu")
+        img = next(CIFAR_SAMPLE.glob("cat/*.jpg")).read_bytes()
+        r = httpx.post(
+            f"{svc.url}/classify",
+            params={"model": "cifar10_resnet20"},
+            files={"file": ("c.jpg", img)},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["precision"] == expected.precision
+        assert body["backend"] == ("inductor" if expected.compile else "eager")
+        entry = httpx.get(f"{svc.url}/models/cifar10_resnet20").json()
+        assert (entry["precision"], entry["backend"]) == (body["precision"], body["backend"])
