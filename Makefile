@@ -9,6 +9,11 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+URL ?= http://127.0.0.1:8000
+USERS ?= 20
+SPAWN_RATE ?= 5
+RUN_TIME ?= 60s
+LOADTEST_OUT ?= loadtest-results
 
 .PHONY: venv serve check format test loadtest bench clean
 
@@ -33,6 +38,20 @@ check: venv
 
 test: check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Headless locust against $(URL) (the local service by default), bounded in users and time.
+loadtest: venv
+	@mkdir -p $(LOADTEST_OUT)
+	@echo "locust reports: $(abspath $(LOADTEST_OUT))/report.html and $(abspath $(LOADTEST_OUT))/stats_*.csv"
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(URL) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(RUN_TIME) --stop-timeout 10 \
+		--csv $(LOADTEST_OUT)/stats --html $(LOADTEST_OUT)/report.html --only-summary
+
+# imgcls bench for one model (MODEL, DEVICE); results under bench-results/
+MODEL ?= resnet50
+DEVICE ?= cpu
+bench: venv
+	$(VENV)/bin/imgcls bench --model $(MODEL) --device $(DEVICE) --out bench-results
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,4 +1,4 @@
-"""`imgcls serve | weights pull | weights list | eval`."""
+"""`imgcls serve | weights pull | weights list | eval | bench`."""
 
 from __future__ import annotations
 
@@ -73,6 +73,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from app.benchmarks.harness import run_bench
+
+    run_bench(
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        duration_s=args.duration,
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
+        max_batch=args.max_batch,
+        api_workers=args.api_workers,
+        client_processes=args.client_processes,
+        out=Path(args.out),
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgcls", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +120,22 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--concurrency", type=int, default=8)
     e.add_argument("--out", default="report", help="folder for report.json/.md/.png")
     e.set_defaults(func=_eval)
+
+    b = sub.add_parser("bench", help="model-only ceiling, imgcls, a naive baseline and LitServe")
+    b.add_argument("--model", default="resnet50")
+    b.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    b.add_argument("--precision", default="auto")
+    b.add_argument("--concurrency", default="1,4,16,32", help="client counts to sweep")
+    b.add_argument("--duration", type=float, default=15.0, help="seconds measured per level")
+    b.add_argument("--batch-sizes", default="1,8,16,32,64", help="model-only batch sweep")
+    b.add_argument("--servers", default="imgcls,naive,litserve")
+    b.add_argument(
+        "--max-batch", type=int, help="service batch limit (default: best model-only batch)"
+    )
+    b.add_argument("--api-workers", type=int, default=1, help="imgcls API processes")
+    b.add_argument("--client-processes", type=int, default=1, help="load generator processes")
+    b.add_argument("--out", default="bench-results")
+    b.set_defaults(func=_bench)
     return p
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.models import get_model_builder
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("IMGCLS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 IMAGES = SHARED / "images"
 CIFAR_WEIGHTS = SHARED / "cifar10-resnets"
 CIFAR_SAMPLE = SHARED / "cifar10-test-sample"

@@ -26,7 +26,8 @@ from app.engine.worker import WorkerConfig, worker_main
 
 log = logging.getLogger("imgcls.pool")
 
-MAX_INFLIGHT_PER_WORKER = 2  # one batch running, one waiting in the worker's inbox
+# One batch in flight per worker: while it runs, new images gather into the next, larger batch.
+MAX_INFLIGHT_PER_WORKER = 1
 
 
 class WorkerCrashedError(RuntimeError):

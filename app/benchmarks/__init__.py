@@ -1,0 +1,1 @@
+"""Benchmarks: the engine's own ceiling, the service over HTTP, a naive baseline and a peer."""

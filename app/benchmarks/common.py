@@ -1,0 +1,78 @@
+"""What every benchmarked server shares: the model, its weights and the JPEG uploads."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+SHARED_IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
+
+
+def jpeg_corpus(folder: Path | None = None, quality: int = 90) -> list[bytes]:
+    """Real photos as JPEG uploads of varied sizes (from IMGCLS_BENCH_IMAGES or shared data)."""
+    folder = folder or Path(os.environ.get("IMGCLS_BENCH_IMAGES", SHARED_IMAGES))
+    out = []
+    for path in sorted(folder.iterdir()):
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except Exception:  # not an image, or one Pillow cannot read
+            continue
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    if not out:
+        raise RuntimeError(f"no readable images in {folder}")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    args: list[str], env: dict[str, str], health: str, timeout: float = 900
+) -> subprocess.Popen[bytes]:
+    """Start a server subprocess and wait until ``health`` answers 200."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"server {args} exited with {proc.returncode}: {err[-2000:]}")
+        try:
+            if httpx.get(health, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise TimeoutError(f"server {args} not healthy after {timeout:.0f}s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -1,0 +1,103 @@
+"""Realistic users of imgcls, for locust.
+
+    make loadtest                         # headless, bounded users and time, against the local service
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
+
+Images: real photos of varied sizes from IMGCLS_LOADTEST_IMAGES (default ../shared/data/images),
+sent as JPEG uploads. Models: those the service reports ready in /models, so the mix follows the
+deployment (override with IMGCLS_LOADTEST_MODELS=a,b,c).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+from locust import HttpUser, between, events, task
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+IMAGES_DIR = Path(os.environ.get("IMGCLS_LOADTEST_IMAGES", HERE.parents[1] / "shared" / "data" / "images"))
+
+
+def _load_images() -> list[tuple[str, bytes]]:
+    out = []
+    for path in sorted(IMAGES_DIR.iterdir()) if IMAGES_DIR.is_dir() else []:
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except Exception:  # not an image Pillow can read: skip it
+            continue
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=90)
+        out.append((path.stem + ".jpg", buf.getvalue()))
+    if not out:
+        raise RuntimeError(f"no images found in {IMAGES_DIR} (set IMGCLS_LOADTEST_IMAGES)")
+    return out
+
+
+IMAGES = _load_images()
+MODELS: list[str] = []
+
+
+@events.test_start.add_listener
+def discover_models(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Use the models the service has ready (or IMGCLS_LOADTEST_MODELS)."""
+    import httpx
+
+    forced = os.environ.get("IMGCLS_LOADTEST_MODELS")
+    if forced:
+        MODELS[:] = [m.strip() for m in forced.split(",") if m.strip()]
+        return
+    r = httpx.get(f"{environment.host}/models", timeout=30)
+    MODELS[:] = [m["name"] for m in r.json()["models"] if m["status"] == "ready"]
+    if not MODELS:
+        raise RuntimeError(f"{environment.host} has no ready models")
+
+
+class ImgclsUser(HttpUser):
+    """Mostly single classifications across backbones, some comparisons, a few catalog reads."""
+
+    wait_time = between(0.2, 1.5)  # think time between a user's requests
+
+    @task(10)
+    def classify(self) -> None:
+        name, data = random.choice(IMAGES)
+        model = random.choice(MODELS)
+        with self.client.post(
+            "/classify",
+            params={"model": model, "top_k": 5},
+            files={"file": (name, data, "image/jpeg")},
+            name="/classify?model=[model]",
+            catch_response=True,
+        ) as r:
+            if r.status_code == 200 and len(r.json()["predictions"]) >= 1:
+                r.success()
+            elif r.status_code == 503:
+                r.failure("503 overloaded or not ready")
+            else:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+
+    @task(3)
+    def compare(self) -> None:
+        if len(MODELS) < 2:
+            return
+        name, data = random.choice(IMAGES)
+        models = random.sample(MODELS, k=min(len(MODELS), random.randint(2, 4)))
+        with self.client.post(
+            "/compare",
+            params={"models": ",".join(models)},
+            files={"file": (name, data, "image/jpeg")},
+            name="/compare?models=[2-4]",
+            catch_response=True,
+        ) as r:
+            if r.status_code == 200 and len(r.json()["results"]) == len(models):
+                r.success()
+            else:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+
+    @task(1)
+    def models(self) -> None:
+        self.client.get("/models")
