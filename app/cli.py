@@ -87,6 +87,7 @@ def _bench(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         api_workers=args.api_workers,
         client_processes=args.client_processes,
+        model_seconds=args.model_seconds,
         out=Path(args.out),
     )
     return 0
@@ -134,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--api-workers", type=int, default=1, help="imgcls API processes")
     b.add_argument("--client-processes", type=int, default=1, help="load generator processes")
+    b.add_argument("--model-seconds", type=float, default=5.0, help="per model-only batch size")
     b.add_argument("--out", default="bench-results")
     b.set_defaults(func=_bench)
     return p

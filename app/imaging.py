@@ -17,6 +17,10 @@ ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# Resizing the short side of a 1x10000 strip to 256 pixels would make 2.5 million columns: an
+# extreme aspect ratio is a memory bomb of its own, so it is refused like an oversized image.
+MAX_ASPECT_RATIO = 50
+
 
 class ImageError(ValueError):
     """The upload is not an image this service accepts (HTTP 400)."""
@@ -85,6 +89,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height) and max(width, height) > 64:
+        raise ImageError(
+            f"image is {width}x{height}: aspect ratios beyond {MAX_ASPECT_RATIO}:1 are not accepted"
         )
     try:
         with warnings.catch_warnings():

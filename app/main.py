@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__, errors
 from app.api import health, inference, models
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from app.observability import AccessMiddleware, Metrics, configure_logging
 from app.service import Service
 from app.settings import Settings
 
@@ -30,10 +31,10 @@ Upload images as `multipart/form-data` in a field named `file`.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    service = Service(settings)  # validates the model list and custom config before serving
+    configure_logging(settings.log_level, settings.log_format)
+    metrics = Metrics()
+    service = Service(settings, metrics=metrics)  # validates models and custom config first
+    metrics.bind(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(models.router)
     app.include_router(health.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -66,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(AccessMiddleware, metrics=metrics, served=settings.model_names)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -24,6 +24,7 @@ from app.engine.batcher import ModelBatcher, Prediction
 from app.engine.pool import ModelStatus, WorkerPool, resolve_devices
 from app.engine.worker import LoadPlan, WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
+from app.observability import Metrics
 from app.settings import Settings
 
 log = logging.getLogger("imgcls.service")
@@ -40,8 +41,11 @@ class Served:
 
 
 class Service:
-    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         if catalog is None:
             extra: list[ModelSpec] = []
             if settings.model_config_file is not None:
@@ -134,6 +138,7 @@ class Service:
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_s=self.settings.max_batch_wait_ms / 1000.0,
                 max_queue=self.settings.max_queue,
+                metrics=self.metrics,
             )
             b.start()
             self.batchers[plan.name] = b

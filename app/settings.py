@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     api_key: str | None = None
     cors_origins: str | None = None
     log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
 
     @field_validator("models")
     @classmethod

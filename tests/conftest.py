@@ -75,6 +75,7 @@ def run_service(
     # fp32 eager keeps start-up fast; tests/test_fast_paths.py covers the reduced-precision default
     settings_kw.setdefault("precision", "fp32")
     settings_kw.setdefault("compile", False)
+    settings_kw.setdefault("log_level", "warning")
     settings = Settings(**settings_kw)  # type: ignore[arg-type]
     app = create_app(settings)
     port = free_port()
@@ -104,10 +105,14 @@ def wait_until_ready(url: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     body = ""
     while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/readyz", timeout=10)
-        if r.status_code == 200:
-            return
-        body = r.text
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=10)
+        except httpx.TransportError as exc:  # not listening yet
+            body = str(exc)
+        else:
+            if r.status_code == 200:
+                return
+            body = r.text
         time.sleep(0.2)
     raise TimeoutError(f"{url} not ready: {body}")
 

@@ -65,7 +65,8 @@ def test_fp16_guard_on_cuda(cifar, model):
         agreement = 100.0 * (top1 == ref_top1).float().mean().item()
         acc, ref_acc = (100.0 * (t.numpy() == y).mean() for t in (top1, ref_top1))
         print(
-            f"{model} {precision} compile={compile_}: agreement {agreement:.1f}%, acc {acc:.1f} vs {ref_acc:.1f}"
+            f"{model} {precision} compile={compile_}: agreement {agreement:.1f}%, "
+            f"accuracy {acc:.1f} vs {ref_acc:.1f}"
         )
         assert agreement >= 99.0 and abs(acc - ref_acc) <= 0.3
 

@@ -102,3 +102,15 @@ def test_unsupported_format_is_refused():
     data = images.encode(images.photo(), "PPM")
     with pytest.raises(ImageError, match="not accepted"):
         decode(data, LIMIT)
+
+
+@pytest.mark.parametrize("size", [(1, 10_000), (10_000, 1), (3, 2000)])
+def test_extreme_aspect_ratios_are_refused(size):
+    data = images.encode(Image.new("L", size), "PNG")
+    with pytest.raises(ImageError, match="aspect ratio"):
+        decode(data, LIMIT)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 40), (2, 100), (64, 1)])
+def test_tiny_images_are_fine(size):
+    assert decode(images.encode(Image.new("RGB", size), "PNG"), LIMIT).size == size

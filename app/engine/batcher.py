@@ -15,11 +15,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from app.engine.pool import BatchResult, WorkerHandle, WorkerPool
+from app.engine.pool import BatchResult, NoReadyWorkerError, WorkerHandle, WorkerPool
+
+if TYPE_CHECKING:
+    from app.observability import Metrics
 
 log = logging.getLogger("imgcls.batcher")
 
@@ -59,8 +63,10 @@ class ModelBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
+        self.metrics = metrics
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -101,9 +107,11 @@ class ModelBatcher:
         kept: collections.deque[_Item] = collections.deque()
         for item in self._queue:
             if item.future.done():  # cancelled: the client timed out or went away
+                self._count_drop("cancelled")
                 continue
             if item.deadline <= now:
                 item.future.set_exception(TimeoutError("request deadline passed in the queue"))
+                self._count_drop("deadline")
                 continue
             kept.append(item)
         self._queue = kept
@@ -129,10 +137,13 @@ class ModelBatcher:
                     break
                 await self._wait_for_items(remaining)
             latest = max(i.deadline for i in self._queue)
-            worker = await self.pool.acquire(self.name, latest)
-            self._drop_stale()
+            try:
+                worker = await self.pool.acquire(self.name, latest)
+            except NoReadyWorkerError as exc:
+                self._fail_all(NoWorkerError(str(exc)))
+                continue
+            self._drop_stale()  # what waited past its deadline gets 504 and is not computed
             if worker is None:
-                self._fail_all(NoWorkerError(f"no worker is ready to run {self.name}"))
                 continue
             if not self._queue:
                 continue
@@ -142,6 +153,10 @@ class ModelBatcher:
             task.add_done_callback(self._running.discard)
             # Let the dispatch reach the worker before gathering the next batch.
             await asyncio.sleep(0)
+
+    def _count_drop(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.labels(self.name, reason).inc()
 
     def _fail_all(self, exc: Exception) -> None:
         while self._queue:
@@ -159,6 +174,13 @@ class ModelBatcher:
                     item.future.set_exception(exc)
             return
         n = len(items)
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.name).observe(n)
+            self.metrics.inference_latency.labels(self.name).observe(result.inference_ms / 1000.0)
+            for item in items:
+                self.metrics.queue_latency.labels(self.name).observe(
+                    max(0.0, result.start - item.submitted)
+                )
         if result.probs.shape[0] != n:  # outputs must match inputs one to one
             mismatch = RuntimeError(f"worker returned {result.probs.shape[0]} rows for {n} images")
             for item in items:

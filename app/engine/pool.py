@@ -34,6 +34,10 @@ class WorkerCrashedError(RuntimeError):
     """The worker process died while this batch was in flight."""
 
 
+class NoReadyWorkerError(RuntimeError):
+    """No worker has the model ready right now (HTTP 503)."""
+
+
 class BatchFailedError(RuntimeError):
     """The model raised an error on this batch; the worker is still serving."""
 
@@ -78,8 +82,10 @@ class WorkerHandle:
     inflight: dict[int, asyncio.Future[BatchResult]] = field(default_factory=dict)
     models: dict[str, ModelState] = field(default_factory=dict)
     restarts: int = 0
+    deaths: list[float] = field(default_factory=list)  # monotonic times of recent crashes
     alive: bool = False
     stopping: bool = False
+    device_memory: int = 0  # CUDA bytes allocated, as last reported
 
     @property
     def device(self) -> str:
@@ -170,7 +176,8 @@ class WorkerPool:
     def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "result":
-            _, batch_id, probs, start, ms, (precision, backend) = msg
+            _, batch_id, probs, start, ms, (precision, backend, memory) = msg
+            w.device_memory = memory
             fut = w.inflight.pop(batch_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(BatchResult(probs, start, ms, w.device, precision, backend))
@@ -204,9 +211,22 @@ class WorkerPool:
         if w.stopping or self._closed:
             return
         w.restarts += 1
-        log.error("worker %s died (exit code %s); restarting", w.worker_id, code)
-        self._spawn(w)
+        # Restart at once after a single crash; back off when it keeps dying (a model that
+        # crashes while loading must not turn into a fork loop).
+        now = time.monotonic()
+        w.deaths = [t for t in w.deaths if now - t < 60.0] + [now]
+        delay = 0.0 if len(w.deaths) <= 1 else min(30.0, 2.0 ** (len(w.deaths) - 2))
+        log.error(
+            "worker %s on %s died (exit code %s); restarting in %.0fs",
+            w.worker_id, w.device, code, delay,
+        )  # fmt: skip
+        assert self._loop is not None
+        self._loop.call_later(delay, self._restart, w)
         self._notify_slot()
+
+    def _restart(self, w: WorkerHandle) -> None:
+        if not (w.stopping or self._closed):
+            self._spawn(w)
 
     def _fail_inflight(self, w: WorkerHandle, exc: Exception) -> None:
         pending, w.inflight = w.inflight, {}
@@ -227,13 +247,18 @@ class WorkerPool:
         ]
 
     async def acquire(self, name: str, deadline: float) -> WorkerHandle | None:
-        """The least-busy worker holding ``name`` with a free slot; None if none by ``deadline``."""
+        """The least-busy worker holding ``name`` with a free slot.
+
+        None when every such worker stayed busy until ``deadline``; NoReadyWorkerError at once
+        when no worker has the model ready (crashed, restarting), so requests fail fast.
+        """
         changed = self._changed
         assert changed is not None
         while True:
-            candidates = [
-                w for w in self.ready_workers(name) if len(w.inflight) < MAX_INFLIGHT_PER_WORKER
-            ]
+            ready = self.ready_workers(name)
+            if not ready:
+                raise NoReadyWorkerError(f"no worker has {name} ready (restarting?)")
+            candidates = [w for w in ready if len(w.inflight) < MAX_INFLIGHT_PER_WORKER]
             if candidates:
                 return min(candidates, key=lambda w: len(w.inflight))
             remaining = deadline - time.monotonic()

@@ -47,7 +47,7 @@ class WorkerConfig:
 
 # Messages from the worker (tuples keep pickling cheap):
 #   ("status", name, status, reason, info)   status: loading | ready | failed
-#   ("result", batch_id, probs ndarray, start_monotonic, inference_ms, (precision, backend))
+#   ("result", batch_id, probs, start_monotonic, inference_ms, (precision, backend, cuda_bytes))
 #   ("error", batch_id, message)
 #   ("started", pid)
 
@@ -163,7 +163,10 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
                 raise KeyError(f"model {name!r} is not loaded on this worker")
             probs = runner.forward(name, batch)
             ms = (time.monotonic() - start) * 1000.0
-            ran = (cfg.precision, runner.backends[name])
+            memory = (
+                torch.cuda.memory_allocated(runner.device) if runner.device.type == "cuda" else 0
+            )
+            ran = (cfg.precision, runner.backends[name], memory)
             outbox.put(("result", batch_id, probs.numpy(), start, ms, ran))
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()

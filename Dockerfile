@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# imgcls image: a CUDA runtime base for GPU hosts (default) or a slim CPU-only image.
+#   docker build -t imgcls .
+#   docker build -t imgcls:cpu --build-arg VARIANT=cpu .
+#   docker build --build-arg BAKE_MODELS="resnet50 vgg16" .   # weights baked in at build time
+ARG VARIANT=cuda
+
+# ---- bases: the same OS and Python for building and running -------------------------------
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
+# python3 (3.12) for the app; gcc/g++ for torch.compile's CPU kernels; curl for the healthcheck.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc g++ curl ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM python:3.11-slim-bookworm AS base-cpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ curl \
+    && rm -rf /var/lib/apt/lists/*
+
+# ---- build: a virtualenv with imgcls and its pinned dependencies ---------------------------
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS build
+ARG VARIANT
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+RUN python3 -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY app ./app
+# CPU-only images take torch's CPU wheels (a fraction of the size); CUDA images the default ones.
+RUN if [ "$VARIANT" = "cpu" ]; then \
+        pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1; \
+    fi \
+    && pip install .
+
+# ---- runtime --------------------------------------------------------------------------------
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS runtime
+ARG BAKE_MODELS=""
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    IMGCLS_WEIGHTS_DIR=/app/weights \
+    HOST=0.0.0.0 \
+    PORT=8000
+RUN groupadd --system --gid 10001 imgcls \
+    && useradd --system --uid 10001 --gid imgcls --home-dir /app --create-home imgcls
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+RUN mkdir -p /app/weights && chown imgcls:imgcls /app/weights
+USER 10001
+# Weights come from a volume at /app/weights, or are baked in here (verified downloads).
+RUN if [ -n "$BAKE_MODELS" ]; then imgcls weights pull --quiet $BAKE_MODELS; fi
+VOLUME ["/app/weights"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["sh", "-c", "curl -fsS http://127.0.0.1:${PORT}/readyz || exit 1"]
+# uvicorn through `imgcls serve`: HOST, PORT and every IMGCLS_* setting come from the environment.
+CMD ["imgcls", "serve"]

@@ -1,0 +1,214 @@
+"""Prometheus metrics (official client) and one JSON log line per request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from app.service import Service
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENDPOINTS = {"/classify", "/compare", "/models", "/healthz", "/readyz", "/info", "/metrics", "/"}
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "imgcls_requests", "HTTP requests by endpoint, model and status",
+            ["endpoint", "model", "status"], registry=r,
+        )  # fmt: skip
+        self.request_latency = Histogram(
+            "imgcls_request_latency_seconds", "Request latency, received to response ready",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_latency = Histogram(
+            "imgcls_queue_latency_seconds", "Time an image waited for its batch and a worker",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_latency = Histogram(
+            "imgcls_inference_latency_seconds", "Forward pass of the batch an image ran in",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "imgcls_batch_size", "Images per batch run", ["model"], buckets=BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "imgcls_dropped_images", "Images dropped before inference (deadline or client gone)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+
+    def bind(self, service: Service) -> None:
+        self.registry.register(_ServiceCollector(service))
+
+
+class _ServiceCollector(Collector):
+    """Values read at scrape time: queue depth, models by status, workers, device memory."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        svc = self.service
+        depth = GaugeMetricFamily(
+            "imgcls_queue_depth", "Images waiting per model", labels=["model"]
+        )
+        for name, b in svc.batchers.items():
+            depth.add_metric([name], b.depth)
+        yield depth
+        counts: dict[str, int] = {}
+        for name in svc.served:
+            st = svc.status(name).status
+            counts[st] = counts.get(st, 0) + 1
+        models = GaugeMetricFamily(
+            "imgcls_models", "Configured models by status", labels=["status"]
+        )
+        for st in ("ready", "loading", "missing-weights", "failed"):
+            models.add_metric([st], counts.get(st, 0))
+        yield models
+        pool = svc.pool
+        workers = GaugeMetricFamily(
+            "imgcls_workers_alive", "Worker processes alive", labels=["device"]
+        )
+        restarts = GaugeMetricFamily(
+            "imgcls_worker_restarts", "Worker restarts since start", labels=["device"]
+        )
+        memory = GaugeMetricFamily(
+            "imgcls_device_memory_bytes",
+            "Memory in use per device: CUDA memory allocated by the workers, or their RSS on CPU",
+            labels=["device"],
+        )
+        if pool is not None:
+            by_device: dict[str, list[Any]] = {}
+            for w in pool.workers:
+                by_device.setdefault(w.device, []).append(w)
+            for device, ws in by_device.items():
+                workers.add_metric([device], sum(w.alive for w in ws))
+                restarts.add_metric([device], sum(w.restarts for w in ws))
+                if device == "cpu":
+                    used = sum(_rss(w.pid) for w in ws if w.alive and w.pid)
+                else:
+                    used = sum(w.device_memory for w in ws if w.alive)
+                memory.add_metric([device], used)
+        yield workers
+        yield restarts
+        yield memory
+
+
+def _rss(pid: int) -> int:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            doc.update(extra)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """imgcls loggers write JSON lines (or plain text) to stderr."""
+    logger = logging.getLogger("imgcls")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_imgcls", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler._imgcls = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    for h in logger.handlers:
+        text = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        h.setFormatter(JsonFormatter() if fmt == "json" else text)
+
+
+access_log = logging.getLogger("imgcls.access")
+
+
+class AccessMiddleware:
+    """Counts and times every request, and logs it as one JSON line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, served: Iterable[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.served = set(served)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - start
+            path = scope["path"]
+            endpoint = path if path in ENDPOINTS else "other"
+            if path.startswith("/models/"):
+                endpoint = "/models/{name}"
+            model = _model_label(scope, self.served)
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+            if endpoint not in ("/metrics", "/healthz", "/readyz"):
+                access_log.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "request_id": scope.get("state", {}).get("request_id"),
+                            "method": scope["method"],
+                            "path": path,
+                            "model": model,
+                            "status": status,
+                            "latency_ms": round(elapsed * 1000.0, 2),
+                        }
+                    },
+                )
+
+
+def _model_label(scope: Scope, served: set[str]) -> str:
+    """The model named in the query, if it is one this service serves (bounded cardinality)."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if scope["path"] == "/compare":
+        return "multiple"
+    name = query.get("model", [""])[0]
+    if not name:
+        return "default" if scope["path"] == "/classify" else ""
+    return name if name in served else "unknown"

@@ -1,0 +1,103 @@
+"""Building the public responses from predictions: shared by the FastAPI service and Ray Serve."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.agreement import ModelOutput, agreement, top_indices
+from app.catalog import ModelSpec
+from app.engine.batcher import Prediction
+from app.schemas import ClassifyResponse, CompareResponse
+
+
+def classify_result(
+    spec: ModelSpec,
+    weights_label: str | None,
+    pred: Prediction,
+    top_k: int,
+    *,
+    decode_ms: float,
+    preprocess_ms: float,
+    started: float,
+    request_id: str,
+    finished: float | None = None,
+) -> ClassifyResponse:
+    """One model's answer; ``total`` runs from ``started`` to ``finished`` (perf_counter)."""
+    idx = top_indices(pred.probs, top_k)
+    return ClassifyResponse.model_validate(
+        {
+            "model": spec.name,
+            "weights": weights_label or "unknown",
+            "device": pred.device,
+            "precision": pred.precision,
+            "backend": pred.backend,
+            "predictions": [
+                {
+                    "rank": r + 1,
+                    "index": int(i),
+                    "label": spec.labels[i],
+                    "score": float(pred.probs[i]),
+                }
+                for r, i in enumerate(idx)
+            ],
+            "latency_ms": {
+                "decode": round(decode_ms, 3),
+                "preprocess": round(preprocess_ms, 3),
+                "queue": round(pred.queue_ms, 3),
+                "inference": round(pred.inference_ms, 3),
+                "total": round(((finished or time.perf_counter()) - started) * 1000.0, 3),
+            },
+            "batch_size": pred.batch_size,
+            "request_id": request_id,
+        }
+    )
+
+
+def compare_response(
+    specs: Sequence[ModelSpec],
+    preds: Sequence[Prediction],
+    results: Sequence[ClassifyResponse],
+    top_k: int,
+    *,
+    decode_ms: float,
+    started: float,
+    request_id: str,
+) -> CompareResponse:
+    outputs = [
+        ModelOutput(
+            name=spec.name,
+            probs=np.asarray(p.probs),
+            labels=spec.labels,
+            label_set=spec.label_set_key,
+            top_k=min(top_k, spec.num_classes),
+        )
+        for spec, p in zip(specs, preds, strict=True)
+    ]
+    return CompareResponse.model_validate(
+        {
+            "results": [r.model_dump() for r in results],
+            "agreement": agreement(outputs),
+            "latency_ms": {
+                "decode": round(decode_ms, 3),
+                "total": round((time.perf_counter() - started) * 1000.0, 3),
+            },
+            "request_id": request_id,
+        }
+    )
+
+
+def parse_models(models: str | None, loaded: Sequence[str]) -> list[str]:
+    """The models a /compare asks for: 2-8 distinct names, or the loaded ones (at most 8)."""
+    from app.errors import InvalidParameterError
+
+    if models is None:
+        return list(loaded)[:8]
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not 2 <= len(names) <= 8:
+        raise InvalidParameterError(f"'models' must name 2 to 8 models, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise InvalidParameterError("'models' names a model twice")
+    return names

@@ -1,0 +1,56 @@
+"""Static checks of the container files (no Docker engine runs here): hadolint on the Dockerfile,
+the Compose Specification's JSON schema on docker-compose.yml, and the settings they rely on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import ROOT, SHARED
+
+COMPOSE_SCHEMA = SHARED / "compose-spec.json"
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
+    r = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_shape():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "nvidia/cuda:" in text and "ARG VARIANT=cuda" in text  # CUDA base, CPU by build arg
+    assert "USER 10001" in text  # non-root
+    assert "HEALTHCHECK" in text and "/readyz" in text
+    assert 'VOLUME ["/app/weights"]' in text and "BAKE_MODELS" in text
+    assert text.count("FROM ") >= 4  # multi-stage
+
+
+@pytest.mark.skipif(not COMPOSE_SCHEMA.is_file(), reason=f"{COMPOSE_SCHEMA} not found")
+def test_compose_file_matches_the_compose_spec():
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    jsonschema.validate(doc, schema)
+    api = doc["services"]["api"]
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["count"] == "all"
+    assert "weights:/app/weights" in api["volumes"]
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert doc["services"]["locust"]["profiles"] == ["loadtest"]
+    assert doc["services"]["prometheus"]["profiles"] == ["monitoring"]
+    assert (ROOT / "deploy" / "prometheus.yml").is_file()
+
+
+def test_compose_environment_names_real_settings():
+    from app.settings import Settings
+
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    fields = {f"IMGCLS_{name.upper()}" for name in Settings.model_fields}
+    for key in doc["services"]["api"]["environment"]:
+        if key.startswith("IMGCLS_"):
+            assert key in fields, f"{key} is not a setting"

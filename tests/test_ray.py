@@ -1,0 +1,96 @@
+"""Ray Serve: the same contract, catalog, preprocessing and engine, deployed on a local Ray
+instance on 127.0.0.1 and checked against the single-process service for the same image."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import CIFAR_WEIGHTS, free_port, needs_shared, shared_image
+
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[dev]')")
+from ray import serve  # noqa: E402
+
+pytestmark = needs_shared
+MODELS = "cifar10_resnet20,cifar10_resnet32"
+
+
+@pytest.fixture(scope="module")
+def ray_url(tmp_path_factory):
+    from app.ray_app import build_app
+
+    weights = tmp_path_factory.mktemp("ray-weights")
+    for f in ("resnet20-12fca82f.th", "resnet32-d509ac18.th"):
+        (weights / f).symlink_to(CIFAR_WEIGHTS / f)
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")  # fmt: skip
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({
+            "models": MODELS, "weights_dir": str(weights), "auto_download": "false",
+            "device": "cpu", "precision": "fp32", "compile": "false", "max_batch_wait_ms": "2",
+        })  # fmt: skip
+        serve.run(app, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            import time
+
+            time.sleep(0.2)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_classify_matches_the_service(ray_url, client):
+    data = shared_image("chelsea.png")
+    for model in MODELS.split(","):
+        params = {"model": model, "top_k": 10}
+        ours = client.post("/classify", params=params, files={"file": ("c.png", data)}).json()
+        r = httpx.post(
+            f"{ray_url}/classify", params=params, files={"file": ("c.png", data)}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        theirs = r.json()
+        assert theirs["model"] == model and theirs["weights"] == ours["weights"]
+        assert [p["index"] for p in theirs["predictions"]] == [
+            p["index"] for p in ours["predictions"]
+        ]
+        for a, b in zip(theirs["predictions"], ours["predictions"], strict=True):
+            assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert set(theirs["latency_ms"]) == set(ours["latency_ms"])
+
+
+def test_ray_compare_matches_the_service(ray_url, client):
+    data = shared_image("coffee.png")
+    params = {"models": MODELS, "top_k": 5}
+    ours = client.post("/compare", params=params, files={"file": ("c.png", data)}).json()
+    r = httpx.post(
+        f"{ray_url}/compare", params=params, files={"file": ("c.png", data)}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    theirs = r.json()
+    assert theirs["agreement"]["top1_consensus"] == ours["agreement"]["top1_consensus"]
+    (a,), (b,) = theirs["agreement"]["pairwise"], ours["agreement"]["pairwise"]
+    assert a["top1_same"] == b["top1_same"] and a["topk_overlap"] == b["topk_overlap"]
+    assert a["js_divergence"] == pytest.approx(b["js_divergence"], abs=1e-4)
+
+
+def test_ray_errors_and_models(ray_url):
+    r = httpx.post(f"{ray_url}/classify", params={"model": "nope"}, files={"file": ("x", b"x")})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    r = httpx.post(
+        f"{ray_url}/classify", params={"model": "cifar10_resnet20"}, files={"file": ("x", b"junk")}
+    )
+    assert r.status_code == 400
+    models = {m["name"]: m for m in httpx.get(f"{ray_url}/models").json()["models"]}
+    assert (
+        models["cifar10_resnet20"]["status"] == "ready"
+        and models["resnet50"]["status"] == "not-loaded"
+    )

@@ -1,0 +1,223 @@
+"""Load, overload, deadlines, graceful shutdown and security, against real services."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests import images
+from tests.conftest import ROOT, free_port, run_service
+
+PNG = images.encode(images.photo((64, 64)), "PNG")
+
+
+def _post(url: str, model: str, timeout: float = 60) -> tuple[int, float, httpx.Headers]:
+    t0 = time.perf_counter()
+    try:
+        r = httpx.post(
+            f"{url}/classify",
+            params={"model": model},
+            files={"file": ("x.png", PNG)},
+            timeout=timeout,
+        )
+    except httpx.TimeoutException:
+        return -1, time.perf_counter() - t0, httpx.Headers()
+    return r.status_code, time.perf_counter() - t0, r.headers
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^([a-z_]+)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def test_full_queue_answers_503_at_once(tmp_path: Path):
+    with run_service(
+        models="cifar10_plain110", allow_random_weights=True, weights_dir=tmp_path,
+        max_queue=4, max_batch_size=2, threads_per_worker=1,
+    ) as svc:  # fmt: skip
+        with cf.ThreadPoolExecutor(48) as ex:
+            results = list(ex.map(lambda _: _post(svc.url, "cifar10_plain110"), range(96)))
+        codes = [c for c, _, _ in results]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) > 0 and codes.count(200) > 0
+        refused = [(t, h) for c, t, h in results if c == 503]
+        assert all(h.get("Retry-After") for _, h in refused)
+        assert np.median([t for t, _ in refused]) < np.median(
+            [t for c, t, _ in results if c == 200]
+        )
+
+
+def test_deadline_gives_504_and_drops_unstarted_work(tmp_path: Path):
+    with run_service(
+        models="cifar10_plain110", allow_random_weights=True, weights_dir=tmp_path,
+        request_timeout_s=0.25, max_batch_size=4, threads_per_worker=1,
+    ) as svc:  # fmt: skip
+        n = 64
+        with cf.ThreadPoolExecutor(32) as ex:
+            codes = [
+                c for c, _, _ in ex.map(lambda _: _post(svc.url, "cifar10_plain110"), range(n))
+            ]
+        assert set(codes) <= {200, 504}, codes
+        assert codes.count(504) > 0
+        time.sleep(1.0)  # let the last batches finish
+        computed = _metric(svc.url, "imgcls_batch_size_sum", model="cifar10_plain110")
+        dropped = _metric(svc.url, "imgcls_dropped_images_total", model="cifar10_plain110")
+        assert dropped > 0
+        assert computed < n, f"{computed} images computed for {n} requests"
+
+
+def test_overload_stays_bounded_and_recovers(tmp_path: Path):
+    """Several times the capacity for a bounded time: every request ends with 200, 503 or 504;
+    accepted requests keep a bounded p99; right after, the service is back to full speed."""
+    timeout_s = 2.0
+    with run_service(
+        models="cifar10_plain56", allow_random_weights=True, weights_dir=tmp_path,
+        request_timeout_s=timeout_s, max_queue=32, max_batch_size=16,
+    ) as svc:  # fmt: skip
+        model = "cifar10_plain56"
+
+        def sequential(k: int) -> float:
+            return float(np.median([_post(svc.url, model)[1] for _ in range(k)]))
+
+        before = sequential(20)
+        stop_at = time.monotonic() + 8.0
+
+        def hammer(_: int) -> list[tuple[int, float]]:
+            out = []
+            with httpx.Client(timeout=30) as c:
+                while time.monotonic() < stop_at:
+                    t0 = time.perf_counter()
+                    r = c.post(
+                        f"{svc.url}/classify",
+                        params={"model": model},
+                        files={"file": ("x.png", PNG)},
+                    )
+                    out.append((r.status_code, time.perf_counter() - t0))
+            return out
+
+        with cf.ThreadPoolExecutor(64) as ex:
+            results = [x for part in ex.map(hammer, range(64)) for x in part]
+        codes = {c for c, _ in results}
+        assert codes <= {200, 503, 504}, codes
+        ok = [t for c, t in results if c == 200]
+        assert (len(ok) > 0 and len(results) > 2 * len(ok)) or 503 in codes
+        assert float(np.percentile(ok, 99)) < timeout_s + 1.5
+        after = sequential(20)
+        print(f"overload: {len(results)} requests, {len(ok)} accepted, statuses {sorted(codes)}, "
+              f"p50 before {before * 1000:.1f} ms, after {after * 1000:.1f} ms")  # fmt: skip
+        assert after < 3 * before + 0.05
+
+
+def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
+    port = free_port()
+    env = {
+        **os.environ, "IMGCLS_MODELS": "cifar10_plain110", "IMGCLS_ALLOW_RANDOM_WEIGHTS": "1",
+        "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_WEIGHTS_DIR": str(tmp_path),
+        "IMGCLS_PRECISION": "fp32",
+        "IMGCLS_COMPILE": "0", "IMGCLS_MAX_BATCH_SIZE": "2", "IMGCLS_THREADS_PER_WORKER": "1",
+        "IMGCLS_SHUTDOWN_GRACE_S": "30", "PORT": str(port),
+    }  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("wb"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from tests.conftest import wait_until_ready
+
+        wait_until_ready(url, 120)
+        workers = _children(proc.pid)
+        assert workers, "the worker process should be a child of the server"
+        with cf.ThreadPoolExecutor(16) as ex:
+            futures = [ex.submit(_post, url, "cifar10_plain110") for _ in range(16)]
+            time.sleep(0.3)  # requests are in flight
+            proc.send_signal(signal.SIGTERM)
+            codes = [f.result()[0] for f in futures]
+        assert codes == [200] * 16, codes
+        # uvicorn shuts down gracefully, then re-raises the signal for its supervisor: exit status
+        # is 0 or "terminated by SIGTERM", after the lifespan shutdown completed
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+        deadline = time.monotonic() + 10  # the multiprocessing resource tracker exits last
+        while _running(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(workers), f"left running: {_running(workers)}"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _running(pids: list[int]) -> list[str]:
+    """Those of ``pids`` still alive (zombies awaiting their reaper do not count), with names."""
+    alive = []
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            alive.append(f"{p} {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}")
+    return alive
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def test_api_key_and_cors(tmp_path: Path):
+    with run_service(
+        models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
+        api_key="s3cret", cors_origins="https://demo.example",
+    ) as svc:  # fmt: skip
+        files = {"file": ("x.png", PNG)}
+        assert httpx.post(f"{svc.url}/classify", files=files).status_code == 401
+        wrong = httpx.post(
+            f"{svc.url}/classify", files=files, headers={"Authorization": "Bearer x"}
+        )
+        assert wrong.status_code == 401 and wrong.json()["detail"]
+        good = httpx.post(
+            f"{svc.url}/classify", files=files, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert good.status_code == 200
+        assert httpx.get(f"{svc.url}/healthz").status_code == 200
+        assert httpx.get(f"{svc.url}/readyz").status_code == 200
+        assert httpx.get(f"{svc.url}/models").status_code == 401
+        pre = httpx.options(
+            f"{svc.url}/classify",
+            headers={"Origin": "https://demo.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.headers.get("access-control-allow-origin") == "https://demo.example"
+        other = httpx.options(
+            f"{svc.url}/classify",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert other.headers.get("access-control-allow-origin") is None
+
+
+def test_cors_is_off_by_default(client):
+    r = client.get("/models", headers={"Origin": "https://demo.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
