@@ -62,6 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def index() -> FileResponse:
             return FileResponse(STATIC / "index.html")
 
+    # The last added runs first: request IDs, access log, CORS (answers preflights), API key.
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -70,8 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(AccessMiddleware, metrics=metrics, served=settings.model_names)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -31,6 +31,8 @@ def test_failing_batch_fails_only_itself_and_worker_keeps_serving():
         await pool.start()
         try:
             deadline = time.monotonic() + 120
+            while not pool.ready_workers("cifar10_plain20") and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
             w = await pool.acquire("cifar10_plain20", deadline)
             assert w is not None
             pid = w.pid

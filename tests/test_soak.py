@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -92,11 +93,13 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
         wait_until_ready(url, 120)
         workers = _children(proc.pid)
         warm = asyncio.run(_drive(url, WARMUP, 1))
+        time.sleep(1.0)  # let the server finish closing the client's connections
         before = {
             "api": _proc_stats(proc.pid),
             **{f"worker{i}": _proc_stats(p) for i, p in enumerate(workers)},
         }
         codes = asyncio.run(_drive(url, TOTAL - WARMUP, 2))
+        time.sleep(1.0)
         after = {
             "api": _proc_stats(proc.pid),
             **{f"worker{i}": _proc_stats(p) for i, p in enumerate(workers)},
