@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from app.evaluate import list_images
-from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, ROOT, needs_shared
+from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, ROOT, needs_shared
 
 pytestmark = [
     needs_shared,
@@ -99,3 +100,26 @@ def test_eval_rejects_folders_that_are_not_labels(service, tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert r.returncode == 2 and "not_a_cifar_class" in r.stderr
+
+
+def test_imgcls_eval_without_url_starts_the_service_in_process(tmp_path):
+    data = tmp_path / "data"
+    for cls in ("cat", "ship"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:5]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "resnet20-12fca82f.th").symlink_to(CIFAR_WEIGHTS / "resnet20-12fca82f.th")
+    env = {**os.environ, "IMGCLS_WEIGHTS_DIR": str(weights), "IMGCLS_AUTO_DOWNLOAD": "0",
+           "IMGCLS_PRECISION": "fp32", "IMGCLS_COMPILE": "0", "IMGCLS_LOG_LEVEL": "warning"}  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "eval", "--data", str(data), "--models", "cifar10_resnet20",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["meta"]["url"] == "in-process service"
+    (row,) = report["models"]
+    assert row["images"] == 10 and row["top1"] >= 50.0  # real weights: most of these are right

@@ -170,3 +170,34 @@ def test_odd_but_valid_shared_images(client, name):
     """Grayscale, RGBA, animated palette GIF, EXIF-tagged JPEG: all classified."""
     r = classify(client, shared_image(name), name=name, model="cifar10_resnet20")
     assert r.status_code == 200, r.text
+
+
+def test_metrics_are_exported(client):
+    before = client.get("/metrics").text
+    assert (
+        client.post(
+            "/classify",
+            params={"model": "cifar10_resnet20"},
+            files={"file": ("c.png", shared_image("coffee.png"))},
+        ).status_code
+        == 200
+    )
+    text = client.get("/metrics").text
+    for name in (
+        "imgcls_requests_total", "imgcls_request_latency_seconds_bucket",
+        "imgcls_queue_latency_seconds_bucket", "imgcls_inference_latency_seconds_bucket",
+        "imgcls_batch_size_bucket", "imgcls_queue_depth", "imgcls_models", "imgcls_device_memory_bytes",
+        "imgcls_workers_alive",
+    ):  # fmt: skip
+        assert name in text, name
+    assert 'imgcls_models{status="ready"} 8.0' in text
+    line = 'imgcls_requests_total{endpoint="/classify",model="cifar10_resnet20",status="200"}'
+
+    def count(t: str) -> float:
+        return sum(float(x.split()[-1]) for x in t.splitlines() if x.startswith(line))
+
+    assert count(text) == count(before) + 1
+    memory = [
+        x for x in text.splitlines() if x.startswith('imgcls_device_memory_bytes{device="cpu"}')
+    ]
+    assert memory and float(memory[0].split()[-1]) > 10e6  # the worker's resident memory

@@ -146,3 +146,50 @@ def test_service_still_serves_after_bad_input(client, service):
     r = post(client, images.encode(images.photo(), "PNG"))
     assert r.status_code == 200
     assert [w.pid for w in workers] == pids and all(w.alive for w in workers)
+
+
+HOSTILE = {
+    "zero-length": b"",
+    "random bytes": os.urandom(4096),
+    "truncated png": images.encode(images.photo((300, 300)), "PNG")[:3000],
+    "truncated jpeg": images.encode(images.photo((300, 300)), "JPEG")[:1500],
+    "html as image": b"<!doctype html><html><body>hi</body></html>",
+    "svg as image": b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>",
+    "pdf as image": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF",
+    "zip as image": b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + os.urandom(200),
+    "png bomb": images.png_bomb(),
+    "gif bomb": images.gif_bomb(),
+    "jpeg bomb": images.jpeg_bomb(),
+    "1x10000 strip": images.encode(images.Image.new("L", (1, 10_000)), "PNG"),
+    "10000x1 strip": images.encode(images.Image.new("L", (10_000, 1)), "PNG"),
+}
+
+
+def test_hostile_corpus_gets_4xx_and_no_worker_dies(client, service):
+    workers = service.service.pool.workers
+    pids = [w.pid for w in workers]
+    for name, data in HOSTILE.items():
+        r = post(client, data, name="upload.png", model="cifar10_resnet20")
+        assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text}"
+        assert r.json()["detail"], name
+    assert [w.pid for w in workers] == pids and all(w.alive for w in workers)
+    ok = post(client, images.encode(images.photo(), "PNG"), model="cifar10_resnet20")
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("name", ["1x1.png", "cmyk.jpg", "exif.jpg", "grey16.png", "anim.gif"])
+def test_odd_valid_uploads_over_http(client, name):
+    img = images.photo()
+    data = {
+        "1x1.png": lambda: images.encode(images.Image.new("RGB", (1, 1)), "PNG"),
+        "cmyk.jpg": lambda: images.encode(img.convert("CMYK"), "JPEG"),
+        "exif.jpg": lambda: images.exif_rotated(8),
+        "grey16.png": lambda: images.encode(
+            images.Image.fromarray(images.np.full((20, 30), 40000, images.np.uint16)), "PNG"
+        ),
+        "anim.gif": lambda: images.encode(
+            img, "GIF", save_all=True, append_images=[img.rotate(90)]
+        ),
+    }[name]()
+    r = post(client, data, name=name, model="cifar10_resnet20")
+    assert r.status_code == 200, r.text

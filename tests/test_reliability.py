@@ -157,7 +157,16 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         # uvicorn shuts down gracefully, then re-raises the signal for its supervisor: exit status
         # is 0 or "terminated by SIGTERM", after the lifespan shutdown completed
         assert proc.wait(60) in (0, -signal.SIGTERM)
-        assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+        log = (tmp_path / "server.log").read_text()
+        assert "Application shutdown complete" in log
+        # one JSON line per request, with request_id, model, status and latency
+        import json
+
+        entries = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+        requests = [e for e in entries if e.get("logger") == "imgcls.access"]
+        assert len(requests) == 16
+        assert all(e["status"] == 200 and e["model"] == "cifar10_plain110" for e in requests)
+        assert all(len(e["request_id"]) == 32 and e["latency_ms"] > 0 for e in requests)
         deadline = time.monotonic() + 10  # the multiprocessing resource tracker exits last
         while _running(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
