@@ -69,7 +69,16 @@ def test_killed_worker_fails_inflight_fast_and_recovers(tmp_path):
             futures = [ex.submit(send, i) for i in range(200)]
             time.sleep(0.5)
             os.kill(old_pid, signal.SIGKILL)
+            t_kill = time.monotonic()
+            not_ready = None
+            while time.monotonic() - t_kill < 5:  # /readyz says so while the worker restarts
+                r = httpx.get(f"{svc.url}/readyz")
+                if r.status_code == 503:
+                    not_ready = r.json()["not_ready"]
+                    break
+                time.sleep(0.02)
             codes = [f.result(timeout=60) for f in futures]
+        assert not_ready and "cifar10_plain56" in not_ready[0], not_ready
         assert set(codes) <= {200, 503}, codes  # never a 500 or a hang
         print("status codes:", {c: codes.count(c) for c in set(codes)})
         assert 503 in codes, "the kill should have caught requests in flight"

@@ -41,6 +41,15 @@ def _proc_stats(pid: int) -> dict[str, int]:
     }
 
 
+def _cuda_memory(url: str) -> dict[str, float]:
+    """CUDA bytes allocated per device, from /metrics (empty on a CPU-only machine)."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('imgcls_device_memory_bytes{device="cuda'):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    return out
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
@@ -94,12 +103,19 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
         workers = _children(proc.pid)
         warm = asyncio.run(_drive(url, WARMUP, 1))
         time.sleep(1.0)  # let the server finish closing the client's connections
+        gpu_before = _cuda_memory(url)
         before = {
             "api": _proc_stats(proc.pid),
             **{f"worker{i}": _proc_stats(p) for i, p in enumerate(workers)},
         }
         codes = asyncio.run(_drive(url, TOTAL - WARMUP, 2))
         time.sleep(1.0)
+        gpu_after = _cuda_memory(url)
+        for device, used in gpu_before.items():  # on a GPU machine: CUDA memory does not grow
+            print(
+                f"soak {device}: {used / 2**20:.1f} -> {gpu_after[device] / 2**20:.1f} MiB allocated"
+            )
+            assert gpu_after[device] <= used * 1.05 + 2**20
         after = {
             "api": _proc_stats(proc.pid),
             **{f"worker{i}": _proc_stats(p) for i, p in enumerate(workers)},

@@ -97,6 +97,7 @@ function chooseFile(file) {
 
 function setupUpload() {
   const input = $("file-input");
+  $("preview").addEventListener("error", () => { $("preview").hidden = true; });  // not previewable
   const zone = $("dropzone");
   input.addEventListener("change", () => chooseFile(input.files[0]));
   zone.addEventListener("keydown", (e) => {
