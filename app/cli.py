@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
+        access_log=False,  # imgcls writes its own JSON line per request
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     return 0
