@@ -18,8 +18,9 @@ from fastapi import FastAPI, Query, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app import errors, imaging
+from app import errors
 from app import weights as weights_mod
+from app.api.deps import read_image
 from app.catalog import ModelSpec, build_catalog
 from app.catalog.custom import load_model_config
 from app.engine import fastpath
@@ -30,7 +31,6 @@ from app.middleware import RequestIdMiddleware
 from app.responses import classify_result, compare_response, parse_models
 from app.schemas import ClassifyResponse, CompareResponse, ModelsResponse
 from app.settings import Settings
-from app.upload import read_upload
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
 
@@ -139,12 +139,6 @@ class Ingress:
             )
         return spec
 
-    async def _image(self, request: Request) -> tuple[Any, float]:
-        upload = await read_upload(request, self.settings.max_upload_bytes)
-        t0 = time.perf_counter()
-        image = await asyncio.to_thread(imaging.decode, upload.data, self.settings.max_pixels)
-        return image, (time.perf_counter() - t0) * 1000.0
-
     @api.post("/classify", response_model=ClassifyResponse)
     async def classify(
         self, request: Request, model: str | None = None, top_k: TopK = 5
@@ -152,7 +146,7 @@ class Ingress:
         started = time.perf_counter()
         name = model or self.settings.default
         spec = self._served(name)
-        image, decode_ms = await self._image(request)
+        image, decode_ms = await read_image(request, self.settings)
         t0 = time.perf_counter()
         tensor = await asyncio.to_thread(spec.transform, image)
         preprocess_ms = (time.perf_counter() - t0) * 1000.0
@@ -169,7 +163,7 @@ class Ingress:
         started = time.perf_counter()
         names = parse_models(models, list(self.backbones))
         specs = [self._served(n) for n in names]
-        image, decode_ms = await self._image(request)
+        image, decode_ms = await read_image(request, self.settings)
         t0 = time.perf_counter()
         by_key = {s.transform_key: s for s in specs}
         done_pre = await asyncio.gather(

@@ -117,6 +117,14 @@ def wait_until_ready(url: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{url} not ready: {body}")
 
 
+def children(pid: int) -> list[int]:
+    """PIDs of a process's direct children."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
 def save_resnet18(path: Path, num_classes: int = 1000, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = get_model_builder("resnet18")(weights=None, num_classes=num_classes).eval()

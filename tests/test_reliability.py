@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests import images
-from tests.conftest import ROOT, free_port, run_service
+from tests.conftest import ROOT, children, free_port, run_service
 
 PNG = images.encode(images.photo((64, 64)), "PNG")
 
@@ -146,7 +146,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         from tests.conftest import wait_until_ready
 
         wait_until_ready(url, 120)
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert workers, "the worker process should be a child of the server"
         with cf.ThreadPoolExecutor(16) as ex:
             futures = [ex.submit(_post, url, "cifar10_plain110") for _ in range(16)]
@@ -190,11 +190,6 @@ def _running(pids: list[int]) -> list[str]:
         if stat.rsplit(")", 1)[1].split()[0] != "Z":
             alive.append(f"{p} {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}")
     return alive
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
 
 
 def test_api_key_and_cors(tmp_path: Path):

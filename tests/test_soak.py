@@ -20,6 +20,7 @@ from tests.conftest import (
     CIFAR_WEIGHTS,
     IMAGES,
     ROOT,
+    children,
     free_port,
     needs_shared,
     wait_until_ready,
@@ -48,11 +49,6 @@ def _cuda_memory(url: str) -> dict[str, float]:
         if line.startswith('imgcls_device_memory_bytes{device="cuda'):
             out[line.split('"')[1]] = float(line.split()[-1])
     return out
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
 
 
 async def _drive(url: str, n: int, seed: int) -> dict[int, int]:
@@ -100,7 +96,7 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, 120)
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         warm = asyncio.run(_drive(url, WARMUP, 1))
         time.sleep(1.0)  # let the server finish closing the client's connections
         gpu_before = _cuda_memory(url)
@@ -132,7 +128,7 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
                 f"{name} threads {b['threads']} -> {a['threads']}"
             )
         assert set(codes) <= {200, 400, 404, 413}, codes
-        assert _children(proc.pid) == workers, "a worker was restarted during the soak"
+        assert children(proc.pid) == workers, "a worker was restarted during the soak"
     finally:
         proc.terminate()
         proc.wait(60)
