@@ -51,6 +51,7 @@ loadtest: venv
 MODEL ?= resnet50
 DEVICE ?= cpu
 bench: venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(VENV)/bin/imgcls bench --model $(MODEL) --device $(DEVICE) --out bench-results
 
 clean:
