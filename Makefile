@@ -28,12 +28,12 @@ serve: venv
 	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/imgcls serve
 
 format: venv
-	$(VENV)/bin/ruff format app tests
-	$(VENV)/bin/ruff check --fix app tests
+	$(VENV)/bin/ruff format app tests loadtest
+	$(VENV)/bin/ruff check --fix app tests loadtest
 
 check: venv
-	$(VENV)/bin/ruff format --check app tests
-	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff format --check app tests loadtest
+	$(VENV)/bin/ruff check app tests loadtest
 	$(VENV)/bin/mypy app
 
 test: check

@@ -112,11 +112,10 @@ def wait_ready(url: str, timeout: float) -> None:
 async def _run_model(
     client: httpx.AsyncClient,
     model: str,
-    items: list[tuple[Path, str]],
+    payloads: list[tuple[bytes, str, str]],
     concurrency: int,
     progress: Any,
 ) -> tuple[list[dict[str, Any]], float]:
-    payloads = [(p.read_bytes(), p.name, label) for p, label in items]
     results: list[dict[str, Any]] = [{} for _ in payloads]
     next_index = 0
 
@@ -193,10 +192,11 @@ async def evaluate_url(
                     f"class folders {unknown[:5]} of {data} are not labels of {model}; "
                     "each subfolder must be named by one of the model's labels"
                 )
+        payloads = [(p.read_bytes(), p.name, label) for p, label in items]
         reports = []
         for model in models:
             with tqdm(total=len(items), desc=model, unit="img") as bar:
-                results, wall = await _run_model(client, model, items, concurrency, bar)
+                results, wall = await _run_model(client, model, payloads, concurrency, bar)
             reports.append(_summarise(model, entries[model], results, wall))
     return reports
 

@@ -21,8 +21,8 @@ from ray.serve.handle import DeploymentHandle
 from app import errors
 from app import weights as weights_mod
 from app.api.deps import read_image
-from app.catalog import ModelSpec, build_catalog
-from app.catalog.custom import load_model_config
+from app.catalog import ModelSpec
+from app.catalog.custom import catalog_for
 from app.engine import fastpath
 from app.engine.batcher import Prediction
 from app.engine.worker import LoadPlan, Runner, WorkerConfig
@@ -33,13 +33,6 @@ from app.schemas import ClassifyResponse, CompareResponse, ModelsResponse
 from app.settings import Settings
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
-
-
-def _catalog(settings: Settings) -> Any:
-    extra = []
-    if settings.model_config_file is not None:
-        extra = load_model_config(settings.model_config_file, set(build_catalog().names()))
-    return build_catalog(extra)
 
 
 def _device(settings: Settings) -> str:
@@ -54,7 +47,7 @@ class Backbone:
 
     def __init__(self, name: str, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
-        self.spec: ModelSpec = _catalog(self.settings).get(name)
+        self.spec: ModelSpec = catalog_for(self.settings.model_config_file).get(name)
         path = weights_mod.resolve(
             self.spec,
             self.settings.weights_dir,
@@ -121,7 +114,7 @@ TopK = Annotated[int, Query(ge=1, le=20)]
 class Ingress:
     def __init__(self, backbones: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
-        self.catalog = _catalog(self.settings)
+        self.catalog = catalog_for(self.settings.model_config_file)
         self.backbones = backbones
         self.info: dict[str, dict[str, Any]] = {}
 

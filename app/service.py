@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from app import weights as weights_mod
-from app.catalog import Catalog, ModelSpec, build_catalog
-from app.catalog.custom import load_model_config
+from app.catalog import Catalog, ModelSpec
+from app.catalog.custom import catalog_for
 from app.engine import fastpath
 from app.engine.batcher import ModelBatcher, Prediction
 from app.engine.pool import ModelStatus, WorkerPool, resolve_devices
@@ -46,13 +46,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        if catalog is None:
-            extra: list[ModelSpec] = []
-            if settings.model_config_file is not None:
-                reserved = set(build_catalog().names())
-                extra = load_model_config(settings.model_config_file, reserved)
-            catalog = build_catalog(extra)
-        self.catalog = catalog
+        self.catalog = catalog or catalog_for(settings.model_config_file)
         self.served: dict[str, Served] = {}
         for name in settings.model_names:
             self.served[name] = Served(self.catalog.get(name))  # unknown names stop startup
@@ -174,8 +168,8 @@ class Service:
             not_ready.append(f"{name}: {what}" + (f" ({st.reason})" if st.reason else ""))
         return not not_ready, not_ready
 
-    def model_entry(self, name: str) -> dict[str, Any]:
-        """Catalog fields, status and labels of one model (UnknownModelError if unknown)."""
+    def model_entry(self, name: str, labels: bool = True) -> dict[str, Any]:
+        """Catalog fields, status and (optionally) labels of one model (UnknownModelError)."""
         spec = self.catalog.get(name)
         st = self.status(name)
         served = self.served.get(name)
@@ -187,13 +181,14 @@ class Service:
             weights=served.weights_label if served else None,
             precision=st.precision,
             backend=st.backend,
-            labels=list(spec.labels),
         )
+        if labels:
+            entry["labels"] = list(spec.labels)
         return entry
 
     def model_entries(self) -> list[dict[str, Any]]:
         names = dict.fromkeys([*self.catalog.names(), *self.served])
-        return [self.model_entry(n) for n in names]
+        return [self.model_entry(n, labels=False) for n in names]
 
     # ---- inference -------------------------------------------------------------------------
     def servable(self, name: str) -> Served:

@@ -1,6 +1,6 @@
 """Realistic users of imgcls, for locust.
 
-    make loadtest                         # headless, bounded users and time, against the local service
+    make loadtest     # headless, bounded users and time, against the local service
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
 
 Images: real photos of varied sizes from IMGCLS_LOADTEST_IMAGES (default ../shared/data/images),
@@ -11,20 +11,36 @@ deployment (override with IMGCLS_LOADTEST_MODELS=a,b,c).
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
+import urllib.request
 from pathlib import Path
 
 from locust import HttpUser, between, events, task
-from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-IMAGES_DIR = Path(os.environ.get("IMGCLS_LOADTEST_IMAGES", HERE.parents[1] / "shared" / "data" / "images"))
+DEFAULT_IMAGES = HERE.parents[1] / "shared" / "data" / "images"
+IMAGES_DIR = Path(os.environ.get("IMGCLS_LOADTEST_IMAGES", DEFAULT_IMAGES))
 
 
-def _load_images() -> list[tuple[str, bytes]]:
+def _load_images() -> list[tuple[str, bytes, str]]:
+    """(name, bytes, content type) for every image file in IMAGES_DIR.
+
+    Where Pillow is installed (the project's venv) they are re-encoded as JPEG uploads; without it
+    (the locust container) the files are sent as they are.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None  # type: ignore[assignment]
     out = []
     for path in sorted(IMAGES_DIR.iterdir()) if IMAGES_DIR.is_dir() else []:
+        if Image is None:
+            kind = KNOWN_TYPES.get(path.suffix.lower())
+            if kind:
+                out.append((path.name, path.read_bytes(), kind))
+            continue
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB")
@@ -32,12 +48,18 @@ def _load_images() -> list[tuple[str, bytes]]:
             continue
         buf = io.BytesIO()
         rgb.save(buf, "JPEG", quality=90)
-        out.append((path.stem + ".jpg", buf.getvalue()))
+        out.append((path.stem + ".jpg", buf.getvalue(), "image/jpeg"))
     if not out:
         raise RuntimeError(f"no images found in {IMAGES_DIR} (set IMGCLS_LOADTEST_IMAGES)")
     return out
 
 
+KNOWN_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+}
 IMAGES = _load_images()
 MODELS: list[str] = []
 
@@ -45,14 +67,13 @@ MODELS: list[str] = []
 @events.test_start.add_listener
 def discover_models(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
     """Use the models the service has ready (or IMGCLS_LOADTEST_MODELS)."""
-    import httpx
-
     forced = os.environ.get("IMGCLS_LOADTEST_MODELS")
     if forced:
         MODELS[:] = [m.strip() for m in forced.split(",") if m.strip()]
         return
-    r = httpx.get(f"{environment.host}/models", timeout=30)
-    MODELS[:] = [m["name"] for m in r.json()["models"] if m["status"] == "ready"]
+    with urllib.request.urlopen(f"{environment.host}/models", timeout=30) as r:
+        models = json.load(r)["models"]
+    MODELS[:] = [m["name"] for m in models if m["status"] == "ready"]
     if not MODELS:
         raise RuntimeError(f"{environment.host} has no ready models")
 
@@ -64,12 +85,12 @@ class ImgclsUser(HttpUser):
 
     @task(10)
     def classify(self) -> None:
-        name, data = random.choice(IMAGES)
+        name, data, kind = random.choice(IMAGES)
         model = random.choice(MODELS)
         with self.client.post(
             "/classify",
             params={"model": model, "top_k": 5},
-            files={"file": (name, data, "image/jpeg")},
+            files={"file": (name, data, kind)},
             name="/classify?model=[model]",
             catch_response=True,
         ) as r:
@@ -84,12 +105,12 @@ class ImgclsUser(HttpUser):
     def compare(self) -> None:
         if len(MODELS) < 2:
             return
-        name, data = random.choice(IMAGES)
+        name, data, kind = random.choice(IMAGES)
         models = random.sample(MODELS, k=min(len(MODELS), random.randint(2, 4)))
         with self.client.post(
             "/compare",
             params={"models": ",".join(models)},
-            files={"file": (name, data, "image/jpeg")},
+            files={"file": (name, data, kind)},
             name="/compare?models=[2-4]",
             catch_response=True,
         ) as r:

@@ -30,7 +30,14 @@ from app.catalog.preprocess import (
     output_size,
     table_preset,
 )
-from app.catalog.registry import Family, ModelSpec, _conv_linear_gflops, _count_params
+from app.catalog.registry import (
+    Catalog,
+    Family,
+    ModelSpec,
+    build_catalog,
+    conv_linear_gflops,
+    count_params,
+)
 
 ALLOWED_KEYS = {"arch", "weights", "labels", "preprocess", "family", "depth"}
 RESIDUAL_PREFIXES = ("resnet", "resnext", "wide_resnet", "cifar10_resnet")
@@ -123,9 +130,16 @@ def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
         weights_name=weights.name,
         weights_file=str(weights),
         weights_url=None,
-        params=_count_params(model),
-        gflops=_conv_linear_gflops(model, size),
+        params=count_params(model),
+        gflops=conv_linear_gflops(model, size),
     )
+
+
+def catalog_for(config: Path | None) -> Catalog:
+    """The built-in catalog plus the models declared in ``config`` (IMGCLS_MODEL_CONFIG)."""
+    if config is None:
+        return build_catalog()
+    return build_catalog(load_model_config(config, set(build_catalog().names())))
 
 
 def load_model_config(path: Path, reserved: set[str]) -> list[ModelSpec]:

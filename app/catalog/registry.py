@@ -157,11 +157,11 @@ def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
     )
 
 
-def _count_params(model: nn.Module) -> int:
+def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _conv_linear_gflops(model: nn.Module, size: int) -> float:
+def conv_linear_gflops(model: nn.Module, size: int) -> float:
     """Multiply-accumulates of conv and linear layers per image, in billions (as torchvision)."""
     import torch
 
@@ -203,8 +203,8 @@ def cifar_spec(depth: int, residual: bool) -> ModelSpec:
         weights_name="CIFAR10" if file else None,
         weights_file=file,
         weights_url=cifar.CIFAR_URL + file if file else None,
-        params=_count_params(model),
-        gflops=_conv_linear_gflops(model, 32),
+        params=count_params(model),
+        gflops=conv_linear_gflops(model, 32),
         acc1=acc,
         acc5=None,
     )
