@@ -20,12 +20,12 @@ from ray.serve.handle import DeploymentHandle
 
 from app import errors
 from app import weights as weights_mod
-from app.api.deps import read_image
+from app.api.deps import read_pixels
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
 from app.engine import fastpath
 from app.engine.batcher import Prediction
-from app.engine.worker import LoadPlan, Runner, WorkerConfig
+from app.engine.worker import Runner, WorkerConfig
 from app.errors import ModelNotServedError
 from app.middleware import RequestIdMiddleware
 from app.responses import classify_result, compare_response, parse_models
@@ -66,9 +66,7 @@ class Backbone:
             WorkerConfig(0, self.device, fast.precision, fast.channels_last, fast.compile,
                          self.settings.threads_per_worker, self.settings.max_batch_size)
         )  # fmt: skip
-        plan = LoadPlan(name, self.spec.builder, str(path) if path else None,
-                        self.spec.input_size, self.spec.num_classes)  # fmt: skip
-        self.backend = self.runner.load(plan)
+        self.backend = self.runner.load(self.spec.load_plan(str(path) if path else None))
         self.precision = fast.precision
         batcher: Any = self.predict_batch  # the @serve.batch wrapper
         batcher.set_max_batch_size(self.settings.max_batch_size)
@@ -139,14 +137,11 @@ class Ingress:
         started = time.perf_counter()
         name = model or self.settings.default
         spec = self._served(name)
-        image, decode_ms = await read_image(request, self.settings)
-        t0 = time.perf_counter()
-        tensor = await asyncio.to_thread(spec.transform, image)
-        preprocess_ms = (time.perf_counter() - t0) * 1000.0
-        pred = await self.backbones[name].remote(tensor, time.time())
+        pixels = await read_pixels(request, self.settings, [spec])
+        pred = await self.backbones[name].remote(pixels.of(spec), time.time())
         info = await self._info(name)
-        return classify_result(spec, info["weights"], pred, top_k, decode_ms=decode_ms,
-                               preprocess_ms=preprocess_ms, started=started,
+        return classify_result(spec, info["weights"], pred, top_k, decode_ms=pixels.decode_ms,
+                               preprocess_ms=pixels.preprocess_ms, started=started,
                                request_id=request.state.request_id)  # fmt: skip
 
     @api.post("/compare", response_model=CompareResponse)
@@ -156,28 +151,23 @@ class Ingress:
         started = time.perf_counter()
         names = parse_models(models, list(self.backbones))
         specs = [self._served(n) for n in names]
-        image, decode_ms = await read_image(request, self.settings)
-        t0 = time.perf_counter()
-        by_key = {s.transform_key: s for s in specs}
-        done_pre = await asyncio.gather(
-            *(asyncio.to_thread(s.transform, image) for s in by_key.values())
-        )
-        tensors = dict(zip(by_key, done_pre, strict=True))
-        preprocess_ms = (time.perf_counter() - t0) * 1000.0
+        pixels = await read_pixels(request, self.settings, specs)
 
         async def one(spec: ModelSpec) -> tuple[Prediction, float]:
-            pred = await self.backbones[spec.name].remote(tensors[spec.transform_key], time.time())
+            pred = await self.backbones[spec.name].remote(pixels.of(spec), time.time())
             return pred, time.perf_counter()
 
         done = await asyncio.gather(*(one(s) for s in specs))
         results = [
-            classify_result(s, (await self._info(s.name))["weights"], p, top_k, decode_ms=decode_ms,
-                            preprocess_ms=preprocess_ms, started=started, finished=f,
+            classify_result(s, (await self._info(s.name))["weights"], p, top_k,
+                            decode_ms=pixels.decode_ms, preprocess_ms=pixels.preprocess_ms,
+                            started=started, finished=f,
                             request_id=request.state.request_id)
             for s, (p, f) in zip(specs, done, strict=True)
         ]  # fmt: skip
-        return compare_response(specs, [p for p, _ in done], results, top_k, decode_ms=decode_ms,
-                                started=started, request_id=request.state.request_id)  # fmt: skip
+        return compare_response(specs, [p for p, _ in done], results, top_k,
+                                decode_ms=pixels.decode_ms, started=started,
+                                request_id=request.state.request_id)  # fmt: skip
 
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from app import weights as weights_mod
 from app.catalog import Catalog, ModelSpec
@@ -22,7 +21,7 @@ from app.catalog.custom import catalog_for
 from app.engine import fastpath
 from app.engine.batcher import ModelBatcher, Prediction
 from app.engine.pool import ModelStatus, WorkerPool, resolve_devices
-from app.engine.worker import LoadPlan, WorkerConfig
+from app.engine.worker import WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
 from app.observability import Metrics
 from app.settings import Settings
@@ -92,16 +91,7 @@ class Service:
                 served.weights_label = served.spec.weights_name
             else:
                 served.weights_label = path.name
-            spec = served.spec
-            plans.append(
-                LoadPlan(
-                    name=name,
-                    builder=spec.builder,
-                    weights_path=str(path) if path else None,
-                    input_size=spec.input_size,
-                    num_classes=spec.num_classes,
-                )
-            )
+            plans.append(served.spec.load_plan(str(path) if path else None))
         configs: list[WorkerConfig] = []
         per_device = self.settings.workers_per_device
         cpu_workers = sum(per_device for d in self.devices if d == "cpu")
@@ -208,9 +198,6 @@ class Service:
                 retry_after=30 if status in ("missing-weights", "failed") else 5,
             )
         return served
-
-    async def preprocess(self, spec: ModelSpec, image: Image.Image) -> torch.Tensor:
-        return await asyncio.to_thread(spec.transform, image)
 
     async def predict(self, name: str, tensor: torch.Tensor, deadline: float) -> Prediction:
         batcher = self.batchers[name]

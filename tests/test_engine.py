@@ -14,14 +14,14 @@ import torch
 
 from app.catalog import build_catalog
 from app.engine.pool import BatchFailedError, WorkerPool
-from app.engine.worker import LoadPlan, WorkerConfig
+from app.engine.worker import WorkerConfig
 from tests import images
 from tests.conftest import needs_shared, run_service
 
 
 def _config(worker_id: int = 0) -> WorkerConfig:
     spec = build_catalog().get("cifar10_plain20")
-    plan = LoadPlan(spec.name, spec.builder, None, spec.input_size, spec.num_classes)
+    plan = spec.load_plan(None)
     return WorkerConfig(worker_id, "cpu", "fp32", False, False, 1, 4, [plan])
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from app.catalog import build_catalog
 from app.engine.fastpath import cpu_has_bf16, resolve
-from app.engine.worker import LoadPlan, Runner, WorkerConfig
+from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, needs_shared, run_service
 
@@ -34,7 +34,8 @@ PATHS = {
 def data() -> tuple[torch.Tensor, np.ndarray]:
     spec = build_catalog().get("cifar10_resnet20")
     items = list_images(CIFAR_SAMPLE)
-    x = torch.stack([spec.transform(Image.open(p).convert("RGB")) for p, _ in items])
+    # uint8 pixels, as the service sends them: normalisation runs in the (compiled) model
+    x = torch.stack([spec.transform.pixels(Image.open(p).convert("RGB")) for p, _ in items])
     y = np.array([spec.labels.index(label) for _, label in items])
     return x, y
 
@@ -44,7 +45,7 @@ def _predict(model: str, path: tuple[str, bool, bool], x: torch.Tensor) -> np.nd
     precision, channels_last, compile_ = path
     cfg = WorkerConfig(0, "cpu", precision, channels_last, compile_, 2, 50, [])
     runner = Runner(cfg)
-    plan = LoadPlan(model, spec.builder, str(CIFAR_WEIGHTS / CIFAR_FILES[model]), 32, 10)
+    plan = spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[model]))
     backend = runner.load(plan)
     assert backend == ("inductor" if compile_ else "eager")
     return torch.cat([runner.forward(model, x[i : i + 50]) for i in range(0, len(x), 50)]).numpy()

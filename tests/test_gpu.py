@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from app.catalog import build_catalog
-from app.engine.worker import LoadPlan, Runner, WorkerConfig
+from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from tests.conftest import (
     CIFAR_FILES,
@@ -36,7 +36,7 @@ def _runner(model: str, precision: str, compile_: bool, weights: str | None) -> 
     spec = build_catalog().get(model)
     cfg = WorkerConfig(0, "cuda:0", precision, precision != "fp32", compile_, None, 64, [])
     runner = Runner(cfg)
-    runner.load(LoadPlan(model, spec.builder, weights, spec.input_size, spec.num_classes))
+    runner.load(spec.load_plan(weights))
     return runner
 
 
@@ -44,7 +44,7 @@ def _runner(model: str, precision: str, compile_: bool, weights: str | None) -> 
 def cifar() -> tuple[torch.Tensor, np.ndarray]:
     spec = build_catalog().get("cifar10_resnet20")
     items = list_images(CIFAR_SAMPLE)
-    x = torch.stack([spec.transform(Image.open(p).convert("RGB")) for p, _ in items])
+    x = torch.stack([spec.transform.pixels(Image.open(p).convert("RGB")) for p, _ in items])
     return x, np.array([spec.labels.index(label) for _, label in items])
 
 
@@ -112,7 +112,7 @@ def test_cuda_oom_splits_the_batch():
         int(free - 3 * 2**30), dtype=torch.uint8, device="cuda"
     )  # plain cudaMalloc
     try:
-        x = torch.randn(512, 3, 224, 224)
+        x = torch.randint(0, 256, (512, 3, 224, 224), dtype=torch.uint8)
         out = runner.forward("vgg16", x)
         assert out.shape == (512, 1000)
         assert torch.allclose(out.sum(1), torch.ones(512), atol=1e-2)

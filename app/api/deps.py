@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
+import torch
 from fastapi import Depends, Request
-from PIL import Image
 
 from app import imaging
+from app.catalog import ModelSpec
+from app.catalog.preprocess import Preprocess
 from app.service import Service
 from app.settings import Settings
 from app.upload import read_upload
 
 
-def get_service(request: Request) -> Service:
+# Dependencies are ``async def``: FastAPI runs plain ``def`` ones in its thread pool, a thread hop
+# per request for a dictionary lookup.
+async def get_service(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
@@ -23,7 +28,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     rid: str = request.state.request_id
     return rid
 
@@ -63,9 +68,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def read_image(request: Request, settings: Settings) -> tuple[Image.Image, float]:
-    """Read and decode the upload off the event loop; returns the image and decode time (ms)."""
-    upload = await read_upload(request, settings.max_upload_bytes)
+@dataclass
+class Pixels:
+    """An upload decoded and resized for a set of models."""
+
+    by_key: dict[tuple[object, ...], torch.Tensor]  # ModelSpec.transform_key -> uint8 (3, S, S)
+    decode_ms: float
+    preprocess_ms: float
+
+    def of(self, spec: ModelSpec) -> torch.Tensor:
+        return self.by_key[spec.transform_key]
+
+
+def _prepare(data: bytes, max_pixels: int, transforms: dict[Any, Preprocess]) -> Pixels:
     t0 = time.perf_counter()
-    image = await asyncio.to_thread(imaging.decode, upload.data, settings.max_pixels)
-    return image, (time.perf_counter() - t0) * 1000.0
+    image = imaging.decode(data, max_pixels)
+    t1 = time.perf_counter()
+    by_key = {key: t.pixels(image) for key, t in transforms.items()}
+    t2 = time.perf_counter()
+    return Pixels(by_key, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+
+
+async def read_pixels(request: Request, settings: Settings, specs: list[ModelSpec]) -> Pixels:
+    """Read the upload, then decode it and resize it once per distinct geometry among ``specs``,
+    in one trip to a thread (decoding and resizing release the GIL)."""
+    upload = await read_upload(request, settings.max_upload_bytes)
+    transforms = {s.transform_key: s.transform for s in specs}
+    return await asyncio.to_thread(_prepare, upload.data, settings.max_pixels, transforms)

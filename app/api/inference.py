@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import ERRORS, UPLOAD_BODY, RequestIdDep, ServiceDep, read_image
+from app.api.deps import ERRORS, UPLOAD_BODY, RequestIdDep, ServiceDep, read_pixels
 from app.engine.batcher import Prediction
 from app.responses import classify_result, compare_response, parse_models
 from app.schemas import ClassifyResponse, CompareResponse
@@ -38,19 +38,16 @@ async def classify(
     started = time.perf_counter()
     settings = service.settings
     served = service.servable(model or settings.default)  # model checked before the body is read
-    image, decode_ms = await read_image(request, settings)
-    t0 = time.perf_counter()
-    tensor = await service.preprocess(served.spec, image)
-    preprocess_ms = (time.perf_counter() - t0) * 1000.0
+    pixels = await read_pixels(request, settings, [served.spec])
     deadline = time.monotonic() + settings.request_timeout_s
-    pred = await service.predict(served.spec.name, tensor, deadline)
+    pred = await service.predict(served.spec.name, pixels.of(served.spec), deadline)
     return classify_result(
         served.spec,
         served.weights_label,
         pred,
         top_k,
-        decode_ms=decode_ms,
-        preprocess_ms=preprocess_ms,
+        decode_ms=pixels.decode_ms,
+        preprocess_ms=pixels.preprocess_ms,
         started=started,
         request_id=request_id,
     )
@@ -77,23 +74,11 @@ async def compare(
     settings = service.settings
     names = parse_models(models, list(service.served))
     served = [service.servable(n) for n in names]
-    image, decode_ms = await read_image(request, settings)
-
-    # Preprocess once per distinct transform, concurrently.
-    by_key = {s.spec.transform_key: s.spec for s in served}
-    t0 = time.perf_counter()
-    tensors = dict(
-        zip(
-            by_key,
-            await asyncio.gather(*(service.preprocess(spec, image) for spec in by_key.values())),
-            strict=True,
-        )
-    )
-    preprocess_ms = (time.perf_counter() - t0) * 1000.0
+    pixels = await read_pixels(request, settings, [s.spec for s in served])
     deadline = time.monotonic() + settings.request_timeout_s
 
     async def timed(s: Served) -> tuple[Prediction, float]:
-        pred = await service.predict(s.spec.name, tensors[s.spec.transform_key], deadline)
+        pred = await service.predict(s.spec.name, pixels.of(s.spec), deadline)
         return pred, time.perf_counter()
 
     done = await asyncio.gather(*(timed(s) for s in served))
@@ -104,8 +89,8 @@ async def compare(
             s.weights_label,
             p,
             top_k,
-            decode_ms=decode_ms,
-            preprocess_ms=preprocess_ms,
+            decode_ms=pixels.decode_ms,
+            preprocess_ms=pixels.preprocess_ms,
             started=started,
             finished=finished,  # each model's total ends when its own result arrived
             request_id=request_id,
@@ -117,7 +102,7 @@ async def compare(
         preds,
         results,
         top_k,
-        decode_ms=decode_ms,
+        decode_ms=pixels.decode_ms,
         started=started,
         request_id=request_id,
     )

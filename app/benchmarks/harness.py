@@ -24,7 +24,7 @@ from app.benchmarks.common import free_port, jpeg_corpus, start_server, stop_ser
 from app.benchmarks.loadgen import LoadResult, run_load
 from app.catalog import build_catalog
 from app.engine import fastpath
-from app.engine.worker import LoadPlan, Runner, WorkerConfig
+from app.engine.worker import Runner, WorkerConfig
 
 
 def machine() -> dict[str, Any]:
@@ -59,13 +59,13 @@ def model_only(
                        os.cpu_count(), max(batch_sizes), [])  # fmt: skip
     runner = Runner(cfg)
     t0 = time.perf_counter()
-    backend = runner.load(LoadPlan(model, spec.builder, None, spec.input_size, spec.num_classes))
+    backend = runner.load(spec.load_plan(None))
     load_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     size = spec.input_size
     per_batch: dict[int, float] = {}
-    for bs in batch_sizes:
-        x = torch.randn(bs, 3, size, size)
+    for bs in batch_sizes:  # uint8 pixels, as the workers get them (normalised in the model)
+        x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8)
         if device.startswith("cuda"):
             x = x.pin_memory()
         runner.forward(model, x)
@@ -76,7 +76,7 @@ def model_only(
             n += bs
         sync()
         per_batch[bs] = round(n / (time.perf_counter() - start), 2)
-    x1 = torch.randn(1, 3, size, size)
+    x1 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
     times = []
     for _ in range(30):
         t = time.perf_counter()

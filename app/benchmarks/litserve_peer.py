@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.catalog import build_catalog
 from app.engine import fastpath
-from app.engine.worker import LoadPlan, Runner, WorkerConfig
+from app.engine.worker import Runner, WorkerConfig
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -44,22 +44,15 @@ class ClassifierAPI(ls.LitAPI):
             [],
         )
         self.runner = Runner(cfg)
-        self.runner.load(
-            LoadPlan(
-                self.model_name,
-                self.spec.builder,
-                None,
-                self.spec.input_size,
-                self.spec.num_classes,
-            )
-        )
+        self.runner.load(self.spec.load_plan(None))
 
     def decode_request(self, request: dict[str, str]) -> torch.Tensor:
         # LitServe passes requests to its inference workers through a multiprocessing queue, and
         # a multipart form (an UploadFile) does not pickle there; its way is JSON, so the same
         # JPEG bytes arrive base64-encoded.
         data = base64.b64decode(request["image"])
-        return self.spec.transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        # uint8 pixels, normalised by the Runner, as in imgcls
+        return self.spec.transform.pixels(Image.open(io.BytesIO(data)).convert("RGB"))
 
     def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(inputs)

@@ -23,13 +23,7 @@ from torch import nn
 from torchvision.models import get_model_builder, list_models
 
 from app.catalog import cifar
-from app.catalog.preprocess import (
-    Transform,
-    cifar_preset,
-    imagenet_preset,
-    output_size,
-    table_preset,
-)
+from app.catalog.preprocess import Preprocess, cifar_preset, imagenet_preset, table_preset
 from app.catalog.registry import (
     Catalog,
     Family,
@@ -60,7 +54,7 @@ def _builder(arch: str, num_classes: int) -> Callable[[], nn.Module]:
     return functools.partial(get_model_builder(arch), weights=None, num_classes=num_classes)
 
 
-def _preprocess(value: Any) -> Transform:
+def _preprocess(value: Any) -> Preprocess:
     if value == "imagenet":
         return imagenet_preset()
     if value == "cifar":
@@ -112,7 +106,7 @@ def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
         load_into(model, weights)
     except WeightsError as exc:
         raise ValueError(f"{exc} (the labels file declares {len(labels)} classes)") from None
-    size = output_size(transform)
+    size = transform.output_size
     declared = entry.get("family") or ("resnet" if arch.startswith(RESIDUAL_PREFIXES) else "cnn")
     if declared not in ("cnn", "resnet"):
         raise ValueError(f'family must be "cnn" or "resnet", got {declared!r}')

@@ -1,43 +1,119 @@
-"""Preprocessing presets: PIL RGB image -> normalised CHW float tensor.
+"""Preprocessing: PIL RGB image -> 8-bit pixels (resize, crop) -> normalised float tensor.
 
-torchvision entries use their weights' own ``transforms()``; these presets cover the CIFAR nets
-and custom checkpoints, built from the same torchvision pieces.
+The two halves run in different places. ``Preprocess.pixels`` (the geometry: resize and centre
+crop, in Pillow) runs where the image is decoded and gives a uint8 CHW tensor, four times smaller
+than floats to hand to a worker; ``normalize`` (``/255``, mean, std) runs in the worker on the
+whole batch, on its device, fused into the compiled model. ``Preprocess(image)`` runs both and
+gives exactly what torchvision's evaluation transforms give (the same operations in the same
+order); the tests hold it to that.
+
+torchvision entries take their parameters from their weights' own ``transforms()``; the presets
+here cover the CIFAR nets and custom checkpoints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
+from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.functional import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Transform = Callable[[Image.Image], torch.Tensor]
+Triple = tuple[float, float, float]
 
 
-def imagenet_preset() -> Transform:
-    """torchvision's ImageNet evaluation transform (as ResNet18_Weights.IMAGENET1K_V1 has it)."""
-    return ImageClassification(crop_size=224, resize_size=256)
+def _triple(values: Sequence[Any], what: str) -> Triple:
+    if len(values) != 3:
+        raise ValueError(f"{what} needs three values (R, G, B)")
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)
 
 
-def cifar_preset() -> Transform:
-    """The CIFAR ResNets' test transform: squash to 32x32, [0, 1], ImageNet mean/std, no crop."""
-    return T.Compose(
-        [
-            T.Resize((32, 32), interpolation=InterpolationMode.BILINEAR, antialias=True),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+@dataclass(frozen=True)
+class Preprocess:
+    """One model's evaluation transform, split into geometry (``pixels``) and ``normalize``.
+
+    ``resize`` as an int scales the short side to it (torchvision's recipe, followed by a centre
+    ``crop``); as ``(h, w)`` it resizes to exactly that size.
+    """
+
+    resize: int | tuple[int, int]
+    crop: int | None
+    mean: Triple = IMAGENET_MEAN
+    std: Triple = IMAGENET_STD
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+
+    def __post_init__(self) -> None:
+        if min(self.std) <= 0:
+            raise ValueError("std values must be > 0")
+
+    @property
+    def geometry(self) -> tuple[Any, ...]:
+        """What ``pixels`` depends on: models with equal geometry share one pixel tensor."""
+        return (self.resize, self.crop, self.interpolation.value)
+
+    @property
+    def output_size(self) -> int:
+        """Side of the square the transform produces."""
+        if self.crop is not None:
+            return self.crop
+        if isinstance(self.resize, int):
+            raise ValueError("a short-side resize without a crop has no fixed output size")
+        h, w = self.resize
+        if h != w:
+            raise ValueError(f"the output must be square, got {h}x{w}")
+        return h
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """Resize and crop an RGB image: uint8 tensor (3, S, S)."""
+        size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
+        img = F.resize(image, size, interpolation=self.interpolation, antialias=True)
+        if self.crop is not None:
+            img = F.center_crop(img, [self.crop])
+        return F.pil_to_tensor(img)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """The whole transform: normalised float32 tensor (3, S, S)."""
+        return normalize(self.pixels(image), self.mean, self.std)
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [0, 1], minus mean, over std (torchvision's order)."""
+    x = pixels.to(torch.float32) / 255.0
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def from_torchvision(t: ImageClassification) -> Preprocess:
+    """The parameters of a weights enum's ``transforms()``."""
+    return Preprocess(
+        resize=int(t.resize_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=_triple(t.mean, "mean"),
+        std=_triple(t.std, "std"),
+        interpolation=t.interpolation,
     )
 
 
-def table_preset(table: Mapping[str, Any]) -> Transform:
+def imagenet_preset() -> Preprocess:
+    """torchvision's ImageNet evaluation transform (as ResNet18_Weights.IMAGENET1K_V1 has it)."""
+    return Preprocess(resize=256, crop=224)
+
+
+def cifar_preset() -> Preprocess:
+    """The CIFAR ResNets' test transform: squash to 32x32, [0, 1], ImageNet mean/std, no crop."""
+    return Preprocess(resize=(32, 32), crop=None)
+
+
+def table_preset(table: Mapping[str, Any]) -> Preprocess:
     """A transform from a config table: resize, crop, mean, std, interpolation.
 
     With ``crop`` it follows torchvision's evaluation recipe (resize the short side, centre-crop);
@@ -54,35 +130,19 @@ def table_preset(table: Mapping[str, Any]) -> Transform:
     except ValueError:
         allowed = [m.value for m in InterpolationMode]
         raise ValueError(f"interpolation must be one of {allowed}") from None
-    mean = tuple(float(v) for v in table.get("mean", IMAGENET_MEAN))
-    std = tuple(float(v) for v in table.get("std", IMAGENET_STD))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    mean = _triple(table.get("mean", IMAGENET_MEAN), "mean")
+    std = _triple(table.get("std", IMAGENET_STD), "std")
+    if min(std) <= 0:
         raise ValueError("mean and std need three values each, std > 0")
     resize = table["resize"]
     if "crop" in table:
-        return ImageClassification(
-            crop_size=int(table["crop"]),
-            resize_size=int(resize),
-            mean=mean,
-            std=std,
-            interpolation=interp,
-        )
-    size = (int(resize), int(resize)) if isinstance(resize, int) else tuple(int(v) for v in resize)
-    return T.Compose(
-        [
-            T.Resize(size, interpolation=interp, antialias=True),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
-def transform_key(transform: Transform) -> str:
-    """Identity of a transform's behaviour, so /compare preprocesses once per distinct one."""
-    return repr(transform)
-
-
-def output_size(transform: Transform) -> int:
-    """Side of the square tensor the transform produces."""
-    probe = transform(Image.new("RGB", (64, 48)))
-    return int(probe.shape[-1])
+        return Preprocess(int(resize), int(table["crop"]), mean, std, interp)
+    if isinstance(resize, int):
+        size = (resize, resize)
+    else:
+        if len(resize) != 2:
+            raise ValueError("resize needs one value or two ([h, w])")
+        size = (int(resize[0]), int(resize[1]))
+    if size[0] != size[1]:
+        raise ValueError(f"the output must be square, got resize {size[0]}x{size[1]}")
+    return Preprocess(size, None, mean, std, interp)

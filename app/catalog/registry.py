@@ -18,7 +18,8 @@ from torch import nn
 from torchvision.models import get_model_builder, get_model_weights
 
 from app.catalog import cifar
-from app.catalog.preprocess import Transform, cifar_preset, output_size, transform_key
+from app.catalog.preprocess import Preprocess, cifar_preset, from_torchvision
+from app.engine.worker import LoadPlan
 
 Family = Literal["cnn", "resnet"]
 
@@ -57,7 +58,7 @@ class ModelSpec:
     source: Literal["torchvision", "cifar10", "custom"]
     builder: Callable[[], nn.Module] = field(repr=False, compare=False)
     labels: tuple[str, ...] = field(repr=False)
-    transform: Transform = field(repr=False, compare=False)
+    transform: Preprocess = field(repr=False, compare=False)
     input_size: int
     weights_name: str | None  # the weights enum member, e.g. IMAGENET1K_V2
     weights_file: str | None  # file name in the weights dir, or an absolute path (custom)
@@ -72,8 +73,16 @@ class ModelSpec:
         return len(self.labels)
 
     @property
-    def transform_key(self) -> str:
-        return transform_key(self.transform)
+    def transform_key(self) -> tuple[object, ...]:
+        """Models with equal keys share one pixel tensor (normalisation runs per model)."""
+        return self.transform.geometry
+
+    def load_plan(self, weights_path: str | None) -> LoadPlan:
+        """How a worker builds this model (``None``: random weights)."""
+        t = self.transform
+        return LoadPlan(
+            self.name, self.builder, weights_path, self.input_size, self.num_classes, t.mean, t.std
+        )
 
     @property
     def label_set_key(self) -> int:
@@ -136,7 +145,7 @@ def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
         name = f"{arch}:{variant}"
     meta = weights.meta
     metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
-    transform = weights.transforms()
+    transform = from_torchvision(weights.transforms())
     return ModelSpec(
         name=name,
         arch=arch,
@@ -146,7 +155,7 @@ def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
         builder=functools.partial(get_model_builder(arch), weights=None),
         labels=tuple(meta["categories"]),
         transform=transform,
-        input_size=int(transform.crop_size[0]),
+        input_size=transform.output_size,
         weights_name=weights.name,
         weights_file=Path(weights.url).name,
         weights_url=weights.url,
@@ -199,7 +208,7 @@ def cifar_spec(depth: int, residual: bool) -> ModelSpec:
         builder=builder,
         labels=cifar.CIFAR10_LABELS,
         transform=transform,
-        input_size=output_size(transform),
+        input_size=transform.output_size,
         weights_name="CIFAR10" if file else None,
         weights_file=file,
         weights_url=cifar.CIFAR_URL + file if file else None,

@@ -166,7 +166,7 @@ class ModelBatcher:
 
     async def _run_batch(self, worker: WorkerHandle, items: list[_Item]) -> None:
         try:
-            batch = await asyncio.to_thread(_stack_shared, [i.tensor for i in items])
+            batch = _stack_shared([i.tensor for i in items])  # uint8: ~1 MB, faster than a hop
             result: BatchResult = await self.pool.submit(worker, self.name, batch)
         except Exception as exc:
             for item in items:
