@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -57,12 +58,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an upload to an RGB image with EXIF orientation applied.
+@dataclass(frozen=True)
+class Probe:
+    """What the header says, read without decoding a pixel."""
 
-    Raises ImageError (400) for empty, unreadable or unsupported data and ImageTooLargeError (413)
-    when the declared dimensions exceed ``max_pixels``.
-    """
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int  # EXIF orientation, 1 when absent
+
+    @property
+    def plain_jpeg(self) -> bool:
+        """A JPEG that a tensor decoder (torchvision.io, nvjpeg) gives exactly as Pillow does:
+        RGB or grey, upright (no EXIF rotation to apply), a single frame."""
+        return self.format == "JPEG" and self.mode in ("RGB", "L") and self.orientation == 1
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open and check the header: format, dimensions, pixel count, aspect ratio."""
     if not data:
         raise ImageError("the uploaded file is empty")
     try:
@@ -94,6 +108,29 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(
             f"image is {width}x{height}: aspect ratios beyond {MAX_ASPECT_RATIO}:1 are not accepted"
         )
+    return img
+
+
+def probe(data: bytes, max_pixels: int) -> Probe:
+    """Check an upload's header (the same checks as ``decode``, same errors) without decoding.
+
+    Cheap enough for the event loop; what passes is decoded later, in a worker.
+    """
+    img = _open(data, max_pixels)
+    try:
+        orientation = int(img.getexif().get(0x0112, 1)) if img.format == "JPEG" else 1
+    except Exception:  # a malformed EXIF block: let the full decoder deal with the image
+        orientation = 0
+    return Probe(str(img.format), img.mode, img.size[0], img.size[1], orientation)
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an upload to an RGB image with EXIF orientation applied.
+
+    Raises ImageError (400) for empty, unreadable or unsupported data and ImageTooLargeError (413)
+    when the declared dimensions exceed ``max_pixels``.
+    """
+    img = _open(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -20,6 +20,7 @@ from app.catalog import Catalog, ModelSpec
 from app.catalog.custom import catalog_for
 from app.engine import fastpath
 from app.engine.batcher import ModelBatcher, Prediction
+from app.engine.decoding import Item
 from app.engine.pool import ModelStatus, WorkerPool, resolve_devices
 from app.engine.worker import WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
@@ -54,6 +55,7 @@ class Service:
             d: fastpath.resolve(settings.precision, settings.channels_last, settings.compile, d)
             for d in self.devices
         }
+        self.decode_in_worker = settings.decode == "worker"
         self.pool: WorkerPool | None = None
         self.batchers: dict[str, ModelBatcher] = {}
         self.started = time.monotonic()
@@ -111,6 +113,8 @@ class Service:
                         threads=threads if device == "cpu" else None,
                         warmup_batch=self.settings.max_batch_size,
                         plans=plans,
+                        max_pixels=self.settings.max_pixels,
+                        jpeg_on_device=device.startswith("cuda"),
                     )
                 )
         self.pool = WorkerPool(configs)
@@ -199,9 +203,10 @@ class Service:
             )
         return served
 
-    async def predict(self, name: str, tensor: torch.Tensor, deadline: float) -> Prediction:
+    async def predict(self, name: str, payload: Item, deadline: float) -> Prediction:
+        """Run uint8 pixels, or an upload to decode in the worker, through ``name``."""
         batcher = self.batchers[name]
-        fut = batcher.submit(tensor, deadline)
+        fut = batcher.submit(payload, deadline)
         remaining = deadline - time.monotonic()
         try:
             return await asyncio.wait_for(fut, max(0.001, remaining))

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         None, description="torch.compile; default: on with bf16/fp16, absorbed by warm-up"
     )
 
+    decode: Literal["api", "worker"] = Field(
+        "worker",
+        description="where /classify uploads are decoded and resized: in the device worker "
+        "(Pillow on its threads; nvjpeg for JPEGs on CUDA), or in the API process",
+    )
+
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)

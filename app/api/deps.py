@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from app import imaging
 from app.catalog import ModelSpec
 from app.catalog.preprocess import Preprocess
+from app.engine.decoding import Encoded
 from app.service import Service
 from app.settings import Settings
 from app.upload import read_upload
@@ -87,6 +88,14 @@ def _prepare(data: bytes, max_pixels: int, transforms: dict[Any, Preprocess]) ->
     by_key = {key: t.pixels(image) for key, t in transforms.items()}
     t2 = time.perf_counter()
     return Pixels(by_key, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+
+
+async def read_encoded(request: Request, settings: Settings) -> Encoded:
+    """Read the upload and check its header (format, size, pixel limit: the same 4xx answers as
+    decoding); the worker decodes it (IMGCLS_DECODE=worker)."""
+    upload = await read_upload(request, settings.max_upload_bytes)
+    probe = imaging.probe(upload.data, settings.max_pixels)  # header only: ~0.1 ms
+    return Encoded(upload.data, probe.plain_jpeg)
 
 
 async def read_pixels(request: Request, settings: Settings, specs: list[ModelSpec]) -> Pixels:

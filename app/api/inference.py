@@ -8,7 +8,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import ERRORS, UPLOAD_BODY, RequestIdDep, ServiceDep, read_pixels
+from app.api.deps import (
+    ERRORS,
+    UPLOAD_BODY,
+    RequestIdDep,
+    ServiceDep,
+    read_encoded,
+    read_pixels,
+)
 from app.engine.batcher import Prediction
 from app.responses import classify_result, compare_response, parse_models
 from app.schemas import ClassifyResponse, CompareResponse
@@ -38,16 +45,24 @@ async def classify(
     started = time.perf_counter()
     settings = service.settings
     served = service.servable(model or settings.default)  # model checked before the body is read
-    pixels = await read_pixels(request, settings, [served.spec])
-    deadline = time.monotonic() + settings.request_timeout_s
-    pred = await service.predict(served.spec.name, pixels.of(served.spec), deadline)
+    spec = served.spec
+    if service.decode_in_worker:
+        upload = await read_encoded(request, settings)
+        deadline = time.monotonic() + settings.request_timeout_s
+        pred = await service.predict(spec.name, upload, deadline)
+        decode_ms, preprocess_ms = pred.decode_ms or 0.0, pred.preprocess_ms or 0.0
+    else:
+        pixels = await read_pixels(request, settings, [spec])
+        deadline = time.monotonic() + settings.request_timeout_s
+        pred = await service.predict(spec.name, pixels.of(spec), deadline)
+        decode_ms, preprocess_ms = pixels.decode_ms, pixels.preprocess_ms
     return classify_result(
-        served.spec,
+        spec,
         served.weights_label,
         pred,
         top_k,
-        decode_ms=pixels.decode_ms,
-        preprocess_ms=pixels.preprocess_ms,
+        decode_ms=decode_ms,
+        preprocess_ms=preprocess_ms,
         started=started,
         request_id=request_id,
     )
@@ -74,6 +89,7 @@ async def compare(
     settings = service.settings
     names = parse_models(models, list(service.served))
     served = [service.servable(n) for n in names]
+    # Decoded here once, whatever IMGCLS_DECODE says: the models share the pixels.
     pixels = await read_pixels(request, settings, [s.spec for s in served])
     deadline = time.monotonic() + settings.request_timeout_s
 

@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.functional import InterpolationMode
+from torchvision.transforms.v2 import functional as F2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,6 +79,16 @@ class Preprocess:
         if self.crop is not None:
             img = F.center_crop(img, [self.crop])
         return F.pil_to_tensor(img)
+
+    def pixels_from_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """The same geometry for a decoded uint8 tensor (3, H, W), on its own device (the GPU
+        decode path). Antialiased like Pillow, but not bit-identical to it: the accuracy guard
+        in the tests holds it to the Pillow path."""
+        size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
+        img = F2.resize(image, size, interpolation=self.interpolation, antialias=True)
+        if self.crop is not None:
+            img = F2.center_crop(img, [self.crop])
+        return img
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """The whole transform: normalised float32 tensor (3, S, S)."""

@@ -79,9 +79,8 @@ class ModelSpec:
 
     def load_plan(self, weights_path: str | None) -> LoadPlan:
         """How a worker builds this model (``None``: random weights)."""
-        t = self.transform
         return LoadPlan(
-            self.name, self.builder, weights_path, self.input_size, self.num_classes, t.mean, t.std
+            self.name, self.builder, weights_path, self.input_size, self.num_classes, self.transform
         )
 
     @property

@@ -1,8 +1,11 @@
 """Dynamic batching per model across concurrent requests.
 
-A batch closes when it holds ``max_batch_size`` images or ``max_wait`` after its first image
-arrived, whichever comes first (the remaining time is recomputed on every pass, as Ray Serve's
-batcher does). While every worker is busy, more images join the batch up to its maximum. Each
+A batch closes when it holds ``max_batch_size`` images or when its window ends, whichever comes
+first. The window is ``max_wait`` from the moment the model's previous batch finished (as
+LitServe's collection loop has it), or ends at once when the first image arrives later than that:
+a request to an idle model does not wait for company that is not coming, while the requests of
+clients just answered (which come back together) are gathered into one batch. While every worker
+is busy, more images join the batch up to its maximum. Each
 request's future receives its own row of probabilities or the exception that failed its batch.
 Requests whose deadline passed or whose client went away are dropped before the batch is formed.
 """
@@ -20,7 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from app.engine.decoding import Item
 from app.engine.pool import BatchResult, NoReadyWorkerError, WorkerHandle, WorkerPool
+from app.imaging import ImageError, ImageTooLargeError
 
 if TYPE_CHECKING:
     from app.observability import Metrics
@@ -45,11 +50,13 @@ class Prediction:
     device: str
     precision: str
     backend: str
+    decode_ms: float | None = None  # set when the worker decoded the upload
+    preprocess_ms: float | None = None
 
 
 @dataclass
 class _Item:
-    tensor: torch.Tensor
+    payload: Item
     future: asyncio.Future[Prediction]
     submitted: float
     deadline: float
@@ -75,6 +82,7 @@ class ModelBatcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._last_done = 0.0  # time.monotonic() when the last batch finished
 
     @property
     def depth(self) -> int:
@@ -94,11 +102,12 @@ class ModelBatcher:
             if not item.future.done():
                 item.future.set_exception(NoWorkerError("the service is shutting down"))
 
-    def submit(self, tensor: torch.Tensor, deadline: float) -> asyncio.Future[Prediction]:
+    def submit(self, payload: Item, deadline: float) -> asyncio.Future[Prediction]:
+        """Queue uint8 pixels (3, S, S), or an upload for the worker to decode."""
         if len(self._queue) >= self.max_queue:
             raise QueueFullError(f"the queue for {self.name} is full ({self.max_queue} images)")
         fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(tensor, fut, time.monotonic(), deadline))
+        self._queue.append(_Item(payload, fut, time.monotonic(), deadline))
         self._arrived.set()
         return fut
 
@@ -130,7 +139,7 @@ class ModelBatcher:
             if not self._queue:
                 await self._wait_for_items(None)
                 continue
-            close_at = self._queue[0].submitted + self.max_wait_s
+            close_at = max(self._last_done + self.max_wait_s, self._queue[0].submitted)
             while len(self._queue) < self.max_batch_size:
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
@@ -166,8 +175,16 @@ class ModelBatcher:
 
     async def _run_batch(self, worker: WorkerHandle, items: list[_Item]) -> None:
         try:
-            batch = _stack_shared([i.tensor for i in items])  # uint8: ~1 MB, faster than a hop
-            result: BatchResult = await self.pool.submit(worker, self.name, batch)
+            payloads = [i.payload for i in items]
+            batch: torch.Tensor | list[Item]
+            if all(isinstance(p, torch.Tensor) for p in payloads):
+                batch = _stack_shared(payloads)  # type: ignore[arg-type]
+            else:
+                batch = payloads  # uploads (and pixels) for the worker to decode and stack
+            try:
+                result: BatchResult = await self.pool.submit(worker, self.name, batch)
+            finally:
+                self._last_done = time.monotonic()
         except Exception as exc:
             for item in items:
                 if not item.future.done():
@@ -181,23 +198,32 @@ class ModelBatcher:
                 self.metrics.queue_latency.labels(self.name).observe(
                     max(0.0, result.start - item.submitted)
                 )
-        if result.probs.shape[0] != n:  # outputs must match inputs one to one
+        rows, errors, decode_ms, preprocess_ms = result.items or (list(range(n)), {}, None, None)
+        if result.probs.shape[0] != len(rows) or len(rows) + len(errors) != n:
+            # outputs must match inputs one to one
             mismatch = RuntimeError(f"worker returned {result.probs.shape[0]} rows for {n} images")
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(mismatch)
             return
-        for row, item in enumerate(items):
+        for k, (status, message) in errors.items():
+            if not items[k].future.done():
+                error = ImageTooLargeError if status == 413 else ImageError
+                items[k].future.set_exception(error(message))
+        for row, k in enumerate(rows):
+            item = items[k]
             if not item.future.done():
                 item.future.set_result(
                     Prediction(
                         probs=result.probs[row],
-                        batch_size=n,
+                        batch_size=len(rows),
                         queue_ms=max(0.0, (result.start - item.submitted) * 1000.0),
                         inference_ms=result.inference_ms,
                         device=result.device,
                         precision=result.precision,
                         backend=result.backend,
+                        decode_ms=decode_ms[k] if decode_ms else None,
+                        preprocess_ms=preprocess_ms[k] if preprocess_ms else None,
                     )
                 )
 

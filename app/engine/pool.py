@@ -50,6 +50,8 @@ class BatchResult:
     device: str
     precision: str
     backend: str  # eager | inductor
+    # Uploads decoded in the worker: (rows, errors, decode_ms, preprocess_ms), see decoding.py
+    items: tuple[list[int], dict[int, tuple[int, str]], list[float], list[float]] | None = None
 
 
 @dataclass
@@ -176,11 +178,11 @@ class WorkerPool:
     def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "result":
-            _, batch_id, probs, start, ms, (precision, backend, memory) = msg
+            _, batch_id, probs, start, ms, (precision, backend, memory), items = msg
             w.device_memory = memory
             fut = w.inflight.pop(batch_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(BatchResult(probs, start, ms, w.device, precision, backend))
+                fut.set_result(BatchResult(probs, start, ms, w.device, precision, backend, items))
             self._notify_slot()
         elif kind == "error":
             _, batch_id, detail = msg
@@ -270,9 +272,10 @@ class WorkerPool:
                 await asyncio.wait_for(changed.wait(), remaining)
 
     def submit(
-        self, w: WorkerHandle, name: str, batch: torch.Tensor
+        self, w: WorkerHandle, name: str, batch: torch.Tensor | list[Any]
     ) -> asyncio.Future[BatchResult]:
-        """Send a batch (in shared memory) to a worker; the future resolves with its result."""
+        """Send a batch to a worker: uint8 pixels in shared memory, or a list of uploads to
+        decode there (decoding.Item); the future resolves with its result."""
         assert self._loop is not None
         batch_id = next(self._batch_ids)
         fut: asyncio.Future[BatchResult] = self._loop.create_future()

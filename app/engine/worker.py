@@ -15,10 +15,15 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from app.engine.decoding import Decoder, Encoded, Prepared
+
+if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed here
+    from app.catalog.preprocess import Preprocess
 
 log = logging.getLogger("imgcls.worker")
 
@@ -34,8 +39,7 @@ class LoadPlan:
     weights_path: str | None  # None: random initialisation (explicitly allowed)
     input_size: int
     num_classes: int
-    mean: tuple[float, float, float]  # normalisation of uint8 input, per channel
-    std: tuple[float, float, float]
+    preprocess: Preprocess  # geometry (for uploads decoded here) and normalisation
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,15 @@ class WorkerConfig:
     threads: int | None
     warmup_batch: int
     plans: list[LoadPlan] = field(default_factory=list)
+    max_pixels: int = 40_000_000  # for uploads decoded in the worker (IMGCLS_DECODE=worker)
+    jpeg_on_device: bool = False  # decode plain JPEGs with torchvision.io on the device (nvjpeg)
 
 
 # Messages from the worker (tuples keep pickling cheap):
 #   ("status", name, status, reason, info)   status: loading | ready | failed
-#   ("result", batch_id, probs, start_monotonic, inference_ms, (precision, backend, cuda_bytes))
+#   ("result", batch_id, probs, start_monotonic, inference_ms, (precision, backend, cuda_bytes),
+#    items)   items: None for a pixel batch; for uploads decoded here
+#             (rows, errors, decode_ms, preprocess_ms), as in decoding.Prepared
 #   ("error", batch_id, message)
 #   ("started", pid)
 
@@ -71,7 +79,8 @@ def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
     model = model.to(device=torch.device(cfg.device), dtype=DTYPES[cfg.precision])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Served(model, plan.mean, plan.std, DTYPES[cfg.precision], cfg.channels_last)
+    pre = plan.preprocess
+    return Served(model, pre.mean, pre.std, DTYPES[cfg.precision], cfg.channels_last)
 
 
 class Served(nn.Module):
@@ -117,9 +126,12 @@ class Runner:
         self.dtype = DTYPES[cfg.precision]
         self.models: dict[str, nn.Module] = {}
         self.backends: dict[str, str] = {}
+        self.preprocess: dict[str, Preprocess] = {}
+        self._decoder: Decoder | None = None
 
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
+        self.preprocess[plan.name] = plan.preprocess
         eager = _build(plan, self.cfg)
         backend = "eager"
         if self.cfg.compile:
@@ -161,9 +173,19 @@ class Runner:
             half = batch.shape[0] // 2  # split the batch and retry each half
             return torch.cat([self.forward(name, batch[:half]), self.forward(name, batch[half:])])
 
+    def prepare(self, name: str, items: list[Encoded | torch.Tensor]) -> Prepared:
+        """Decode and resize a batch of uploads for ``name`` (IMGCLS_DECODE=worker)."""
+        if self._decoder is None:
+            cfg = self.cfg
+            self._decoder = Decoder(
+                cfg.threads or torch.get_num_threads(), cfg.max_pixels, cfg.device,
+                cfg.jpeg_on_device,
+            )  # fmt: skip
+        return self._decoder.prepare(items, self.preprocess[name])
+
     def _forward(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and not batch.is_cuda:
                 x = batch.pin_memory() if not batch.is_pinned() else batch
                 x = x.to(self.device, non_blocking=True)
             else:
@@ -199,13 +221,21 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
         try:
             if name not in runner.models:
                 raise KeyError(f"model {name!r} is not loaded on this worker")
-            probs = runner.forward(name, batch)
-            ms = (time.monotonic() - start) * 1000.0
+            items = None
+            if isinstance(batch, list):  # uploads: decode and resize here
+                prepared = runner.prepare(name, batch)
+                items = (prepared.rows, prepared.errors, prepared.decode_ms,
+                         prepared.preprocess_ms)  # fmt: skip
+                batch = prepared.batch
+            t0 = time.monotonic()
+            # batch is None when no upload in it could be decoded
+            probs = torch.empty(0, 0) if batch is None else runner.forward(name, batch)
+            ms = (time.monotonic() - t0) * 1000.0
             memory = (
                 torch.cuda.memory_allocated(runner.device) if runner.device.type == "cuda" else 0
             )
             ran = (cfg.precision, runner.backends[name], memory)
-            outbox.put(("result", batch_id, probs.numpy(), start, ms, ran))
+            outbox.put(("result", batch_id, probs.numpy(), start, ms, ran, items))
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             outbox.put(("error", batch_id, detail))

@@ -1,0 +1,145 @@
+"""Decoding uploads inside a device worker (``IMGCLS_DECODE=worker``).
+
+The API process checks each upload's header (``imaging.probe``: format, size, pixel limit) and
+hands the worker the encoded bytes. The worker turns a batch of them into one uint8 tensor:
+
+- on a CUDA worker, plain JPEGs (RGB or grey, upright) are decoded together with nvjpeg
+  (``torchvision.io.decode_jpeg(device="cuda")``) and resized on the GPU;
+- everything else (PNG, WebP, CMYK or rotated JPEGs, ...) is decoded by Pillow on the worker's
+  threads, in parallel, exactly as the API would have.
+
+An upload that cannot be decoded fails alone with the status the API would have given it (400 or
+413); the rest of the batch runs.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from app import imaging
+
+if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed here
+    from app.catalog.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An upload whose header passed the API's checks, still encoded."""
+
+    data: bytes
+    plain_jpeg: bool  # imaging.Probe.plain_jpeg: eligible for the tensor (GPU) decoder
+
+
+Item = torch.Tensor | Encoded  # uint8 pixels (3, S, S) already prepared, or an upload
+
+
+@dataclass
+class Prepared:
+    """A batch ready for the model, and what happened to each item."""
+
+    batch: torch.Tensor | None  # uint8 (rows, 3, S, S); None when no item could be decoded
+    rows: list[int]  # the item index of each row
+    errors: dict[int, tuple[int, str]] = field(default_factory=dict)  # item -> (status, message)
+    decode_ms: list[float] = field(default_factory=list)  # per item
+    preprocess_ms: list[float] = field(default_factory=list)
+
+
+def _status(exc: Exception) -> tuple[int, str]:
+    if isinstance(exc, imaging.ImageTooLargeError):
+        return 413, str(exc)
+    if isinstance(exc, imaging.ImageError):
+        return 400, str(exc)
+    return 400, f"the image data cannot be decoded: {exc}"
+
+
+class Decoder:
+    def __init__(self, threads: int, max_pixels: int, device: str, jpeg_on_device: bool) -> None:
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
+        self.max_pixels = max_pixels
+        self.device = torch.device(device)
+        self.jpeg_on_device = jpeg_on_device
+
+    def _pillow(self, data: bytes, pre: Preprocess) -> tuple[torch.Tensor, float, float]:
+        t0 = time.perf_counter()
+        image = imaging.decode(data, self.max_pixels)
+        t1 = time.perf_counter()
+        pixels = pre.pixels(image)
+        return pixels, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _tensor_jpegs(
+        self, datas: list[bytes], pre: Preprocess
+    ) -> tuple[list[torch.Tensor | None], float, float]:
+        """Decode JPEGs together on the device; None where one cannot be decoded there."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
+            try:
+                decoded: list[torch.Tensor | None] = list(
+                    decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+                )
+            except RuntimeError:  # one bad stream fails the call: decode one by one
+                decoded = []
+                for r in raw:
+                    try:
+                        decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        decoded.append(None)
+        self._sync()
+        t1 = time.perf_counter()
+        out = [pre.pixels_from_tensor(img) if img is not None else None for img in decoded]
+        self._sync()
+        n = max(1, len(datas))
+        return out, (t1 - t0) * 1000.0 / n, (time.perf_counter() - t1) * 1000.0 / n
+
+    def prepare(self, items: list[Item], pre: Preprocess) -> Prepared:
+        n = len(items)
+        pixels: list[torch.Tensor | None] = [None] * n
+        decode_ms = [0.0] * n
+        preprocess_ms = [0.0] * n
+        errors: dict[int, tuple[int, str]] = {}
+        encoded: dict[int, Encoded] = {}
+        for i, it in enumerate(items):
+            if isinstance(it, Encoded):
+                encoded[i] = it
+            else:
+                pixels[i] = it
+        on_device = [i for i, e in encoded.items() if e.plain_jpeg] if self.jpeg_on_device else []
+        if on_device:
+            done, d_ms, p_ms = self._tensor_jpegs([encoded[i].data for i in on_device], pre)
+            for i, px in zip(on_device, done, strict=True):
+                if px is not None:
+                    pixels[i], decode_ms[i], preprocess_ms[i] = px, d_ms, p_ms
+        # Pillow, on the worker's threads, for the rest (and what the tensor decoder refused).
+        futures = {
+            i: self.pool.submit(self._pillow, e.data, pre)
+            for i, e in encoded.items()
+            if pixels[i] is None
+        }
+        for i, fut in futures.items():
+            try:
+                pixels[i], decode_ms[i], preprocess_ms[i] = fut.result()
+            except Exception as exc:
+                errors[i] = _status(exc)
+        rows = [i for i in range(n) if pixels[i] is not None]
+        batch = (
+            torch.stack([pixels[i].to(self.device) for i in rows])  # type: ignore[union-attr]
+            if rows
+            else None
+        )
+        return Prepared(batch, rows, errors, decode_ms, preprocess_ms)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

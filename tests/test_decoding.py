@@ -1,0 +1,193 @@
+"""Where uploads are decoded: in the worker (the default) or in the API process.
+
+- Both give the same answers for the same upload, and the same 4xx for the hostile corpus.
+- In the worker, an upload that cannot be decoded fails alone; its batch-mates are answered.
+- The tensor decoder (torchvision.io + tensor resize: what a CUDA worker runs with nvjpeg) is
+  held to the Pillow path on real images, here on the CPU, in tests/test_gpu.py on the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import imaging
+from app.catalog import build_catalog
+from app.engine.batcher import ModelBatcher, Prediction
+from app.engine.decoding import Decoder, Encoded
+from app.engine.pool import WorkerPool
+from app.engine.worker import Runner, WorkerConfig
+from app.evaluate import list_images
+from tests import images
+from tests.conftest import (
+    CIFAR_FILES,
+    CIFAR_SAMPLE,
+    CIFAR_WEIGHTS,
+    IMAGES,
+    needs_shared,
+    run_service,
+)
+from tests.test_errors import HOSTILE
+
+pytestmark = needs_shared
+
+MODEL = "cifar10_resnet20"
+
+
+def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    return images.encode(img.convert("RGB"), "JPEG", quality=quality)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("w")
+    (d / CIFAR_FILES[MODEL]).symlink_to(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])
+    return d
+
+
+@pytest.fixture(scope="module")
+def api_decoding(weights_dir):
+    with run_service(models=MODEL, weights_dir=weights_dir, decode="api") as svc:
+        yield svc
+
+
+def _classify(url: str, data: bytes, name: str = "x.jpg"):
+    import httpx
+
+    return httpx.post(f"{url}/classify", params={"model": MODEL, "top_k": 10},
+                      files={"file": (name, data)}, timeout=60)  # fmt: skip
+
+
+def test_worker_and_api_decoding_give_the_same_answers(service, api_decoding):
+    assert service.service.decode_in_worker and not api_decoding.service.decode_in_worker
+    uploads = [p.read_bytes() for p in sorted(IMAGES.iterdir()) if p.suffix in (".png", ".jpg")]
+    uploads += [images.exif_rotated(6), images.encode(images.photo().convert("CMYK"), "JPEG")]
+    for data in uploads:
+        a, b = _classify(service.url, data), _classify(api_decoding.url, data)
+        assert a.status_code == b.status_code == 200, (a.text, b.text)
+        pa, pb = a.json()["predictions"], b.json()["predictions"]
+        assert [p["index"] for p in pa] == [p["index"] for p in pb]
+        assert [p["score"] for p in pa] == pytest.approx([p["score"] for p in pb], abs=1e-6)
+        assert a.json()["latency_ms"]["decode"] > 0  # measured in the worker
+
+
+@pytest.mark.parametrize("where", ["worker", "api"])
+def test_hostile_corpus_same_4xx_in_both_places(service, api_decoding, where):
+    svc = service if where == "worker" else api_decoding
+    workers = svc.service.pool.workers
+    pids = [w.pid for w in workers]
+    for name, data in HOSTILE.items():
+        r = _classify(svc.url, data, "upload.jpg")
+        assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text}"
+        assert r.json()["detail"], name
+    assert [w.pid for w in workers] == pids and all(w.alive for w in workers)
+
+
+def test_undecodable_upload_fails_alone_in_its_batch():
+    """Uploads whose header passes but whose data is corrupt fail in the worker, alone: the
+    rest of their batch is answered, and the worker lives on."""
+    good = [_jpeg(images.photo((64 + i, 48))) for i in range(4)]
+    whole = _jpeg(images.photo((300, 300)), quality=90)
+    bad = [whole[: len(whole) // 2], whole[: len(whole) // 4]]  # truncated, header intact
+    for data in bad:
+        imaging.probe(data, 10**8)  # passes the API's header check
+    spec = build_catalog().get("cifar10_plain20")
+    cfg = WorkerConfig(0, "cpu", "fp32", False, False, 1, 8, [spec.load_plan(None)])
+
+    async def scenario() -> None:
+        pool = WorkerPool([cfg])
+        await pool.start()
+        batcher = ModelBatcher(spec.name, pool, max_batch_size=8, max_wait_s=0.2, max_queue=16)
+        try:
+            deadline = time.monotonic() + 120
+            while not pool.ready_workers(spec.name) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            pid = pool.workers[0].pid
+            # all six are queued before the batcher runs: one batch
+            futures = [batcher.submit(Encoded(d, True), time.monotonic() + 60) for d in good + bad]
+            batcher.start()
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            for r in results[4:]:
+                assert isinstance(r, imaging.ImageError) and "cannot be decoded" in str(r), r
+            for r in results[:4]:
+                assert isinstance(r, Prediction), r
+                assert r.batch_size == 4 and r.probs.shape == (10,) and r.decode_ms
+            assert pool.workers[0].alive and pool.workers[0].pid == pid
+        finally:
+            await batcher.stop()
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def _tensor_decoder() -> Decoder:
+    return Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=True)
+
+
+def test_tensor_decoder_pixels_close_to_pillow():
+    """torchvision.io decode + antialiased tensor resize vs Pillow, on the real photos."""
+    spec = build_catalog().get("resnet18")
+    photos = [Image.open(p).convert("RGB") for p in sorted(IMAGES.iterdir())
+              if p.suffix in (".png", ".jpg")]  # fmt: skip
+    uploads = [_jpeg(p) for p in photos]
+    pillow = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False)
+    a = pillow.prepare([Encoded(u, True) for u in uploads], spec.transform)
+    b = _tensor_decoder().prepare([Encoded(u, True) for u in uploads], spec.transform)
+    assert a.batch is not None and b.batch is not None and a.rows == b.rows
+    diff = (a.batch.float() - b.batch.float()).abs()
+    print(f"tensor vs Pillow pixels: mean |diff| {diff.mean():.3f}, p99 {diff.quantile(0.99):.1f}")
+    assert diff.mean() < 1.5 and diff.quantile(0.99) < 12
+
+
+def test_tensor_decoder_falls_back_to_pillow_and_reports_errors():
+    spec = build_catalog().get(MODEL)
+    good = _jpeg(images.photo((80, 60)))
+    corrupt = good[:200]  # declared a plain JPEG, but truncated
+    png = images.encode(images.photo(), "PNG")
+    out = _tensor_decoder().prepare(
+        [Encoded(good, True), Encoded(corrupt, True), Encoded(png, False),
+         spec.transform.pixels(images.photo())],
+        spec.transform,
+    )  # fmt: skip
+    assert out.rows == [0, 2, 3] and set(out.errors) == {1}
+    assert out.errors[1][0] == 400
+    assert out.batch is not None and out.batch.shape == (3, 3, 32, 32)
+    assert out.batch.dtype == torch.uint8
+
+
+@pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found")
+def test_tensor_decode_accuracy_guard():
+    """The real CIFAR-10 ResNet on the real test sample, upscaled to 128 px JPEGs: tensor decode
+    and resize agree with Pillow's on >= 99% of top-1 and accuracy within 0.3 points."""
+    spec = build_catalog().get(MODEL)
+    items = list_images(CIFAR_SAMPLE)
+    uploads = []
+    for p, _ in items:
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").resize((128, 128), Image.BICUBIC).save(buf, "JPEG", quality=95)
+        uploads.append(Encoded(buf.getvalue(), True))
+    y = np.array([spec.labels.index(label) for _, label in items])
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 100, []))
+    runner.load(spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])))
+    pillow = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False)
+    tensor = _tensor_decoder()
+    top1 = {}
+    for name, dec in (("pillow", pillow), ("tensor", tensor)):
+        preds = []
+        for i in range(0, len(uploads), 100):
+            prepared = dec.prepare(uploads[i : i + 100], spec.transform)
+            assert prepared.batch is not None and not prepared.errors
+            preds.append(runner.forward(MODEL, prepared.batch).argmax(1))
+        top1[name] = torch.cat(preds).numpy()
+    agreement = 100.0 * (top1["tensor"] == top1["pillow"]).mean()
+    acc_p, acc_t = (100.0 * (top1[k] == y).mean() for k in ("pillow", "tensor"))
+    print(f"tensor decode: agreement {agreement:.1f}%, accuracy {acc_t:.1f} vs {acc_p:.1f}")
+    assert agreement >= 99.0
+    assert abs(acc_t - acc_p) <= 0.3
