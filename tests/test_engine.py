@@ -49,6 +49,32 @@ def test_failing_batch_fails_only_itself_and_worker_keeps_serving():
     asyncio.run(scenario())
 
 
+def test_second_slot_only_for_a_full_batch():
+    """A busy worker takes a second batch only when it is full (prefetch); a partial batch
+    waits for the worker to be free, so that it can still grow."""
+
+    async def scenario() -> None:
+        pool = WorkerPool([_config()])
+        await pool.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not pool.ready_workers("cifar10_plain20") and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            w = await pool.acquire("cifar10_plain20", deadline)
+            assert w is not None
+            big = torch.zeros(1024, 3, 32, 32, dtype=torch.uint8).share_memory_()
+            first = pool.submit(w, "cifar10_plain20", big)  # ~1 s on one thread
+            soon = time.monotonic() + 0.05
+            assert await pool.acquire("cifar10_plain20", soon) is None
+            assert await pool.acquire("cifar10_plain20", soon + 0.05, lambda: True) is w
+            assert (await first).probs.shape == (1024, 10)
+            assert await pool.acquire("cifar10_plain20", time.monotonic() + 1) is w  # free again
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
 @needs_shared
 def test_killed_worker_fails_inflight_fast_and_recovers(tmp_path):
     png = images.encode(images.photo((64, 64)), "PNG")

@@ -1,11 +1,10 @@
 """Dynamic batching per model across concurrent requests.
 
-A batch closes when it holds ``max_batch_size`` images or when its window ends, whichever comes
-first. The window is ``max_wait`` from the moment the model's previous batch finished (as
-LitServe's collection loop has it), or ends at once when the first image arrives later than that:
-a request to an idle model does not wait for company that is not coming, while the requests of
-clients just answered (which come back together) are gathered into one batch. While every worker
-is busy, more images join the batch up to its maximum. Each
+A batch closes when it holds ``max_batch_size`` images or ``max_wait`` after its first image
+arrived, whichever comes first (the remaining time is recomputed on every pass, as Ray Serve's
+batcher does). While every worker is busy, more images join the batch up to its maximum. A full
+batch may also be queued at a worker that is still running one (see pool.acquire): the worker
+starts it the moment it finishes, with no round trip through this process in between. Each
 request's future receives its own row of probabilities or the exception that failed its batch.
 Requests whose deadline passed or whose client went away are dropped before the batch is formed.
 """
@@ -82,7 +81,6 @@ class ModelBatcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._last_done = 0.0  # time.monotonic() when the last batch finished
 
     @property
     def depth(self) -> int:
@@ -109,6 +107,8 @@ class ModelBatcher:
         fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(payload, fut, time.monotonic(), deadline))
         self._arrived.set()
+        if len(self._queue) == self.max_batch_size:
+            self.pool.poke()  # a full batch may go to a busy worker's second slot
         return fut
 
     def _drop_stale(self) -> None:
@@ -139,7 +139,7 @@ class ModelBatcher:
             if not self._queue:
                 await self._wait_for_items(None)
                 continue
-            close_at = max(self._last_done + self.max_wait_s, self._queue[0].submitted)
+            close_at = self._queue[0].submitted + self.max_wait_s
             while len(self._queue) < self.max_batch_size:
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
@@ -147,7 +147,7 @@ class ModelBatcher:
                 await self._wait_for_items(remaining)
             latest = max(i.deadline for i in self._queue)
             try:
-                worker = await self.pool.acquire(self.name, latest)
+                worker = await self.pool.acquire(self.name, latest, self._full)
             except NoReadyWorkerError as exc:
                 self._fail_all(NoWorkerError(str(exc)))
                 continue
@@ -162,6 +162,9 @@ class ModelBatcher:
             task.add_done_callback(self._running.discard)
             # Let the dispatch reach the worker before gathering the next batch.
             await asyncio.sleep(0)
+
+    def _full(self) -> bool:
+        return len(self._queue) >= self.max_batch_size
 
     def _count_drop(self, reason: str) -> None:
         if self.metrics is not None:
@@ -180,11 +183,11 @@ class ModelBatcher:
             if all(isinstance(p, torch.Tensor) for p in payloads):
                 batch = _stack_shared(payloads)  # type: ignore[arg-type]
             else:
-                batch = payloads  # uploads (and pixels) for the worker to decode and stack
-            try:
-                result: BatchResult = await self.pool.submit(worker, self.name, batch)
-            finally:
-                self._last_done = time.monotonic()
+                # Uploads (and pixels) for the worker to decode and stack. Pickled through the
+                # queue's pipe: faster than a shared-memory blob, whose file descriptor is handed
+                # over through another round trip (measured: 0.5 vs 1.7 ms per batch).
+                batch = payloads
+            result: BatchResult = await self.pool.submit(worker, self.name, batch)
         except Exception as exc:
             for item in items:
                 if not item.future.done():
