@@ -1,0 +1,83 @@
+"""The benchmark harness: its load generator against real servers, and one short real run."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app.benchmarks.common import jpeg_corpus
+from app.benchmarks.harness import run_bench
+from app.benchmarks.loadgen import run_load
+from tests.conftest import IMAGES, needs_shared
+
+pytestmark = needs_shared
+
+
+def test_load_generator_against_the_service(service):
+    images = jpeg_corpus(IMAGES)
+    r = run_load(service.url, images, concurrency=3, duration_s=2, warmup_s=0.5,
+                 params={"model": "cifar10_resnet20"})  # fmt: skip
+    assert r.requests > 5 and r.errors == 0
+    assert 0 < r.p50_ms <= r.p95_ms <= r.p99_ms
+    assert r.mean_batch is not None and r.mean_batch >= 1
+    bad = run_load(service.url, images, concurrency=2, duration_s=1, warmup_s=0,
+                   params={"model": "no-such-model"})  # fmt: skip
+    assert bad.requests == 0 and bad.errors > 0
+
+
+def test_load_generator_only_targets_this_machine():
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
+        run_load("http://example.com:80", [b"x"], 1, 1)
+
+
+class _Chunked(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"batch_size": 3, "echo": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for part in (body[:5], body[5:]):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_load_generator_reads_chunked_responses():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for upload in ("multipart", "json"):
+            r = run_load(url, [b"abc" * 100], concurrency=2, duration_s=1, warmup_s=0,
+                         upload=upload)  # fmt: skip
+            assert r.requests > 10 and r.errors == 0 and r.mean_batch == 3
+    finally:
+        server.shutdown()
+
+
+def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys):
+    """imgcls and the naive baseline, side by side, on a small real model (fp32, no compile)."""
+    result = run_bench(
+        model="cifar10_resnet20", precision="fp32", concurrency=(1, 2), duration_s=1.0,
+        batch_sizes=(1, 4), servers=("imgcls", "naive"), model_seconds=0.3, out=tmp_path,
+    )  # fmt: skip
+    mo = result["model_only"]
+    assert mo["best_batch"] in (1, 4) and mo["best_images_per_s"] > 0
+    for name in ("imgcls", "naive"):
+        rows = result["http"][name]
+        assert [r["concurrency"] for r in rows] == [1, 2]
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows)
+    ratios = result["ratios"]
+    assert ratios["service_vs_model_only"] > 0 and ratios["service_vs_naive"] > 0
+    saved = json.loads((tmp_path / "bench-cifar10_resnet20-cpu.json").read_text())
+    assert saved["ratios"] == ratios
+    assert (tmp_path / "bench-cifar10_resnet20-cpu.png").stat().st_size > 10_000
+    assert "service_vs_naive" in capsys.readouterr().out
