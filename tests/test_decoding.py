@@ -127,8 +127,8 @@ def test_undecodable_upload_fails_alone_in_its_batch():
     asyncio.run(scenario())
 
 
-def _tensor_decoder() -> Decoder:
-    return Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=True)
+def _tensor_decoder(device: str = "cpu") -> Decoder:
+    return Decoder(threads=2, max_pixels=10**8, device=device, jpeg_on_device=True)
 
 
 def test_tensor_decoder_pixels_close_to_pillow():
@@ -162,10 +162,10 @@ def test_tensor_decoder_falls_back_to_pillow_and_reports_errors():
     assert out.batch.dtype == torch.uint8
 
 
-@pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found")
-def test_tensor_decode_accuracy_guard():
-    """The real CIFAR-10 ResNet on the real test sample, upscaled to 128 px JPEGs: tensor decode
-    and resize agree with Pillow's on >= 99% of top-1 and accuracy within 0.3 points."""
+def tensor_decode_guard(device: str) -> tuple[float, float, float]:
+    """The real CIFAR-10 ResNet on the real test sample, upscaled to 128 px JPEGs, decoded and
+    resized by Pillow and by the tensor decoder on ``device``: (top-1 agreement, accuracy with
+    the tensor decoder, accuracy with Pillow), in percent."""
     spec = build_catalog().get(MODEL)
     items = list_images(CIFAR_SAMPLE)
     uploads = []
@@ -174,20 +174,31 @@ def test_tensor_decode_accuracy_guard():
         Image.open(p).convert("RGB").resize((128, 128), Image.BICUBIC).save(buf, "JPEG", quality=95)
         uploads.append(Encoded(buf.getvalue(), True))
     y = np.array([spec.labels.index(label) for _, label in items])
-    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 100, []))
+    runner = Runner(WorkerConfig(0, device, "fp32", False, False, 2, 100, []))
     runner.load(spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])))
-    pillow = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False)
-    tensor = _tensor_decoder()
+    pillow = Decoder(threads=2, max_pixels=10**8, device=device, jpeg_on_device=False)
+    tensor = _tensor_decoder(device)
     top1 = {}
     for name, dec in (("pillow", pillow), ("tensor", tensor)):
         preds = []
         for i in range(0, len(uploads), 100):
             prepared = dec.prepare(uploads[i : i + 100], spec.transform)
             assert prepared.batch is not None and not prepared.errors
+            assert prepared.batch.device.type == torch.device(device).type
             preds.append(runner.forward(MODEL, prepared.batch).argmax(1))
         top1[name] = torch.cat(preds).numpy()
     agreement = 100.0 * (top1["tensor"] == top1["pillow"]).mean()
     acc_p, acc_t = (100.0 * (top1[k] == y).mean() for k in ("pillow", "tensor"))
-    print(f"tensor decode: agreement {agreement:.1f}%, accuracy {acc_t:.1f} vs {acc_p:.1f}")
+    print(
+        f"tensor decode on {device}: agreement {agreement:.1f}%, accuracy {acc_t:.1f} vs {acc_p:.1f}"
+    )
+    return agreement, acc_t, acc_p
+
+
+@pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found")
+def test_tensor_decode_accuracy_guard():
+    """>= 99% top-1 agreement with Pillow and accuracy within 0.3 points (torchvision.io on the
+    CPU here; tests/test_gpu.py runs the same guard with nvjpeg)."""
+    agreement, acc_t, acc_p = tensor_decode_guard("cpu")
     assert agreement >= 99.0
     assert abs(acc_t - acc_p) <= 0.3

@@ -6,6 +6,7 @@ suite do not count them. bench/gpu.sh runs them on a GPU machine.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import httpx
@@ -96,11 +97,29 @@ def test_cuda_service_end_to_end(tmp_path: Path):
             expected = torch.softmax(cpu(spec.transform(img).unsqueeze(0)), 1)[0]
         for p in body["predictions"]:
             assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=5e-3)
+        # a plain JPEG is decoded by nvjpeg in the CUDA worker (IMGCLS_DECODE=worker, the default)
+        assert svc.service.decode_in_worker
+        jpeg = io.BytesIO()
+        img.save(jpeg, "JPEG", quality=95)
+        r = httpx.post(f"{svc.url}/classify", params={"model": "cifar10_resnet56"},
+                       files={"file": ("c.jpg", jpeg.getvalue())}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == "cat" and r.json()["device"] == "cuda:0"
         cmp = httpx.post(f"{svc.url}/compare", params={"models": "cifar10_resnet56,resnet18"},
                          files={"file": ("c.png", data)}, timeout=60)  # fmt: skip
         assert cmp.status_code == 200 and all(
             x["device"] == "cuda:0" for x in cmp.json()["results"]
         )
+
+
+def test_nvjpeg_decode_guard():
+    """JPEG decode (nvjpeg) and resize on the GPU agree with Pillow's on the real CIFAR-10
+    sample: >= 99% top-1 agreement, accuracy within 0.3 points."""
+    from tests.test_decoding import tensor_decode_guard
+
+    agreement, acc_gpu, acc_pillow = tensor_decode_guard("cuda:0")
+    assert agreement >= 99.0
+    assert abs(acc_gpu - acc_pillow) <= 0.3
 
 
 def test_cuda_oom_splits_the_batch():
