@@ -179,14 +179,11 @@ class ModelBatcher:
     async def _run_batch(self, worker: WorkerHandle, items: list[_Item]) -> None:
         try:
             payloads = [i.payload for i in items]
-            batch: torch.Tensor | list[Item]
-            if all(isinstance(p, torch.Tensor) for p in payloads):
-                batch = _stack_shared(payloads)  # type: ignore[arg-type]
-            else:
-                # Uploads (and pixels) for the worker to decode and stack. Pickled through the
-                # queue's pipe: faster than a shared-memory blob, whose file descriptor is handed
-                # over through another round trip (measured: 0.5 vs 1.7 ms per batch).
-                batch = payloads
+            # Pixels only: one stacked tensor in shared memory. With uploads, the list itself, for
+            # the worker to decode and stack, pickled through the queue's pipe: faster than one
+            # shared-memory blob, whose descriptor costs a round trip (0.5 vs 1.7 ms per batch).
+            tensors = [p for p in payloads if isinstance(p, torch.Tensor)]
+            batch = _stack_shared(tensors) if len(tensors) == len(payloads) else payloads
             result: BatchResult = await self.pool.submit(worker, self.name, batch)
         except Exception as exc:
             for item in items:

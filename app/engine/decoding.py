@@ -79,7 +79,8 @@ class Decoder:
     def _tensor_jpegs(
         self, datas: list[bytes], pre: Preprocess
     ) -> tuple[list[torch.Tensor | None], float, float]:
-        """Decode JPEGs together on the device; None where one cannot be decoded there."""
+        """Decode JPEGs together on the device; None where one cannot be decoded there. The
+        times returned are the batch's, shared equally by its images."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
@@ -133,13 +134,6 @@ class Decoder:
                 pixels[i], decode_ms[i], preprocess_ms[i] = fut.result()
             except Exception as exc:
                 errors[i] = _status(exc)
-        rows = [i for i in range(n) if pixels[i] is not None]
-        batch = (
-            torch.stack([pixels[i].to(self.device) for i in rows])  # type: ignore[union-attr]
-            if rows
-            else None
-        )
-        return Prepared(batch, rows, errors, decode_ms, preprocess_ms)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        ready = [(i, px) for i, px in enumerate(pixels) if px is not None]
+        batch = torch.stack([px.to(self.device) for _, px in ready]) if ready else None
+        return Prepared(batch, [i for i, _ in ready], errors, decode_ms, preprocess_ms)
