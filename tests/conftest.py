@@ -10,15 +10,17 @@ The session service serves:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -99,6 +101,24 @@ def run_service(
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+@contextlib.asynccontextmanager
+async def ready_pool(configs: list[Any], name: str) -> AsyncIterator[Any]:
+    """A started WorkerPool whose workers have ``name`` ready (within 2 minutes); closed on exit."""
+    from app.engine.pool import WorkerPool
+
+    pool = WorkerPool(configs)
+    await pool.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not pool.ready_workers(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready on the workers")
+            await asyncio.sleep(0.05)
+        yield pool
+    finally:
+        await pool.close()
 
 
 def wait_until_ready(url: str, timeout: float = 300) -> None:

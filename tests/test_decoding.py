@@ -22,7 +22,6 @@ from app import imaging
 from app.catalog import build_catalog
 from app.engine.batcher import ModelBatcher, Prediction
 from app.engine.decoding import Decoder, Encoded
-from app.engine.pool import WorkerPool
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from tests import images
@@ -32,6 +31,7 @@ from tests.conftest import (
     CIFAR_WEIGHTS,
     IMAGES,
     needs_shared,
+    ready_pool,
     run_service,
 )
 from tests.test_errors import HOSTILE
@@ -102,27 +102,22 @@ def test_undecodable_upload_fails_alone_in_its_batch():
     cfg = WorkerConfig(0, "cpu", "fp32", False, False, 1, 8, [spec.load_plan(None)])
 
     async def scenario() -> None:
-        pool = WorkerPool([cfg])
-        await pool.start()
-        batcher = ModelBatcher(spec.name, pool, max_batch_size=8, max_wait_s=0.2, max_queue=16)
-        try:
-            deadline = time.monotonic() + 120
-            while not pool.ready_workers(spec.name) and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+        async with ready_pool([cfg], spec.name) as pool:
+            batcher = ModelBatcher(spec.name, pool, max_batch_size=8, max_wait_s=0.2, max_queue=16)
             pid = pool.workers[0].pid
             # all six are queued before the batcher runs: one batch
             futures = [batcher.submit(Encoded(d, True), time.monotonic() + 60) for d in good + bad]
             batcher.start()
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            try:
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            finally:
+                await batcher.stop()
             for r in results[4:]:
                 assert isinstance(r, imaging.ImageError) and "cannot be decoded" in str(r), r
             for r in results[:4]:
                 assert isinstance(r, Prediction), r
                 assert r.batch_size == 4 and r.probs.shape == (10,) and r.decode_ms
             assert pool.workers[0].alive and pool.workers[0].pid == pid
-        finally:
-            await batcher.stop()
-            await pool.close()
 
     asyncio.run(scenario())
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from app.catalog import build_catalog
-from app.engine.pool import BatchFailedError, WorkerPool
+from app.engine.pool import BatchFailedError
 from app.engine.worker import WorkerConfig
 from tests import images
-from tests.conftest import needs_shared, run_service
+from tests.conftest import needs_shared, ready_pool, run_service
 
 
 def _config(worker_id: int = 0) -> WorkerConfig:
@@ -27,13 +27,8 @@ def _config(worker_id: int = 0) -> WorkerConfig:
 
 def test_failing_batch_fails_only_itself_and_worker_keeps_serving():
     async def scenario() -> None:
-        pool = WorkerPool([_config()])
-        await pool.start()
-        try:
-            deadline = time.monotonic() + 120
-            while not pool.ready_workers("cifar10_plain20") and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            w = await pool.acquire("cifar10_plain20", deadline)
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            w = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
             assert w is not None
             pid = w.pid
             bad = pool.submit(w, "cifar10_plain20", torch.zeros(2, 3, 7))  # wrong rank: conv fails
@@ -43,8 +38,6 @@ def test_failing_batch_fails_only_itself_and_worker_keeps_serving():
             result = await good
             assert result.probs.shape == (3, 10)
             assert w.alive and w.pid == pid
-        finally:
-            await pool.close()
 
     asyncio.run(scenario())
 
@@ -54,13 +47,8 @@ def test_second_slot_only_for_a_full_batch():
     waits for the worker to be free, so that it can still grow."""
 
     async def scenario() -> None:
-        pool = WorkerPool([_config()])
-        await pool.start()
-        try:
-            deadline = time.monotonic() + 120
-            while not pool.ready_workers("cifar10_plain20") and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            w = await pool.acquire("cifar10_plain20", deadline)
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            w = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
             assert w is not None
             big = torch.zeros(1024, 3, 32, 32, dtype=torch.uint8).share_memory_()
             first = pool.submit(w, "cifar10_plain20", big)  # ~1 s on one thread
@@ -69,8 +57,6 @@ def test_second_slot_only_for_a_full_batch():
             assert await pool.acquire("cifar10_plain20", soon + 0.05, lambda: True) is w
             assert (await first).probs.shape == (1024, 10)
             assert await pool.acquire("cifar10_plain20", time.monotonic() + 1) is w  # free again
-        finally:
-            await pool.close()
 
     asyncio.run(scenario())
 
