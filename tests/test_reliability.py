@@ -92,8 +92,10 @@ def test_overload_stays_bounded_and_recovers(tmp_path: Path):
     timeout_s = 2.0
     with run_service(
         models="cifar10_plain56", allow_random_weights=True, weights_dir=tmp_path,
-        request_timeout_s=timeout_s, max_queue=32, max_batch_size=16,
+        request_timeout_s=timeout_s, max_queue=8, max_batch_size=16,
     ) as svc:  # fmt: skip
+        # 64 clients against at most 2 x 16 images at the worker (one batch running, one full one
+        # waiting) plus 8 queued: more than the service holds, so the queue bound is exercised.
         model = "cifar10_plain56"
 
         def sequential(k: int) -> float:
