@@ -190,6 +190,26 @@ def tensor_decode_guard(device: str) -> tuple[float, float, float]:
     return agreement, acc_t, acc_p
 
 
+def test_tensor_decoder_on_the_hostile_corpus():
+    """Everything from the hostile corpus that passes the header check, sent down the tensor
+    (nvjpeg) path as if it were a plain JPEG: each fails alone with a 4xx or decodes; the
+    process lives on and the next batch decodes."""
+    spec = build_catalog().get(MODEL)
+    passing = []
+    for data in HOSTILE.values():
+        try:
+            imaging.probe(data, 10**8)
+        except (imaging.ImageError, imaging.ImageTooLargeError):
+            continue
+        passing.append(Encoded(data, True))
+    decoder = _tensor_decoder()
+    out = decoder.prepare(passing, spec.transform)
+    assert len(out.rows) + len(out.errors) == len(passing)
+    assert all(400 <= status < 500 for status, _ in out.errors.values())
+    good = decoder.prepare([Encoded(_jpeg(images.photo()), True)], spec.transform)
+    assert good.rows == [0] and not good.errors
+
+
 @pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found")
 def test_tensor_decode_accuracy_guard():
     """>= 99% top-1 agreement with Pillow and accuracy within 0.3 points (torchvision.io on the

@@ -191,14 +191,14 @@ class ModelBatcher:
                     item.future.set_exception(exc)
             return
         n = len(items)
+        rows, errors, decode_ms, preprocess_ms = result.items or (list(range(n)), {}, None, None)
         if self.metrics is not None:
-            self.metrics.batch_size.labels(self.name).observe(n)
+            self.metrics.batch_size.labels(self.name).observe(len(rows))  # images computed
             self.metrics.inference_latency.labels(self.name).observe(result.inference_ms / 1000.0)
             for item in items:
                 self.metrics.queue_latency.labels(self.name).observe(
                     max(0.0, result.start - item.submitted)
                 )
-        rows, errors, decode_ms, preprocess_ms = result.items or (list(range(n)), {}, None, None)
         if result.probs.shape[0] != len(rows) or len(rows) + len(errors) != n:
             # outputs must match inputs one to one
             mismatch = RuntimeError(f"worker returned {result.probs.shape[0]} rows for {n} images")
