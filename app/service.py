@@ -66,10 +66,6 @@ class Service:
         torch.set_num_threads(1)  # the API process only preprocesses; workers own the cores
         self._startup = asyncio.create_task(self._load())
 
-    async def wait_started(self) -> None:
-        if self._startup is not None:
-            await asyncio.shield(self._startup)
-
     async def _load(self) -> None:
         plans = []
         for name, served in self.served.items():

@@ -48,16 +48,18 @@ def ray_url(tmp_path_factory):
         ray.shutdown()
 
 
+def _both(ray_url, client, path: str, params: dict[str, object], data: bytes):
+    """The same upload to the service and to the Ray deployment: (ours, theirs) bodies."""
+    ours = client.post(path, params=params, files={"file": ("c.png", data)}).json()
+    r = httpx.post(f"{ray_url}{path}", params=params, files={"file": ("c.png", data)}, timeout=120)
+    assert r.status_code == 200, r.text
+    return ours, r.json()
+
+
 def test_ray_classify_matches_the_service(ray_url, client):
     data = shared_image("chelsea.png")
     for model in MODELS.split(","):
-        params = {"model": model, "top_k": 10}
-        ours = client.post("/classify", params=params, files={"file": ("c.png", data)}).json()
-        r = httpx.post(
-            f"{ray_url}/classify", params=params, files={"file": ("c.png", data)}, timeout=120
-        )
-        assert r.status_code == 200, r.text
-        theirs = r.json()
+        ours, theirs = _both(ray_url, client, "/classify", {"model": model, "top_k": 10}, data)
         assert theirs["model"] == model and theirs["weights"] == ours["weights"]
         assert [p["index"] for p in theirs["predictions"]] == [
             p["index"] for p in ours["predictions"]
@@ -69,13 +71,7 @@ def test_ray_classify_matches_the_service(ray_url, client):
 
 def test_ray_compare_matches_the_service(ray_url, client):
     data = shared_image("coffee.png")
-    params = {"models": MODELS, "top_k": 5}
-    ours = client.post("/compare", params=params, files={"file": ("c.png", data)}).json()
-    r = httpx.post(
-        f"{ray_url}/compare", params=params, files={"file": ("c.png", data)}, timeout=120
-    )
-    assert r.status_code == 200, r.text
-    theirs = r.json()
+    ours, theirs = _both(ray_url, client, "/compare", {"models": MODELS, "top_k": 5}, data)
     assert theirs["agreement"]["top1_consensus"] == ours["agreement"]["top1_consensus"]
     (a,), (b,) = theirs["agreement"]["pairwise"], ours["agreement"]["pairwise"]
     assert a["top1_same"] == b["top1_same"] and a["topk_overlap"] == b["topk_overlap"]

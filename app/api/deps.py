@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -13,7 +12,7 @@ from fastapi import Depends, Request
 from app import imaging
 from app.catalog import ModelSpec
 from app.catalog.preprocess import Preprocess
-from app.engine.decoding import Encoded
+from app.engine.decoding import Encoded, decode_pixels
 from app.service import Service
 from app.settings import Settings
 from app.upload import read_upload
@@ -82,12 +81,7 @@ class Pixels:
 
 
 def _prepare(data: bytes, max_pixels: int, transforms: dict[Any, Preprocess]) -> Pixels:
-    t0 = time.perf_counter()
-    image = imaging.decode(data, max_pixels)
-    t1 = time.perf_counter()
-    by_key = {key: t.pixels(image) for key, t in transforms.items()}
-    t2 = time.perf_counter()
-    return Pixels(by_key, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+    return Pixels(*decode_pixels(data, max_pixels, transforms))
 
 
 async def read_encoded(request: Request, settings: Settings) -> Encoded:

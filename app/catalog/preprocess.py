@@ -72,10 +72,14 @@ class Preprocess:
             raise ValueError(f"the output must be square, got {h}x{w}")
         return h
 
+    @property
+    def _size(self) -> list[int]:
+        """``resize`` as torchvision's functional resize takes it."""
+        return [self.resize] if isinstance(self.resize, int) else list(self.resize)
+
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """Resize and crop an RGB image: uint8 tensor (3, S, S)."""
-        size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
-        img = F.resize(image, size, interpolation=self.interpolation, antialias=True)
+        img = F.resize(image, self._size, interpolation=self.interpolation, antialias=True)
         if self.crop is not None:
             img = F.center_crop(img, [self.crop])
         return F.pil_to_tensor(img)
@@ -84,8 +88,7 @@ class Preprocess:
         """The same geometry for a decoded uint8 tensor (3, H, W), on its own device (the GPU
         decode path). Antialiased like Pillow, but not bit-identical to it: the accuracy guard
         in the tests holds it to the Pillow path."""
-        size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
-        img = F2.resize(image, size, interpolation=self.interpolation, antialias=True)
+        img = F2.resize(image, self._size, interpolation=self.interpolation, antialias=True)
         if self.crop is not None:
             img = F2.center_crop(img, [self.crop])
         return img

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -26,6 +27,8 @@ from app import imaging
 
 if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed here
     from app.catalog.preprocess import Preprocess
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ class Prepared:
     preprocess_ms: list[float] = field(default_factory=list)
 
 
+def decode_pixels(
+    data: bytes, max_pixels: int, transforms: Mapping[K, Preprocess]
+) -> tuple[dict[K, torch.Tensor], float, float]:
+    """Pillow: decode an upload once, resize it for each transform. Returns the uint8 pixels by
+    key, and the decode and resize times (ms). Used by the worker and by the API process
+    (IMGCLS_DECODE=api, /compare)."""
+    t0 = time.perf_counter()
+    image = imaging.decode(data, max_pixels)
+    t1 = time.perf_counter()
+    by_key = {key: t.pixels(image) for key, t in transforms.items()}
+    return by_key, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
+
+
 def _status(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, imaging.ImageTooLargeError):
         return 413, str(exc)
@@ -66,11 +82,8 @@ class Decoder:
         self.jpeg_on_device = jpeg_on_device
 
     def _pillow(self, data: bytes, pre: Preprocess) -> tuple[torch.Tensor, float, float]:
-        t0 = time.perf_counter()
-        image = imaging.decode(data, self.max_pixels)
-        t1 = time.perf_counter()
-        pixels = pre.pixels(image)
-        return pixels, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
+        by_key, decode_ms, preprocess_ms = decode_pixels(data, self.max_pixels, {0: pre})
+        return by_key[0], decode_ms, preprocess_ms
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
