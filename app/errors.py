@@ -1,22 +1,20 @@
-"""Domain exceptions and the handlers that map them to HTTP status codes.
+"""Domain errors, and the one place that says what each means to a client.
 
-Every error answer is JSON ``{"detail": "..."}``. Client mistakes get a 4xx, overload and models
-that are not ready get 503 with ``Retry-After``, and passed deadlines 504.
+No web framework here: every front-end (the FastAPI routes, Ray Serve, the Open Inference Protocol
+over REST and gRPC) asks ``describe(exc)`` for a ``Failure`` and writes it in its own terms (an HTTP
+status, a gRPC code). Client mistakes are 4xx; overload and models that are not ready 503 with a
+retry hint; passed deadlines 504. Anything else is a server fault: the client gets a generic
+message (with the request id, added by the front-end) and the exception goes to the log.
 """
 
 from __future__ import annotations
 
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from dataclasses import dataclass
 
 from app.catalog import UnknownModelError
 from app.engine.batcher import NoWorkerError, QueueFullError
 from app.engine.pool import BatchFailedError, WorkerCrashedError
 from app.imaging import ImageError, ImageTooLargeError
-
-log = logging.getLogger("imgcls.errors")
 
 
 class UploadError(ValueError):
@@ -44,63 +42,60 @@ class ModelNotReadyError(RuntimeError):
 
 
 class InvalidParameterError(ValueError):
-    """A query parameter is well-formed but not acceptable (HTTP 422)."""
+    """A parameter is well-formed but not acceptable (HTTP 422)."""
 
 
-def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+class ElementError(Exception):
+    """One element of a multi-image request failed; ``cause`` says how (its status is the
+    cause's)."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(f"image {index}: {cause}")
+        self.index = index
+        self.cause = cause
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(ImageError)
-    async def image_error(_: Request, exc: ImageError) -> JSONResponse:
-        return _json(400, str(exc))
+@dataclass(frozen=True)
+class Failure:
+    status: int  # HTTP status; other protocols map it to their own codes
+    message: str  # safe to show the client
+    retry_after: int | None = None  # seconds, for 503
+    internal: bool = False  # a server fault: log the exception, show only ``message``
+    close: bool = False  # the connection should be closed (the body may not have been read)
 
-    @app.exception_handler(UploadError)
-    async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
-        return _json(exc.status, str(exc))
 
-    @app.exception_handler(ImageTooLargeError)
-    async def image_too_large(_: Request, exc: ImageTooLargeError) -> JSONResponse:
-        return _json(413, str(exc))
+INTERNAL_MESSAGE = "the server failed to process this request"
 
-    @app.exception_handler(UploadTooLargeError)
-    async def upload_too_large(_: Request, exc: UploadTooLargeError) -> JSONResponse:
-        return _json(413, str(exc), {"Connection": "close"})
 
-    @app.exception_handler(UnknownModelError)
-    async def unknown_model(_: Request, exc: UnknownModelError) -> JSONResponse:
-        return _json(404, str(exc))
-
-    @app.exception_handler(ModelNotServedError)
-    async def not_served(_: Request, exc: ModelNotServedError) -> JSONResponse:
-        return _json(404, str(exc))
-
-    @app.exception_handler(InvalidParameterError)
-    async def invalid_parameter(_: Request, exc: InvalidParameterError) -> JSONResponse:
-        return _json(422, str(exc))
-
-    @app.exception_handler(ModelNotReadyError)
-    async def not_ready(_: Request, exc: ModelNotReadyError) -> JSONResponse:
-        return _json(503, str(exc), {"Retry-After": str(exc.retry_after)})
-
-    @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
-        return _json(503, str(exc), {"Retry-After": "1"})
-
-    @app.exception_handler(NoWorkerError)
-    async def no_worker(_: Request, exc: NoWorkerError) -> JSONResponse:
-        return _json(503, str(exc), {"Retry-After": "2"})
-
-    @app.exception_handler(WorkerCrashedError)
-    async def worker_crashed(_: Request, exc: WorkerCrashedError) -> JSONResponse:
-        return _json(503, f"{exc}; retry shortly", {"Retry-After": "2"})
-
-    @app.exception_handler(TimeoutError)
-    async def deadline(_: Request, exc: TimeoutError) -> JSONResponse:
-        return _json(504, f"request deadline passed: {exc}" if str(exc) else "request timed out")
-
-    @app.exception_handler(BatchFailedError)
-    async def batch_failed(_: Request, exc: BatchFailedError) -> JSONResponse:
-        log.error("batch failed: %s", exc)
-        return _json(500, f"inference failed: {exc}")
+def describe(exc: BaseException) -> Failure:
+    """What ``exc`` means to the client who caused it (or suffered it)."""
+    if isinstance(exc, ElementError):
+        inner = describe(exc.cause)
+        if inner.internal:
+            return inner
+        return Failure(inner.status, f"image {exc.index}: {inner.message}", inner.retry_after)
+    if isinstance(exc, ImageTooLargeError):
+        return Failure(413, str(exc))
+    if isinstance(exc, UploadTooLargeError):
+        return Failure(413, str(exc), close=True)
+    if isinstance(exc, ImageError):
+        return Failure(400, str(exc))
+    if isinstance(exc, UploadError):
+        return Failure(exc.status, str(exc))
+    if isinstance(exc, UnknownModelError | ModelNotServedError):
+        return Failure(404, str(exc))
+    if isinstance(exc, InvalidParameterError):
+        return Failure(422, str(exc))
+    if isinstance(exc, ModelNotReadyError):
+        return Failure(503, str(exc), exc.retry_after)
+    if isinstance(exc, QueueFullError):
+        return Failure(503, str(exc), 1)
+    if isinstance(exc, NoWorkerError):
+        return Failure(503, str(exc), 2)
+    if isinstance(exc, WorkerCrashedError):
+        return Failure(503, f"{exc}; retry shortly", 2)
+    if isinstance(exc, TimeoutError):
+        return Failure(504, f"request deadline passed: {exc}" if str(exc) else "request timed out")
+    if isinstance(exc, BatchFailedError):
+        return Failure(500, "inference failed on the server for this image's batch", internal=True)
+    return Failure(500, INTERNAL_MESSAGE, internal=True)

@@ -12,7 +12,8 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import __version__, errors
+from app import __version__
+from app.api import errors as api_errors
 from app.api import health, inference, models
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
@@ -33,8 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     metrics = Metrics()
-    service = Service(settings, metrics=metrics)  # validates models and custom config first
-    metrics.bind(service)
+    service = Service(settings, observer=metrics)  # validates models and custom config first
+    metrics.bind(service.snapshot)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="imgcls", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
-    errors.install(app)
+    api_errors.install(app)
     app.include_router(inference.router)
     app.include_router(models.router)
     app.include_router(health.router)

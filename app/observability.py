@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from app.service import Service
+    from app.engine.pool import WorkerSnapshot
+    from app.service import ServiceSnapshot
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -53,58 +54,66 @@ class Metrics:
             ["model", "reason"], registry=r,
         )  # fmt: skip
 
-    def bind(self, service: Service) -> None:
-        self.registry.register(_ServiceCollector(service))
+    # EngineObserver: what the batchers report
+    def batch_ran(self, model: str, images: int, inference_s: float, waits_s: list[float]) -> None:
+        self.batch_size.labels(model).observe(images)  # images computed
+        self.inference_latency.labels(model).observe(inference_s)
+        for wait in waits_s:
+            self.queue_latency.labels(model).observe(wait)
+
+    def image_dropped(self, model: str, reason: str) -> None:
+        self.dropped.labels(model, reason).inc()
+
+    def bind(self, snapshot: Callable[[], ServiceSnapshot]) -> None:
+        self.registry.register(_ServiceCollector(snapshot))
 
 
 class _ServiceCollector(Collector):
-    """Values read at scrape time: queue depth, models by status, workers, device memory."""
+    """Values read at scrape time, from the service's snapshot: queue depth, models by status,
+    workers, restarts (crash or watchdog), device memory."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, snapshot: Callable[[], ServiceSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        svc = self.service
+        snap = self.snapshot()
         depth = GaugeMetricFamily(
             "imgcls_queue_depth", "Images waiting per model", labels=["model"]
         )
-        for name, b in svc.batchers.items():
-            depth.add_metric([name], b.depth)
+        for name, n in snap.queue_depths.items():
+            depth.add_metric([name], n)
         yield depth
-        counts: dict[str, int] = {}
-        for name in svc.served:
-            st = svc.status(name).status
-            counts[st] = counts.get(st, 0) + 1
         models = GaugeMetricFamily(
             "imgcls_models", "Configured models by status", labels=["status"]
         )
         for st in ("ready", "loading", "missing-weights", "failed"):
-            models.add_metric([st], counts.get(st, 0))
+            models.add_metric([st], snap.model_counts.get(st, 0))
         yield models
-        pool = svc.pool
         workers = GaugeMetricFamily(
             "imgcls_workers_alive", "Worker processes alive", labels=["device"]
         )
         restarts = GaugeMetricFamily(
-            "imgcls_worker_restarts", "Worker restarts since start", labels=["device"]
+            "imgcls_worker_restarts",
+            "Worker restarts since start, by reason: crash (the process died) or watchdog (hung)",
+            labels=["device", "reason"],
         )
         memory = GaugeMetricFamily(
             "imgcls_device_memory_bytes",
             "Memory in use per device: CUDA memory allocated by the workers, or their RSS on CPU",
             labels=["device"],
         )
-        if pool is not None:
-            by_device: dict[str, list[Any]] = {}
-            for w in pool.workers:
-                by_device.setdefault(w.device, []).append(w)
-            for device, ws in by_device.items():
-                workers.add_metric([device], sum(w.alive for w in ws))
-                restarts.add_metric([device], sum(w.restarts for w in ws))
-                if device == "cpu":
-                    used = sum(_rss(w.pid) for w in ws if w.alive and w.pid)
-                else:
-                    used = sum(w.device_memory for w in ws if w.alive)
-                memory.add_metric([device], used)
+        by_device: dict[str, list[WorkerSnapshot]] = {}
+        for w in snap.workers:
+            by_device.setdefault(w.device, []).append(w)
+        for device, ws in by_device.items():
+            workers.add_metric([device], sum(w.alive for w in ws))
+            for reason in ("crash", "watchdog"):
+                restarts.add_metric([device, reason], sum(w.restarts.get(reason, 0) for w in ws))
+            if device == "cpu":
+                used = sum(_rss(w.pid) for w in ws if w.alive and w.pid)
+            else:
+                used = sum(w.device_memory for w in ws if w.alive)
+            memory.add_metric([device], used)
         yield workers
         yield restarts
         yield memory

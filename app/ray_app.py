@@ -18,19 +18,20 @@ from fastapi import FastAPI, Query, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app import errors
 from app import weights as weights_mod
-from app.api.deps import read_pixels
+from app.api import errors as api_errors
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
+from app.core import InferenceCore, ServedModel, parse_models
 from app.engine import fastpath
-from app.engine.batcher import Prediction
+from app.engine.batcher import ImageResult
+from app.engine.decoding import Item
 from app.engine.worker import Runner, WorkerConfig
 from app.errors import ModelNotServedError
 from app.middleware import RequestIdMiddleware
-from app.responses import classify_result, compare_response, parse_models
 from app.schemas import ClassifyResponse, CompareResponse, ModelsResponse
 from app.settings import Settings
+from app.upload import read_upload
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
 
@@ -55,9 +56,7 @@ class Backbone:
             allow_random=self.settings.allow_random_weights,
             mirror=self.settings.weights_mirror,
         )
-        self.weights_label = "random" if path is None else (
-            self.spec.weights_name if self.spec.source == "torchvision" else path.name
-        )  # fmt: skip
+        self.weights_label = weights_mod.weights_label(self.spec, path)
         self.device = _device(self.settings)
         fast = fastpath.resolve(
             self.settings.precision, self.settings.channels_last, self.settings.compile, self.device
@@ -77,14 +76,14 @@ class Backbone:
                 "precision": self.precision, "backend": self.backend}  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, items: list[tuple[torch.Tensor, float]]) -> list[Prediction]:
+    async def predict_batch(self, items: list[tuple[torch.Tensor, float]]) -> list[ImageResult]:
         start_wall = time.time()
         t0 = time.perf_counter()
         batch = torch.stack([t for t, _ in items])
         probs = await asyncio.to_thread(self.runner.forward, self.spec.name, batch)
         ms = (time.perf_counter() - t0) * 1000.0
         return [
-            Prediction(
+            ImageResult(
                 probs=probs[i].numpy(),
                 batch_size=len(items),
                 queue_ms=max(0.0, (start_wall - submitted) * 1000.0),
@@ -96,13 +95,48 @@ class Backbone:
             for i, (_, submitted) in enumerate(items)
         ]
 
-    async def __call__(self, tensor: torch.Tensor, submitted: float) -> Prediction:
-        result: Prediction = await self.predict_batch((tensor, submitted))
+    async def __call__(self, tensor: torch.Tensor, submitted: float) -> ImageResult:
+        result: ImageResult = await self.predict_batch((tensor, submitted))
+        return result
+
+
+class RayCore(InferenceCore):
+    """The inference core (app/core.py) with models run by Ray deployment handles; uploads are
+    decoded here, in the ingress, and pixels go to the replicas."""
+
+    def __init__(self, backbones: dict[str, DeploymentHandle], settings: Settings) -> None:
+        self.settings = settings
+        self.catalog = catalog_for(settings.model_config_file)
+        self.backbones = backbones
+        self.served = {name: ServedModel(self.catalog.get(name)) for name in backbones}
+        self.info: dict[str, dict[str, Any]] = {}
+
+    async def refresh(self) -> None:
+        """Learn each deployment's weights, device, precision and backend (once)."""
+        for name, served in self.served.items():
+            if name not in self.info:
+                self.info[name] = await self.backbones[name].info.remote()
+                served.weights_label = self.info[name]["weights"]
+
+    def servable(self, name: str) -> ServedModel:
+        spec: ModelSpec = self.catalog.get(name)  # unknown names: 404 with the list
+        if name not in self.served:
+            raise ModelNotServedError(
+                f"model {spec.name!r} is in the catalog but not deployed; deployed: "
+                f"{', '.join(self.backbones)}"
+            )
+        return self.served[name]
+
+    async def run(self, name: str, payload: Item, deadline: float) -> ImageResult:
+        remaining = max(0.001, deadline - time.monotonic())
+        result: ImageResult = await asyncio.wait_for(
+            self.backbones[name].remote(payload, time.time()), remaining
+        )
         return result
 
 
 api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")
-errors.install(api)
+api_errors.install(api)
 api.add_middleware(RequestIdMiddleware)
 TopK = Annotated[int, Query(ge=1, le=20)]
 
@@ -111,72 +145,35 @@ TopK = Annotated[int, Query(ge=1, le=20)]
 @serve.ingress(api)
 class Ingress:
     def __init__(self, backbones: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
-        self.settings = Settings(**settings)
-        self.catalog = catalog_for(self.settings.model_config_file)
-        self.backbones = backbones
-        self.info: dict[str, dict[str, Any]] = {}
-
-    async def _info(self, name: str) -> dict[str, Any]:
-        if name not in self.info:
-            self.info[name] = await self.backbones[name].info.remote()
-        return self.info[name]
-
-    def _served(self, name: str) -> ModelSpec:
-        spec: ModelSpec = self.catalog.get(name)  # unknown names: 404 with the list
-        if name not in self.backbones:
-            raise ModelNotServedError(
-                f"model {name!r} is in the catalog but not deployed; deployed: "
-                f"{', '.join(self.backbones)}"
-            )
-        return spec
+        self.core = RayCore(backbones, Settings(**settings))
 
     @api.post("/classify", response_model=ClassifyResponse)
     async def classify(
         self, request: Request, model: str | None = None, top_k: TopK = 5
     ) -> ClassifyResponse:
-        started = time.perf_counter()
-        name = model or self.settings.default
-        spec = self._served(name)
-        pixels = await read_pixels(request, self.settings, [spec])
-        pred = await self.backbones[name].remote(pixels.of(spec), time.time())
-        info = await self._info(name)
-        return classify_result(spec, info["weights"], pred, top_k, decode_ms=pixels.decode_ms,
-                               preprocess_ms=pixels.preprocess_ms, started=started,
-                               request_id=request.state.request_id)  # fmt: skip
+        self.core.admit(model or self.core.default_model)
+        await self.core.refresh()
+        upload = await read_upload(request, self.core.settings.max_upload_bytes)
+        return await self.core.classify(upload.data, model, top_k, request.state.request_id)
 
     @api.post("/compare", response_model=CompareResponse)
     async def compare(
         self, request: Request, models: str | None = None, top_k: TopK = 5
     ) -> CompareResponse:
-        started = time.perf_counter()
-        names = parse_models(models, list(self.backbones))
-        specs = [self._served(n) for n in names]
-        pixels = await read_pixels(request, self.settings, specs)
-
-        async def one(spec: ModelSpec) -> tuple[Prediction, float]:
-            pred = await self.backbones[spec.name].remote(pixels.of(spec), time.time())
-            return pred, time.perf_counter()
-
-        done = await asyncio.gather(*(one(s) for s in specs))
-        results = [
-            classify_result(s, (await self._info(s.name))["weights"], p, top_k,
-                            decode_ms=pixels.decode_ms, preprocess_ms=pixels.preprocess_ms,
-                            started=started, finished=f,
-                            request_id=request.state.request_id)
-            for s, (p, f) in zip(specs, done, strict=True)
-        ]  # fmt: skip
-        return compare_response(specs, [p for p, _ in done], results, top_k,
-                                decode_ms=pixels.decode_ms, started=started,
-                                request_id=request.state.request_id)  # fmt: skip
+        for name in parse_models(models, list(self.core.served)):
+            self.core.admit(name)
+        await self.core.refresh()
+        upload = await read_upload(request, self.core.settings.max_upload_bytes)
+        return await self.core.compare(upload.data, models, top_k, request.state.request_id)
 
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
+        await self.core.refresh()
         entries = []
-        for spec in self.catalog.specs():
+        for spec in self.core.catalog.specs():
             entry = spec.catalog_entry()
-            if spec.name in self.backbones:
-                info = await self._info(spec.name)
-                entry.update(status="ready", reason=None, **info)
+            if spec.name in self.core.info:
+                entry.update(status="ready", reason=None, **self.core.info[spec.name])
             else:
                 entry.update(status="not-loaded", reason="not deployed", device=None,
                              weights=None, precision=None, backend=None)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Building the public responses from predictions: shared by the FastAPI service and Ray Serve."""
+"""Building the public responses from engine results (used by app/core.py for every front-end)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 
 from app.agreement import ModelOutput, agreement, top_indices
 from app.catalog import ModelSpec
-from app.engine.batcher import Prediction
+from app.engine.batcher import ImageResult
 from app.schemas import ClassifyResponse, CompareResponse
 
 
 def classify_result(
     spec: ModelSpec,
     weights_label: str | None,
-    pred: Prediction,
+    pred: ImageResult,
     top_k: int,
     *,
     decode_ms: float,
@@ -58,7 +58,7 @@ def classify_result(
 
 def compare_response(
     specs: Sequence[ModelSpec],
-    preds: Sequence[Prediction],
+    preds: Sequence[ImageResult],
     results: Sequence[ClassifyResponse],
     top_k: int,
     *,
@@ -87,17 +87,3 @@ def compare_response(
             "request_id": request_id,
         }
     )
-
-
-def parse_models(models: str | None, loaded: Sequence[str]) -> list[str]:
-    """The models a /compare asks for: 2-8 distinct names, or the loaded ones (at most 8)."""
-    from app.errors import InvalidParameterError
-
-    if models is None:
-        return list(loaded)[:8]
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    if not 2 <= len(names) <= 8:
-        raise InvalidParameterError(f"'models' must name 2 to 8 models, got {len(names)}")
-    if len(set(names)) != len(names):
-        raise InvalidParameterError("'models' names a model twice")
-    return names

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class Prediction(BaseModel):
+class ClassScore(BaseModel):
     rank: int = Field(description="1 for the most probable class")
     index: int = Field(description="class index in the model's label list")
     label: str
@@ -56,7 +56,7 @@ class ClassifyResponse(BaseModel):
     device: str
     precision: str = Field(description="numeric precision the model ran in: fp32, bf16 or fp16")
     backend: str = Field(description="eager, or inductor (torch.compile)")
-    predictions: list[Prediction]
+    predictions: list[ClassScore]
     latency_ms: Latency
     batch_size: int = Field(description="size of the batch this image actually ran in")
     request_id: str
@@ -143,7 +143,3 @@ class Info(BaseModel):
     max_pixels: int
     max_top_k: int
     devices: list[str]
-
-
-class ErrorResponse(BaseModel):
-    detail: str

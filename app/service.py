@@ -1,7 +1,9 @@
 """The running service: catalog, weights, worker pool and one batcher per model.
 
-Routes call ``classify``/``compare``-level helpers here; nothing in this module knows about HTTP
-except the domain errors it raises.
+It is the inference core (app/core.py) run by this process's worker pool: start-up, status,
+admission, and loading or unloading models while serving. Every background task it starts has a
+done-callback, so a failure is logged with its traceback and the models it affects turn
+``failed`` with the reason, in /models and /readyz, instead of staying ``loading`` for good.
 """
 
 from __future__ import annotations
@@ -16,40 +18,44 @@ from typing import Any
 import torch
 
 from app import weights as weights_mod
-from app.catalog import Catalog, ModelSpec
+from app.catalog import Catalog
 from app.catalog.custom import catalog_for
+from app.core import InferenceCore, ServedModel
 from app.engine import fastpath
-from app.engine.batcher import ModelBatcher, Prediction
+from app.engine.batcher import ImageResult, ModelBatcher
 from app.engine.decoding import Item
-from app.engine.pool import ModelStatus, WorkerPool, resolve_devices
+from app.engine.observer import EngineObserver
+from app.engine.plan import LoadPlan
+from app.engine.pool import ModelStatus, WorkerPool, WorkerSnapshot, resolve_devices
 from app.engine.worker import WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
-from app.observability import Metrics
 from app.settings import Settings
 
 log = logging.getLogger("imgcls.service")
 
 
-@dataclass
-class Served:
-    """A model this service was started with, and what stops it from serving if anything."""
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    """What the metrics collector reads at scrape time."""
 
-    spec: ModelSpec
-    weights_label: str | None = None  # the enum name, the file, or "random"
-    problem: str | None = None  # "missing-weights" | "failed"
-    reason: str | None = None
+    queue_depths: dict[str, int]
+    model_counts: dict[str, int]  # status -> models
+    workers: list[WorkerSnapshot]
 
 
-class Service:
+class Service(InferenceCore):
     def __init__(
-        self, settings: Settings, catalog: Catalog | None = None, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        catalog: Catalog | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.observer = observer
         self.catalog = catalog or catalog_for(settings.model_config_file)
-        self.served: dict[str, Served] = {}
+        self.served: dict[str, ServedModel] = {}
         for name in settings.model_names:
-            self.served[name] = Served(self.catalog.get(name))  # unknown names stop startup
+            self.served[name] = ServedModel(self.catalog.get(name))  # unknown names stop startup
         self.devices = resolve_devices(settings.device)
         self.paths = {  # raises for impossible combinations (fp16 on a CPU) before serving
             d: fastpath.resolve(settings.precision, settings.channels_last, settings.compile, d)
@@ -59,37 +65,65 @@ class Service:
         self.pool: WorkerPool | None = None
         self.batchers: dict[str, ModelBatcher] = {}
         self.started = time.monotonic()
-        self._startup: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loading: dict[str, asyncio.Task[None]] = {}
+
+    # ---- background tasks ------------------------------------------------------------------
+    def _spawn(self, coro: Any, name: str, affects: list[str]) -> asyncio.Task[Any]:
+        """A background task whose failure is loud: logged with its traceback, and the models it
+        affects marked failed with the reason."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled() or t.exception() is None:
+                return
+            exc = t.exception()
+            log.error("%s failed: %s", name, exc, exc_info=exc)
+            for model in affects:
+                served = self.served.get(model)
+                if served is not None and model not in self.batchers:
+                    served.problem, served.reason = "failed", f"{type(exc).__name__}: {exc}"
+
+        task.add_done_callback(done)
+        return task
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        torch.set_num_threads(1)  # the API process only preprocesses; workers own the cores
-        self._startup = asyncio.create_task(self._load())
+        torch.set_num_threads(1)  # the API process only decodes and resizes; workers own cores
+        self._spawn(self._start(), "start-up", list(self.served))
 
-    async def _load(self) -> None:
-        plans = []
-        for name, served in self.served.items():
-            try:
-                path = await asyncio.to_thread(
-                    weights_mod.resolve,
-                    served.spec,
-                    self.settings.weights_dir,
-                    auto_download=self.settings.auto_download,
-                    allow_random=self.settings.allow_random_weights,
-                    mirror=self.settings.weights_mirror,
-                )
-            except weights_mod.WeightsError as exc:
-                served.problem, served.reason = "missing-weights", str(exc)
-                log.error("%s", exc)
-                continue
-            if path is None:
-                served.weights_label = "random"
-                log.warning("%s serves RANDOM weights (IMGCLS_ALLOW_RANDOM_WEIGHTS)", name)
-            elif served.spec.source == "torchvision":
-                served.weights_label = served.spec.weights_name
-            else:
-                served.weights_label = path.name
-            plans.append(served.spec.load_plan(str(path) if path else None))
+    async def _resolve(self, served: ServedModel) -> LoadPlan | None:
+        """The load plan of one model, or None (with the problem recorded) when it cannot run."""
+        name = served.spec.name
+        try:
+            path = await asyncio.to_thread(
+                weights_mod.resolve,
+                served.spec,
+                self.settings.weights_dir,
+                auto_download=self.settings.auto_download,
+                allow_random=self.settings.allow_random_weights,
+                mirror=self.settings.weights_mirror,
+            )
+        except weights_mod.WeightsError as exc:
+            served.problem, served.reason = exc.problem, str(exc)
+            log.error("%s", exc)
+            return None
+        except Exception as exc:  # an OSError from the weights folder, and anything else
+            served.problem = "failed"
+            served.reason = (
+                f"{type(exc).__name__}: {exc} (weights folder {self.settings.weights_dir})"
+            )
+            log.error("%s: cannot resolve weights: %s", name, served.reason, exc_info=exc)
+            return None
+        served.problem = served.reason = None
+        served.weights_label = weights_mod.weights_label(served.spec, path)
+        if path is None:
+            log.warning("%s serves RANDOM weights (IMGCLS_ALLOW_RANDOM_WEIGHTS)", name)
+        return served.spec.load_plan(str(path) if path else None)
+
+    def _configs(self, plans: list[LoadPlan]) -> list[WorkerConfig]:
         configs: list[WorkerConfig] = []
         per_device = self.settings.workers_per_device
         cpu_workers = sum(per_device for d in self.devices if d == "cpu")
@@ -101,47 +135,105 @@ class Service:
             for _ in range(per_device):
                 configs.append(
                     WorkerConfig(
-                        worker_id=len(configs),
-                        device=device,
-                        precision=fast.precision,
-                        channels_last=fast.channels_last,
-                        compile=fast.compile,
+                        worker_id=len(configs), device=device, precision=fast.precision,
+                        channels_last=fast.channels_last, compile=fast.compile,
                         threads=threads if device == "cpu" else None,
-                        warmup_batch=self.settings.max_batch_size,
-                        plans=plans,
+                        warmup_batch=self.settings.max_batch_size, plans=plans,
                         max_pixels=self.settings.max_pixels,
                         jpeg_on_device=device.startswith("cuda"),
                     )
-                )
-        self.pool = WorkerPool(configs)
+                )  # fmt: skip
+        return configs
+
+    async def _start(self) -> None:
+        plans = [p for s in self.served.values() if (p := await self._resolve(s)) is not None]
+        self.pool = WorkerPool(
+            self._configs(plans),
+            worker_timeout_s=self.settings.worker_timeout_s,
+            startup_timeout_s=self.settings.worker_startup_timeout_s,
+        )
         await self.pool.start()
         for plan in plans:
-            b = ModelBatcher(
-                plan.name,
-                self.pool,
-                max_batch_size=self.settings.max_batch_size,
-                max_wait_s=self.settings.max_batch_wait_ms / 1000.0,
-                max_queue=self.settings.max_queue,
-                metrics=self.metrics,
-            )
-            b.start()
-            self.batchers[plan.name] = b
+            self._add_batcher(plan.name)
+
+    def _add_batcher(self, name: str) -> None:
+        assert self.pool is not None
+        b = ModelBatcher(
+            name,
+            self.pool,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_s=self.settings.max_batch_wait_ms / 1000.0,
+            max_queue=self.settings.max_queue,
+            observer=self.observer,
+        )
+        b.start()
+        self.batchers[name] = b
 
     async def stop(self) -> None:
-        if self._startup is not None and not self._startup.done():
-            self._startup.cancel()
-            await asyncio.gather(self._startup, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for b in self.batchers.values():
             await b.stop()
         if self.pool is not None:
             await self.pool.close(grace_s=self.settings.shutdown_grace_s)
+
+    # ---- models at run time (the model-repository extension) -------------------------------
+    async def load(self, name: str, timeout_s: float | None = None) -> ModelStatus:
+        """Start serving ``name`` (a catalog model), downloading weights when allowed; returns
+        when it is ready or has failed. Loading a model that serves already is a no-op."""
+        spec = self.catalog.get(name)  # UnknownModelError: 404
+        if self.pool is None:
+            raise ModelNotReadyError("the service is still starting; retry", retry_after=5)
+        served = self.served.setdefault(name, ServedModel(spec))
+        if name not in self.batchers:
+            task = self._loading.get(name)
+            if task is None or task.done():
+                task = self._spawn(self._load_one(served), f"load-{name}", [name])
+                self._loading[name] = task
+            await asyncio.shield(task)
+        if served.problem:
+            return self.status(name)
+        deadline = time.monotonic() + (timeout_s or self.settings.worker_startup_timeout_s)
+        await self.pool.wait_status(
+            lambda: self.status(name).status in ("ready", "failed"), deadline
+        )
+        return self.status(name)
+
+    async def _load_one(self, served: ServedModel) -> None:
+        assert self.pool is not None
+        plan = await self._resolve(served)
+        if plan is None:
+            return
+        self.pool.load(plan)
+        self._add_batcher(plan.name)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 404 at once, queued images are answered
+        (the queue drains), then the workers free its memory."""
+        served = self.served.get(name)
+        if served is None:
+            self.catalog.get(name)  # 404 for names not in the catalog
+            return
+        del self.served[name]
+        batcher = self.batchers.pop(name, None)
+        if batcher is not None:
+            await batcher.drain(self.settings.request_timeout_s)
+            await batcher.stop()
+        if self.pool is not None:
+            pool = self.pool
+            pool.unload(name)
+            await pool.wait_status(
+                lambda: all(name not in w.models for w in pool.workers if w.alive),
+                time.monotonic() + 30,
+            )
 
     # ---- status ----------------------------------------------------------------------------
     def status(self, name: str) -> ModelStatus:
         """The status of any catalog model in this service."""
         served = self.served.get(name)
         if served is None:
-            return ModelStatus("not-loaded", "not in IMGCLS_MODELS")
+            return ModelStatus("not-loaded", "not loaded by this service")
         if served.problem:
             return ModelStatus(served.problem, served.reason)
         if self.pool is None or name not in self.batchers:
@@ -180,28 +272,47 @@ class Service:
         names = dict.fromkeys([*self.catalog.names(), *self.served])
         return [self.model_entry(n, labels=False) for n in names]
 
+    def snapshot(self) -> ServiceSnapshot:
+        counts: dict[str, int] = {}
+        for name in self.served:
+            st = self.status(name).status
+            counts[st] = counts.get(st, 0) + 1
+        return ServiceSnapshot(
+            {name: b.depth for name, b in self.batchers.items()},
+            counts,
+            self.pool.snapshot() if self.pool is not None else [],
+        )
+
     # ---- inference -------------------------------------------------------------------------
-    def servable(self, name: str) -> Served:
-        """The served model called ``name``, or the error that says why it cannot run."""
+    def servable(self, name: str) -> ServedModel:
         served = self.served.get(name)
         if served is None:
             spec = self.catalog.get(name)  # raises UnknownModelError for names not in the catalog
             raise ModelNotServedError(
                 f"model {spec.name!r} is in the catalog but not loaded by this service; "
-                f"loaded models: {', '.join(self.served)} (add it to IMGCLS_MODELS)"
+                f"loaded models: {', '.join(self.served)} (add it to IMGCLS_MODELS, or load it "
+                f"through the model repository API)"
             )
         st = self.status(name)
-        status, reason = st.status, st.reason
-        if status != "ready":
+        if st.status != "ready":
             raise ModelNotReadyError(
-                f"model {name!r} is not ready: {status}" + (f" ({reason})" if reason else ""),
-                retry_after=30 if status in ("missing-weights", "failed") else 5,
+                f"model {name!r} is not ready: {st.status}"
+                + (f" ({st.reason})" if st.reason else ""),
+                retry_after=30 if st.status in ("missing-weights", "failed") else 5,
             )
         return served
 
-    async def predict(self, name: str, payload: Item, deadline: float) -> Prediction:
-        """Run uint8 pixels, or an upload to decode in the worker, through ``name``."""
-        batcher = self.batchers[name]
+    def admit(self, name: str, images: int = 1) -> ServedModel:
+        served = self.servable(name)
+        self.batchers[served.spec.name].admit(images)
+        return served
+
+    async def run(self, name: str, payload: Item, deadline: float) -> ImageResult:
+        """Run uint8 pixels, normalised floats, or an upload to decode in the worker, through
+        ``name``."""
+        batcher = self.batchers.get(name)
+        if batcher is None:
+            raise ModelNotReadyError(f"model {name!r} is not loaded (unloaded?)", retry_after=5)
         fut = batcher.submit(payload, deadline)
         remaining = deadline - time.monotonic()
         try:

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    worker_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a worker whose oldest batch has run this long, or whose heartbeat has been "
+        "silent this long, is killed and restarted (watchdog)",
+    )
+    worker_startup_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="the watchdog's limit while a worker starts or loads (compiles) a model",
+    )
 
     max_upload_mb: float = Field(20.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)

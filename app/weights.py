@@ -1,20 +1,19 @@
-"""Where checkpoints live, how they are downloaded and verified, and how they are loaded."""
+"""Where checkpoints live and how they are downloaded and verified.
+
+Reading a checkpoint into a model is the engine's part: app/engine/checkpoint.py.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from app.catalog import ModelSpec
+from app.engine.checkpoint import WeightsError, load_into, read_state_dict
 
-
-class WeightsError(RuntimeError):
-    """A checkpoint is missing, cannot be fetched, or does not match its model."""
+__all__ = ["WeightsError", "download", "load_into", "pull", "read_state_dict", "resolve", "status"]
 
 
 def pull_command(name: str) -> str:
@@ -38,9 +37,16 @@ def download(url: str, dest: Path, sha256_prefix: str | None, progress: bool = T
     """
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only volume, a path through a file: no retry will help
+        raise WeightsError(
+            f"cannot create the weights folder {dest.parent}: {exc}", problem="failed"
+        ) from exc
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256_prefix, progress=progress)
+    except PermissionError as exc:
+        raise WeightsError(f"cannot write {dest}: {exc}", problem="failed") from exc
     except Exception as exc:  # network errors, HTTP errors, hash mismatch
         raise WeightsError(f"download of {url} failed: {exc}") from exc
     return dest
@@ -71,40 +77,6 @@ def status(spec: ModelSpec, weights_dir: Path) -> WeightsStatus:
     return WeightsStatus(spec.name, str(path), present, path.stat().st_size if present else None)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint on the CPU with ``weights_only=True``.
-
-    Accepts a bare state_dict or ``{"state_dict": ...}`` and strips DataParallel ``module.``
-    prefixes.
-    """
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} is not a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_into(model: nn.Module, path: Path) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch names the keys and shapes."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    wrong = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if wrong:
-        raise WeightsError(f"{path}: shape mismatch: " + "; ".join(wrong[:5]))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"{path}: keys do not match the model: {exc}") from exc
-
-
 def resolve(
     spec: ModelSpec,
     weights_dir: Path,
@@ -126,6 +98,8 @@ def resolve(
         try:
             return pull(spec, weights_dir, mirror=mirror, progress=False)
         except WeightsError as exc:
+            if exc.problem == "failed" and not allow_random:
+                raise WeightsError(f"{spec.name}: {exc}", problem="failed") from exc
             problem = f"weights not found at {path} and {exc}"
     if allow_random:
         return None
@@ -137,3 +111,13 @@ def resolve(
     raise WeightsError(
         f"{spec.name}: {problem}; {fix} (or set IMGCLS_ALLOW_RANDOM_WEIGHTS=1 for development)"
     )
+
+
+def weights_label(spec: ModelSpec, path: Path | None) -> str:
+    """What a response's ``weights`` says: the enum member for torchvision weights, the file for
+    other checkpoints, ``random`` without one."""
+    if path is None:
+        return "random"
+    if spec.source == "torchvision" and spec.weights_name:
+        return spec.weights_name
+    return path.name

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.models import get_model_builder
 
 from app.catalog.custom import ModelConfigError, load_model_config
-from app.catalog.preprocess import table_preset
+from app.preprocess import table_preset
 from app.settings import Settings
 from tests.conftest import IMAGES, ROOT, needs_shared, save_resnet18, shared_image
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from app import imaging
 from app.catalog import build_catalog
-from app.engine.batcher import ModelBatcher, Prediction
+from app.engine.batcher import ImageResult, ModelBatcher
 from app.engine.decoding import Decoder, Encoded
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
@@ -115,7 +115,7 @@ def test_undecodable_upload_fails_alone_in_its_batch():
             for r in results[4:]:
                 assert isinstance(r, imaging.ImageError) and "cannot be decoded" in str(r), r
             for r in results[:4]:
-                assert isinstance(r, Prediction), r
+                assert isinstance(r, ImageResult), r
                 assert r.batch_size == 4 and r.probs.shape == (10,) and r.decode_ms
             assert pool.workers[0].alive and pool.workers[0].pid == pid
 

@@ -1,43 +1,58 @@
-"""Worker processes: a failing batch fails only its own requests; a killed worker comes back."""
+"""Worker processes and scheduling: a failing batch fails only its own requests; slots are booked
+atomically and first come, first served; a killed or hung worker comes back; restarts leak
+nothing; the batcher outlives an error."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from app.catalog import build_catalog
-from app.engine.pool import BatchFailedError
+from app.core import gather_fail_fast
+from app.engine.batcher import ImageResult, ModelBatcher
+from app.engine.pool import MAX_INFLIGHT_FULL, BatchFailedError, WorkerCrashedError, WorkerPool
 from app.engine.worker import WorkerConfig
 from tests import images
-from tests.conftest import needs_shared, ready_pool, run_service
+from tests.conftest import ready_pool, run_service
+from tests.test_reliability import _metric
+
+PNG = images.encode(images.photo((64, 64)), "PNG")
 
 
-def _config(worker_id: int = 0) -> WorkerConfig:
-    spec = build_catalog().get("cifar10_plain20")
-    plan = spec.load_plan(None)
-    return WorkerConfig(worker_id, "cpu", "fp32", False, False, 1, 4, [plan])
+def _config(*models: str, worker_id: int = 0) -> WorkerConfig:
+    catalog = build_catalog()
+    plans = [catalog.get(m).load_plan(None) for m in models or ("cifar10_plain20",)]
+    return WorkerConfig(worker_id, "cpu", "fp32", False, False, 1, 4, plans)
+
+
+def _pixels(n: int) -> torch.Tensor:
+    return torch.zeros(n, 3, 32, 32, dtype=torch.uint8).share_memory_()
 
 
 def test_failing_batch_fails_only_itself_and_worker_keeps_serving():
     async def scenario() -> None:
         async with ready_pool([_config()], "cifar10_plain20") as pool:
-            w = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
-            assert w is not None
-            pid = w.pid
-            bad = pool.submit(w, "cifar10_plain20", torch.zeros(2, 3, 7))  # wrong rank: conv fails
-            good = pool.submit(w, "cifar10_plain20", torch.zeros(3, 3, 32, 32).share_memory_())
+            first = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
+            assert first is not None
+            pid = first.worker.pid
+            bad = pool.submit(first, "cifar10_plain20", torch.zeros(2, 3, 7))  # conv fails
+            second = await pool.acquire("cifar10_plain20", time.monotonic() + 10, lambda: True)
+            assert second is not None
+            good = pool.submit(second, "cifar10_plain20", _pixels(3))
             with pytest.raises(BatchFailedError):
                 await bad
-            result = await good
-            assert result.probs.shape == (3, 10)
-            assert w.alive and w.pid == pid
+            assert (await good).probs.shape == (3, 10)
+            assert first.worker.alive and first.worker.pid == pid
 
     asyncio.run(scenario())
 
@@ -48,22 +63,208 @@ def test_second_slot_only_for_a_full_batch():
 
     async def scenario() -> None:
         async with ready_pool([_config()], "cifar10_plain20") as pool:
-            w = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
-            assert w is not None
-            big = torch.zeros(1024, 3, 32, 32, dtype=torch.uint8).share_memory_()
-            first = pool.submit(w, "cifar10_plain20", big)  # ~1 s on one thread
+            slot = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
+            assert slot is not None
+            first = pool.submit(slot, "cifar10_plain20", _pixels(1024))  # ~1 s on one thread
             soon = time.monotonic() + 0.05
             assert await pool.acquire("cifar10_plain20", soon) is None
-            assert await pool.acquire("cifar10_plain20", soon + 0.05, lambda: True) is w
+            full = await pool.acquire("cifar10_plain20", soon + 0.05, lambda: True)
+            assert full is not None and full.worker is slot.worker
+            pool.release(full)
             assert (await first).probs.shape == (1024, 10)
-            assert await pool.acquire("cifar10_plain20", time.monotonic() + 1) is w  # free again
+            again = await pool.acquire("cifar10_plain20", time.monotonic() + 1)  # free again
+            assert again is not None and again.worker is slot.worker
+            pool.release(again)
 
     asyncio.run(scenario())
 
 
-@needs_shared
+def test_a_slot_is_booked_by_exactly_one_waiter_first_come_first_served():
+    """Two models on one worker: batchers woken together cannot both book its one partial-batch
+    slot, and waiters are served in the order they came, whatever their model."""
+
+    async def scenario() -> None:
+        cfg = _config("cifar10_plain20", "cifar10_resnet20")
+        async with ready_pool([cfg], "cifar10_resnet20") as pool:
+            await pool.wait_status(
+                lambda: len(pool.ready_workers("cifar10_plain20")) == 1, time.monotonic() + 60
+            )
+            soon = time.monotonic() + 0.3
+            a, b = await asyncio.gather(
+                pool.acquire("cifar10_plain20", soon), pool.acquire("cifar10_resnet20", soon)
+            )
+            assert (a is None) != (b is None), "one idle slot, booked once"
+            held = a or b
+            assert held is not None
+            # Three waiters queue while the slot is held: A (plain), B (resnet), C (plain).
+            order: list[str] = []
+
+            async def wait(tag: str, model: str) -> None:
+                res = await pool.acquire(model, time.monotonic() + 30)
+                assert res is not None
+                order.append(tag)
+                pool.submit(res, model, _pixels(1))
+                await res.future
+
+            tasks = []
+            for tag, model in (("A", "cifar10_plain20"), ("B", "cifar10_resnet20"),
+                               ("C", "cifar10_plain20")):  # fmt: skip
+                tasks.append(asyncio.create_task(wait(tag, model)))
+                await asyncio.sleep(0)  # each registers before the next
+            pool.submit(held, "cifar10_plain20" if a else "cifar10_resnet20", _pixels(1))
+            await asyncio.gather(*tasks)
+            assert order == ["A", "B", "C"]
+
+    asyncio.run(scenario())
+
+
+def test_two_models_on_one_worker_never_overbook_it():
+    """Two batchers under concurrent load on one worker: the worker never holds more batches than
+    its slots (checked at every step of the event loop by a sampling task)."""
+
+    async def scenario() -> None:
+        cfg = _config("cifar10_plain20", "cifar10_resnet20")
+        async with ready_pool([cfg], "cifar10_resnet20") as pool:
+            await pool.wait_status(
+                lambda: len(pool.ready_workers("cifar10_plain20")) == 1, time.monotonic() + 60
+            )
+            worker = pool.workers[0]
+            batchers = [
+                ModelBatcher(m, pool, max_batch_size=4, max_wait_s=0.002, max_queue=1000)
+                for m in ("cifar10_plain20", "cifar10_resnet20")
+            ]
+            for b in batchers:
+                b.start()
+            peak, samples, stop = 0, 0, False
+
+            async def sample() -> None:
+                nonlocal peak, samples
+                while not stop:
+                    peak = max(peak, len(worker.inflight))
+                    samples += 1
+                    await asyncio.sleep(0)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                futures = []
+                for i in range(240):
+                    b = batchers[i % 2]
+                    futures.append(b.submit(torch.zeros(3, 32, 32, dtype=torch.uint8),
+                                            time.monotonic() + 60))  # fmt: skip
+                    if i % 7 == 0:
+                        await asyncio.sleep(0.001)
+                results = await asyncio.gather(*futures)
+            finally:
+                stop = True
+                await sampler
+                for b in batchers:
+                    await b.stop()
+            assert all(isinstance(r, ImageResult) for r in results)
+            assert samples > 100
+            assert 1 <= peak <= MAX_INFLIGHT_FULL, peak
+
+    asyncio.run(scenario())
+
+
+def test_batcher_survives_an_error_in_its_loop_and_in_a_batch():
+    class FailingOnce:
+        def __init__(self) -> None:
+            self.failed = {"batch": False, "drop": False}
+
+        def batch_ran(
+            self, model: str, images: int, inference_s: float, waits: list[float]
+        ) -> None:
+            if not self.failed["batch"]:
+                self.failed["batch"] = True
+                raise RuntimeError("observer broke while a batch was answered")
+
+        def image_dropped(self, model: str, reason: str) -> None:
+            if not self.failed["drop"]:
+                self.failed["drop"] = True
+                raise RuntimeError("observer broke in the batching loop")
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            observer = FailingOnce()
+            b = ModelBatcher("cifar10_plain20", pool, 4, 0.001, 100, observer=observer)
+            b.start()
+            try:
+                px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+                with pytest.raises(RuntimeError, match="answered"):
+                    await b.submit(px, time.monotonic() + 30)
+                stale = b.submit(px, time.monotonic() - 1)  # dropped: the loop's observer breaks
+                with pytest.raises((RuntimeError, TimeoutError)):
+                    await stale
+                assert observer.failed == {"batch": True, "drop": True}
+                result = await b.submit(px, time.monotonic() + 30)  # batching goes on
+                assert result.probs.shape == (10,)
+            finally:
+                await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_gather_fail_fast_cancels_the_others():
+    async def scenario() -> None:
+        cancelled = asyncio.Event()
+
+        async def slow() -> int:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return 1
+
+        async def fails() -> int:
+            await asyncio.sleep(0.01)
+            raise ValueError("first failure")
+
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="first failure"):
+            await gather_fail_fast([slow(), fails(), slow()])
+        assert cancelled.is_set() and time.monotonic() - t0 < 5
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_images_are_dropped_not_computed():
+    """What /compare's fail-fast relies on: an image whose waiter was cancelled leaves the queue
+    without being computed, and is counted as dropped."""
+
+    class Counts:
+        def __init__(self) -> None:
+            self.images = 0
+            self.dropped: list[str] = []
+
+        def batch_ran(
+            self, model: str, images: int, inference_s: float, waits: list[float]
+        ) -> None:
+            self.images += images
+
+        def image_dropped(self, model: str, reason: str) -> None:
+            self.dropped.append(reason)
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            counts = Counts()
+            b = ModelBatcher("cifar10_plain20", pool, 4, 0.2, 100, observer=counts)
+            px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            doomed = [b.submit(px, time.monotonic() + 30) for _ in range(3)]
+            kept = b.submit(px, time.monotonic() + 30)
+            for f in doomed:
+                f.cancel()
+            b.start()
+            try:
+                assert (await kept).batch_size == 1
+            finally:
+                await b.stop()
+            assert counts.images == 1 and counts.dropped == ["cancelled"] * 3
+
+    asyncio.run(scenario())
+
+
 def test_killed_worker_fails_inflight_fast_and_recovers(tmp_path):
-    png = images.encode(images.photo((64, 64)), "PNG")
     with run_service(
         models="cifar10_plain56", allow_random_weights=True, weights_dir=tmp_path
     ) as svc:
@@ -73,38 +274,199 @@ def test_killed_worker_fails_inflight_fast_and_recovers(tmp_path):
         def send(_: int) -> int:
             with httpx.Client(base_url=svc.url, timeout=60) as c:
                 r = c.post(
-                    "/classify", params={"model": "cifar10_plain56"}, files={"file": ("x.png", png)}
+                    "/classify", params={"model": "cifar10_plain56"}, files={"file": ("x.png", PNG)}
                 )
                 return r.status_code
 
         with cf.ThreadPoolExecutor(8) as ex:
             futures = [ex.submit(send, i) for i in range(200)]
-            time.sleep(0.5)
+            _wait(lambda: pool.workers[0].inflight, 30, "no batch in flight")
             os.kill(old_pid, signal.SIGKILL)
-            t_kill = time.monotonic()
-            not_ready = None
-            while time.monotonic() - t_kill < 5:  # /readyz says so while the worker restarts
-                r = httpx.get(f"{svc.url}/readyz")
-                if r.status_code == 503:
-                    not_ready = r.json()["not_ready"]
-                    break
-                time.sleep(0.02)
+            not_ready = _wait_readyz(svc.url, 503, 10)
             codes = [f.result(timeout=60) for f in futures]
-        assert not_ready and "cifar10_plain56" in not_ready[0], not_ready
+        assert "cifar10_plain56" in not_ready["not_ready"][0], not_ready
         assert set(codes) <= {200, 503}, codes  # never a 500 or a hang
-        print("status codes:", {c: codes.count(c) for c in set(codes)})
         assert 503 in codes, "the kill should have caught requests in flight"
-        # readiness reflects the restart, then the service comes back by itself
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if httpx.get(f"{svc.url}/readyz").status_code == 200:
-                break
-            time.sleep(0.1)
-        assert httpx.get(f"{svc.url}/readyz").status_code == 200
-        assert pool.workers[0].pid != old_pid and pool.workers[0].restarts == 1
+        _wait_readyz(svc.url, 200, 120)  # the service comes back by itself
+        assert pool.workers[0].pid != old_pid
+        assert pool.workers[0].restarts == {"crash": 1, "watchdog": 0}
+        assert _metric(svc.url, "imgcls_worker_restarts", reason="crash") == 1
         r = httpx.post(
-            f"{svc.url}/classify",
-            params={"model": "cifar10_plain56"},
-            files={"file": ("x.png", png)},
-        )
+            f"{svc.url}/classify", params={"model": "cifar10_plain56"},
+            files={"file": ("x.png", PNG)},
+        )  # fmt: skip
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["hung-with-a-batch", "silent-idle"])
+def test_watchdog_restarts_a_hung_worker(tmp_path, busy):
+    """A stopped worker (SIGSTOP: what a deadlocked CUDA call looks like from outside) is killed
+    and restarted within IMGCLS_WORKER_TIMEOUT_S: with a batch in flight (its age), or idle (its
+    heartbeat). Meanwhile its requests get 503 and /readyz says 503; then it serves again."""
+    timeout = 3.0
+    with run_service(
+        models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
+        worker_timeout_s=timeout, request_timeout_s=60,
+    ) as svc:  # fmt: skip
+        pool = svc.service.pool
+        old_pid = pool.workers[0].pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            with cf.ThreadPoolExecutor(4) as ex:
+                futures = [
+                    ex.submit(httpx.post, f"{svc.url}/classify",
+                              params={"model": "cifar10_plain20"},
+                              files={"file": ("x.png", PNG)}, timeout=60)
+                    for _ in range(4 if busy else 0)
+                ]  # fmt: skip
+                not_ready = _wait_readyz(svc.url, 503, timeout + 15)
+                t_detected = time.monotonic() - t_stop
+                answers = [f.result() for f in futures]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_pid, signal.SIGCONT)
+        assert t_detected < timeout + 10, t_detected
+        assert "cifar10_plain20" in not_ready["not_ready"][0]
+        assert all(r.status_code == 503 and r.headers["Retry-After"] for r in answers), answers
+        if busy:  # the batch in flight says why; the queued ones found no ready worker
+            assert any("stopped answering" in r.json()["detail"] for r in answers)
+        _wait_readyz(svc.url, 200, 120)
+        assert pool.workers[0].pid != old_pid
+        assert pool.workers[0].restarts == {"crash": 0, "watchdog": 1}
+        assert _metric(svc.url, "imgcls_worker_restarts", reason="watchdog") == 1
+        assert _metric(svc.url, "imgcls_worker_restarts", reason="crash") == 0
+        r = httpx.post(f"{svc.url}/classify", params={"model": "cifar10_plain20"},
+                       files={"file": ("x.png", PNG)}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+
+
+def test_twenty_restarts_under_load_leak_nothing():
+    """Old queues are closed and their feeder threads end: after 20 forced restarts under load
+    the API process holds no more file descriptors, threads or shared-memory segments than after
+    the first."""
+
+    def resources() -> tuple[int, int, int]:
+        fds = len(os.listdir("/proc/self/fd"))
+        shm = len([f for f in os.listdir("/dev/shm") if f.startswith("torch_")])
+        return fds, threading.active_count(), shm
+
+    async def scenario() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        pool = WorkerPool([_config()], backoff_s=0.0)
+        await pool.start()
+        b = ModelBatcher("cifar10_plain20", pool, 4, 0.001, 10_000)
+        b.start()
+        stop = False
+
+        async def load() -> None:
+            while not stop:
+                fut = b.submit(torch.zeros(3, 32, 32, dtype=torch.uint8), time.monotonic() + 30)
+                try:
+                    await fut
+                except (WorkerCrashedError, RuntimeError, TimeoutError):
+                    await asyncio.sleep(0.01)
+
+        try:
+            await pool.wait_status(lambda: bool(pool.ready_workers("cifar10_plain20")),
+                                   time.monotonic() + 60)  # fmt: skip
+            loaders = [asyncio.create_task(load()) for _ in range(3)]
+            baseline = None
+            for i in range(21):
+                w = pool.workers[0]
+                old = w.pid
+                assert old is not None
+                os.kill(old, signal.SIGKILL)
+                ok = await pool.wait_status(
+                    lambda w=w, old=old: (
+                        w.pid != old and bool(pool.ready_workers("cifar10_plain20"))
+                    ),
+                    time.monotonic() + 60,
+                )
+                assert ok, f"restart {i + 1} did not come back"
+                await asyncio.sleep(0.3)  # some traffic through the new worker
+                if i == 0:
+                    baseline = resources()
+            after = resources()
+            stop = True
+            await asyncio.gather(*loaders)
+            assert pool.workers[0].restarts["crash"] == 21
+            assert baseline is not None
+            return baseline, after
+        finally:
+            stop = True
+            await b.stop()
+            await pool.close()
+
+    baseline, after = asyncio.run(scenario())
+    print(f"after 1 restart: fds, threads, shm = {baseline}; after 21: {after}")
+    assert after[0] <= baseline[0] + 2, (baseline, after)  # fds (a batch may be in flight)
+    assert after[1] <= baseline[1], (baseline, after)  # threads
+    assert after[2] <= baseline[2] + 8, (baseline, after)  # transient batch descriptors
+
+
+def _wait(cond, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.005)
+
+
+def _wait_readyz(url: str, status: int, within: float) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        r = httpx.get(f"{url}/readyz", timeout=10)
+        if r.status_code == status:
+            return r.json()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/readyz stayed {r.status_code}: {r.text}")
+        time.sleep(0.02)
+
+
+def test_unwritable_weights_folder_fails_loudly_within_seconds():
+    """A read-only volume: the model is `failed` with the OSError and the path, /readyz says so,
+    and the log has it, within seconds (not `loading` for good)."""
+    with run_service(
+        wait_ready=False, models="cifar10_resnet20", weights_dir=Path("/proc/imgcls-weights"),
+        auto_download=True,
+    ) as svc:  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            entry = httpx.get(f"{svc.url}/models/cifar10_resnet20").json()
+            if entry["status"] != "loading" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert entry["status"] == "failed", entry
+        assert "/proc/imgcls-weights" in entry["reason"], entry
+        ready = httpx.get(f"{svc.url}/readyz")
+        assert ready.status_code == 503 and "failed" in ready.json()["not_ready"][0]
+        r = httpx.post(f"{svc.url}/classify", files={"file": ("x.png", PNG)})
+        assert r.status_code == 503 and "/proc/imgcls-weights" in r.json()["detail"]
+
+
+def test_server_fault_answers_in_client_terms_with_request_id(tmp_path, capfd):
+    """A model that outputs NaN (a broken checkpoint): the client gets a 500 that says what
+    happened in its terms and carries the request id; the detail goes to the log."""
+    from torchvision.models import get_model_builder
+
+    torch.manual_seed(0)
+    model = get_model_builder("resnet18")(weights=None, num_classes=3)
+    state = model.state_dict()
+    state["fc.bias"][:] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    (tmp_path / "nan.txt").write_text("a\nb\nc\n")
+    (tmp_path / "m.toml").write_text(
+        '[models.broken]\narch = "resnet18"\nweights = "nan.pt"\nlabels = "nan.txt"\n'
+    )
+    with run_service(models="broken", weights_dir=tmp_path, model_config_file=tmp_path / "m.toml",
+                     log_level="info") as svc:  # fmt: skip
+        r = httpx.post(f"{svc.url}/classify", files={"file": ("x.png", PNG)},
+                       headers={"X-Request-ID": "req-nan-1"}, timeout=60)  # fmt: skip
+        assert r.status_code == 500
+        detail = r.json()["detail"]
+        assert "req-nan-1" in detail and "inference failed" in detail
+        assert "non-finite" not in detail and "Error" not in detail and "Traceback" not in detail
+        assert svc.service.pool.workers[0].alive  # a bad output is no reason to restart
+    log = capfd.readouterr().err
+    assert "req-nan-1" in log and "non-finite" in log

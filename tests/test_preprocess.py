@@ -11,8 +11,8 @@ from torchvision.models import get_model_weights
 from torchvision.transforms import InterpolationMode
 
 from app.catalog import build_catalog
-from app.catalog.preprocess import IMAGENET_MEAN, IMAGENET_STD, table_preset
 from app.engine.worker import Runner, WorkerConfig
+from app.preprocess import IMAGENET_MEAN, IMAGENET_STD, table_preset
 from tests.conftest import IMAGES, needs_shared
 
 pytestmark = needs_shared

@@ -23,7 +23,6 @@ from torch import nn
 from torchvision.models import get_model_builder, list_models
 
 from app.catalog import cifar
-from app.catalog.preprocess import Preprocess, cifar_preset, imagenet_preset, table_preset
 from app.catalog.registry import (
     Catalog,
     Family,
@@ -32,6 +31,8 @@ from app.catalog.registry import (
     conv_linear_gflops,
     count_params,
 )
+from app.engine.checkpoint import WeightsError, load_into
+from app.preprocess import Preprocess, cifar_preset, imagenet_preset, table_preset
 
 ALLOWED_KEYS = {"arch", "weights", "labels", "preprocess", "family", "depth"}
 RESIDUAL_PREFIXES = ("resnet", "resnext", "wide_resnet", "cifar10_resnet")
@@ -83,8 +84,6 @@ def _read_labels(path: Path) -> tuple[str, ...]:
 
 
 def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
-    from app.weights import WeightsError, load_into
-
     unknown = set(entry) - ALLOWED_KEYS
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ALLOWED_KEYS)}")

@@ -18,8 +18,8 @@ from torch import nn
 from torchvision.models import get_model_builder, get_model_weights
 
 from app.catalog import cifar
-from app.catalog.preprocess import Preprocess, cifar_preset, from_torchvision
-from app.engine.worker import LoadPlan
+from app.engine.plan import LoadPlan
+from app.preprocess import Preprocess, cifar_preset, from_torchvision
 
 Family = Literal["cnn", "resnet"]
 
@@ -233,13 +233,6 @@ class Catalog:
 
     def names(self) -> list[str]:
         return list(self._specs)
-
-    def __contains__(self, name: str) -> bool:
-        try:
-            self.get(name)
-        except UnknownModelError:
-            return False
-        return True
 
     def get(self, name: str) -> ModelSpec:
         spec = self._specs.get(name)

@@ -7,6 +7,8 @@ batch may also be queued at a worker that is still running one (see pool.acquire
 starts it the moment it finishes, with no round trip through this process in between. Each
 request's future receives its own row of probabilities or the exception that failed its batch.
 Requests whose deadline passed or whose client went away are dropped before the batch is formed.
+
+The loop survives anything one batch can throw at it: the batch's images fail, the loop goes on.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from app.engine.decoding import Item
-from app.engine.pool import BatchResult, NoReadyWorkerError, WorkerHandle, WorkerPool
+from app.engine.observer import EngineObserver, NullObserver
+from app.engine.pool import (
+    BatchFailedError,
+    BatchResult,
+    NoReadyWorkerError,
+    Reservation,
+    WorkerPool,
+    fail_futures,
+)
 from app.imaging import ImageError, ImageTooLargeError
-
-if TYPE_CHECKING:
-    from app.observability import Metrics
 
 log = logging.getLogger("imgcls.batcher")
 
@@ -41,7 +47,9 @@ class NoWorkerError(RuntimeError):
 
 
 @dataclass
-class Prediction:
+class ImageResult:
+    """One image's answer from the engine."""
+
     probs: np.ndarray  # (classes,) float32
     batch_size: int
     queue_ms: float
@@ -56,7 +64,7 @@ class Prediction:
 @dataclass
 class _Item:
     payload: Item
-    future: asyncio.Future[Prediction]
+    future: asyncio.Future[ImageResult]
     submitted: float
     deadline: float
 
@@ -69,10 +77,10 @@ class ModelBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
-        metrics: Metrics | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.name = name
-        self.metrics = metrics
+        self.observer: EngineObserver = observer or NullObserver()
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -81,6 +89,7 @@ class ModelBatcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     @property
     def depth(self) -> int:
@@ -88,23 +97,46 @@ class ModelBatcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        log.error("batcher for %s ended unexpectedly; restarting it", self.name, exc_info=exc)
+        self._fail_queue(NoWorkerError(f"batching for {self.name} restarted; retry"))
+        self.start()
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(NoWorkerError("the service is shutting down"))
+        self._fail_queue(NoWorkerError("the service is shutting down"))
 
-    def submit(self, payload: Item, deadline: float) -> asyncio.Future[Prediction]:
-        """Queue uint8 pixels (3, S, S), or an upload for the worker to decode."""
-        if len(self._queue) >= self.max_queue:
+    async def drain(self, within_s: float) -> None:
+        """Wait (at most ``within_s``) until every queued image has been answered."""
+        waiting = [i.future for i in self._queue] + list(self._running)
+        if waiting:
+            await asyncio.wait(waiting, timeout=within_s)
+
+    def room(self) -> int:
+        """How many more images the queue takes now."""
+        return max(0, self.max_queue - len(self._queue))
+
+    def admit(self, images: int = 1) -> None:
+        """Raise QueueFullError unless ``images`` more fit in the queue now (checked before a
+        request's body is read, and again when its images are queued)."""
+        if images > self.room():
             raise QueueFullError(f"the queue for {self.name} is full ({self.max_queue} images)")
-        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+
+    def submit(self, payload: Item, deadline: float) -> asyncio.Future[ImageResult]:
+        """Queue uint8 pixels (3, S, S), normalised floats, or an upload for the worker to
+        decode."""
+        self.admit(1)
+        fut: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(payload, fut, time.monotonic(), deadline))
         self._arrived.set()
         if len(self._queue) == self.max_batch_size:
@@ -116,11 +148,11 @@ class ModelBatcher:
         kept: collections.deque[_Item] = collections.deque()
         for item in self._queue:
             if item.future.done():  # cancelled: the client timed out or went away
-                self._count_drop("cancelled")
+                self.observer.image_dropped(self.name, "cancelled")
                 continue
             if item.deadline <= now:
                 item.future.set_exception(TimeoutError("request deadline passed in the queue"))
-                self._count_drop("deadline")
+                self.observer.image_dropped(self.name, "deadline")
                 continue
             kept.append(item)
         self._queue = kept
@@ -135,97 +167,102 @@ class ModelBatcher:
 
     async def _loop(self) -> None:
         while True:
-            self._drop_stale()
-            if not self._queue:
-                await self._wait_for_items(None)
-                continue
-            close_at = self._queue[0].submitted + self.max_wait_s
-            while len(self._queue) < self.max_batch_size:
-                remaining = close_at - time.monotonic()
-                if remaining <= 0:
-                    break
-                await self._wait_for_items(remaining)
-            latest = max(i.deadline for i in self._queue)
             try:
-                worker = await self.pool.acquire(self.name, latest, self._full)
-            except NoReadyWorkerError as exc:
-                self._fail_all(NoWorkerError(str(exc)))
-                continue
-            self._drop_stale()  # what waited past its deadline gets 504 and is not computed
-            if worker is None:
-                continue
-            if not self._queue:
-                continue
-            items = [self._queue.popleft() for _ in range(min(self.max_batch_size, self.depth))]
-            task = asyncio.create_task(self._run_batch(worker, items))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-            # Let the dispatch reach the worker before gathering the next batch.
-            await asyncio.sleep(0)
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let one batch end batching for the model
+                log.exception("batcher for %s: unexpected error; failing the queued images",
+                              self.name)  # fmt: skip
+                self._fail_queue(BatchFailedError(f"{type(exc).__name__}: {exc}"))
+
+    async def _next_batch(self) -> None:
+        self._drop_stale()
+        if not self._queue:
+            await self._wait_for_items(None)
+            return
+        close_at = self._queue[0].submitted + self.max_wait_s
+        while len(self._queue) < self.max_batch_size:
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._wait_for_items(remaining)
+        latest = max(i.deadline for i in self._queue)
+        try:
+            slot = await self.pool.acquire(self.name, latest, self._full)
+        except NoReadyWorkerError as exc:
+            self._fail_queue(NoWorkerError(str(exc)))
+            return
+        self._drop_stale()  # what waited past its deadline gets 504 and is not computed
+        if slot is None:
+            return
+        if not self._queue:
+            self.pool.release(slot)
+            return
+        items = [self._queue.popleft() for _ in range(min(self.max_batch_size, self.depth))]
+        task = asyncio.create_task(self._run_batch(slot, items))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        # Let the dispatch reach the worker before gathering the next batch.
+        await asyncio.sleep(0)
 
     def _full(self) -> bool:
         return len(self._queue) >= self.max_batch_size
 
-    def _count_drop(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.dropped.labels(self.name, reason).inc()
+    def _fail_queue(self, exc: Exception) -> None:
+        items, self._queue = self._queue, collections.deque()
+        fail_futures((i.future for i in items), exc)
 
-    def _fail_all(self, exc: Exception) -> None:
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(exc)
-
-    async def _run_batch(self, worker: WorkerHandle, items: list[_Item]) -> None:
+    async def _run_batch(self, slot: Reservation, items: list[_Item]) -> None:
         try:
-            payloads = [i.payload for i in items]
-            # Pixels only: one stacked tensor in shared memory. With uploads, the list itself, for
-            # the worker to decode and stack, pickled through the queue's pipe: faster than one
-            # shared-memory blob, whose descriptor costs a round trip (0.5 vs 1.7 ms per batch).
-            tensors = [p for p in payloads if isinstance(p, torch.Tensor)]
-            batch = _stack_shared(tensors) if len(tensors) == len(payloads) else payloads
-            result: BatchResult = await self.pool.submit(worker, self.name, batch)
+            await self._compute(slot, items)
         except Exception as exc:
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
+            if not isinstance(exc, RuntimeError | TimeoutError):
+                log.exception("batch for %s failed in the API process", self.name)
+            fail_futures((i.future for i in items), exc)
+
+    async def _compute(self, slot: Reservation, items: list[_Item]) -> None:
+        payloads = [i.payload for i in items]
+        # Pixels only: one stacked tensor in shared memory. With uploads (or images of mixed
+        # kinds), the list itself, for the worker to decode and stack, pickled through the queue's
+        # pipe: faster than one shared-memory blob, whose descriptor costs a round trip.
+        tensors = [p for p in payloads if isinstance(p, torch.Tensor)]
+        uniform = len(tensors) == len(payloads) and len({t.dtype for t in tensors}) == 1
+        batch = _stack_shared(tensors) if uniform else payloads
+        result: BatchResult = await self.pool.submit(slot, self.name, batch)
         n = len(items)
         rows, errors, decode_ms, preprocess_ms = result.items or (list(range(n)), {}, None, None)
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(self.name).observe(len(rows))  # images computed
-            self.metrics.inference_latency.labels(self.name).observe(result.inference_ms / 1000.0)
-            for item in items:
-                self.metrics.queue_latency.labels(self.name).observe(
-                    max(0.0, result.start - item.submitted)
-                )
         if result.probs.shape[0] != len(rows) or len(rows) + len(errors) != n:
             # outputs must match inputs one to one
-            mismatch = RuntimeError(f"worker returned {result.probs.shape[0]} rows for {n} images")
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(mismatch)
-            return
+            raise BatchFailedError(f"worker returned {result.probs.shape[0]} rows for {n} images")
+        self.observer.batch_ran(
+            self.name, len(rows), result.inference_ms / 1000.0,
+            [max(0.0, result.start - items[k].submitted) for k in rows],
+        )  # fmt: skip
         for k, (status, message) in errors.items():
-            if not items[k].future.done():
-                error = ImageTooLargeError if status == 413 else ImageError
-                items[k].future.set_exception(error(message))
+            error = ImageTooLargeError if status == 413 else ImageError
+            fail_futures([items[k].future], error(message))
+        finite = np.isfinite(result.probs).all(axis=1) if len(rows) else np.zeros(0, bool)
         for row, k in enumerate(rows):
             item = items[k]
-            if not item.future.done():
-                item.future.set_result(
-                    Prediction(
-                        probs=result.probs[row],
-                        batch_size=len(rows),
-                        queue_ms=max(0.0, (result.start - item.submitted) * 1000.0),
-                        inference_ms=result.inference_ms,
-                        device=result.device,
-                        precision=result.precision,
-                        backend=result.backend,
-                        decode_ms=decode_ms[k] if decode_ms else None,
-                        preprocess_ms=preprocess_ms[k] if preprocess_ms else None,
-                    )
+            if item.future.done():
+                continue
+            if not finite[row]:
+                item.future.set_exception(BatchFailedError(f"{self.name} gave non-finite output"))
+                continue
+            item.future.set_result(
+                ImageResult(
+                    probs=result.probs[row],
+                    batch_size=len(rows),
+                    queue_ms=max(0.0, (result.start - item.submitted) * 1000.0),
+                    inference_ms=result.inference_ms,
+                    device=result.device,
+                    precision=result.precision,
+                    backend=result.backend,
+                    decode_ms=decode_ms[k] if decode_ms else None,
+                    preprocess_ms=preprocess_ms[k] if preprocess_ms else None,
                 )
+            )
 
 
 def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from app import imaging
 
 if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed here
-    from app.catalog.preprocess import Preprocess
+    from app.preprocess import Preprocess
 
 K = TypeVar("K")
 
@@ -148,5 +148,10 @@ class Decoder:
             except Exception as exc:
                 errors[i] = _status(exc)
         ready = [(i, px) for i, px in enumerate(pixels) if px is not None]
+        if any(px.is_floating_point() for _, px in ready):  # images normalised by the client
+            from app.preprocess import normalize
+
+            ready = [(i, px if px.is_floating_point() else normalize(px, pre.mean, pre.std))
+                     for i, px in ready]  # fmt: skip
         batch = torch.stack([px.to(self.device) for _, px in ready]) if ready else None
         return Prepared(batch, [i for i, _ in ready], errors, decode_ms, preprocess_ms)

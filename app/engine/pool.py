@@ -4,11 +4,21 @@ Each worker is a process (spawned, never forked, so CUDA and thread pools start 
 inbox and an outbox. A reader thread per worker turns its messages into resolved futures on the
 event loop, and notices when the process dies: its in-flight batches fail at once with
 WorkerCrashedError and the worker is started again with the same models.
+
+A watchdog restarts a worker that hangs: one whose oldest batch has been in flight longer than the
+worker timeout (longer while it is loading or compiling a model), or whose heartbeat thread has
+fallen silent (a stopped process, a process stuck outside Python). It is killed and treated like a
+crashed one, and counted apart.
+
+Scheduling is first come, first served across models: a batcher that wants a worker joins one FIFO
+queue of waiters, and a free slot is reserved for the first waiter that can use it in the same
+step that finds it, so no two batchers can book one slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -16,13 +26,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from multiprocessing import resource_sharer
 from typing import Any
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from app.engine.plan import LoadPlan
 from app.engine.worker import WorkerConfig, worker_main
 
 log = logging.getLogger("imgcls.pool")
@@ -33,9 +45,12 @@ log = logging.getLogger("imgcls.pool")
 MAX_INFLIGHT_PER_WORKER = 1
 MAX_INFLIGHT_FULL = 2
 
+WATCHDOG_PERIOD_S = 0.5
+
 
 class WorkerCrashedError(RuntimeError):
-    """The worker process died while this batch was in flight."""
+    """The worker process died, or was restarted by the watchdog, while this batch was in
+    flight."""
 
 
 class NoReadyWorkerError(RuntimeError):
@@ -78,29 +93,67 @@ class ModelStatus:
 
 
 @dataclass
+class Inflight:
+    future: asyncio.Future[BatchResult]
+    sent_at: float | None = None  # monotonic; None while reserved but not yet sent
+
+
+@dataclass
 class WorkerHandle:
     worker_id: int
     cfg: WorkerConfig
+    plans: list[LoadPlan] = field(default_factory=list)  # what a (re)start loads
     process: Any = None
     inbox: Any = None
     outbox: Any = None
     pid: int | None = None
-    inflight: dict[int, asyncio.Future[BatchResult]] = field(default_factory=dict)
+    inflight: dict[int, Inflight] = field(default_factory=dict)
     models: dict[str, ModelState] = field(default_factory=dict)
-    restarts: int = 0
-    deaths: list[float] = field(default_factory=list)  # monotonic times of recent crashes
+    restarts: dict[str, int] = field(default_factory=lambda: {"crash": 0, "watchdog": 0})
+    deaths: list[float] = field(default_factory=list)  # monotonic times of recent deaths
     alive: bool = False
+    started: bool = False  # the process reported in (its imports are done)
     stopping: bool = False
+    spawned_at: float = 0.0
+    heartbeat: float = 0.0  # monotonic time of the last message of any kind
+    kill_reason: str | None = None  # set by the watchdog before it kills the process
     device_memory: int = 0  # CUDA bytes allocated, as last reported
 
     @property
     def device(self) -> str:
         return self.cfg.device
 
+    @property
+    def loading(self) -> bool:
+        return not self.started or any(s.status == "loading" for s in self.models.values())
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+
+@dataclass
+class Reservation:
+    """A worker slot booked for one batch: send it with ``submit`` or give it back with
+    ``release``."""
+
+    worker: WorkerHandle
+    batch_id: int
+    future: asyncio.Future[BatchResult]
+
+
+@dataclass
+class _Waiter:
+    name: str
+    full: Callable[[], bool]
+    future: asyncio.Future[Reservation | None]
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    worker_id: int
+    device: str
+    alive: bool
+    pid: int | None
+    restarts: dict[str, int]
+    device_memory: int
+    inflight: int
 
 
 def resolve_devices(device: str) -> list[str]:
@@ -115,55 +168,81 @@ def resolve_devices(device: str) -> list[str]:
     return [device]
 
 
+def fail_futures(futures: Any, exc: BaseException) -> None:
+    """Set ``exc`` on every future not yet done (the fan-out used wherever a batch fails)."""
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
 class WorkerPool:
-    def __init__(self, configs: list[WorkerConfig]) -> None:
+    def __init__(
+        self,
+        configs: list[WorkerConfig],
+        worker_timeout_s: float = 60.0,
+        startup_timeout_s: float = 900.0,
+        backoff_s: float = 1.0,
+    ) -> None:
         self._ctx = mp.get_context("spawn")
-        self.workers = [WorkerHandle(c.worker_id, c) for c in configs]
+        self.workers = [WorkerHandle(c.worker_id, c, list(c.plans)) for c in configs]
+        self.worker_timeout_s = worker_timeout_s
+        self.startup_timeout_s = max(startup_timeout_s, worker_timeout_s)
+        self.backoff_s = backoff_s  # first delay of the back-off after repeated deaths
         self._batch_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Resolved whenever a slot or a status changes: plain futures, not an Event under
-        # wait_for, so a waiting batcher wakes one loop iteration after a result arrives.
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._status_waiters: set[asyncio.Future[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
+        self._reap_fds = False
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for w in self.workers:
             self._spawn(w)
+        self._watchdog = asyncio.create_task(self._watch(), name="pool-watchdog")
+        self._watchdog.add_done_callback(_log_task_death)
 
     def _spawn(self, w: WorkerHandle) -> None:
         w.inbox = self._ctx.Queue()
         w.outbox = self._ctx.Queue()
-        w.models = {p.name: ModelState() for p in w.cfg.plans}
+        w.models = {p.name: ModelState() for p in w.plans}
+        cfg = replace(w.cfg, plans=list(w.plans))
         w.process = self._ctx.Process(
             target=worker_main,
-            args=(w.cfg, w.inbox, w.outbox),
+            args=(cfg, w.inbox, w.outbox),
             name=f"imgcls-worker-{w.worker_id}",
             daemon=True,
         )
         w.process.start()
-        w.alive = True
+        w.alive, w.started, w.kill_reason, w.pid = True, False, None, w.process.pid
+        w.spawned_at = w.heartbeat = time.monotonic()
         threading.Thread(
             target=self._read, args=(w, w.process, w.outbox), daemon=True, name="pool-reader"
         ).start()
 
     async def close(self, grace_s: float = 10.0) -> None:
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         for w in self.workers:
             w.stopping = True
-            if w.process is not None and w.process.is_alive():
-                w.inbox.put(None)
+            if _is_alive(w.process):
+                with contextlib.suppress(Exception):
+                    w.inbox.put(None)
         deadline = time.monotonic() + grace_s
         for w in self.workers:
-            if w.process is None:
-                continue
-            remaining = max(0.0, deadline - time.monotonic())
-            await asyncio.to_thread(w.process.join, remaining)
-            if w.process.is_alive():
+            if _is_alive(w.process):
+                remaining = max(0.0, deadline - time.monotonic())
+                await asyncio.to_thread(w.process.join, remaining)
+            if _is_alive(w.process):
                 w.process.kill()
                 await asyncio.to_thread(w.process.join, 5)
             self._fail_inflight(w, WorkerCrashedError("the service is shutting down"))
+        fail_futures((x.future for x in self._waiters), NoReadyWorkerError("shutting down"))
+        self._waiters.clear()
 
     # ---- reader thread ---------------------------------------------------------------------
     def _read(self, w: WorkerHandle, process: Any, outbox: Any) -> None:
@@ -171,12 +250,12 @@ class WorkerPool:
             try:
                 msg = outbox.get(timeout=0.2)
             except queue.Empty:
-                if not process.is_alive():
+                if not _is_alive(process):
                     break
                 continue
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):  # ValueError: the queue was closed
                 break
-            self._call(self._on_message, w, msg)
+            self._call(self._on_message, w, process, msg)
         self._call(self._on_exit, w, process)
 
     def _call(self, fn: Any, *args: Any) -> None:
@@ -185,57 +264,101 @@ class WorkerPool:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 loop.call_soon_threadsafe(fn, *args)
 
-    def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
+    def _on_message(self, w: WorkerHandle, process: Any, msg: tuple[Any, ...]) -> None:
+        if process is not w.process:
+            return  # a message from the previous process of this slot
+        w.heartbeat = time.monotonic()
         kind = msg[0]
         if kind == "result":
             _, batch_id, probs, start, ms, (precision, backend, memory), items = msg
             w.device_memory = memory
-            fut = w.inflight.pop(batch_id, None)
+            entry = w.inflight.pop(batch_id, None)
+            self._reap_shared_fds()
             # The slot first: the batcher sends the next batch before this one's answers are built.
-            self._notify_slot()
-            if fut is not None and not fut.done():
-                fut.set_result(BatchResult(probs, start, ms, w.device, precision, backend, items))
+            self._dispatch()
+            if entry is not None and not entry.future.done():
+                entry.future.set_result(
+                    BatchResult(probs, start, ms, w.device, precision, backend, items)
+                )
         elif kind == "error":
             _, batch_id, detail = msg
-            fut = w.inflight.pop(batch_id, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(BatchFailedError(detail))
-            self._notify_slot()
+            entry = w.inflight.pop(batch_id, None)
+            self._reap_shared_fds()
+            if entry is not None and not entry.future.done():
+                entry.future.set_exception(BatchFailedError(detail))
+            self._dispatch()
         elif kind == "status":
             _, name, status, reason, info = msg
-            st = w.models.setdefault(name, ModelState())
-            st.status, st.reason = status, reason
-            if info:
-                st.precision, st.backend = info.get("precision"), info.get("backend")
-            if status == "failed":
-                log.error("worker %s failed to load %s: %s", w.worker_id, name, reason)
-            self._notify_slot()
+            if status == "unloaded":
+                w.models.pop(name, None)
+            else:
+                st = w.models.setdefault(name, ModelState())
+                st.status, st.reason = status, reason
+                if info:
+                    st.precision, st.backend = info.get("precision"), info.get("backend")
+                if status == "failed":
+                    log.error("worker %s failed to load %s: %s", w.worker_id, name, reason)
+            self._status_changed()
         elif kind == "started":
-            w.pid = msg[1]
+            w.started = True
+            self._status_changed()
+        # "heartbeat": the time stamp above is all it carries
 
     def _on_exit(self, w: WorkerHandle, process: Any) -> None:
         if process is not w.process:
             return
         w.alive = False
         code = process.exitcode
-        self._fail_inflight(
-            w, WorkerCrashedError(f"worker {w.worker_id} on {w.device} died (exit code {code})")
+        reason = w.kill_reason or "crash"
+        what = (
+            f"worker {w.worker_id} on {w.device} stopped answering and was restarted"
+            if reason == "watchdog"
+            else f"worker {w.worker_id} on {w.device} died (exit code {code})"
         )
+        self._fail_inflight(w, WorkerCrashedError(what))
+        self._release_process(w)
+        self._reap_fds = True
+        self._reap_shared_fds()
         if w.stopping or self._closed:
             return
-        w.restarts += 1
-        # Restart at once after a single crash; back off when it keeps dying (a model that
+        w.restarts[reason] += 1
+        # Restart at once after a single death; back off when it keeps dying (a model that
         # crashes while loading must not turn into a fork loop).
         now = time.monotonic()
         w.deaths = [t for t in w.deaths if now - t < 60.0] + [now]
-        delay = 0.0 if len(w.deaths) <= 1 else min(30.0, 2.0 ** (len(w.deaths) - 2))
-        log.error(
-            "worker %s on %s died (exit code %s); restarting in %.0fs",
-            w.worker_id, w.device, code, delay,
-        )  # fmt: skip
+        delay = 0.0 if len(w.deaths) <= 1 else min(30.0, self.backoff_s * 2 ** (len(w.deaths) - 2))
+        log.error("%s; restarting in %.0fs", what, delay)
         assert self._loop is not None
         self._loop.call_later(delay, self._restart, w)
-        self._notify_slot()
+        self._status_changed()
+
+    def _release_process(self, w: WorkerHandle) -> None:
+        """Close the dead process's queues (their feeder threads end) and its handle."""
+        for q in (w.inbox, w.outbox):
+            if q is None:
+                continue
+            with contextlib.suppress(Exception):
+                q.cancel_join_thread()
+                q.close()
+        if w.process is not None:
+            with contextlib.suppress(Exception):
+                w.process.join(0)
+                w.process.close()
+
+    def _reap_shared_fds(self) -> None:
+        """Close the descriptors of shared-memory batches that a dead worker never fetched.
+
+        A pixel batch crosses to its worker as a file descriptor that Python's resource sharer
+        holds until the receiver asks for it; a worker that dies first leaves it held for good.
+        Stopping the sharer closes every held descriptor, so it is done only while no batch is on
+        its way to any worker (the sharer starts again with the next batch)."""
+        if not self._reap_fds:
+            return
+        if any(x.sent_at is not None for w in self.workers for x in w.inflight.values()):
+            return  # try again when the batches in flight have been answered
+        self._reap_fds = False
+        with contextlib.suppress(Exception):
+            resource_sharer.stop(timeout=1)
 
     def _restart(self, w: WorkerHandle) -> None:
         if not (w.stopping or self._closed):
@@ -243,17 +366,32 @@ class WorkerPool:
 
     def _fail_inflight(self, w: WorkerHandle, exc: Exception) -> None:
         pending, w.inflight = w.inflight, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        fail_futures((x.future for x in pending.values()), exc)
 
-    def poke(self) -> None:
-        """Wake waiting batchers to look again (a batch became full)."""
-        self._notify_slot()
+    # ---- watchdog --------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            now = time.monotonic()
+            for w in self.workers:
+                if not w.alive or w.stopping or w.kill_reason:
+                    continue
+                limit = self.startup_timeout_s if w.loading else self.worker_timeout_s
+                sent = [x.sent_at for x in w.inflight.values() if x.sent_at is not None]
+                if sent and now - min(sent) > limit:
+                    self._kill(w, f"a batch has been in flight for {now - min(sent):.0f}s")
+                elif now - w.heartbeat > limit:
+                    self._kill(w, f"no heartbeat for {now - w.heartbeat:.0f}s")
 
-    def _notify_slot(self) -> None:
-        for waiter in self._waiters:
-            _resolve(waiter)
+    def _kill(self, w: WorkerHandle, why: str) -> None:
+        log.error(
+            "watchdog: worker %s on %s is hung (%s, limit %gs); killing it",
+            w.worker_id, w.device, why,
+            self.startup_timeout_s if w.loading else self.worker_timeout_s,
+        )  # fmt: skip
+        w.kill_reason = "watchdog"
+        with contextlib.suppress(Exception):
+            w.process.kill()  # the reader thread sees it die and _on_exit restarts it
 
     # ---- scheduling ------------------------------------------------------------------------
     def ready_workers(self, name: str) -> list[WorkerHandle]:
@@ -263,52 +401,147 @@ class WorkerPool:
             if w.alive and (st := w.models.get(name)) is not None and st.status == "ready"
         ]
 
-    async def acquire(
-        self, name: str, deadline: float, full: Callable[[], bool] = lambda: False
-    ) -> WorkerHandle | None:
-        """The least-busy worker holding ``name`` with a free slot: an idle one, or, while
-        ``full()`` says the batch is full, one with a single batch in flight.
+    def poke(self) -> None:
+        """Look again at the waiters (a batch became full: it may use a busy worker's second
+        slot)."""
+        self._dispatch()
 
-        None when every such worker stayed busy until ``deadline``; NoReadyWorkerError at once
-        when no worker has the model ready (crashed, restarting), so requests fail fast.
-        """
-        assert self._loop is not None
-        while True:
-            ready = self.ready_workers(name)
+    def _status_changed(self) -> None:
+        for fut in self._status_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Give free slots to waiters, first come first served; fail waiters whose model has no
+        ready worker."""
+        if not self._waiters:
+            return
+        kept: collections.deque[_Waiter] = collections.deque()
+        for waiter in self._waiters:
+            if waiter.future.done():
+                continue
+            ready = self.ready_workers(waiter.name)
             if not ready:
-                raise NoReadyWorkerError(f"no worker has {name} ready (restarting?)")
-            limit = MAX_INFLIGHT_FULL if full() else MAX_INFLIGHT_PER_WORKER
-            candidates = [w for w in ready if len(w.inflight) < limit]
-            if candidates:
-                return min(candidates, key=lambda w: len(w.inflight))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            # No await between the check above and registering: no change can be missed.
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            timer = self._loop.call_later(remaining, _resolve, waiter)
-            self._waiters.add(waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiters.discard(waiter)
+                waiter.future.set_exception(
+                    NoReadyWorkerError(f"no worker has {waiter.name} ready (restarting?)")
+                )
+                continue
+            limit = MAX_INFLIGHT_FULL if waiter.full() else MAX_INFLIGHT_PER_WORKER
+            free = [w for w in ready if len(w.inflight) < limit]
+            if free:
+                waiter.future.set_result(self._reserve(min(free, key=lambda w: len(w.inflight))))
+            else:
+                kept.append(waiter)
+        self._waiters = kept
 
-    def submit(
-        self, w: WorkerHandle, name: str, batch: torch.Tensor | list[Any]
-    ) -> asyncio.Future[BatchResult]:
-        """Send a batch to a worker: uint8 pixels in shared memory, or uploads to decode there;
-        the future resolves with its result."""
+    def _reserve(self, w: WorkerHandle) -> Reservation:
         assert self._loop is not None
         batch_id = next(self._batch_ids)
         fut: asyncio.Future[BatchResult] = self._loop.create_future()
-        w.inflight[batch_id] = fut
+        w.inflight[batch_id] = Inflight(fut)
+        return Reservation(w, batch_id, fut)
+
+    async def acquire(
+        self, name: str, deadline: float, full: Callable[[], bool] = lambda: False
+    ) -> Reservation | None:
+        """Book a slot on the least-busy worker holding ``name``: an idle one, or, while
+        ``full()`` says the batch is full, one with a single batch in flight.
+
+        Waiters are served in the order they came, whatever their model. None when no slot came
+        free before ``deadline``; NoReadyWorkerError at once when no worker has the model ready
+        (crashed, restarting), so requests fail fast.
+        """
+        assert self._loop is not None
+        waiter = _Waiter(name, full, self._loop.create_future())
+        self._waiters.append(waiter)
+        self._dispatch()
+        if not waiter.future.done():
+            remaining = deadline - time.monotonic()
+            timer = self._loop.call_later(max(0.0, remaining), _resolve_none, waiter.future)
+            try:
+                await asyncio.shield(waiter.future)
+            except asyncio.CancelledError:
+                if waiter.future.done() and not waiter.future.cancelled():
+                    if (res := waiter.future.result()) is not None:
+                        self.release(res)
+                else:
+                    waiter.future.cancel()
+                raise
+            finally:
+                timer.cancel()
+        return waiter.future.result()
+
+    def release(self, res: Reservation) -> None:
+        """Give back a slot that was reserved and never sent."""
+        entry = res.worker.inflight.get(res.batch_id)
+        if entry is not None and entry.sent_at is None:
+            del res.worker.inflight[res.batch_id]
+            if not res.future.done():
+                res.future.cancel()
+            self._dispatch()
+
+    def submit(
+        self, res: Reservation, name: str, batch: torch.Tensor | list[Any]
+    ) -> asyncio.Future[BatchResult]:
+        """Send a batch into its reserved slot: uint8 pixels in shared memory, or uploads to
+        decode there; the future resolves with its result."""
+        w = res.worker
+        entry = w.inflight.get(res.batch_id)
+        if entry is None:  # the worker died between the reservation and now
+            if not res.future.done():
+                res.future.set_exception(WorkerCrashedError(f"worker {w.worker_id} restarted"))
+            return res.future
         try:
-            w.inbox.put((batch_id, name, batch))
+            w.inbox.put(("batch", res.batch_id, name, batch))
+            entry.sent_at = time.monotonic()
         except Exception as exc:
-            w.inflight.pop(batch_id, None)
-            fut.set_exception(WorkerCrashedError(f"cannot reach worker {w.worker_id}: {exc}"))
-        return fut
+            w.inflight.pop(res.batch_id, None)
+            if not res.future.done():
+                res.future.set_exception(
+                    WorkerCrashedError(f"cannot reach worker {w.worker_id}: {exc}")
+                )
+        return res.future
+
+    # ---- models at run time ----------------------------------------------------------------
+    def load(self, plan: LoadPlan) -> None:
+        """Load a model on every worker (it serves when a worker reports it ready)."""
+        for w in self.workers:
+            w.plans = [p for p in w.plans if p.name != plan.name] + [plan]
+            w.models[plan.name] = ModelState()
+            if w.alive:
+                with contextlib.suppress(Exception):
+                    w.inbox.put(("load", plan))
+        self._status_changed()
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name`` and free it on the workers (they report it unloaded)."""
+        for w in self.workers:
+            w.plans = [p for p in w.plans if p.name != name]
+            if name in w.models:
+                w.models[name].status = "unloading"
+                if w.alive:
+                    with contextlib.suppress(Exception):
+                        w.inbox.put(("unload", name))
+                else:
+                    w.models.pop(name, None)
+        self._status_changed()
+
+    async def wait_status(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait until ``done()`` holds (checked at each status change) or ``deadline``."""
+        assert self._loop is not None
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._status_waiters.add(fut)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, remaining)
+            finally:
+                self._status_waiters.discard(fut)
+        return True
 
     # ---- status ----------------------------------------------------------------------------
     def model_status(self, name: str) -> ModelStatus:
@@ -322,7 +555,9 @@ class WorkerPool:
         failed = [s for _, s in states if s.status == "failed"]
         if states and len(failed) == len(states):
             return ModelStatus("failed", failed[0].reason)
-        restarting = any(not w.alive or w.restarts for w, _ in states)
+        if not states:
+            return ModelStatus("not-loaded", "not loaded on any worker")
+        restarting = any(not w.alive or sum(w.restarts.values()) for w, _ in states)
         return ModelStatus(
             "loading", "worker restarting" if restarting else "loading and warming up"
         )
@@ -331,3 +566,28 @@ class WorkerPool:
         return all(
             w.alive and w.models.get(name, ModelState()).status == "ready" for w in self.workers
         )
+
+    def snapshot(self) -> list[WorkerSnapshot]:
+        return [
+            WorkerSnapshot(w.worker_id, w.device, w.alive, w.pid, dict(w.restarts),
+                           w.device_memory, len(w.inflight))
+            for w in self.workers
+        ]  # fmt: skip
+
+
+def _is_alive(process: Any) -> bool:
+    """False also for a process object already closed (after its death was handled)."""
+    try:
+        return process is not None and bool(process.is_alive())
+    except ValueError:
+        return False
+
+
+def _resolve_none(fut: asyncio.Future[Reservation | None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _log_task_death(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s ended", task.get_name(), exc_info=task.exception())

@@ -11,35 +11,26 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from app.engine.checkpoint import load_into
 from app.engine.decoding import Decoder, Encoded, Prepared
+from app.engine.plan import LoadPlan
 
-if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed here
-    from app.catalog.preprocess import Preprocess
+if TYPE_CHECKING:
+    from app.preprocess import Preprocess
 
 log = logging.getLogger("imgcls.worker")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class LoadPlan:
-    """How a worker builds one model: picklable, so it crosses the process boundary."""
-
-    name: str
-    builder: Callable[[], nn.Module]
-    weights_path: str | None  # None: random initialisation (explicitly allowed)
-    input_size: int
-    num_classes: int
-    preprocess: Preprocess  # geometry (for uploads decoded here) and normalisation
 
 
 @dataclass(frozen=True)
@@ -56,20 +47,21 @@ class WorkerConfig:
     jpeg_on_device: bool = False  # decode plain JPEGs with torchvision.io on the device (nvjpeg)
 
 
+HEARTBEAT_S = 1.0
+
+# Messages to the worker: ("batch", batch_id, name, batch) | ("load", LoadPlan) | ("unload", name)
+# | None (stop).
 # Messages from the worker (tuples keep pickling cheap):
-#   ("status", name, status, reason, info)   status: loading | ready | failed
+#   ("status", name, status, reason, info)   status: loading | ready | failed | unloaded
 #   ("result", batch_id, probs, start_monotonic, inference_ms, (precision, backend, cuda_bytes),
 #    items)   items: None for a pixel batch; for uploads decoded here
 #             (rows, errors, decode_ms, preprocess_ms), as in decoding.Prepared
 #   ("error", batch_id, message)
 #   ("started", pid)
+#   ("heartbeat", monotonic)   every HEARTBEAT_S from a thread of its own, busy or idle
 
 
 def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
-    from pathlib import Path
-
-    from app.weights import load_into
-
     model = plan.builder()
     if plan.weights_path is not None:
         load_into(model, Path(plan.weights_path))  # on the CPU first, weights_only=True
@@ -80,10 +72,10 @@ def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pre = plan.preprocess
-    return Served(model, pre.mean, pre.std, DTYPES[cfg.precision], cfg.channels_last)
+    return NormalizingModel(model, pre.mean, pre.std, DTYPES[cfg.precision], cfg.channels_last)
 
 
-class Served(nn.Module):
+class NormalizingModel(nn.Module):
     """The model with its input handling in front, so that torch.compile fuses them.
 
     uint8 pixels (what the service sends) are scaled to [0, 1] and normalised in float32, exactly
@@ -149,6 +141,17 @@ class Runner:
         self.backends[plan.name] = backend
         return backend
 
+    def unload(self, name: str) -> None:
+        """Drop a model and give its memory back (the device's cache too)."""
+        self.models.pop(name, None)
+        self.backends.pop(name, None)
+        self.preprocess.pop(name, None)
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _warm_up(self, plan: LoadPlan) -> None:
         # The first passes allocate, pick kernels and (with compile) compile, on the input the
         # service sends: uint8 pixels.
@@ -193,6 +196,43 @@ class Runner:
             return model(x).cpu()
 
 
+def _heartbeat(outbox: Any) -> None:
+    """Tell the pool this process is alive, whatever its main thread is doing. A process that is
+    stopped, or stuck where no Python thread runs, falls silent and the watchdog restarts it."""
+    while True:
+        outbox.put(("heartbeat", time.monotonic()))
+        time.sleep(HEARTBEAT_S)
+
+
+def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> None:
+    outbox.put(("status", plan.name, "loading", None, None))
+    try:
+        backend = runner.load(plan)
+    except Exception as exc:
+        outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
+        return
+    info = {"precision": cfg.precision, "backend": backend}
+    outbox.put(("status", plan.name, "ready", None, info))
+
+
+def _run_batch(runner: Runner, cfg: WorkerConfig, batch_id: int, name: str, batch: Any) -> tuple:
+    start = time.monotonic()
+    if name not in runner.models:
+        raise KeyError(f"model {name!r} is not loaded on this worker")
+    items = None
+    if isinstance(batch, list):  # uploads: decode and resize here
+        prepared = runner.prepare(name, batch)
+        items = (prepared.rows, prepared.errors, prepared.decode_ms, prepared.preprocess_ms)
+        batch = prepared.batch
+    t0 = time.monotonic()
+    # batch is None when no upload in it could be decoded
+    probs = torch.empty(0, 0) if batch is None else runner.forward(name, batch)
+    ms = (time.monotonic() - t0) * 1000.0
+    memory = torch.cuda.memory_allocated(runner.device) if runner.device.type == "cuda" else 0
+    ran = (cfg.precision, runner.backends[name], memory)
+    return ("result", batch_id, probs.numpy(), start, ms, ran, items)
+
+
 def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     """Entry point of a worker process."""
     if cfg.threads:
@@ -200,44 +240,30 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     if cfg.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(cfg.device))
         torch.backends.cudnn.benchmark = True
+    threading.Thread(target=_heartbeat, args=(outbox,), daemon=True, name="heartbeat").start()
     outbox.put(("started", os.getpid()))
     runner = Runner(cfg)
     for plan in cfg.plans:
-        outbox.put(("status", plan.name, "loading", None, None))
-        try:
-            backend = runner.load(plan)
-        except Exception as exc:
-            outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
-            continue
-        info = {"precision": cfg.precision, "backend": backend}
-        outbox.put(("status", plan.name, "ready", None, info))
+        _load(runner, plan, cfg, outbox)
 
     while True:
         msg = inbox.get()
         if msg is None:
             break
-        batch_id, name, batch = msg
-        start = time.monotonic()
+        kind = msg[0]
+        if kind == "load":
+            _load(runner, msg[1], cfg, outbox)
+            continue
+        if kind == "unload":
+            runner.unload(msg[1])
+            outbox.put(("status", msg[1], "unloaded", None, None))
+            continue
+        _, batch_id, name, batch = msg
         try:
-            if name not in runner.models:
-                raise KeyError(f"model {name!r} is not loaded on this worker")
-            items = None
-            if isinstance(batch, list):  # uploads: decode and resize here
-                prepared = runner.prepare(name, batch)
-                items = (prepared.rows, prepared.errors, prepared.decode_ms,
-                         prepared.preprocess_ms)  # fmt: skip
-                batch = prepared.batch
-            t0 = time.monotonic()
-            # batch is None when no upload in it could be decoded
-            probs = torch.empty(0, 0) if batch is None else runner.forward(name, batch)
-            ms = (time.monotonic() - t0) * 1000.0
-            memory = (
-                torch.cuda.memory_allocated(runner.device) if runner.device.type == "cuda" else 0
-            )
-            ran = (cfg.precision, runner.backends[name], memory)
-            outbox.put(("result", batch_id, probs.numpy(), start, ms, ran, items))
+            outbox.put(_run_batch(runner, cfg, batch_id, name, batch))
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            log.error("batch %s for %s failed: %s", batch_id, name, detail)
             outbox.put(("error", batch_id, detail))
         finally:
-            del batch
+            del batch, msg

@@ -1,0 +1,59 @@
+"""The FastAPI side of app/errors.py: every domain error becomes ``{"detail": ...}`` with its
+status. Server faults carry the request id in the answer and the traceback in the log."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.catalog import UnknownModelError
+from app.engine.batcher import NoWorkerError, QueueFullError
+from app.engine.pool import BatchFailedError, WorkerCrashedError
+from app.errors import (
+    ElementError,
+    InvalidParameterError,
+    ModelNotReadyError,
+    ModelNotServedError,
+    UploadError,
+    UploadTooLargeError,
+    describe,
+)
+from app.imaging import ImageError, ImageTooLargeError
+
+log = logging.getLogger("imgcls.errors")
+
+HANDLED: tuple[type[Exception], ...] = (
+    ImageError, ImageTooLargeError, UploadError, UploadTooLargeError, UnknownModelError,
+    ModelNotServedError, InvalidParameterError, ModelNotReadyError, QueueFullError, NoWorkerError,
+    WorkerCrashedError, TimeoutError, BatchFailedError, ElementError,
+)  # fmt: skip
+
+
+def error_response(request: Request, exc: BaseException) -> JSONResponse:
+    failure = describe(exc)
+    rid = getattr(request.state, "request_id", None)
+    detail = failure.message
+    if failure.internal:
+        log.error(
+            "request %s failed: %s", rid, exc, exc_info=exc,
+            extra={"fields": {"request_id": rid, "path": request.url.path}},
+        )  # fmt: skip
+        detail = f"{failure.message} (request id {rid})"
+    headers: dict[str, str] = {}
+    if failure.retry_after is not None:
+        headers["Retry-After"] = str(failure.retry_after)
+    if failure.close:
+        headers["Connection"] = "close"
+    return JSONResponse({"detail": detail}, status_code=failure.status, headers=headers or None)
+
+
+def install(app: FastAPI) -> None:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, exc)
+
+    for cls in HANDLED:
+        app.add_exception_handler(cls, handler)
+    # Anything else: the same generic 500 with the request id (Starlette still logs it).
+    app.add_exception_handler(Exception, handler)

@@ -1,0 +1,229 @@
+"""The inference core that every front-end calls: classify, compare, infer.
+
+The FastAPI routes, the Ray Serve ingress and the Open Inference Protocol (REST and gRPC) differ
+only in how they read a request and write an answer; what happens in between is here: the model
+check, where an upload is decoded, the deadline, fail-fast fan-out, and building the results.
+Subclasses say how a model runs (``run``): the worker pool's batchers in one process
+(app/service.py), deployment handles on Ray Serve (app/ray_app.py).
+
+No web framework is imported here; errors are the domain errors of app/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from app import imaging
+from app.catalog import Catalog, ModelSpec
+from app.engine.batcher import ImageResult
+from app.engine.decoding import Encoded, Item, decode_pixels
+from app.errors import ElementError, InvalidParameterError
+from app.preprocess import Preprocess
+from app.responses import classify_result, compare_response
+from app.schemas import ClassifyResponse, CompareResponse
+from app.settings import Settings
+
+T = TypeVar("T")
+
+MAX_COMPARE = 8
+
+
+@dataclass
+class ServedModel:
+    """A model this service was asked to serve, and what stops it from serving if anything."""
+
+    spec: ModelSpec
+    weights_label: str | None = None  # the enum name, the file, or "random"
+    problem: str | None = None  # "missing-weights" | "failed"
+    reason: str | None = None
+
+
+@dataclass
+class Pixels:
+    """An upload decoded once and resized for a set of models."""
+
+    by_key: dict[tuple[object, ...], torch.Tensor]  # ModelSpec.transform_key -> uint8 (3, S, S)
+    decode_ms: float
+    preprocess_ms: float
+
+    def of(self, spec: ModelSpec) -> torch.Tensor:
+        return self.by_key[spec.transform_key]
+
+
+def _pixels(data: bytes, max_pixels: int, transforms: Mapping[Any, Preprocess]) -> Pixels:
+    return Pixels(*decode_pixels(data, max_pixels, transforms))
+
+
+def parse_models(models: str | None, loaded: Sequence[str]) -> list[str]:
+    """The models a /compare asks for: 2-8 distinct names, or the loaded ones (at most 8)."""
+    if models is None:
+        return list(loaded)[:MAX_COMPARE]
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not 2 <= len(names) <= MAX_COMPARE:
+        raise InvalidParameterError(
+            f"'models' must name 2 to {MAX_COMPARE} models, got {len(names)}"
+        )
+    if len(set(names)) != len(names):
+        raise InvalidParameterError("'models' names a model twice")
+    return names
+
+
+async def gather_fail_fast(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the rest (their queued images are
+    dropped instead of computed for nobody) and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        if failed:
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            exc = failed[0].exception()
+            assert exc is not None
+            raise exc
+        return [t.result() for t in tasks]
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+class InferenceCore(ABC):
+    settings: Settings
+    catalog: Catalog
+    decode_in_worker: bool = False
+    served: dict[str, ServedModel]
+
+    # ---- what a subclass provides ------------------------------------------------------------
+    @abstractmethod
+    def servable(self, name: str) -> ServedModel:
+        """The served model called ``name``, or the domain error that says why it cannot run."""
+
+    @abstractmethod
+    async def run(self, name: str, payload: Item, deadline: float) -> ImageResult:
+        """One image (uint8 pixels, normalised floats, or an upload to decode) through ``name``."""
+
+    def admit(self, name: str, images: int = 1) -> ServedModel:
+        """Check, before any body is read, that ``name`` can take ``images`` more now."""
+        return self.servable(name)
+
+    # ---- shared steps ----------------------------------------------------------------------
+    @property
+    def default_model(self) -> str:
+        return self.settings.default
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    async def decode(self, data: bytes, specs: Sequence[ModelSpec]) -> Pixels:
+        """Decode once and resize once per distinct geometry, in one trip to a thread (decoding
+        and resizing release the GIL)."""
+        transforms = {s.transform_key: s.transform for s in specs}
+        return await asyncio.to_thread(_pixels, data, self.settings.max_pixels, transforms)
+
+    async def encoded(self, data: bytes) -> Encoded:
+        """Check an upload's header (the same 4xx answers as decoding) for a worker to decode.
+        Off the event loop: a crafted file can make a header slow to parse."""
+        probe = await asyncio.to_thread(imaging.probe, data, self.settings.max_pixels)
+        return Encoded(data, probe.plain_jpeg)
+
+    # ---- the operations ----------------------------------------------------------------------
+    async def classify(
+        self, upload: bytes, model: str | None, top_k: int, request_id: str
+    ) -> ClassifyResponse:
+        started = time.perf_counter()
+        served = self.servable(model or self.default_model)
+        spec = served.spec
+        if self.decode_in_worker:
+            encoded = await self.encoded(upload)
+            result = await self.run(spec.name, encoded, self.deadline())
+            decode_ms, preprocess_ms = result.decode_ms or 0.0, result.preprocess_ms or 0.0
+        else:
+            pixels = await self.decode(upload, [spec])
+            result = await self.run(spec.name, pixels.of(spec), self.deadline())
+            decode_ms, preprocess_ms = pixels.decode_ms, pixels.preprocess_ms
+        return classify_result(
+            spec, served.weights_label, result, top_k, decode_ms=decode_ms,
+            preprocess_ms=preprocess_ms, started=started, request_id=request_id,
+        )  # fmt: skip
+
+    async def compare(
+        self, upload: bytes, models: str | None, top_k: int, request_id: str
+    ) -> CompareResponse:
+        started = time.perf_counter()
+        served = [self.servable(n) for n in parse_models(models, list(self.served))]
+        # Decoded here once, whatever IMGCLS_DECODE says: the models share the pixels.
+        pixels = await self.decode(upload, [s.spec for s in served])
+        deadline = self.deadline()
+
+        async def timed(s: ServedModel) -> tuple[ImageResult, float]:
+            result = await self.run(s.spec.name, pixels.of(s.spec), deadline)
+            return result, time.perf_counter()
+
+        done = await gather_fail_fast([timed(s) for s in served])
+        results = [
+            classify_result(
+                s.spec, s.weights_label, r, top_k, decode_ms=pixels.decode_ms,
+                preprocess_ms=pixels.preprocess_ms, started=started,
+                finished=finished,  # each model's total ends when its own result arrived
+                request_id=request_id,
+            )
+            for s, (r, finished) in zip(served, done, strict=True)
+        ]  # fmt: skip
+        return compare_response(
+            [s.spec for s in served], [r for r, _ in done], results, top_k,
+            decode_ms=pixels.decode_ms, started=started, request_id=request_id,
+        )  # fmt: skip
+
+    async def infer(
+        self, name: str, items: Sequence[bytes | torch.Tensor], deadline: float | None = None
+    ) -> list[ImageResult]:
+        """N images through one model, batched with everyone else's. A ``bytes`` item is an
+        encoded image file, checked and decoded exactly as /classify does; a tensor is uint8
+        pixels or float32 already normalised for the model, (3, S, S). A failing image raises
+        ElementError naming its index; the others are cancelled."""
+        served = self.admit(name, len(items))
+        spec = served.spec
+        deadline = deadline or self.deadline()
+
+        async def prepare(i: int, item: bytes | torch.Tensor) -> Item:
+            try:
+                if isinstance(item, torch.Tensor):
+                    return _check_tensor(item, spec)
+                if self.decode_in_worker:
+                    return await self.encoded(item)
+                return (await self.decode(item, [spec])).of(spec)
+            except Exception as exc:
+                raise ElementError(i, exc) from exc
+
+        payloads = await gather_fail_fast([prepare(i, x) for i, x in enumerate(items)])
+
+        async def one(i: int, payload: Item) -> ImageResult:
+            try:
+                return await self.run(spec.name, payload, deadline)
+            except Exception as exc:
+                raise ElementError(i, exc) from exc
+
+        return await gather_fail_fast([one(i, p) for i, p in enumerate(payloads)])
+
+
+def _check_tensor(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    size = spec.input_size
+    if x.shape != (3, size, size):
+        raise InvalidParameterError(
+            f"{spec.name} takes images of shape [3, {size}, {size}], got {list(x.shape)}"
+        )
+    if x.dtype == torch.uint8:
+        return x
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise InvalidParameterError("the image tensor holds NaN or infinite values")
+    return x

@@ -1,0 +1,155 @@
+"""The service core: admission before the body is read, one core behind every front-end, and an
+import graph that reads top-down."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from tests import images
+from tests.conftest import ROOT, run_service
+
+PNG = images.encode(images.photo((64, 64)), "PNG")
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The app modules a module imports at run time (not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names if a.name.startswith("app"))
+            elif isinstance(child, ast.ImportFrom) and child.module:
+                module = child.module
+                if child.level:  # relative
+                    base = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    module = ".".join([*base, module])
+                if module.startswith("app"):
+                    found.add(module)
+                    found.update(f"{module}.{a.name}" for a in child.names)
+                    found.add(f"{module}:names")
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def _names(path: Path, module: str) -> list[str]:
+    tree = ast.parse(path.read_text())
+    return [
+        a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == module
+        for a in node.names
+    ]
+
+
+def test_import_graph_has_no_cycles():
+    modules: dict[str, Path] = {}
+    for path in (ROOT / "app").rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    assert "app.core" in modules and "app.engine.pool" in modules
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = _imports(path, package)
+        deps = set()
+        for d in found:
+            if d in modules and d != name:
+                deps.add(d)
+        # `from app.x import a, b`: when a and b are submodules, the edges go to them; when
+        # they are names, to app.x (its __init__). A package's own ancestors are not edges:
+        # Python runs them first whatever the module does.
+        for d in [d for d in deps if f"{d}:names" in found]:
+            names = _names(path, d)
+            if names and all(f"{d}.{n}" in modules for n in names):
+                deps.discard(d)
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> None:
+        seen[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if seen.get(dep) == 1:
+                cycle = [*stack[stack.index(dep) :], dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in seen:
+                dfs(dep)
+        stack.pop()
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            dfs(node)
+
+
+def test_front_ends_are_thin():
+    """The routes and the Ray ingress call the core; neither decodes, builds results or picks a
+    weights label itself."""
+    for path in (ROOT / "app" / "api" / "inference.py", ROOT / "app" / "ray_app.py"):
+        text = path.read_text()
+        for needle in ("decode_pixels", "classify_result", "compare_response", "weights_name"):
+            assert needle not in text, f"{path.name} uses {needle}: that is the core's job"
+    core = (ROOT / "app" / "core.py").read_text()
+    assert "fastapi" not in core and "starlette" not in core
+    assert "fastapi" not in (ROOT / "app" / "errors.py").read_text()
+
+
+def test_full_queue_is_refused_before_the_body_is_read(tmp_path):
+    """With the model's queue full, a request is answered 503 + Retry-After from its headers
+    alone: the client never has to send its (large) body."""
+    with run_service(
+        models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path, max_queue=2,
+        max_batch_size=1, worker_timeout_s=120, request_timeout_s=60,
+    ) as svc:  # fmt: skip
+        pool = svc.service.pool
+        pid = pool.workers[0].pid
+        os.kill(pid, signal.SIGSTOP)  # the worker holds two batches; the queue fills behind them
+        try:
+            import concurrent.futures as cf
+
+            with cf.ThreadPoolExecutor(4) as ex:
+                held = [
+                    ex.submit(httpx.post, f"{svc.url}/classify", files={"file": ("x.png", PNG)},
+                              timeout=60)
+                    for _ in range(4)
+                ]  # fmt: skip
+                batcher = svc.service.batchers["cifar10_plain20"]
+                deadline = time.monotonic() + 30
+                while batcher.depth < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert batcher.depth == 2
+                port = int(svc.url.rsplit(":", 1)[1])
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(
+                        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n"
+                        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+                    )  # headers only: the 10 MB body is never sent
+                    t0 = time.monotonic()
+                    head = s.recv(4096).decode("latin-1")
+                    waited = time.monotonic() - t0
+                assert head.startswith("HTTP/1.1 503"), head
+                assert "retry-after" in head.lower() and waited < 5
+                os.kill(pid, signal.SIGCONT)
+                codes = [f.result().status_code for f in held]
+            assert codes == [200] * 4
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
