@@ -272,6 +272,18 @@ class Service(InferenceCore):
         names = dict.fromkeys([*self.catalog.names(), *self.served])
         return [self.model_entry(n, labels=False) for n in names]
 
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Every catalog model with its state for the model-repository API: READY, LOADING or
+        UNAVAILABLE (not loaded, missing weights, failed), and the reason."""
+        states = {"ready": "READY", "loading": "LOADING"}
+        out = []
+        for name in dict.fromkeys([*self.catalog.names(), *self.served]):
+            st = self.status(name)
+            state = states.get(st.status, "UNAVAILABLE")
+            reason = st.reason or ("" if st.status == "ready" else st.status)
+            out.append({"name": name, "version": "1", "state": state, "reason": reason})
+        return out
+
     def snapshot(self) -> ServiceSnapshot:
         counts: dict[str, int] = {}
         for name in self.served:
