@@ -5,6 +5,7 @@
     weights = "/models/defects.pt"  # a state_dict or {"state_dict": ...}; "module." is stripped
     labels = "/models/defects.txt"  # one label per line; their number sets the classifier width
     preprocess = "imagenet"         # or "cifar", or a table: resize, crop, mean, std, interpolation
+    cam_layer = "layer4"            # optional: the module Grad-CAM explains (default by arch)
 
 Every problem stops startup with a message naming the file, the entry and what is wrong.
 """
@@ -34,7 +35,7 @@ from app.catalog.registry import (
 from app.engine.checkpoint import WeightsError, load_into
 from app.preprocess import Preprocess, cifar_preset, imagenet_preset, table_preset
 
-ALLOWED_KEYS = {"arch", "weights", "labels", "preprocess", "family", "depth"}
+ALLOWED_KEYS = {"arch", "weights", "labels", "preprocess", "family", "depth", "cam_layer"}
 RESIDUAL_PREFIXES = ("resnet", "resnext", "wide_resnet", "cifar10_resnet")
 
 
@@ -74,6 +75,21 @@ def _depth(arch: str, model: nn.Module) -> int:
     return sum(isinstance(x, (nn.Conv2d, nn.Linear)) for x in model.modules())
 
 
+def _cam_layer(value: Any, model: nn.Module) -> str:
+    """A dotted module path of ``model`` (e.g. ``layer4`` or ``features.29``), checked now so
+    that a typo stops startup rather than the first explanation."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"cam_layer must be a module path such as 'layer4', got {value!r}")
+    try:
+        model.get_submodule(value)
+    except AttributeError:
+        tops = ", ".join(name for name, _ in model.named_children())
+        raise ValueError(
+            f"cam_layer {value!r} is not a module of this model (its top-level modules: {tops})"
+        ) from None
+    return value
+
+
 def _read_labels(path: Path) -> tuple[str, ...]:
     labels = tuple(line.strip() for line in path.read_text("utf-8").splitlines() if line.strip())
     if not labels:
@@ -110,6 +126,7 @@ def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
     if declared not in ("cnn", "resnet"):
         raise ValueError(f'family must be "cnn" or "resnet", got {declared!r}')
     family: Family = "resnet" if declared == "resnet" else "cnn"
+    cam_layer = _cam_layer(entry["cam_layer"], model) if "cam_layer" in entry else None
     return ModelSpec(
         name=name,
         arch=arch,
@@ -125,6 +142,7 @@ def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
         weights_url=None,
         params=count_params(model),
         gflops=conv_linear_gflops(model, size),
+        cam_layer=cam_layer,
     )
 
 

@@ -67,6 +67,7 @@ class ModelSpec:
     gflops: float | None
     acc1: float | None = None
     acc5: float | None = None
+    cam_layer: str | None = None  # Grad-CAM layer (custom models' TOML); None: by architecture
 
     @property
     def num_classes(self) -> int:
