@@ -29,7 +29,6 @@ from torchvision.models import get_model_builder
 
 from app.catalog import build_catalog
 from app.catalog.cifar import cifar_plain, cifar_resnet
-from app.catalog.preprocess import normalize
 from app.engine.explain import (
     Explanation,
     data_url,
@@ -39,6 +38,7 @@ from app.engine.explain import (
     last_feature_map,
     overlay_png,
 )
+from app.preprocess import normalize
 from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, IMAGES, needs_shared
 
 PER_CLASS = 20  # 200 images in all
