@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,3 +204,26 @@ def test_installed_service_serves_and_stops(installed: Installed, tmp_path: Path
         # uvicorn shuts down gracefully, then may re-raise the signal for its supervisor
         assert proc.wait(60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+DEV_ONLY = ("pytest", "ruff", "mypy", "playwright", "locust", "schemathesis", "ray")
+
+
+def test_make_serve_installs_the_runtime_dependencies_only(tmp_path: Path):
+    """``make serve`` installs the package without the dev extra; ``make test`` with it. Read from
+    ``make -n`` with a virtualenv that does not exist yet (a fresh machine), so nothing runs."""
+
+    def plan(target: str) -> list[str]:
+        r = subprocess.run(
+            ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stdout.splitlines() if "pip install" in line]
+
+    serve, test = plan("serve"), plan("test")
+    assert serve and all(line.endswith(" -e .") for line in serve), serve
+    assert test and all(line.endswith(" -e '.[dev]'") for line in test), test
+    runtime = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower() for d in runtime}
+    assert {"torch", "fastapi", "uvicorn"} <= names and not names & set(DEV_ONLY), names
