@@ -79,7 +79,9 @@ def test_killed_worker_fails_inflight_fast_and_recovers(tmp_path):
 
         with cf.ThreadPoolExecutor(8) as ex:
             futures = [ex.submit(send, i) for i in range(200)]
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60
+            while not pool.workers[0].inflight and time.monotonic() < deadline:  # work is there
+                time.sleep(0.005)
             os.kill(old_pid, signal.SIGKILL)
             t_kill = time.monotonic()
             not_ready = None
