@@ -1,11 +1,15 @@
 # imgcls: two commands on a fresh machine.
-#   make serve   set up the virtualenv (when needed) and run the service on $(HOST):$(PORT)
-#   make test    set up the virtualenv (when needed) and run format, lint, type checks and tests
+#   make serve   set up the virtualenv with the runtime dependencies (when needed) and run the
+#                service on $(HOST):$(PORT)
+#   make test    set up the virtualenv with the dev extra too (when needed) and run format, lint,
+#                type checks and tests
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# what is installed: the runtime dependencies (make serve) or those plus the dev extra (the rest)
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -15,16 +19,25 @@ SPAWN_RATE ?= 5
 RUN_TIME ?= 60s
 LOADTEST_OUT ?= loadtest-results
 
-.PHONY: venv serve check format test loadtest bench clean
+.PHONY: venv venv-runtime serve check format test loadtest bench clean
 
-$(STAMP): pyproject.toml
+# Serving needs the runtime dependencies only (no Ray, schemathesis, Playwright, locust).
+$(RUNTIME_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(RUNTIME_STAMP)
+
+# Tests, lint and type checks need the dev extra; it includes the runtime dependencies.
+$(DEV_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+	touch $(DEV_STAMP) $(RUNTIME_STAMP)
 
-venv: $(STAMP)
+venv-runtime: $(RUNTIME_STAMP)
 
-serve: venv
+venv: $(DEV_STAMP)
+
+serve: venv-runtime
 	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/imgcls serve
 
 format: venv

@@ -14,10 +14,7 @@ import pytest
 from app.evaluate import list_images
 from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, ROOT, needs_shared
 
-pytestmark = [
-    needs_shared,
-    pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found"),
-]
+pytestmark = needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 
 # ../shared/data/cifar10-resnets/NOTES.md: independent evaluation on cifar10-test-sample
 REFERENCE = {

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights, get_model_builder
 
-from tests.conftest import IMAGES, needs_shared, shared_image
+from tests import images
+from tests.conftest import CIFAR_WEIGHTS, IMAGES, needs_shared, shared_image
 
-pytestmark = needs_shared
+# A generated photo-like image: the tests of the API's plumbing need no shared data.
+PNG = images.encode(images.photo((320, 240)), "PNG")
 
 
 def classify(client, data: bytes, name: str = "x.png", **params):
@@ -20,7 +22,7 @@ def classify(client, data: bytes, name: str = "x.png", **params):
 
 
 def test_classify_response_shape(client):
-    r = classify(client, shared_image("chelsea.png"), model="resnet18", top_k=5)
+    r = classify(client, PNG, model="resnet18", top_k=5)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "resnet18"
@@ -39,7 +41,7 @@ def test_classify_response_shape(client):
 
 
 def test_default_model_is_first_configured(client):
-    r = classify(client, shared_image("coffee.png"))
+    r = classify(client, PNG)
     assert r.status_code == 200
     assert r.json()["model"] == "resnet18"
 
@@ -47,7 +49,7 @@ def test_default_model_is_first_configured(client):
 def test_request_id_is_honoured(client):
     r = client.post(
         "/classify",
-        files={"file": ("c.png", shared_image("coffee.png"))},
+        files={"file": ("c.png", PNG)},
         headers={"X-Request-ID": "trace-42"},
     )
     assert r.headers["X-Request-ID"] == "trace-42"
@@ -55,13 +57,14 @@ def test_request_id_is_honoured(client):
 
 
 def test_random_weights_are_labelled(client):
-    r = classify(client, shared_image("coffee.png"), model="alexnet")
+    r = classify(client, PNG, model="alexnet")
     assert r.status_code == 200
     assert r.json()["weights"] == "random"
     entry = next(m for m in client.get("/models").json()["models"] if m["name"] == "alexnet")
     assert entry["weights"] == "random"
 
 
+@needs_shared(CIFAR_WEIGHTS)
 def test_real_weights_are_named(client):
     body = classify(client, shared_image("chelsea.png"), model="cifar10_resnet56").json()
     assert body["weights"] == "resnet56-4bfd9763.th"
@@ -69,10 +72,10 @@ def test_real_weights_are_named(client):
 
 
 def test_top_k_is_capped_at_class_count(client):
-    r = classify(client, shared_image("chelsea.png"), model="cifar10_resnet20", top_k=20)
+    r = classify(client, PNG, model="tiny3", top_k=20)  # the generated 3-class custom model
     assert r.status_code == 200
     preds = r.json()["predictions"]
-    assert len(preds) == 10
+    assert len(preds) == 3
     assert abs(sum(p["score"] for p in preds) - 1.0) < 1e-4
 
 
@@ -121,6 +124,7 @@ def _local_probs(model: torch.nn.Module, transform, img: Image.Image) -> np.ndar
         return torch.softmax(model(transform(img).unsqueeze(0)), 1)[0].numpy()
 
 
+@needs_shared(IMAGES)
 @pytest.mark.parametrize("image", ["chelsea.png", "rocket.jpg", "camera.png"])
 def test_preprocessing_parity_with_torchvision(client, model_dir, image):
     """The service's top-k equals torchvision's weights.transforms() + the same checkpoint."""
@@ -135,6 +139,7 @@ def test_preprocessing_parity_with_torchvision(client, model_dir, image):
     assert [p["index"] for p in body["predictions"]][:3] == top[:3].tolist()
 
 
+@needs_shared(CIFAR_WEIGHTS, IMAGES)
 def test_batch_invariance_under_concurrency(service, client):
     """Alone or batched, the same image gets the same probabilities (1e-4)."""
     names = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "horse.png", "camera.png"]
@@ -162,6 +167,7 @@ def test_batch_invariance_under_concurrency(service, client):
             assert abs(p["score"] - alone[n][p["index"]]) <= 1e-4
 
 
+@needs_shared(CIFAR_WEIGHTS, IMAGES)
 @pytest.mark.parametrize(
     "name",
     ["camera.png", "horse.png", "no_time_for_that_tiny.gif", "hubble_deep_field.jpg"],
@@ -172,13 +178,11 @@ def test_odd_but_valid_shared_images(client, name):
     assert r.status_code == 200, r.text
 
 
-def test_metrics_are_exported(client):
+def test_metrics_are_exported(service, client):
     before = client.get("/metrics").text
     assert (
         client.post(
-            "/classify",
-            params={"model": "cifar10_resnet20"},
-            files={"file": ("c.png", shared_image("coffee.png"))},
+            "/classify", params={"model": "tiny3"}, files={"file": ("c.png", PNG)}
         ).status_code
         == 200
     )
@@ -190,8 +194,9 @@ def test_metrics_are_exported(client):
         "imgcls_workers_alive",
     ):  # fmt: skip
         assert name in text, name
-    assert 'imgcls_models{status="ready"} 8.0' in text
-    line = 'imgcls_requests_total{endpoint="/classify",model="cifar10_resnet20",status="200"}'
+    served = len(service.settings.models.split(","))  # 8 with the shared data, 4 without
+    assert f'imgcls_models{{status="ready"}} {served}.0' in text
+    line = 'imgcls_requests_total{endpoint="/classify",model="tiny3",status="200"}'
 
     def count(t: str) -> float:
         return sum(float(x.split()[-1]) for x in t.splitlines() if x.startswith(line))

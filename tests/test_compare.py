@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from app.agreement import ModelOutput, agreement, jaccard, js_divergence
-from tests.conftest import needs_shared, shared_image
+from tests import images
+
+PNG = images.encode(images.photo((320, 240)), "PNG")  # generated: no shared data needed
 
 
 def out(name: str, probs, label_set: int = 1, k: int = 2) -> ModelOutput:
@@ -49,18 +51,17 @@ def test_agreement_by_hand():
     )
 
 
-@needs_shared
 def test_compare_over_http(client):
     r = client.post(
         "/compare",
-        params={"models": "resnet18,r18_copy,alexnet,cifar10_resnet20", "top_k": 5},
-        files={"file": ("chelsea.png", shared_image("chelsea.png"))},
+        params={"models": "resnet18,r18_copy,alexnet,tiny3", "top_k": 5},
+        files={"file": ("photo.png", PNG)},
         headers={"X-Request-ID": "cmp-1"},
     )
     assert r.status_code == 200, r.text
     body = r.json()
     assert [x["model"] for x in body["results"]] == [
-        "resnet18", "r18_copy", "alexnet", "cifar10_resnet20",
+        "resnet18", "r18_copy", "alexnet", "tiny3",
     ]  # fmt: skip
     assert body["request_id"] == "cmp-1" and all(
         x["request_id"] == "cmp-1" for x in body["results"]
@@ -91,8 +92,8 @@ def test_compare_over_http(client):
     assert set(body["latency_ms"]) == {"decode", "total"}
 
 
-@needs_shared
-def test_compare_defaults_to_loaded_models(client):
-    r = client.post("/compare", files={"file": ("c.png", shared_image("coffee.png"))})
+def test_compare_defaults_to_loaded_models(service, client):
+    r = client.post("/compare", files={"file": ("c.png", PNG)})
     assert r.status_code == 200, r.text
-    assert len(r.json()["results"]) == 8
+    served = service.settings.models.split(",")  # 8 with the shared data, 4 without
+    assert [x["model"] for x in r.json()["results"]] == served[:8]

@@ -18,7 +18,7 @@ from app.settings import Settings
 from tests.conftest import IMAGES, ROOT, needs_shared, save_resnet18, shared_image
 
 
-@needs_shared
+@needs_shared(IMAGES)
 @pytest.mark.parametrize("image", ["chelsea.png", "rocket.jpg"])
 def test_custom_checkpoint_matches_direct_run(client, model_dir, image):
     """tiny3: resnet18 with a 3-class head served through the config == the model run directly."""
@@ -41,7 +41,6 @@ def test_custom_checkpoint_matches_direct_run(client, model_dir, image):
     assert [p["index"] for p in body["predictions"]] == np.argsort(-expected).tolist()
 
 
-@needs_shared
 def test_custom_model_in_models(client):
     entry = client.get("/models/tiny3").json()
     assert entry["source"] == "custom" and entry["family"] == "resnet"

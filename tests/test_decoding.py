@@ -36,8 +36,6 @@ from tests.conftest import (
 )
 from tests.test_errors import HOSTILE
 
-pytestmark = needs_shared
-
 MODEL = "cifar10_resnet20"
 
 
@@ -65,6 +63,7 @@ def _classify(url: str, data: bytes, name: str = "x.jpg"):
                       files={"file": (name, data)}, timeout=60)  # fmt: skip
 
 
+@needs_shared(CIFAR_WEIGHTS / CIFAR_FILES[MODEL], IMAGES)
 def test_worker_and_api_decoding_give_the_same_answers(service, api_decoding):
     assert service.service.decode_in_worker and not api_decoding.service.decode_in_worker
     uploads = [p.read_bytes() for p in sorted(IMAGES.iterdir()) if p.suffix in (".png", ".jpg")]
@@ -78,14 +77,15 @@ def test_worker_and_api_decoding_give_the_same_answers(service, api_decoding):
         assert a.json()["latency_ms"]["decode"] > 0  # measured in the worker
 
 
+@needs_shared(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])
 @pytest.mark.parametrize("where", ["worker", "api"])
 def test_hostile_corpus_same_4xx_in_both_places(service, api_decoding, where):
     svc = service if where == "worker" else api_decoding
     workers = svc.service.pool.workers
     pids = [w.pid for w in workers]
-    for name, data in HOSTILE.items():
+    for name, (status, data) in HOSTILE.items():
         r = _classify(svc.url, data, "upload.jpg")
-        assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text}"
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
         assert r.json()["detail"], name
     assert [w.pid for w in workers] == pids and all(w.alive for w in workers)
 
@@ -126,6 +126,7 @@ def _tensor_decoder(device: str = "cpu") -> Decoder:
     return Decoder(threads=2, max_pixels=10**8, device=device, jpeg_on_device=True)
 
 
+@needs_shared(IMAGES)
 def test_tensor_decoder_pixels_close_to_pillow():
     """torchvision.io decode + antialiased tensor resize vs Pillow, on the real photos."""
     spec = build_catalog().get("resnet18")
@@ -189,22 +190,24 @@ def test_tensor_decoder_on_the_hostile_corpus():
     (nvjpeg) path as if it were a plain JPEG: each fails alone with a 4xx or decodes; the
     process lives on and the next batch decodes."""
     spec = build_catalog().get(MODEL)
-    passing = []
-    for data in HOSTILE.values():
+    passing: list[tuple[str, int, bytes]] = []
+    for name, (status, data) in HOSTILE.items():
         try:
             imaging.probe(data, 10**8)
         except (imaging.ImageError, imaging.ImageTooLargeError):
             continue
-        passing.append(Encoded(data, True))
+        passing.append((name, status, data))
+    assert passing, "no case of the hostile corpus passes the header check: nothing tested"
     decoder = _tensor_decoder()
-    out = decoder.prepare(passing, spec.transform)
+    out = decoder.prepare([Encoded(data, True) for _, _, data in passing], spec.transform)
     assert len(out.rows) + len(out.errors) == len(passing)
-    assert all(400 <= status < 500 for status, _ in out.errors.values())
+    for i, (status, _) in out.errors.items():
+        assert status == passing[i][1], (passing[i][0], status)
     good = decoder.prepare([Encoded(_jpeg(images.photo()), True)], spec.transform)
     assert good.rows == [0] and not good.errors
 
 
-@pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found")
+@needs_shared(CIFAR_WEIGHTS / CIFAR_FILES[MODEL], CIFAR_SAMPLE)
 def test_tensor_decode_accuracy_guard():
     """The guard of tests/guard.py against Pillow (torchvision.io on the CPU here;
     tests/test_gpu.py runs the same guard with nvjpeg)."""

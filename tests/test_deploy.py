@@ -8,12 +8,9 @@ import shutil
 import subprocess
 
 import jsonschema
-import pytest
 import yaml
 
-from tests.conftest import ROOT, SHARED
-
-COMPOSE_SCHEMA = SHARED / "compose-spec.json"
+from tests.conftest import COMPOSE_SCHEMA, ROOT, needs_shared
 
 
 def test_dockerfile_passes_hadolint():
@@ -31,7 +28,7 @@ def test_dockerfile_shape():
     assert text.count("FROM ") >= 4  # multi-stage
 
 
-@pytest.mark.skipif(not COMPOSE_SCHEMA.is_file(), reason=f"{COMPOSE_SCHEMA} not found")
+@needs_shared(COMPOSE_SCHEMA)
 def test_compose_file_matches_the_compose_spec():
     doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     schema = json.loads(COMPOSE_SCHEMA.read_text())

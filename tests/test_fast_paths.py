@@ -19,11 +19,6 @@ from app.evaluate import list_images
 from tests import guard
 from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, needs_shared, run_service
 
-pytestmark = [
-    needs_shared,
-    pytest.mark.skipif(not CIFAR_SAMPLE.is_dir(), reason=f"{CIFAR_SAMPLE} not found"),
-]
-
 PATHS = {
     "bf16-eager": ("bf16", True, False),
     "bf16-compiled": ("bf16", True, True),
@@ -52,6 +47,7 @@ def _predict(model: str, path: tuple[str, bool, bool], x: torch.Tensor) -> np.nd
     return torch.cat([runner.forward(model, x[i : i + 50]) for i in range(0, len(x), 50)]).numpy()
 
 
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 @pytest.mark.parametrize("model", list(CIFAR_FILES))
 def test_fast_paths_agree_with_fp32_eager(data, model):
     x, y = data
@@ -71,6 +67,7 @@ def test_defaults_follow_the_hardware():
         resolve("fp16", None, None, "cpu")
 
 
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 def test_default_path_over_http_says_what_ran(tmp_path: Path):
     """The service with default settings: responses and /models name precision and backend."""
     (tmp_path / "resnet20-12fca82f.th").symlink_to(CIFAR_WEIGHTS / "resnet20-12fca82f.th")

@@ -28,10 +28,7 @@ from tests.conftest import (
     run_service,
 )
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)"),
-    needs_shared,
-]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
 
 def _runner(model: str, precision: str, compile_: bool, weights: str | None) -> Runner:
@@ -50,6 +47,7 @@ def cifar() -> tuple[torch.Tensor, np.ndarray]:
     return x, np.array([spec.labels.index(label) for _, label in items])
 
 
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 @pytest.mark.parametrize("model", list(CIFAR_FILES))
 def test_fp16_guard_on_cuda(cifar, model):
     x, y = cifar
@@ -67,6 +65,7 @@ def test_fp16_guard_on_cuda(cifar, model):
         guard.check(f"{model} {precision} compile={compile_}", top1.numpy(), ref_top1.numpy(), y)
 
 
+@needs_shared(CIFAR_WEIGHTS, IMAGES)
 def test_cuda_service_end_to_end(tmp_path: Path):
     for f in CIFAR_FILES.values():
         (tmp_path / f).symlink_to(CIFAR_WEIGHTS / f)
@@ -107,6 +106,7 @@ def test_cuda_service_end_to_end(tmp_path: Path):
         )
 
 
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 def test_nvjpeg_decode_guard():
     """JPEG decode (nvjpeg) and resize on the GPU agree with Pillow's on the real CIFAR-10
     sample, held to tests/guard.py."""

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import IMAGES, ROOT, needs_shared
+from tests.conftest import CIFAR_WEIGHTS, IMAGES, ROOT, needs_shared
 
-pytestmark = needs_shared
+pytestmark = needs_shared(IMAGES, CIFAR_WEIGHTS)
 
 
 def test_locustfile_headless_run(service, tmp_path: Path):

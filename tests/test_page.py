@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IMAGES, ROOT, needs_shared, shared_image
+from tests import images
+from tests.conftest import CIFAR_WEIGHTS, IMAGES, ROOT, needs_shared, shared_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -22,7 +23,6 @@ FLAGS = [
 SCREENSHOTS = Path(os.environ.get("IMGCLS_ARTIFACTS", ROOT / "artifacts")) / "screenshots"
 
 pytestmark = [
-    needs_shared,
     pytest.mark.browser,
     pytest.mark.skipif(
         not CHROMIUM.exists(),
@@ -58,6 +58,7 @@ def _select(page, models: list[str]) -> None:
         page.check(f"input[name=models][value='{m}']")
 
 
+@needs_shared(IMAGES, CIFAR_WEIGHTS)
 def test_compare_cards_match_the_api(page, service):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     models = ["alexnet", "resnet18", "cifar10_resnet20", "cifar10_resnet56"]  # page order
@@ -112,7 +113,7 @@ def test_api_error_is_shown_readably(page, tmp_path):
     page.screenshot(path=str(SCREENSHOTS / "error-api-400.png"), full_page=True)
 
 
-def test_phone_width_and_keyboard(browser, service):
+def test_phone_width_and_keyboard(browser, service, tmp_path):
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
     page.goto(service.url + "/")
@@ -125,7 +126,9 @@ def test_phone_width_and_keyboard(browser, service):
              i => !(i.labels && i.labels.length) && !i.getAttribute('aria-label')).length"""
     )
     assert unlabeled == 0
-    page.set_input_files("#file-input", str(IMAGES / "coffee.png"))
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(images.encode(images.photo((320, 240)), "PNG"))
+    page.set_input_files("#file-input", str(photo))
     _select(page, ["resnet18"])
     page.focus("#classify-btn")
     page.keyboard.press("Enter")

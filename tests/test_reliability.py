@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,14 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait for ``condition`` (polled), or fail saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+
+
 def test_full_queue_answers_503_at_once(tmp_path: Path):
     with run_service(
         models="cifar10_plain110", allow_random_weights=True, weights_dir=tmp_path,
@@ -79,7 +88,12 @@ def test_deadline_gives_504_and_drops_unstarted_work(tmp_path: Path):
             ]
         assert set(codes) <= {200, 504}, codes
         assert codes.count(504) > 0
-        time.sleep(1.0)  # let the last batches finish
+        # the batches already at the worker finish after their clients got 504: wait for them
+        pool, batcher = svc.service.pool, svc.service.batchers["cifar10_plain110"]
+        _until(
+            lambda: batcher.depth == 0 and not any(w.inflight for w in pool.workers),
+            60, "the queue and the worker drained",
+        )  # fmt: skip
         computed = _metric(svc.url, "imgcls_batch_size_sum", model="cifar10_plain110")
         dropped = _metric(svc.url, "imgcls_dropped_images_total", model="cifar10_plain110")
         assert dropped > 0
@@ -152,7 +166,14 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         assert workers, "the worker process should be a child of the server"
         with cf.ThreadPoolExecutor(16) as ex:
             futures = [ex.submit(_post, url, "cifar10_plain110") for _ in range(16)]
-            time.sleep(0.3)  # requests are in flight
+            # SIGTERM once all 16 are at the server: queued (imgcls_queue_depth), answered, or
+            # at the worker, which holds at most two batches of 2 (one running, one waiting)
+            _until(
+                lambda: _metric(url, "imgcls_queue_depth", model="cifar10_plain110")
+                + _metric(url, "imgcls_requests_total", endpoint="/classify")
+                >= 16 - 2 * 2,
+                60, "the requests reached the server",
+            )  # fmt: skip
             proc.send_signal(signal.SIGTERM)
             codes = [f.result()[0] for f in futures]
         assert codes == [200] * 16, codes

@@ -11,10 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import needs_shared
-
-pytestmark = needs_shared
-
 
 def test_openapi_contract(service, tmp_path: Path):
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")

@@ -27,7 +27,7 @@ from tests.conftest import (
     wait_until_ready,
 )
 
-pytestmark = needs_shared
+pytestmark = needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE, IMAGES)
 
 TOTAL = int(os.environ.get("IMGCLS_SOAK_REQUESTS", "20000"))
 WARMUP = TOTAL // 10
@@ -49,6 +49,30 @@ def _proc_stats(pid: int) -> dict[str, int]:
         "fds": len(targets) - shm,
         "shm_fds": shm,
     }
+
+
+def _connections_closed(pid: int, timeout: float = 30) -> None:
+    """Wait until every TCP socket the process holds is a listening one: the server has closed
+    the connections its clients closed (counted while still open, they would look like a leak)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed while listing
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+        states = []  # /proc/net/tcp: "st" is the 4th field, "inode" the 10th; 0A is LISTEN
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[9] in inodes:
+                        states.append(fields[3])
+        if all(st == "0A" for st in states):
+            return
+        assert time.monotonic() < deadline, f"connections still open after {timeout} s: {states}"
+        time.sleep(0.05)
 
 
 def _cuda_memory(url: str) -> dict[str, float]:
@@ -107,15 +131,15 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
         wait_until_ready(url, 120)
         workers = children(proc.pid)
         warm = asyncio.run(_drive(url, WARMUP, 1))
-        time.sleep(1.0)  # let the server finish closing the client's connections
         gpu_before = _cuda_memory(url)
+        _connections_closed(proc.pid)
         before = {
             "api": _proc_stats(proc.pid),
             **{f"worker{i}": _proc_stats(p) for i, p in enumerate(workers)},
         }
         codes = asyncio.run(_drive(url, TOTAL - WARMUP, 2))
-        time.sleep(1.0)
         gpu_after = _cuda_memory(url)
+        _connections_closed(proc.pid)
         for device, used in gpu_before.items():  # on a GPU machine: CUDA memory does not grow
             print(
                 f"soak {device}: {used / 2**20:.1f} -> {gpu_after[device] / 2**20:.1f} MiB allocated"
