@@ -358,14 +358,17 @@ def test_twenty_restarts_under_load_leak_nothing():
         b = ModelBatcher("cifar10_plain20", pool, 4, 0.001, 10_000)
         b.start()
         stop = False
+        answered = 0
 
         async def load() -> None:
+            nonlocal answered
             while not stop:
                 fut = b.submit(torch.zeros(3, 32, 32, dtype=torch.uint8), time.monotonic() + 30)
                 try:
                     await fut
+                    answered += 1
                 except (WorkerCrashedError, RuntimeError, TimeoutError):
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # the worker is restarting: try again shortly
 
         try:
             await pool.wait_status(lambda: bool(pool.ready_workers("cifar10_plain20")),
@@ -384,7 +387,8 @@ def test_twenty_restarts_under_load_leak_nothing():
                     time.monotonic() + 60,
                 )
                 assert ok, f"restart {i + 1} did not come back"
-                await asyncio.sleep(0.3)  # some traffic through the new worker
+                before = answered  # some traffic through the new worker before the next kill
+                await _until(lambda before=before: answered >= before + 3, 30)
                 if i == 0:
                     baseline = resources()
             after = resources()
@@ -403,6 +407,13 @@ def test_twenty_restarts_under_load_leak_nothing():
     assert after[0] <= baseline[0] + 2, (baseline, after)  # fds (a batch may be in flight)
     assert after[1] <= baseline[1], (baseline, after)  # threads
     assert after[2] <= baseline[2] + 8, (baseline, after)  # transient batch descriptors
+
+
+async def _until(cond, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
 
 
 def _wait(cond, within: float, what: str) -> None:
