@@ -12,9 +12,11 @@ No web framework is imported here; errors are the domain errors of app/errors.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,15 +26,23 @@ from app import imaging
 from app.catalog import Catalog, ModelSpec
 from app.engine.batcher import ImageResult
 from app.engine.decoding import Encoded, Item, decode_pixels
-from app.errors import ElementError, InvalidParameterError
+from app.engine.explain import heatmap_similarity
+from app.engine.pool import ExplainResult
+from app.errors import (
+    ElementError,
+    ExplainQueueFullError,
+    InvalidParameterError,
+    NotAvailableError,
+)
 from app.preprocess import Preprocess
-from app.responses import classify_result, compare_response
-from app.schemas import ClassifyResponse, CompareResponse
+from app.responses import classify_result, compare_response, explain_result
+from app.schemas import ClassifyResponse, CompareResponse, ExplainResponse, HeatmapSimilarity
 from app.settings import Settings
 
 T = TypeVar("T")
 
 MAX_COMPARE = 8
+EXPLAIN_METHODS = ("gradcam",)
 
 
 @dataclass
@@ -96,11 +106,68 @@ async def gather_fail_fast(aws: Sequence[Awaitable[T]]) -> list[T]:
         raise
 
 
+def check_method(method: str) -> str:
+    if method not in EXPLAIN_METHODS:
+        raise InvalidParameterError(
+            f"unknown explanation method {method!r}; available: {', '.join(EXPLAIN_METHODS)}"
+        )
+    return method
+
+
+def parse_target(target: str | int | None, spec: ModelSpec) -> int | None:
+    """``top1`` (or None): each image's own top-1; otherwise a class index of ``spec``."""
+    if target is None or target == "top1":
+        return None
+    try:
+        index = int(target)
+    except ValueError:
+        raise InvalidParameterError(
+            f"'target' must be top1 or a class index, got {target!r}"
+        ) from None
+    if not 0 <= index < spec.num_classes:
+        raise InvalidParameterError(
+            f"'target' {index} is not a class of {spec.name} (0..{spec.num_classes - 1})"
+        )
+    return index
+
+
+class ExplainGate:
+    """At most ``concurrency`` explanations at once and ``queue`` more waiting; past that,
+    ExplainQueueFullError at once. Explanations take a worker slot each (seconds for a big
+    model on a CPU), so this bound is what keeps them from starving classification."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self.concurrency = concurrency
+        self.limit = concurrency + queue
+        self.count = 0  # running and waiting
+        self._sem: asyncio.Semaphore | None = None  # made on the serving loop
+
+    def check(self, jobs: int = 1) -> None:
+        if self.count + jobs > self.limit:
+            raise ExplainQueueFullError(
+                f"too many explanations in progress ({self.count} running or waiting, "
+                f"IMGCLS_EXPLAIN_CONCURRENCY + IMGCLS_EXPLAIN_QUEUE = {self.limit}); retry shortly"
+            )
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.check()
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.concurrency)
+        self.count += 1
+        try:
+            async with self._sem:
+                yield
+        finally:
+            self.count -= 1
+
+
 class InferenceCore(ABC):
     settings: Settings
     catalog: Catalog
     decode_in_worker: bool = False
     served: dict[str, ServedModel]
+    _explain_gate: ExplainGate | None = None
 
     # ---- what a subclass provides ------------------------------------------------------------
     @abstractmethod
@@ -114,6 +181,29 @@ class InferenceCore(ABC):
     def admit(self, name: str, images: int = 1) -> ServedModel:
         """Check, before any body is read, that ``name`` can take ``images`` more now."""
         return self.servable(name)
+
+    async def run_explain(
+        self, name: str, pixels: torch.Tensor, target: int | None, deadline: float
+    ) -> ExplainResult:
+        """Grad-CAM of uint8 pixels (3, S, S) through ``name`` for ``target`` (None: top-1)."""
+        raise NotAvailableError("explanations are not available on this backend")
+
+    @property
+    def explain_gate(self) -> ExplainGate:
+        """One per core (made on first use: subclasses set ``settings`` in their own way)."""
+        if self._explain_gate is None:
+            s = self.settings
+            self._explain_gate = ExplainGate(s.explain_concurrency, s.explain_queue)
+        return self._explain_gate
+
+    def admit_explain(self, name: str, method: str, target: str | None = None) -> ServedModel:
+        """Before the body is read: method and target valid, model ready, room in the explain
+        queue."""
+        check_method(method)
+        served = self.servable(name)
+        parse_target(target, served.spec)
+        self.explain_gate.check()
+        return served
 
     # ---- shared steps ----------------------------------------------------------------------
     @property
@@ -155,8 +245,44 @@ class InferenceCore(ABC):
             preprocess_ms=preprocess_ms, started=started, request_id=request_id,
         )  # fmt: skip
 
+    async def _explain_one(
+        self, spec: ModelSpec, pixels: torch.Tensor, target: int | None, deadline: float
+    ) -> tuple[ExplainResult, float]:
+        """Through the explain gate; returns the result and its queue time (ms)."""
+        waited = time.monotonic()
+        async with self.explain_gate.slot():
+            result = await self.run_explain(spec.name, pixels, target, deadline)
+        return result, max(0.0, result.start - waited) * 1000.0
+
+    async def explain(
+        self,
+        upload: bytes,
+        model: str | None,
+        method: str,
+        target: str | None,
+        heatmap: bool,
+        request_id: str,
+    ) -> ExplainResponse:
+        """Where ``model`` looked in ``upload`` for ``target`` (top1 or a class index)."""
+        started = time.perf_counter()
+        check_method(method)
+        spec = self.servable(model or self.default_model).spec
+        index = parse_target(target, spec)
+        pixels = await self.decode(upload, [spec])
+        result, queue_ms = await self._explain_one(spec, pixels.of(spec), index, self.deadline())
+        return explain_result(
+            spec, method, result, heatmap=heatmap, decode_ms=pixels.decode_ms,
+            preprocess_ms=pixels.preprocess_ms, queue_ms=queue_ms, started=started,
+            request_id=request_id,
+        )  # fmt: skip
+
     async def compare(
-        self, upload: bytes, models: str | None, top_k: int, request_id: str
+        self,
+        upload: bytes,
+        models: str | None,
+        top_k: int,
+        request_id: str,
+        explain: str | None = None,
     ) -> CompareResponse:
         started = time.perf_counter()
         served = [self.servable(n) for n in parse_models(models, list(self.served))]
@@ -168,6 +294,9 @@ class InferenceCore(ABC):
             result = await self.run(s.spec.name, pixels.of(s.spec), deadline)
             return result, time.perf_counter()
 
+        if explain is not None:
+            check_method(explain)
+            self.explain_gate.check(len(served))
         done = await gather_fail_fast([timed(s) for s in served])
         results = [
             classify_result(
@@ -178,10 +307,31 @@ class InferenceCore(ABC):
             )
             for s, (r, finished) in zip(served, done, strict=True)
         ]  # fmt: skip
-        return compare_response(
+        explained: list[ExplainResult] = []
+        if explain is not None:
+            # Each model explains its own top-1 (as /classify answered it), one job per model.
+            jobs = await gather_fail_fast(
+                [
+                    self._explain_one(s.spec, pixels.of(s.spec), r.predictions[0].index, deadline)
+                    for s, r in zip(served, results, strict=True)
+                ]
+            )
+            for s, r, (e, queue_ms) in zip(served, results, jobs, strict=True):
+                r.explanation = explain_result(
+                    s.spec, explain, e, heatmap=False, decode_ms=pixels.decode_ms,
+                    preprocess_ms=pixels.preprocess_ms, queue_ms=queue_ms, started=started,
+                    request_id=request_id,
+                )  # fmt: skip
+                explained.append(e)
+        response = compare_response(
             [s.spec for s in served], [r for r, _ in done], results, top_k,
             decode_ms=pixels.decode_ms, started=started, request_id=request_id,
         )  # fmt: skip
+        if explain is not None:
+            response.agreement.heatmap_similarity = similarities(
+                [s.spec for s in served], explained
+            )
+        return response
 
     async def infer(
         self, name: str, items: Sequence[bytes | torch.Tensor], deadline: float | None = None
@@ -213,6 +363,20 @@ class InferenceCore(ABC):
                 raise ElementError(i, exc) from exc
 
         return await gather_fail_fast([one(i, p) for i, p in enumerate(payloads)])
+
+
+def similarities(
+    specs: Sequence[ModelSpec], results: Sequence[ExplainResult]
+) -> list[HeatmapSimilarity]:
+    """Pearson correlation of the heatmaps of every two models that saw the same pixels
+    (equal ``transform_key``); maps on different crops are not comparable pixel by pixel."""
+    out = []
+    for (sa, ra), (sb, rb) in itertools.combinations(zip(specs, results, strict=True), 2):
+        if sa.transform_key != sb.transform_key:
+            continue
+        r = heatmap_similarity(ra.heatmaps[0], rb.heatmaps[0])
+        out.append(HeatmapSimilarity(a=sa.name, b=sb.name, pearson=round(r, 6)))
+    return out
 
 
 def _check_tensor(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

@@ -45,6 +45,14 @@ class InvalidParameterError(ValueError):
     """A parameter is well-formed but not acceptable (HTTP 422)."""
 
 
+class ExplainQueueFullError(RuntimeError):
+    """Too many explanations running and waiting (IMGCLS_EXPLAIN_QUEUE): HTTP 503."""
+
+
+class NotAvailableError(RuntimeError):
+    """This front-end or backend does not offer the operation (HTTP 501)."""
+
+
 class ElementError(Exception):
     """One element of a multi-image request failed; ``cause`` says how (its status is the
     cause's)."""
@@ -88,6 +96,10 @@ def describe(exc: BaseException) -> Failure:
         return Failure(422, str(exc))
     if isinstance(exc, ModelNotReadyError):
         return Failure(503, str(exc), exc.retry_after)
+    if isinstance(exc, ExplainQueueFullError):
+        return Failure(503, str(exc), 2)
+    if isinstance(exc, NotAvailableError):
+        return Failure(501, str(exc))
     if isinstance(exc, QueueFullError):
         return Failure(503, str(exc), 1)
     if isinstance(exc, NoWorkerError):

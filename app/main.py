@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
 from app.api import errors as api_errors
-from app.api import health, inference, models
+from app.api import explain, health, inference, models
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
 from app.service import Service
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     api_errors.install(app)
     app.include_router(inference.router)
+    app.include_router(explain.router)
     app.include_router(models.router)
     app.include_router(health.router)
 

@@ -26,8 +26,9 @@ from app.core import InferenceCore, ServedModel, parse_models
 from app.engine import fastpath
 from app.engine.batcher import ImageResult
 from app.engine.decoding import Item
+from app.engine.pool import ExplainResult
 from app.engine.worker import Runner, WorkerConfig
-from app.errors import ModelNotServedError
+from app.errors import ModelNotServedError, NotAvailableError
 from app.middleware import RequestIdMiddleware
 from app.schemas import ClassifyResponse, CompareResponse, ModelsResponse
 from app.settings import Settings
@@ -133,6 +134,11 @@ class RayCore(InferenceCore):
             self.backbones[name].remote(payload, time.time()), remaining
         )
         return result
+
+    async def run_explain(
+        self, name: str, pixels: torch.Tensor, target: int | None, deadline: float
+    ) -> ExplainResult:
+        raise NotAvailableError("explanations are not available on Ray Serve; use imgcls serve")
 
 
 api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")

@@ -10,7 +10,9 @@ import numpy as np
 from app.agreement import ModelOutput, agreement, top_indices
 from app.catalog import ModelSpec
 from app.engine.batcher import ImageResult
-from app.schemas import ClassifyResponse, CompareResponse
+from app.engine.explain import data_url
+from app.engine.pool import ExplainResult
+from app.schemas import ClassifyResponse, CompareResponse, ExplainResponse
 
 
 def classify_result(
@@ -82,6 +84,52 @@ def compare_response(
             "agreement": agreement(outputs),
             "latency_ms": {
                 "decode": round(decode_ms, 3),
+                "total": round((time.perf_counter() - started) * 1000.0, 3),
+            },
+            "request_id": request_id,
+        }
+    )
+
+
+def explain_result(
+    spec: ModelSpec,
+    method: str,
+    result: ExplainResult,
+    *,
+    heatmap: bool,
+    decode_ms: float,
+    preprocess_ms: float,
+    queue_ms: float,
+    started: float,
+    request_id: str,
+) -> ExplainResponse:
+    """One model's explanation of one image (row 0 of ``result``)."""
+    index = int(result.targets[0])
+    heat = np.asarray(result.heatmaps[0], dtype=np.float32)
+    return ExplainResponse.model_validate(
+        {
+            "model": spec.name,
+            "method": method,
+            "target": {
+                "index": index,
+                "label": spec.labels[index],
+                "score": float(result.scores[0]),
+            },
+            "heatmap": (
+                {
+                    "height": int(heat.shape[0]),
+                    "width": int(heat.shape[1]),
+                    "values": np.round(heat, 3).tolist(),
+                }
+                if heatmap
+                else None
+            ),
+            "overlay": data_url(result.overlays[0]),
+            "latency_ms": {
+                "decode": round(decode_ms, 3),
+                "preprocess": round(preprocess_ms, 3),
+                "queue": round(queue_ms, 3),
+                "explain": round(result.explain_ms, 3),
                 "total": round((time.perf_counter() - started) * 1000.0, 3),
             },
             "request_id": request_id,

@@ -22,6 +22,61 @@ class Latency(BaseModel):
     total: float = Field(description="request received to response ready, ms")
 
 
+class ExplainTarget(BaseModel):
+    index: int = Field(description="the class the map explains")
+    label: str
+    score: float = Field(description="softmax probability of that class (fp32 model)")
+
+
+class Heatmap(BaseModel):
+    height: int
+    width: int
+    values: list[list[float]] = Field(
+        description="rows of the Grad-CAM map in [0, 1] (3 decimals), on the pixels the model saw"
+    )
+
+
+class ExplainLatency(BaseModel):
+    decode: float = Field(description="bytes to RGB image, ms")
+    preprocess: float = Field(description="resize and crop, ms")
+    queue: float = Field(description="waiting for an explanation slot and a worker, ms")
+    explain: float = Field(description="forward and backward pass and overlay in the worker, ms")
+    total: float = Field(description="request received to response ready, ms")
+
+
+class ExplainResponse(BaseModel):
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "resnet50",
+                    "method": "gradcam",
+                    "target": {"index": 285, "label": "Egyptian cat", "score": 0.71},
+                    "heatmap": {"height": 2, "width": 2, "values": [[0.0, 0.25], [0.5, 1.0]]},
+                    "overlay": "data:image/png;base64,iVBORw0KGgo...",
+                    "latency_ms": {
+                        "decode": 3.1,
+                        "preprocess": 4.2,
+                        "queue": 0.8,
+                        "explain": 160.0,
+                        "total": 171.4,
+                    },
+                    "request_id": "5f0c6a2e4d1b4f0e9a8b7c6d5e4f3a2b",
+                }
+            ]
+        },
+    )
+
+    model: str
+    method: Literal["gradcam"]
+    target: ExplainTarget
+    heatmap: Heatmap | None = Field(None, description="omitted with heatmap=false")
+    overlay: str = Field(description="data:image/png;base64 URL: the model's input, map blended on")
+    latency_ms: ExplainLatency
+    request_id: str
+
+
 class ClassifyResponse(BaseModel):
     model_config = ConfigDict(
         protected_namespaces=(),
@@ -60,6 +115,9 @@ class ClassifyResponse(BaseModel):
     latency_ms: Latency
     batch_size: int = Field(description="size of the batch this image actually ran in")
     request_id: str
+    explanation: ExplainResponse | None = Field(
+        None, description="/compare with explain=gradcam: where the model looked for its top-1"
+    )
 
 
 class Consensus(BaseModel):
@@ -77,9 +135,18 @@ class Pairwise(BaseModel):
     js_divergence: float = Field(description="Jensen-Shannon divergence (bits) of full outputs")
 
 
+class HeatmapSimilarity(BaseModel):
+    a: str
+    b: str
+    pearson: float = Field(description="Pearson correlation of the two Grad-CAM maps, -1..1")
+
+
 class Agreement(BaseModel):
     top1_consensus: Consensus | None
     pairwise: list[Pairwise]
+    heatmap_similarity: list[HeatmapSimilarity] | None = Field(
+        None, description="explain=gradcam: pairs of models that see the same pixels (geometry)"
+    )
 
 
 class CompareLatency(BaseModel):

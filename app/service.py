@@ -26,7 +26,14 @@ from app.engine.batcher import ImageResult, ModelBatcher
 from app.engine.decoding import Item
 from app.engine.observer import EngineObserver
 from app.engine.plan import LoadPlan
-from app.engine.pool import ModelStatus, WorkerPool, WorkerSnapshot, resolve_devices
+from app.engine.pool import (
+    ExplainResult,
+    ModelStatus,
+    NoReadyWorkerError,
+    WorkerPool,
+    WorkerSnapshot,
+    resolve_devices,
+)
 from app.engine.worker import WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
 from app.settings import Settings
@@ -151,6 +158,7 @@ class Service(InferenceCore):
             self._configs(plans),
             worker_timeout_s=self.settings.worker_timeout_s,
             startup_timeout_s=self.settings.worker_startup_timeout_s,
+            explain_timeout_s=self.settings.explain_timeout_s,
         )
         await self.pool.start()
         for plan in plans:
@@ -332,5 +340,27 @@ class Service(InferenceCore):
         except TimeoutError:
             raise TimeoutError(
                 f"no result for {name} within IMGCLS_REQUEST_TIMEOUT_S="
+                f"{self.settings.request_timeout_s:g}s"
+            ) from None
+
+    async def run_explain(
+        self, name: str, pixels: torch.Tensor, target: int | None, deadline: float
+    ) -> ExplainResult:
+        """An explain job in a worker slot booked like a batch's (FIFO with the batchers), so
+        explanations and batches share the slot limits, the watchdog and crash handling."""
+        if self.pool is None or name not in self.batchers:
+            raise ModelNotReadyError(f"model {name!r} is not loaded (unloaded?)", retry_after=5)
+        try:
+            res = await self.pool.acquire(name, deadline)
+        except NoReadyWorkerError as exc:
+            raise ModelNotReadyError(str(exc), retry_after=2) from exc
+        if res is None:
+            raise TimeoutError(f"no worker for {name} came free within the request deadline")
+        fut = self.pool.submit_explain(res, name, pixels.unsqueeze(0), target)
+        try:
+            return await asyncio.wait_for(fut, max(0.001, deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(
+                f"no explanation from {name} within IMGCLS_REQUEST_TIMEOUT_S="
                 f"{self.settings.request_timeout_s:g}s"
             ) from None

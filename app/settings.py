@@ -66,6 +66,16 @@ class Settings(BaseSettings):
         description="the watchdog's limit while a worker starts or loads (compiles) a model",
     )
 
+    explain_concurrency: int = Field(
+        1, ge=1, le=64, description="Grad-CAM explanations computed at once by this service"
+    )
+    explain_queue: int = Field(
+        8, ge=0, description="explanations waiting for their turn; beyond it 503 + Retry-After"
+    )
+    explain_timeout_s: float = Field(
+        120.0, gt=0, description="the watchdog's limit for one explanation in a worker"
+    )
+
     max_upload_mb: float = Field(20.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)
 

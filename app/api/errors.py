@@ -13,9 +13,11 @@ from app.engine.batcher import NoWorkerError, QueueFullError
 from app.engine.pool import BatchFailedError, WorkerCrashedError
 from app.errors import (
     ElementError,
+    ExplainQueueFullError,
     InvalidParameterError,
     ModelNotReadyError,
     ModelNotServedError,
+    NotAvailableError,
     UploadError,
     UploadTooLargeError,
     describe,
@@ -27,7 +29,8 @@ log = logging.getLogger("imgcls.errors")
 HANDLED: tuple[type[Exception], ...] = (
     ImageError, ImageTooLargeError, UploadError, UploadTooLargeError, UnknownModelError,
     ModelNotServedError, InvalidParameterError, ModelNotReadyError, QueueFullError, NoWorkerError,
-    WorkerCrashedError, TimeoutError, BatchFailedError, ElementError,
+    WorkerCrashedError, TimeoutError, BatchFailedError, ElementError, ExplainQueueFullError,
+    NotAvailableError,
 )  # fmt: skip
 
 

@@ -54,8 +54,21 @@ async def compare(
         Query(max_length=1024, description="2-8 comma-separated names; default: loaded models"),
     ] = None,
     top_k: TopK = 5,
+    explain: Annotated[
+        str | None,
+        Query(
+            max_length=32,
+            description="gradcam: add each model's Grad-CAM overlay for its top-1, and the "
+            "heatmaps' pairwise similarity to the agreement",
+        ),
+    ] = None,
 ) -> CompareResponse:
-    for name in parse_models(models, list(service.served)):
+    names = parse_models(models, list(service.served))
+    for name in names:
         service.admit(name)
+    if explain is not None:
+        for name in names:
+            service.admit_explain(name, explain)
+        service.explain_gate.check(len(names))
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    return await service.compare(upload.data, models, top_k, request_id)
+    return await service.compare(upload.data, models, top_k, request_id, explain=explain)

@@ -81,8 +81,9 @@ class ModelSpec:
     def load_plan(self, weights_path: str | None) -> LoadPlan:
         """How a worker builds this model (``None``: random weights)."""
         return LoadPlan(
-            self.name, self.builder, weights_path, self.input_size, self.num_classes, self.transform
-        )
+            self.name, self.builder, weights_path, self.input_size, self.num_classes,
+            self.transform, arch=self.arch, cam_layer=self.cam_layer,
+        )  # fmt: skip
 
     @property
     def label_set_key(self) -> int:

@@ -24,3 +24,5 @@ class LoadPlan:
     input_size: int
     num_classes: int
     preprocess: Preprocess  # geometry (for uploads decoded in the worker) and normalisation
+    arch: str = ""  # for the default Grad-CAM layer of an explanation
+    cam_layer: str | None = None  # the Grad-CAM layer; None: by architecture

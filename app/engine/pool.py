@@ -74,6 +74,19 @@ class BatchResult:
 
 
 @dataclass
+class ExplainResult:
+    """Grad-CAM of one explain job, one row per image (see worker.Runner.explain)."""
+
+    heatmaps: np.ndarray  # (N, S, S) float32 in [0, 1]
+    targets: np.ndarray  # (N,) int64
+    scores: np.ndarray  # (N,) float32
+    overlays: list[bytes]  # PNG per image
+    start: float  # time.monotonic() when the worker began
+    explain_ms: float
+    device: str
+
+
+@dataclass
 class ModelState:
     status: str = "loading"  # loading | ready | failed
     reason: str | None = None
@@ -94,8 +107,9 @@ class ModelStatus:
 
 @dataclass
 class Inflight:
-    future: asyncio.Future[BatchResult]
+    future: asyncio.Future[Any]  # BatchResult, or ExplainResult for an explain job
     sent_at: float | None = None  # monotonic; None while reserved but not yet sent
+    limit_s: float | None = None  # the watchdog's limit for this job (explains: longer)
 
 
 @dataclass
@@ -182,10 +196,14 @@ class WorkerPool:
         worker_timeout_s: float = 60.0,
         startup_timeout_s: float = 900.0,
         backoff_s: float = 1.0,
+        explain_timeout_s: float = 120.0,
     ) -> None:
         self._ctx = mp.get_context("spawn")
         self.workers = [WorkerHandle(c.worker_id, c, list(c.plans)) for c in configs]
         self.worker_timeout_s = worker_timeout_s
+        # An explanation (fp32 eager, forward and backward, its model built on first use) of a
+        # VGG at 224 px takes seconds on a CPU: the watchdog gives it this long instead.
+        self.explain_timeout_s = max(explain_timeout_s, worker_timeout_s)
         self.startup_timeout_s = max(startup_timeout_s, worker_timeout_s)
         self.backoff_s = backoff_s  # first delay of the back-off after repeated deaths
         self._batch_ids = itertools.count(1)
@@ -279,6 +297,15 @@ class WorkerPool:
             if entry is not None and not entry.future.done():
                 entry.future.set_result(
                     BatchResult(probs, start, ms, w.device, precision, backend, items)
+                )
+        elif kind == "explained":
+            _, batch_id, heatmaps, targets, scores, overlays, start, ms = msg
+            entry = w.inflight.pop(batch_id, None)
+            self._reap_shared_fds()
+            self._dispatch()
+            if entry is not None and not entry.future.done():
+                entry.future.set_result(
+                    ExplainResult(heatmaps, targets, scores, overlays, start, ms, w.device)
                 )
         elif kind == "error":
             _, batch_id, detail = msg
@@ -377,9 +404,13 @@ class WorkerPool:
                 if not w.alive or w.stopping or w.kill_reason:
                     continue
                 limit = self.startup_timeout_s if w.loading else self.worker_timeout_s
-                sent = [x.sent_at for x in w.inflight.values() if x.sent_at is not None]
-                if sent and now - min(sent) > limit:
-                    self._kill(w, f"a batch has been in flight for {now - min(sent):.0f}s")
+                overdue = [
+                    now - x.sent_at
+                    for x in w.inflight.values()
+                    if x.sent_at is not None and now - x.sent_at > max(limit, x.limit_s or 0.0)
+                ]
+                if overdue:
+                    self._kill(w, f"a batch has been in flight for {max(overdue):.0f}s")
                 elif now - w.heartbeat > limit:
                     self._kill(w, f"no heartbeat for {now - w.heartbeat:.0f}s")
 
@@ -502,6 +533,29 @@ class WorkerPool:
                     WorkerCrashedError(f"cannot reach worker {w.worker_id}: {exc}")
                 )
         return res.future
+
+    def submit_explain(
+        self, res: Reservation, name: str, pixels: torch.Tensor, target: int | None
+    ) -> asyncio.Future[ExplainResult]:
+        """Send an explain job (uint8 pixels (N, 3, S, S), a class index or None for top-1)
+        into its reserved slot. It counts as a batch for the slot limits, and the watchdog and
+        crash handling cover it like one (with ``explain_timeout_s`` as its limit)."""
+        w = res.worker
+        fut: asyncio.Future[ExplainResult] = res.future  # type: ignore[assignment]
+        entry = w.inflight.get(res.batch_id)
+        if entry is None:
+            if not fut.done():
+                fut.set_exception(WorkerCrashedError(f"worker {w.worker_id} restarted"))
+            return fut
+        try:
+            w.inbox.put(("explain", res.batch_id, name, pixels, target))
+            entry.limit_s = self.explain_timeout_s
+            entry.sent_at = time.monotonic()
+        except Exception as exc:
+            w.inflight.pop(res.batch_id, None)
+            if not fut.done():
+                fut.set_exception(WorkerCrashedError(f"cannot reach worker {w.worker_id}: {exc}"))
+        return fut
 
     # ---- models at run time ----------------------------------------------------------------
     def load(self, plan: LoadPlan) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from app.engine.checkpoint import load_into
 from app.engine.decoding import Decoder, Encoded, Prepared
 from app.engine.plan import LoadPlan
+from app.preprocess import normalize
 
 if TYPE_CHECKING:
     from app.preprocess import Preprocess
@@ -50,13 +51,17 @@ class WorkerConfig:
 HEARTBEAT_S = 1.0
 
 # Messages to the worker: ("batch", batch_id, name, batch) | ("load", LoadPlan) | ("unload", name)
-# | None (stop).
+# | ("explain", batch_id, name, pixels, target) | None (stop).
+#   pixels: uint8 (N, 3, S, S) as the model sees them; target: a class index or None (top-1)
 # Messages from the worker (tuples keep pickling cheap):
 #   ("status", name, status, reason, info)   status: loading | ready | failed | unloaded
 #   ("result", batch_id, probs, start_monotonic, inference_ms, (precision, backend, cuda_bytes),
 #    items)   items: None for a pixel batch; for uploads decoded here
 #             (rows, errors, decode_ms, preprocess_ms), as in decoding.Prepared
 #   ("error", batch_id, message)
+#   ("explained", batch_id, heatmaps, targets, scores, overlays, start_monotonic, explain_ms)
+#             heatmaps (N, S, S) float32 in [0, 1]; targets int64, scores float32 (N,);
+#             overlays: one PNG (bytes) per image, the heatmap blended on its pixels
 #   ("started", pid)
 #   ("heartbeat", monotonic)   every HEARTBEAT_S from a thread of its own, busy or idle
 
@@ -119,11 +124,15 @@ class Runner:
         self.models: dict[str, nn.Module] = {}
         self.backends: dict[str, str] = {}
         self.preprocess: dict[str, Preprocess] = {}
+        self.plans: dict[str, LoadPlan] = {}
+        self.explainers: dict[str, tuple[nn.Module, str]] = {}  # name -> (fp32 eager, layer)
         self._decoder: Decoder | None = None
 
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
         self.preprocess[plan.name] = plan.preprocess
+        self.plans[plan.name] = plan
+        self.explainers.pop(plan.name, None)
         eager = _build(plan, self.cfg)
         backend = "eager"
         if self.cfg.compile:
@@ -146,6 +155,8 @@ class Runner:
         self.models.pop(name, None)
         self.backends.pop(name, None)
         self.preprocess.pop(name, None)
+        self.plans.pop(name, None)
+        self.explainers.pop(name, None)
         import gc
 
         gc.collect()
@@ -185,6 +196,43 @@ class Runner:
                 cfg.jpeg_on_device,
             )  # fmt: skip
         return self._decoder.prepare(items, self.preprocess[name])
+
+    def explainer(self, name: str) -> tuple[nn.Module, str]:
+        """The fp32 eager copy of ``name`` that explanations run on, and its Grad-CAM layer.
+
+        Built on the first explanation from the model's own LoadPlan (builder and checkpoint):
+        Grad-CAM needs gradients, which the compiled or bf16 inference model cannot give (and
+        bf16 gradients would make coarse maps). Workers that never explain never pay for it.
+        """
+        cached = self.explainers.get(name)
+        if cached is None:
+            from app.engine.explain import default_cam_layer
+
+            plan = self.plans[name]
+            model = plan.builder()
+            if plan.weights_path is not None:
+                load_into(model, Path(plan.weights_path))
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model = model.to(device=self.device, dtype=torch.float32)
+            layer = plan.cam_layer or default_cam_layer(plan.arch, model, plan.input_size)
+            cached = self.explainers[name] = (model, layer)
+        return cached
+
+    def explain(self, name: str, pixels: torch.Tensor, target: int | None) -> tuple[Any, ...]:
+        """Grad-CAM of uint8 pixels (N, 3, S, S) for ``target`` (None: each image's top-1):
+        heatmaps (numpy float32), targets, scores, and one overlay PNG per image."""
+        from app.engine.explain import explain, overlay_png
+
+        if name not in self.models:
+            raise KeyError(f"model {name!r} is not loaded on this worker")
+        model, layer = self.explainer(name)
+        pre = self.preprocess[name]
+        x = normalize(pixels.to(self.device), pre.mean, pre.std)
+        out = explain(model, x, layer, target)
+        overlays = [overlay_png(pixels[i], out.heatmaps[i]) for i in range(pixels.shape[0])]
+        return out.heatmaps.numpy(), out.targets.numpy(), out.scores.numpy(), overlays
 
     def _forward(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -257,6 +305,20 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
         if kind == "unload":
             runner.unload(msg[1])
             outbox.put(("status", msg[1], "unloaded", None, None))
+            continue
+        if kind == "explain":
+            _, batch_id, name, pixels, target = msg
+            try:
+                start = time.monotonic()
+                heatmaps, targets, scores, overlays = runner.explain(name, pixels, target)
+                ms = (time.monotonic() - start) * 1000.0
+                outbox.put(("explained", batch_id, heatmaps, targets, scores, overlays, start, ms))
+            except Exception as exc:
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                log.error("explanation %s for %s failed: %s", batch_id, name, detail)
+                outbox.put(("error", batch_id, detail))
+            finally:
+                del pixels, msg
             continue
         _, batch_id, name, batch = msg
         try:

@@ -211,7 +211,24 @@ function card(result) {
   return el("article", { class: `card ${family}`, "data-model": result.model },
     el("h3", { text: result.model }, random),
     el("div", { class: "family", text: `${family === "cnn" ? "plain CNN" : family === "resnet" ? "ResNet" : family} · depth ${m.depth ?? "?"}` }),
-    preds, dl);
+    preds, camFigure(result), dl);
+}
+
+// Grad-CAM overlay under the predictions: hover (or tap/click, which pins it) shows the original.
+function camFigure(result) {
+  const exp = result.explanation;
+  if (!exp) return null;
+  const original = el("img", { class: "cam-original", src: $("preview").src || "", alt: `${result.model}: the image` });
+  const overlay = el("img", { class: "cam-overlay", src: exp.overlay, alt: `${result.model}: where it looked for ${exp.target.label}` });
+  const btn = el("button", { type: "button", class: "cam", "data-showing": "overlay", "aria-pressed": "false",
+    title: "Tap to switch between the heatmap and the original" }, original, overlay);
+  btn.addEventListener("click", () => {
+    const showOriginal = btn.dataset.showing === "overlay";
+    btn.dataset.showing = showOriginal ? "original" : "overlay";
+    btn.setAttribute("aria-pressed", String(showOriginal));
+  });
+  return el("figure", { class: "cam-figure" }, btn,
+    el("figcaption", { class: "muted", text: `Grad-CAM for “${exp.target.label}” (red: used most)` }));
 }
 
 function renderAgreement(agreement) {
@@ -298,8 +315,10 @@ async function run(kind) {
   const form = new FormData();
   form.append("file", state.file, state.file.name);
   const params = new URLSearchParams({ top_k: String(topK) });
+  const explain = $("explain-toggle").checked;
   if (kind === "classify") params.set("model", models[0]);
   else params.set("models", models.join(","));
+  if (explain && kind === "compare") params.set("explain", "gradcam");
   showError("");
   $("busy").textContent = kind === "classify" ? `Classifying with ${models[0]}…` : `Comparing ${models.length} models…`;
   $("classify-btn").disabled = $("compare-btn").disabled = true;
@@ -307,6 +326,12 @@ async function run(kind) {
     const response = await fetch(`/${kind}?${params}`, { method: "POST", body: form });
     if (!response.ok) { showError(await apiError(response)); return; }
     const body = await response.json();
+    if (explain && kind === "classify") {
+      const params = new URLSearchParams({ model: models[0], method: "gradcam", heatmap: "false" });
+      const exp = await fetch(`/explain?${params}`, { method: "POST", body: form });
+      if (!exp.ok) { showError(await apiError(exp)); return; }
+      body.explanation = await exp.json();
+    }
     if (kind === "classify") renderResults([body], null);
     else renderResults(body.results, body.agreement);
     $("busy").textContent = "Done.";

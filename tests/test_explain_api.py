@@ -1,0 +1,248 @@
+"""POST /explain and /compare?explain=gradcam over real HTTP, with the real CIFAR-10 ResNets.
+
+The session service (tests/conftest.py) serves the pretrained CIFAR-10 ResNet-20/56 beside small
+torchvision models; the queue test starts its own service with a tight explain queue. The
+deletion test of tests/test_explain.py is repeated here over HTTP on 40 CIFAR-10 test images: the
+maps come from /explain, the scores from /classify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import CIFAR_SAMPLE, needs_shared, run_service, shared_image
+
+pytestmark = needs_shared
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # greyed pixels normalise to ~0
+
+
+def _explain(client: httpx.Client, data: bytes, **params: object) -> httpx.Response:
+    return client.post("/explain", params=params, files={"file": ("img", data)})
+
+
+def _png(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_explain_answers_a_heatmap_at_the_input_size_and_an_overlay(client) -> None:
+    r = _explain(client, shared_image("chelsea.png"), model="cifar10_resnet56")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "cifar10_resnet56" and body["method"] == "gradcam"
+    assert body["target"]["label"] == "cat"  # the pretrained net's answer for Chelsea the cat
+    assert 0.0 < body["target"]["score"] <= 1.0
+    heat = np.array(body["heatmap"]["values"])
+    assert body["heatmap"]["height"] == body["heatmap"]["width"] == 32
+    assert heat.shape == (32, 32)
+    assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() == 1.0
+    assert _png(body["overlay"]).size == (32, 32)
+    lat = body["latency_ms"]
+    assert set(lat) == {"decode", "preprocess", "queue", "explain", "total"}
+    assert lat["explain"] > 0 and lat["total"] >= lat["explain"]
+    assert body["request_id"] == r.headers["x-request-id"]
+
+
+def test_explain_at_224_px_and_without_heatmap_values(client) -> None:
+    r = _explain(client, shared_image("coffee.png"), model="resnet18", heatmap="false")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "heatmap" not in body
+    assert _png(body["overlay"]).size == (224, 224)
+
+
+def test_target_index_is_honoured(client) -> None:
+    data = shared_image("chelsea.png")
+    maps = {}
+    for target in (3, 5):  # cat, dog
+        r = _explain(client, data, model="cifar10_resnet56", target=target)
+        assert r.status_code == 200, r.text
+        assert r.json()["target"]["index"] == target
+        assert r.json()["target"]["label"] == ["cat", "dog"][target == 5]
+        maps[target] = np.array(r.json()["heatmap"]["values"])
+    assert not np.array_equal(maps[3], maps[5])
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "words"),
+    [
+        ({"model": "cifar10_resnet56", "method": "lime"}, 422, "unknown explanation method"),
+        ({"model": "cifar10_resnet56", "target": 10}, 422, "not a class"),
+        ({"model": "cifar10_resnet56", "target": "cat"}, 422, "top1 or a class index"),
+        ({"model": "cifar10_resnet56", "target": -1}, 422, "not a class"),
+        ({"model": "no_such_net"}, 404, "no_such_net"),
+    ],
+)
+def test_client_mistakes_are_4xx(client, params, status, words) -> None:
+    r = _explain(client, shared_image("chelsea.png"), **params)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_undecodable_upload_is_400(client) -> None:
+    r = _explain(client, b"not an image at all", model="cifar10_resnet56")
+    assert r.status_code == 400, r.text
+
+
+def test_compare_with_explanations_and_map_similarity(client) -> None:
+    models = "cifar10_resnet20,cifar10_resnet56,resnet18"
+    r = client.post(
+        "/compare",
+        params={"models": models, "explain": "gradcam"},
+        files={"file": ("c.png", shared_image("chelsea.png"))},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for res in body["results"]:
+        exp = res["explanation"]
+        assert exp["model"] == res["model"] and exp["method"] == "gradcam"
+        assert exp["target"]["index"] == res["predictions"][0]["index"]  # its own top-1
+        size = 224 if res["model"] == "resnet18" else 32
+        assert _png(exp["overlay"]).size == (size, size)
+    sims = body["agreement"]["heatmap_similarity"]
+    # only the two CIFAR nets share a geometry (32 px squash); resnet18 sees a 224 px crop
+    assert [(s["a"], s["b"]) for s in sims] == [("cifar10_resnet20", "cifar10_resnet56")]
+    assert -1.0 <= sims[0]["pearson"] <= 1.0
+    plain = client.post(
+        "/compare",
+        params={"models": models},
+        files={"file": ("c.png", shared_image("chelsea.png"))},
+    ).json()
+    assert plain["results"][0]["explanation"] is None
+    assert plain["agreement"]["heatmap_similarity"] is None
+
+
+def test_compare_with_unknown_method_is_422(client) -> None:
+    r = client.post(
+        "/compare",
+        params={"models": "cifar10_resnet20,cifar10_resnet56", "explain": "lime"},
+        files={"file": ("c.png", shared_image("chelsea.png"))},
+    )
+    assert r.status_code == 422 and "unknown explanation method" in r.json()["detail"]
+
+
+def test_openapi_documents_explain(client) -> None:
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/explain"]["post"]
+    assert {p["name"] for p in op["parameters"]} >= {"model", "method", "target", "heatmap"}
+    assert {"422", "404", "503"} <= set(op["responses"])
+    assert "explain" in {p["name"] for p in spec["paths"]["/compare"]["post"]["parameters"]}
+
+
+# ---- the explain queue ----------------------------------------------------------------------
+
+
+def test_full_explain_queue_is_503_while_classification_answers() -> None:
+    """One explanation at a time and one waiting; a burst of 8 explanations of a ResNet-50
+    (random weights: the maps do not matter here, the seconds they take on a CPU do) overflows
+    it, while /classify keeps answering 200 from the other worker."""
+    photo = shared_image("astronaut.png")
+    small = shared_image("chelsea.png")
+    with run_service(
+        models="resnet50",
+        allow_random_weights=True,
+        workers_per_device=2,
+        threads_per_worker=1,
+        explain_concurrency=1,
+        explain_queue=1,
+    ) as svc:
+
+        async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(base_url=svc.url, timeout=120) as c:
+                explains = [
+                    c.post("/explain", params={"model": "resnet50"}, files={"file": ("a", photo)})
+                    for _ in range(8)
+                ]
+
+                async def classify_a_few() -> list[httpx.Response]:
+                    out = []
+                    for _ in range(3):
+                        out.append(
+                            await c.post(
+                                "/classify",
+                                params={"model": "resnet50"},
+                                files={"file": ("c", small)},
+                            )
+                        )
+                    return out
+
+                *ex, cl = await asyncio.gather(*explains, classify_a_few())
+                return list(ex), cl
+
+        explained, classified = asyncio.run(burst())
+    codes = sorted(r.status_code for r in explained)
+    assert set(codes) == {200, 503}, codes
+    assert codes.count(200) >= 2  # the running one and the waiting one
+    for r in explained:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1
+            assert "IMGCLS_EXPLAIN_QUEUE" in r.json()["detail"]
+    assert [r.status_code for r in classified] == [200, 200, 200]
+
+
+# ---- deletion test over HTTP ----------------------------------------------------------------
+
+SIDE = round(math.sqrt(0.2 * 32 * 32))  # 14 x 14 = 196 px, 19.1% of the image
+PER_CLASS = 4  # 40 images
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_deletion_over_http_agrees_with_the_in_process_numbers(client) -> None:
+    """Greying out the pixels /explain ranks highest hurts the model's top-1 score far more than
+    greying out those it ranks lowest or a random square of the same area (in-process, on 200
+    images: 0.608 vs 0.102 vs 0.399)."""
+    files = [p for c in sorted(CIFAR_SAMPLE.iterdir()) for p in sorted(c.glob("*.jpg"))[:PER_CLASS]]
+    assert len(files) == 10 * PER_CLASS
+    rng = np.random.default_rng(0)
+    mean = np.array(MEAN_RGB).round().astype(np.uint8)
+
+    def score(pixels: np.ndarray, index: int) -> float:
+        r = client.post(
+            "/classify",
+            params={"model": "cifar10_resnet56", "top_k": 10},
+            files={"file": ("x.png", _png_bytes(pixels))},
+        )
+        assert r.status_code == 200, r.text
+        return next(p["score"] for p in r.json()["predictions"] if p["index"] == index)
+
+    drops: dict[str, list[float]] = {"highest": [], "lowest": [], "random square": []}
+    for path in files:
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        assert pixels.shape == (32, 32, 3)
+        r = _explain(client, _png_bytes(pixels), model="cifar10_resnet56")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        heat = np.array(body["heatmap"]["values"]).ravel()
+        index = body["target"]["index"]
+        before = score(pixels, index)
+        order = np.argsort(heat, kind="stable")
+        y, x = rng.integers(0, 32 - SIDE + 1, 2)
+        square = np.zeros((32, 32), bool)
+        square[y : y + SIDE, x : x + SIDE] = True
+        masks = {
+            "highest": order[-SIDE * SIDE :],
+            "lowest": order[: SIDE * SIDE],
+            "random square": np.flatnonzero(square),
+        }
+        for name, idx in masks.items():
+            grey = pixels.reshape(-1, 3).copy()
+            grey[idx] = mean
+            drops[name].append(before - score(grey.reshape(32, 32, 3), index))
+    means = {k: float(np.mean(v)) for k, v in drops.items()}
+    print(f"\ndeletion over HTTP, {len(files)} CIFAR-10 test images, ResNet-56: {means}")
+    assert means["highest"] >= 3 * means["lowest"]
+    assert means["highest"] > means["random square"]
