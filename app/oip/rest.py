@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -72,6 +72,15 @@ async def get_plane(request: Request) -> DataPlane:
 
 
 Plane = Annotated[DataPlane, Depends(get_plane)]
+# Catalog names (letters, digits, _ . - and : before a weights variant); no "/", and not "." or
+# ".." that URL normalisation would swallow.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$"
+Name = Annotated[
+    str, Path(pattern=NAME_PATTERN, description="model name, e.g. resnet50:IMAGENET1K_V1")
+]
+Version = Annotated[
+    str, Path(pattern=NAME_PATTERN, description="model version (every model has 1)")
+]
 HeaderLength = Annotated[
     str | None,
     Header(
@@ -174,27 +183,29 @@ async def server_ready(plane: Plane) -> JSONResponse:
 @router.get(
     "/models/{name}",
     response_model=ModelMetadataResponse,
-    responses=_errors(404),
+    responses=_errors(400, 404),
     summary="A model's inputs (IMAGE, PIXELS) and output (PROBABILITIES)",
 )
-async def model_metadata(name: str, plane: Plane) -> ModelMetadataResponse:
+async def model_metadata(name: Name, plane: Plane) -> ModelMetadataResponse:
     return ModelMetadataResponse.model_validate(plane.model_metadata(name), from_attributes=True)
 
 
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=ModelMetadataResponse,
-    responses=_errors(404),
+    responses=_errors(400, 404),
     summary="A model version's metadata (every model has version 1)",
 )
-async def model_version_metadata(name: str, version: str, plane: Plane) -> ModelMetadataResponse:
+async def model_version_metadata(
+    name: Name, version: Version, plane: Plane
+) -> ModelMetadataResponse:
     meta = plane.model_metadata(name, version)
     return ModelMetadataResponse.model_validate(meta, from_attributes=True)
 
 
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ModelReadyResponse, "description": "not ready (or not loaded)"},
-    **_errors(404),
+    **_errors(400, 404),
 }
 
 
@@ -204,7 +215,7 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=READY_RESPONSES,
     summary="200 when the model can serve, 503 when not",
 )
-async def model_ready(name: str, plane: Plane) -> JSONResponse:
+async def model_ready(name: Name, plane: Plane) -> JSONResponse:
     return _ready(name, plane.model_ready(name))
 
 
@@ -214,7 +225,7 @@ async def model_ready(name: str, plane: Plane) -> JSONResponse:
     responses=READY_RESPONSES,
     summary="200 when the model version can serve, 503 when not",
 )
-async def model_version_ready(name: str, version: str, plane: Plane) -> JSONResponse:
+async def model_version_ready(name: Name, version: Version, plane: Plane) -> JSONResponse:
     return _ready(name, plane.model_ready(name, version))
 
 
@@ -230,7 +241,9 @@ def _ready(name: str, ready: bool) -> JSONResponse:
     openapi_extra=INFER_BODY,
     summary="Classify N images (IMAGE files or preprocessed PIXELS)",
 )
-async def infer(name: str, request: Request, plane: Plane, length: HeaderLength = None) -> Response:
+async def infer(
+    name: Name, request: Request, plane: Plane, length: HeaderLength = None
+) -> Response:
     return await _infer(plane, request, name, None, length)
 
 
@@ -242,7 +255,7 @@ async def infer(name: str, request: Request, plane: Plane, length: HeaderLength 
     summary="Classify N images with a model version",
 )
 async def infer_version(
-    name: str, version: str, request: Request, plane: Plane, length: HeaderLength = None
+    name: Name, version: Version, request: Request, plane: Plane, length: HeaderLength = None
 ) -> Response:
     return await _infer(plane, request, name, version, length)
 
@@ -287,7 +300,7 @@ async def repository_index(request: Request, plane: Plane) -> list[RepositoryInd
     openapi_extra=_json_body(RepositoryModelRequest, required=False),
     summary="Load a model on the workers; answers once it is ready or has failed",
 )
-async def repository_load(name: str, request: Request, plane: Plane) -> LoadResponse:
+async def repository_load(name: Name, request: Request, plane: Plane) -> LoadResponse:
     await _small_body(request, RepositoryModelRequest)
     await plane.load(name)
     return LoadResponse(name=name, load=True)
@@ -300,7 +313,7 @@ async def repository_load(name: str, request: Request, plane: Plane) -> LoadResp
     openapi_extra=_json_body(RepositoryModelRequest, required=False),
     summary="Drain a model's queue, then free it on the workers",
 )
-async def repository_unload(name: str, request: Request, plane: Plane) -> UnloadResponse:
+async def repository_unload(name: Name, request: Request, plane: Plane) -> UnloadResponse:
     await _small_body(request, RepositoryModelRequest)
     await plane.unload(name)
     return UnloadResponse(name=name, unload=True)
