@@ -282,3 +282,19 @@ def test_load_infer_unload_infer(client, auth):
     with pytest.raises(InferenceServerException) as info:
         client.infer(target, [image_input(photos()[:1])], headers=auth)
     assert info.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+
+
+def test_calls_are_counted_like_http_requests(client, auth, key):
+    client.infer(CIFAR, [image_input(photos()[:1])], headers=auth)
+    with pytest.raises(InferenceServerException):
+        client.infer("nope", [image_input(photos()[:1])], headers=auth)
+    metrics = httpx.get(
+        f"{os.environ['OIP_REST']}/metrics", headers={"Authorization": f"Bearer {key}"}
+    ).text
+    assert (
+        f'imgcls_requests_total{{endpoint="grpc:ModelInfer",model="{CIFAR}",status="200"}}'
+        in metrics
+    )
+    assert (
+        'imgcls_requests_total{endpoint="grpc:ModelInfer",model="unknown",status="404"}' in metrics
+    )

@@ -426,7 +426,7 @@ def test_grpc_with_tritonclient(oip):
     print(r.stdout[-4000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= 8 and not re.search(r"\d+ failed", r.stdout)
+    assert passed and int(passed.group(1)) >= 9 and not re.search(r"\d+ failed", r.stdout)
 
 
 def test_app_does_not_import_the_stubs():

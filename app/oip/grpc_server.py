@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
+from app.observability import access_log
 from app.oip import grpc_codec as conv
 from app.oip.dataplane import DataPlane
 from app.oip.failures import failure
@@ -42,22 +44,27 @@ OPEN_METHODS = {"ServerLive", "ServerReady"}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Method = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Method = Callable[["Servicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
     """Any exception becomes the status code its HTTP status maps to, with its message."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        start = time.perf_counter()
+        status = 200
         try:
             return await method(self, request, context)
         except Exception as exc:
             why = failure(exc)
+            status = why.status
             trailing = (("retry-after", str(why.retry_after)),) if why.retry_after else ()
             code = CODES.get(why.status, grpc.StatusCode.INTERNAL)
             await context.abort(code, why.message, trailing)
             raise  # abort() raises; this line is never reached
+        finally:
+            self.count(method.__name__, request, status, time.perf_counter() - start)
 
     return wrapper
 
@@ -65,6 +72,31 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.metrics = plane.service.metrics
+        self.served = set(plane.service.served)
+
+    def count(self, method: str, request: Any, status: int, elapsed: float) -> None:
+        """The HTTP door's request metrics and log line, for a call (endpoint ``grpc:Method``,
+        the HTTP status its outcome maps to)."""
+        name = getattr(request, "model_name", None) or getattr(request, "name", None) or ""
+        model = "" if not name else name if name in self.served else "unknown"
+        endpoint = f"grpc:{method}"
+        if self.metrics is not None:
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+        if method not in OPEN_METHODS:
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": "gRPC",
+                        "path": f"/inference.GRPCInferenceService/{method}",
+                        "model": model,
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000.0, 2),
+                    }
+                },
+            )
 
     @_answers_errors
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
