@@ -182,7 +182,10 @@ class DataPlane:
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
         core = getattr(self.service, "repository_index", None)
         if core is not None:
-            rows = [RepositoryEntry(**row) for row in core()]
+            rows = [
+                RepositoryEntry(r["name"], str(r["version"]), r["state"], r.get("reason") or "")
+                for r in core()
+            ]
         else:  # TEMP until core lands (Service.repository_index, issue 11)
             rows = [
                 RepositoryEntry(
