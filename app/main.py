@@ -17,6 +17,7 @@ from app.api import errors as api_errors
 from app.api import explain, health, inference, models
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
+from app.oip import rest as oip_rest
 from app.service import Service
 from app.settings import Settings
 
@@ -40,9 +41,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        grpc_server = None
         try:
+            if settings.grpc_port:  # imported here: its protobuf names clash with tritonclient's
+                from app.oip.grpc_server import start_grpc
+
+                grpc_server = await start_grpc(service, settings)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_s)
             await service.stop()
 
     app = FastAPI(title="imgcls", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -52,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(explain.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(oip_rest.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

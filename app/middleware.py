@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-OPEN_PATHS = {"/healthz", "/readyz", "/", "/favicon.ico"}
+OPEN_PATHS = {"/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v2/health/ready"}
 
 
 class RequestIdMiddleware:
@@ -53,8 +53,10 @@ class ApiKeyMiddleware:
             return
         given = Headers(scope=scope).get("authorization", "").encode()
         if not hmac.compare_digest(given, self.expected):
+            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
             response = JSONResponse(
-                {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+                # the Open Inference Protocol's error form under /v2, the app's elsewhere
+                {"error" if scope["path"].startswith("/v2") else "detail": message},
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )

@@ -192,6 +192,10 @@ class AccessMiddleware:
             if path.startswith("/models/"):
                 endpoint = "/models/{name}"
             model = _model_label(scope, self.served)
+            if path.startswith("/v2"):  # the route's template, not the path: bounded labels
+                endpoint = getattr(scope.get("route"), "path", "other")
+                name = scope.get("path_params", {}).get("name")
+                model = "" if name is None else name if name in self.served else "unknown"
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
             if endpoint not in ("/metrics", "/healthz", "/readyz"):

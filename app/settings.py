@@ -124,3 +124,14 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    # ---- Open Inference Protocol (KServe v2 / Triton): REST under /v2, gRPC on its own port ----
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC port of the Open Inference Protocol; 0 turns it off"
+    )
+    grpc_host: str = Field(
+        "127.0.0.1", description="address the gRPC server listens on (0.0.0.0 in a container)"
+    )
+    oip_max_request_mb: float = Field(
+        64.0, gt=0, description="largest /v2 infer request (REST body or gRPC message), in MB"
+    )

@@ -101,6 +101,7 @@ def run_service(
     settings_kw.setdefault("precision", "fp32")
     settings_kw.setdefault("compile", False)
     settings_kw.setdefault("log_level", "warning")
+    settings_kw.setdefault("grpc_port", 0)  # no fixed port shared by parallel test servers
     settings = Settings(**settings_kw)  # type: ignore[arg-type]
     app = create_app(settings)
     port = free_port()

@@ -17,7 +17,10 @@ def test_openapi_contract(service, tmp_path: Path):
     r = subprocess.run(
         # Every check but positive_data_acceptance: the schema can say "binary" but not "an image",
         # nor "names from the catalog", so schema-valid random bytes rightly get a 400 or 404.
-        [st, "run", f"{service.url}/openapi.json", "--checks", "all",
+        # /v2 (the Open Inference Protocol) has its own runs in tests/test_oip.py: schemathesis
+        # would load and unload models there, and a catalog model that is not loaded is a 503.
+        [st, "run", f"{service.url}/openapi.json", "--exclude-path-regex", "^/v2",
+         "--checks", "all",
          "--exclude-checks", "positive_data_acceptance", "--max-examples", "40",
          "--workers", "2", "--request-timeout", "60", "--report", "junit",
          "--report-dir", str(tmp_path), "--no-color"],

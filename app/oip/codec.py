@@ -1,0 +1,324 @@
+"""Tensors on the wire: the protocol's JSON form and its binary tensor data extension.
+
+A REST infer request is JSON, optionally followed by binary blobs: the header
+``Inference-Header-Content-Length`` says how many bytes of the body are JSON, and each input
+with the parameter ``binary_data_size`` takes that many bytes of what follows, in input order.
+Outputs asked for with ``binary_data: true`` (or every output, with the request parameter
+``binary_data_output``) come back the same way. Numeric tensors travel as little-endian values
+in row-major order; a BYTES element as a 4-byte little-endian length and its bytes, as
+tritonclient serialises them. The gRPC door uses the same raw forms for ``raw_input_contents``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.oip.failures import ProtocolError
+from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, TensorData
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+DATATYPES = (*DTYPES, "BYTES")
+MAX_DIMS = 8  # deeper shapes are refused before any element is counted
+
+_LENGTH = struct.Struct("<I")
+
+
+# ---- the JSON header, as pydantic reads it (and OpenAPI documents it) -------------------------
+Dim = Annotated[int, Field(ge=0)]
+
+
+class _Tensor(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[Dim] = Field(max_length=MAX_DIMS)
+    datatype: str = Field(description=f"one of {', '.join(DATATYPES)}")
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: bytes of this input in the binary part of the body"
+    )
+    data: list[Any] | None = Field(
+        None,
+        description="the elements in row-major order, flat or nested; omitted when the data is "
+        "binary. IMAGE elements in JSON are the image files in base64",
+    )
+
+
+class _RequestedOutput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str = Field(min_length=1, max_length=256)
+    parameters: dict[str, Any] | None = Field(
+        None, description="classification: k (top-k as BYTES); binary_data: true"
+    )
+
+
+class InferenceRequestBody(BaseModel):
+    """A v2 inference request (the JSON part of the body)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str | None = Field(None, max_length=256)
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_output: true answers every output as binary data"
+    )
+    inputs: list[_Tensor] = Field(min_length=1, max_length=16)
+    outputs: list[_RequestedOutput] | None = Field(None, max_length=16)
+
+
+# ---- elements ---------------------------------------------------------------------------------
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def serialize_bytes(elements: Sequence[bytes]) -> bytes:
+    """BYTES elements as tritonclient writes them: a 4-byte little-endian length, then the bytes."""
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
+
+
+def deserialize_bytes(blob: bytes, name: str, count: int) -> list[bytes]:
+    """The inverse of ``serialize_bytes``; the blob must hold exactly ``count`` elements."""
+    out: list[bytes] = []
+    view = memoryview(blob)
+    pos = 0
+    while pos < len(view):
+        if len(out) == count:
+            raise ProtocolError(f"{name}: the binary data holds more than {count} elements")
+        if pos + 4 > len(view):
+            raise ProtocolError(f"{name}[{len(out)}]: truncated 4-byte length prefix")
+        (n,) = _LENGTH.unpack_from(view, pos)
+        pos += 4
+        if pos + n > len(view):
+            raise ProtocolError(
+                f"{name}[{len(out)}]: says {n:,} bytes but only {len(view) - pos:,} remain"
+            )
+        out.append(bytes(view[pos : pos + n]))
+        pos += n
+    if len(out) != count:
+        raise ProtocolError(f"{name}: shape holds {count} elements but the data has {len(out)}")
+    return out
+
+
+def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> TensorData:
+    """An input's elements from its raw bytes (binary extension, gRPC raw_input_contents)."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, name, count)
+    dtype = _dtype(name, datatype)
+    if len(raw) != count * dtype.itemsize:
+        raise ProtocolError(
+            f"{name}: {datatype} shape {shape} needs {count * dtype.itemsize:,} bytes, "
+            f"got {len(raw):,}"
+        )
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def tensor_from_list(
+    name: str, datatype: str, shape: list[int], values: Sequence[Any]
+) -> TensorData:
+    """An input's elements from a flat list (gRPC typed contents, or flattened JSON data)."""
+    count = element_count(shape)
+    if len(values) != count:
+        raise ProtocolError(
+            f"{name}: shape {shape} holds {count} elements but the data has {len(values)}"
+        )
+    if datatype == "BYTES":
+        if not all(isinstance(v, bytes) for v in values):
+            raise ProtocolError(f"{name}: BYTES elements must be strings")
+        return list(values)
+    dtype = _dtype(name, datatype)
+    kinds = (bool,) if datatype == "BOOL" else (int, float) if dtype.kind == "f" else (int,)
+    if not all(type(v) in kinds for v in values):
+        raise ProtocolError(f"{name}: {datatype} elements must be {_kind_name(datatype)}")
+    try:
+        return np.asarray(values, dtype=dtype)
+    except (OverflowError, ValueError) as exc:
+        raise ProtocolError(f"{name}: a value does not fit {datatype}: {exc}") from None
+
+
+def _dtype(name: str, datatype: str) -> np.dtype[Any]:
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(
+            f"{name}: unknown or unsupported datatype {datatype!r}; one of {', '.join(DATATYPES)}"
+        )
+    return dtype
+
+
+def _kind_name(datatype: str) -> str:
+    if datatype == "BOOL":
+        return "true or false"
+    return "numbers" if datatype.startswith("FP") else "integers"
+
+
+def _flatten(name: str, data: list[Any]) -> list[Any]:
+    """Nested JSON arrays in row-major order, as one list."""
+    flat: list[Any] = []
+    stack: list[tuple[list[Any], int, int]] = [(data, 0, 1)]  # list, next index, depth
+    while stack:
+        items, start, depth = stack.pop()
+        for i in range(start, len(items)):
+            v = items[i]
+            if isinstance(v, list):
+                if depth >= MAX_DIMS:
+                    raise ProtocolError(f"{name}: data is nested deeper than {MAX_DIMS} levels")
+                stack.append((items, i + 1, depth))
+                stack.append((v, 0, depth + 1))
+                break
+            flat.append(v)
+    return flat
+
+
+# ---- requests ---------------------------------------------------------------------------------
+def decode_request(
+    body: bytes, header_length: str | None, model: str, version: str | None
+) -> InferRequest:
+    """A REST infer request: JSON alone, or JSON then binary blobs (``header_length`` bytes)."""
+    if header_length is None:
+        head, rest = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(
+                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
+            ) from None
+        if not 0 < n <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH}={n} does not fit the body of {len(body):,} bytes")
+        head, rest = body[:n], body[n:]
+    try:
+        doc = InferenceRequestBody.model_validate_json(head)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid inference request: {_validation_message(exc)}") from None
+    inputs: list[InputTensor] = []
+    offset = 0
+    names: set[str] = set()
+    for t in doc.inputs:
+        if t.name in names:
+            raise ProtocolError(f"input {t.name!r} appears twice")
+        names.add(t.name)
+        size = (t.parameters or {}).get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise ProtocolError(f"{t.name}: binary_data_size must be a non-negative integer")
+            if t.data is not None:
+                raise ProtocolError(f"{t.name}: has both 'data' and binary_data_size")
+            if offset + size > len(rest):
+                raise ProtocolError(
+                    f"{t.name}: binary_data_size={size:,} runs past the end of the body "
+                    f"({len(rest) - offset:,} binary bytes left)"
+                )
+            data = tensor_from_raw(t.name, t.datatype, t.shape, rest[offset : offset + size])
+            offset += size
+            inputs.append(InputTensor(t.name, t.datatype, t.shape, data))
+        elif t.data is not None:
+            inputs.append(_json_input(t))
+        else:
+            raise ProtocolError(f"{t.name}: no 'data' and no binary_data_size")
+    if offset != len(rest):
+        raise ProtocolError(
+            f"the body has {len(rest) - offset:,} binary bytes that no input's binary_data_size "
+            f"claims"
+        )
+    params = doc.parameters or {}
+    binary_default = params.get("binary_data_output", False)
+    if type(binary_default) is not bool:
+        raise ProtocolError("parameter binary_data_output must be true or false")
+    outputs = None
+    if doc.outputs is not None:
+        outputs = [_requested(o.name, o.parameters or {}, binary_default) for o in doc.outputs]
+    return InferRequest(
+        model=model,
+        version=version,
+        id=doc.id,
+        inputs=inputs,
+        outputs=outputs,
+        binary_outputs=binary_default,
+    )
+
+
+def _json_input(t: _Tensor) -> InputTensor:
+    assert t.data is not None
+    flat = _flatten(t.name, t.data)
+    if t.datatype == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            raise ProtocolError(f"{t.name}: BYTES elements in JSON must be strings")
+        data = tensor_from_list(t.name, "BYTES", t.shape, [v.encode() for v in flat])
+        return InputTensor(t.name, t.datatype, t.shape, data, text=True)
+    return InputTensor(
+        t.name, t.datatype, t.shape, tensor_from_list(t.name, t.datatype, t.shape, flat)
+    )
+
+
+def _requested(name: str, params: dict[str, Any], binary_default: bool) -> OutputRequest:
+    k = params.get("classification", 0)
+    if type(k) is not int or k < 0:
+        raise ProtocolError(f"{name}: classification must be a positive integer (top-k), got {k!r}")
+    binary = params.get("binary_data", binary_default)
+    if type(binary) is not bool:
+        raise ProtocolError(f"{name}: binary_data must be true or false")
+    return OutputRequest(name, k, binary)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# ---- responses --------------------------------------------------------------------------------
+def encode_response(resp: InferResponse) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: JSON, or JSON then the binary outputs."""
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out in resp.outputs:
+        doc: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if out.binary:
+            raw = raw_bytes(out.data)
+            doc["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif isinstance(out.data, list):
+            doc["data"] = [e.decode("utf-8", "replace") for e in out.data]
+        else:
+            doc["data"] = out.data.ravel().tolist()
+        outputs.append(doc)
+    head: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version}
+    if resp.id is not None:
+        head["id"] = resp.id
+    head["outputs"] = outputs
+    text = json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
+    if not blobs:
+        return text, {"content-type": JSON_TYPE}
+    return text + b"".join(blobs), {"content-type": BINARY_TYPE, HEADER_LENGTH: str(len(text))}
+
+
+def raw_bytes(data: TensorData) -> bytes:
+    """An output's elements as raw bytes (binary extension, gRPC raw_output_contents)."""
+    if isinstance(data, list):
+        return serialize_bytes(data)
+    return np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -1,0 +1,99 @@
+"""The gRPC messages of the protocol to and from the data plane's types.
+
+Imports the generated stubs: load it only where the gRPC server runs (see app/oip/__init__.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.oip import codec
+from app.oip.dataplane import ModelMetadata, RepositoryEntry
+from app.oip.failures import ProtocolError
+from app.oip.generated import grpc_predict_v2_pb2 as pb
+from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest
+
+# Where InferTensorContents keeps each datatype's elements (FP16 travels raw only).
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameter(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise ProtocolError(
+            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+            f"use it for every input or none"
+        )
+    inputs = []
+    for i, t in enumerate(msg.inputs):
+        shape = list(t.shape)
+        if len(shape) > codec.MAX_DIMS or any(d < 0 for d in shape):
+            raise ProtocolError(f"{t.name}: invalid shape {shape}")
+        if raw:
+            data = codec.tensor_from_raw(t.name, t.datatype, shape, raw[i])
+        elif t.datatype in CONTENTS:
+            values = list(getattr(t.contents, CONTENTS[t.datatype]))
+            data = codec.tensor_from_list(t.name, t.datatype, shape, values)
+        else:
+            raise ProtocolError(f"{t.name}: {t.datatype!r} data must come in raw_input_contents")
+        inputs.append(InputTensor(t.name, t.datatype, shape, data))
+    outputs = [OutputRequest(o.name, _classification(o)) for o in msg.outputs] or None
+    return InferRequest(msg.model_name, msg.model_version or None, msg.id or None, inputs, outputs)
+
+
+def _classification(o: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
+    if "classification" not in o.parameters:
+        return 0
+    k = parameter(o.parameters["classification"])
+    if type(k) is not int or k < 0:
+        raise ProtocolError(f"{o.name}: classification must be a positive integer, got {k!r}")
+    return k
+
+
+def infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+    """Outputs as raw_output_contents, as Triton answers."""
+    msg = pb.ModelInferResponse(
+        model_name=resp.model_name, model_version=resp.model_version, id=resp.id or ""
+    )
+    for out in resp.outputs:
+        msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        msg.raw_output_contents.append(codec.raw_bytes(out.data))
+    return msg
+
+
+def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+        outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+    )
+
+
+def repository_index(entries: list[RepositoryEntry]) -> pb.RepositoryIndexResponse:
+    index = pb.RepositoryIndexResponse.ModelIndex
+    return pb.RepositoryIndexResponse(
+        models=[
+            index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries
+        ]
+    )

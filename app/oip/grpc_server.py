@@ -1,0 +1,199 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), grpc.aio.
+
+Runs in the service's own process and event loop, on ``IMGCLS_GRPC_PORT``, over the same data
+plane as ``/v2``. Each method converts the message, calls the data plane and converts back;
+exceptions become gRPC status codes from the same mapping as the REST door's status codes.
+When IMGCLS_API_KEY is set, every call but ServerLive/ServerReady needs the metadata
+``authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from app.observability import access_log
+from app.oip import grpc_codec as conv
+from app.oip.dataplane import DataPlane
+from app.oip.failures import failure
+from app.oip.generated import grpc_predict_v2_pb2 as pb
+from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from app.service import Service
+from app.settings import Settings
+
+log = logging.getLogger("imgcls.oip")
+
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+OPEN_METHODS = {"ServerLive", "ServerReady"}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Method = Callable[["Servicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
+    """Any exception becomes the status code its HTTP status maps to, with its message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        start = time.perf_counter()
+        status = 200
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            why = failure(exc)
+            status = why.status
+            trailing = (("retry-after", str(why.retry_after)),) if why.retry_after else ()
+            code = CODES.get(why.status, grpc.StatusCode.INTERNAL)
+            await context.abort(code, why.message, trailing)
+            raise  # abort() raises; this line is never reached
+        finally:
+            self.count(method.__name__, request, status, time.perf_counter() - start)
+
+    return wrapper
+
+
+class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.metrics = plane.service.metrics
+        self.served = set(plane.service.served)
+
+    def count(self, method: str, request: Any, status: int, elapsed: float) -> None:
+        """The HTTP door's request metrics and log line, for a call (endpoint ``grpc:Method``,
+        the HTTP status its outcome maps to)."""
+        name = getattr(request, "model_name", None) or getattr(request, "name", None) or ""
+        model = "" if not name else name if name in self.served else "unknown"
+        endpoint = f"grpc:{method}"
+        if self.metrics is not None:
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+        if method not in OPEN_METHODS:
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": "gRPC",
+                        "path": f"/inference.GRPCInferenceService/{method}",
+                        "model": model,
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000.0, 2),
+                    }
+                },
+            )
+
+    @_answers_errors
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.plane.live())
+
+    @_answers_errors
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.ready())
+
+    @_answers_errors
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
+
+    @_answers_errors
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**self.plane.server_metadata())
+
+    @_answers_errors
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        return conv.model_metadata(self.plane.model_metadata(request.name, request.version))
+
+    @_answers_errors
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        answer = await self.plane.infer(conv.infer_request(request))
+        return conv.infer_response(answer)
+
+    @_answers_errors
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        return conv.repository_index(self.plane.repository_index(request.ready))
+
+    @_answers_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.plane.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_answers_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.plane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <key>`` metadata (health calls stay open)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+        self.deny = grpc.unary_unary_rpc_method_handler(_deny)
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        given = given if isinstance(given, bytes) else str(given).encode()
+        if hmac.compare_digest(given, self.expected):
+            return await continuation(details)
+        return self.deny
+
+
+async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or wrong API key: send the metadata 'authorization: Bearer <key>'",
+    )
+
+
+async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:
+    """Listen on IMGCLS_GRPC_HOST:IMGCLS_GRPC_PORT in the running event loop."""
+    limit = int(settings.oip_max_request_mb * 1024 * 1024)
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(settings.api_key)] if settings.api_key else [],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a port already in use is an error, not a shared port
+        ],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(DataPlane(service)), server)
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"cannot listen for gRPC on {address} ({exc}); set IMGCLS_GRPC_PORT to a free port, "
+            f"or 0 to turn gRPC off"
+        ) from None
+    await server.start()
+    log.info("Open Inference Protocol gRPC on %s", address)
+    return server

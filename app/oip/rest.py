@@ -1,0 +1,333 @@
+"""The Open Inference Protocol over REST: ``/v2/...`` on the service's own port.
+
+Each route converts the request, calls the data plane and converts the answer; every exception a
+route raises becomes the protocol's ``{"error": "..."}`` with its status (``OipRoute``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+from app.errors import UploadTooLargeError
+from app.oip import codec
+from app.oip.dataplane import DataPlane
+from app.oip.failures import ProtocolError, failure
+from app.oip.schemas import (
+    InferenceResponse,
+    LiveResponse,
+    LoadResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+    OipError,
+    ReadyResponse,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
+    RepositoryModelRequest,
+    ServerMetadataResponse,
+    UnloadResponse,
+)
+from app.upload import read_body
+
+SMALL_BODY = 64 * 1024  # repository requests: a few parameters at most
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    why = failure(exc)
+    headers = {"Retry-After": str(why.retry_after)} if why.retry_after is not None else None
+    return JSONResponse({"error": why.message}, status_code=why.status, headers=headers)
+
+
+class OipRoute(APIRoute):
+    """Answers exceptions in the protocol's form, ``{"error": ...}``, not the app's ``detail``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                errs = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
+                )
+                return error_response(ProtocolError(errs or "invalid request"))
+            except Exception as exc:
+                return error_response(exc)
+
+        return route
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OipRoute)
+
+
+async def get_plane(request: Request) -> DataPlane:
+    return DataPlane(request.app.state.service)
+
+
+Plane = Annotated[DataPlane, Depends(get_plane)]
+# Catalog names (letters, digits, _ . - and : before a weights variant); no "/", and not "." or
+# ".." that URL normalisation would swallow.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$"
+Name = Annotated[
+    str, Path(pattern=NAME_PATTERN, description="model name, e.g. resnet50:IMAGENET1K_V1")
+]
+Version = Annotated[
+    str, Path(pattern=NAME_PATTERN, description="model version (every model has 1)")
+]
+HeaderLength = Annotated[
+    str | None,
+    Header(
+        alias=codec.HEADER_LENGTH,
+        description="binary tensor data extension: how many bytes of the body are JSON",
+    ),
+]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    what = {
+        400: "bad tensors, parameters or body (the message names the element)",
+        404: "unknown model or version",
+        413: "request, image or image count over the limits",
+        415: "unsupported Content-Encoding",
+        501: "needs engine support this build lacks",
+        503: "model not ready or queue full (see Retry-After)",
+        504: "request deadline passed",
+    }
+    return {c: {"model": OipError, "description": what[c]} for c in codes}
+
+
+def _json_body(model: type[BaseModel], required: bool) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": _inline(model.model_json_schema())}},
+        }
+    }
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined: OpenAPI tools resolve ``#/$defs``
+    against the whole document, not the schema it sits in."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema)
+    return result
+
+
+INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline(codec.InferenceRequestBody.model_json_schema())},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"JSON ({codec.HEADER_LENGTH} bytes), then the inputs' "
+                    "binary data in input order",
+                }
+            },
+        },
+    }
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferenceResponse,
+        "description": "outputs as JSON, or JSON then binary data (binary_data requested)",
+        "content": {codec.BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **_errors(400, 404, 413, 415, 503, 504),
+}
+
+
+# ---- server ----------------------------------------------------------------------------------
+@router.get("", response_model=ServerMetadataResponse, summary="Server metadata and extensions")
+async def server_metadata(plane: Plane) -> ServerMetadataResponse:
+    return ServerMetadataResponse(**plane.server_metadata())
+
+
+@router.get("/health/live", response_model=LiveResponse, summary="The server is alive")
+async def server_live(plane: Plane) -> LiveResponse:
+    return LiveResponse(live=plane.live())
+
+
+@router.get(
+    "/health/ready",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "some models are not ready"}},
+    summary="200 when every model the server was started with is ready",
+)
+async def server_ready(plane: Plane) -> JSONResponse:
+    ready = plane.ready()
+    return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+
+# ---- models ----------------------------------------------------------------------------------
+@router.get(
+    "/models/{name}",
+    response_model=ModelMetadataResponse,
+    responses=_errors(400, 404),
+    summary="A model's inputs (IMAGE, PIXELS) and output (PROBABILITIES)",
+)
+async def model_metadata(name: Name, plane: Plane) -> ModelMetadataResponse:
+    return ModelMetadataResponse.model_validate(plane.model_metadata(name), from_attributes=True)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadataResponse,
+    responses=_errors(400, 404),
+    summary="A model version's metadata (every model has version 1)",
+)
+async def model_version_metadata(
+    name: Name, version: Version, plane: Plane
+) -> ModelMetadataResponse:
+    meta = plane.model_metadata(name, version)
+    return ModelMetadataResponse.model_validate(meta, from_attributes=True)
+
+
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": ModelReadyResponse, "description": "not ready (or not loaded)"},
+    **_errors(400, 404),
+}
+
+
+@router.get(
+    "/models/{name}/ready",
+    response_model=ModelReadyResponse,
+    responses=READY_RESPONSES,
+    summary="200 when the model can serve, 503 when not",
+)
+async def model_ready(name: Name, plane: Plane) -> JSONResponse:
+    return _ready(name, plane.model_ready(name))
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    response_model=ModelReadyResponse,
+    responses=READY_RESPONSES,
+    summary="200 when the model version can serve, 503 when not",
+)
+async def model_version_ready(name: Name, version: Version, plane: Plane) -> JSONResponse:
+    return _ready(name, plane.model_ready(name, version))
+
+
+def _ready(name: str, ready: bool) -> JSONResponse:
+    return JSONResponse({"name": name, "ready": ready}, 200 if ready else 503)
+
+
+# ---- inference -------------------------------------------------------------------------------
+@router.post(
+    "/models/{name}/infer",
+    response_class=Response,
+    responses=INFER_RESPONSES,
+    openapi_extra=INFER_BODY,
+    summary="Classify N images (IMAGE files or preprocessed PIXELS)",
+)
+async def infer(
+    name: Name, request: Request, plane: Plane, length: HeaderLength = None
+) -> Response:
+    return await _infer(plane, request, name, None, length)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_class=Response,
+    responses=INFER_RESPONSES,
+    openapi_extra=INFER_BODY,
+    summary="Classify N images with a model version",
+)
+async def infer_version(
+    name: Name, version: Version, request: Request, plane: Plane, length: HeaderLength = None
+) -> Response:
+    return await _infer(plane, request, name, version, length)
+
+
+async def _infer(
+    plane: DataPlane, request: Request, name: str, version: str | None, length: str | None
+) -> Response:
+    plane.check_servable(name, version)  # 404 / 503 before the body is read
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; send it plain", 415)
+    limit = int(plane.service.settings.oip_max_request_mb * 1024 * 1024)
+    try:
+        body = await read_body(request, limit)
+    except UploadTooLargeError:
+        raise ProtocolError(
+            f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413
+        ) from None
+    answer = await plane.infer(codec.decode_request(body, length, name, version))
+    content, headers = codec.encode_response(answer)
+    return Response(content, headers=headers)
+
+
+# ---- model repository ------------------------------------------------------------------------
+@router.post(
+    "/repository/index",
+    response_model=list[RepositoryIndexEntry],
+    responses=_errors(400, 413),
+    openapi_extra=_json_body(RepositoryIndexRequest, required=False),
+    summary="Every catalog model with its state (READY, LOADING, UNAVAILABLE)",
+)
+async def repository_index(request: Request, plane: Plane) -> list[RepositoryIndexEntry]:
+    body = await _small_body(request, RepositoryIndexRequest)
+    ready_only = body.ready if isinstance(body, RepositoryIndexRequest) else False
+    return [RepositoryIndexEntry(**vars(e)) for e in plane.repository_index(ready_only)]
+
+
+@router.post(
+    "/repository/models/{name}/load",
+    response_model=LoadResponse,
+    responses=_errors(400, 404, 413, 501, 503),
+    openapi_extra=_json_body(RepositoryModelRequest, required=False),
+    summary="Load a model on the workers; answers once it is ready or has failed",
+)
+async def repository_load(name: Name, request: Request, plane: Plane) -> LoadResponse:
+    await _small_body(request, RepositoryModelRequest)
+    await plane.load(name)
+    return LoadResponse(name=name, load=True)
+
+
+@router.post(
+    "/repository/models/{name}/unload",
+    response_model=UnloadResponse,
+    responses=_errors(400, 404, 413, 501, 503),
+    openapi_extra=_json_body(RepositoryModelRequest, required=False),
+    summary="Drain a model's queue, then free it on the workers",
+)
+async def repository_unload(name: Name, request: Request, plane: Plane) -> UnloadResponse:
+    await _small_body(request, RepositoryModelRequest)
+    await plane.unload(name)
+    return UnloadResponse(name=name, unload=True)
+
+
+async def _small_body(request: Request, model: type[BaseModel]) -> BaseModel | None:
+    """An optional small JSON body (empty: None), checked against ``model`` (400)."""
+    try:
+        body = await read_body(request, SMALL_BODY)
+    except UploadTooLargeError:
+        raise ProtocolError(f"the request body is over {SMALL_BODY:,} bytes", 413) from None
+    if not body.strip():
+        return None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid request body: {exc.errors()[0]['msg']}") from None

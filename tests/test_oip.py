@@ -1,0 +1,505 @@
+"""The Open Inference Protocol (KServe v2 / Triton) against a real server, with tritonclient.
+
+One server for the module: the real CIFAR-10 ResNet-20 and ``resnet18:IMAGENET1K_V1`` (a weights
+variant's name, from the generated checkpoint), gRPC on a free port, and an API key. REST is
+exercised here with tritonclient.http and httpx; gRPC with tritonclient.grpc in a subprocess
+(tests/oip_grpc_checks.py), because tritonclient and imgcls register the same protobuf names.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as th
+import yaml
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+
+from tests.conftest import (
+    CIFAR_FILES,
+    CIFAR_WEIGHTS,
+    IMAGES,
+    ROOT,
+    free_port,
+    needs_shared,
+    run_service,
+    shared_image,
+)
+
+pytestmark = needs_shared
+
+KEY = "oip-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def auth() -> dict[str, str]:
+    """A fresh copy each call: tritonclient adds its own entries to the headers it is given."""
+    return dict(AUTH)
+
+
+PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png"]
+CIFAR = "cifar10_resnet20"
+R18 = "resnet18:IMAGENET1K_V1"
+MAX_QUEUE = 16
+
+
+@pytest.fixture(scope="module")
+def oip(model_dir: Path):
+    if not (CIFAR_WEIGHTS / CIFAR_FILES[CIFAR]).is_file():
+        pytest.skip(f"CIFAR-10 checkpoints not found at {CIFAR_WEIGHTS}")
+    with run_service(
+        models=f"{CIFAR},{R18}",
+        weights_dir=model_dir,
+        grpc_port=free_port(),
+        grpc_host="127.0.0.1",
+        api_key=KEY,
+        max_batch_size=8,
+        max_batch_wait_ms=20,
+        max_queue=MAX_QUEUE,
+        max_upload_mb=2,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def http(oip):
+    client = th.InferenceServerClient(
+        oip.url.removeprefix("http://"), connection_timeout=60, network_timeout=120
+    )
+    yield client
+    client.close()
+
+
+def classify(oip, model: str, name: str, data: bytes) -> dict:
+    r = httpx.post(
+        f"{oip.url}/classify",
+        params={"model": model, "top_k": 5},
+        files={"file": (name, data)},
+        headers=auth(),
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def image_input(files: list[bytes], binary: bool = True) -> th.InferInput:
+    inp = th.InferInput("IMAGE", [len(files)], "BYTES")
+    if binary:
+        inp.set_data_from_numpy(np.array(files, dtype=object), binary_data=True)
+    else:  # JSON carries each image file in base64
+        encoded = [base64.b64encode(f) for f in files]
+        inp.set_data_from_numpy(np.array(encoded, dtype=object), binary_data=False)
+    return inp
+
+
+def text(element: bytes | str) -> str:
+    return element.decode() if isinstance(element, bytes) else element
+
+
+def post_infer(oip, doc: dict, model: str = CIFAR, **kw) -> httpx.Response:
+    return httpx.post(
+        f"{oip.url}/v2/models/{model}/infer", json=doc, headers=auth(), timeout=120, **kw
+    )
+
+
+def tiny_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ---- health and metadata -----------------------------------------------------------------------
+def test_server_metadata_and_health(oip, http):
+    meta = http.get_server_metadata(headers=auth())
+    assert meta["name"] == "imgcls"
+    assert {"classification", "binary_tensor_data", "model_repository"} <= set(meta["extensions"])
+    assert http.is_server_live() and http.is_server_ready()  # open, like /healthz and /readyz
+
+
+def test_model_metadata_and_ready_for_a_weights_variant(oip, http):
+    meta = http.get_model_metadata(R18, headers=auth())  # "resnet18%3AIMAGENET1K_V1" in the URL
+    assert meta["name"] == R18 and meta["versions"] == ["1"]
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
+        "IMAGE": ("BYTES", [-1]),
+        "PIXELS": ("FP32", [-1, 3, 224, 224]),
+    }
+    assert meta["outputs"] == [{"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, 1000]}]
+    assert http.get_model_metadata(CIFAR, "1", headers=auth())["outputs"][0]["shape"] == [-1, 10]
+    assert http.is_model_ready(R18, headers=auth()) and http.is_model_ready(
+        CIFAR, "1", headers=auth()
+    )
+    r = httpx.get(f"{oip.url}/v2/models/vgg16/ready", headers=auth())  # catalog model, not loaded
+    assert (r.status_code, r.json()) == (503, {"name": "vgg16", "ready": False})
+    r = httpx.get(f"{oip.url}/v2/models/nope/ready", headers=auth())
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    r = httpx.get(f"{oip.url}/v2/models/{CIFAR}/versions/2", headers=auth())
+    assert r.status_code == 404 and "no version '2'" in r.json()["error"]
+
+
+def test_api_key_guards_all_but_health(oip):
+    assert httpx.get(f"{oip.url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{oip.url}/v2/health/ready").json() == {"ready": True}
+    for r in (
+        httpx.get(f"{oip.url}/v2"),
+        httpx.post(f"{oip.url}/v2/models/{CIFAR}/infer", json={}),
+        httpx.post(f"{oip.url}/v2/repository/index"),
+    ):
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+
+
+# ---- inference ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_image_batch_top1_matches_classify(oip, http, binary):
+    files = [shared_image(n) for n in PHOTOS]
+    out = th.InferRequestedOutput("PROBABILITIES", binary_data=binary, class_count=5)
+    res = http.infer(CIFAR, [image_input(files, binary)], outputs=[out], headers=auth())
+    top = res.as_numpy("PROBABILITIES")
+    assert top.shape == (3, 5)
+    for row, name, data in zip(top, PHOTOS, files, strict=True):
+        parsed = [text(e).split(":", 2) for e in row]
+        scores = [float(s) for s, _, _ in parsed]
+        assert scores == sorted(scores, reverse=True)
+        expected = classify(oip, CIFAR, name, data)["predictions"]
+        _, index, label = parsed[0]
+        assert (int(index), label) == (expected[0]["index"], expected[0]["label"])
+        assert scores[0] == pytest.approx(expected[0]["score"], abs=1e-5)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_pixels_preprocessed_by_the_client_match_image(oip, http, binary):
+    from app.catalog import build_catalog
+    from app.imaging import decode
+
+    spec = build_catalog().get(CIFAR)
+    files = [shared_image(n) for n in PHOTOS]
+    x = np.stack([spec.transform(decode(f, 10**8)).numpy() for f in files]).astype(np.float32)
+    inp = th.InferInput("PIXELS", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = th.InferRequestedOutput("PROBABILITIES", binary_data=binary)
+    probs = http.infer(CIFAR, [inp], outputs=[out], headers=auth()).as_numpy("PROBABILITIES")
+    ref = http.infer(CIFAR, [image_input(files)], headers=auth()).as_numpy("PROBABILITIES")
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs, ref, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_weights_variant_infers_like_classify(oip, http):
+    files = [shared_image(n) for n in PHOTOS[:2]]
+    probs = http.infer(R18, [image_input(files)], headers=auth()).as_numpy("PROBABILITIES")
+    assert probs.shape == (2, 1000)
+    for row, name, data in zip(probs, PHOTOS[:2], files, strict=True):
+        expected = classify(oip, R18, name, data)["predictions"][0]
+        assert int(np.argmax(row)) == expected["index"]
+        assert float(row.max()) == pytest.approx(expected["score"], abs=1e-5)
+
+
+def test_binary_response_carries_every_output_when_asked(oip):
+    doc = {
+        "id": "req-7",
+        "parameters": {"binary_data_output": True},
+        "inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": [b64(tiny_png())]}],
+    }
+    r = post_infer(oip, doc)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    head = json.loads(r.content[:n])
+    assert head["id"] == "req-7" and head["model_version"] == "1"
+    (out,) = head["outputs"]
+    assert out["parameters"]["binary_data_size"] == 40 == len(r.content) - n
+    probs = np.frombuffer(r.content[n:], dtype="<f4")
+    assert probs.shape == (10,) and probs.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_images_of_a_request_are_counted_by_the_batcher(oip, http):
+    def batched_images() -> float:
+        text_ = httpx.get(f"{oip.url}/metrics", headers=auth()).text
+        for family in text_string_to_metric_families(text_):
+            if family.name == "imgcls_batch_size":
+                return sum(
+                    s.value
+                    for s in family.samples
+                    if s.name == "imgcls_batch_size_sum" and s.labels["model"] == CIFAR
+                )
+        return 0.0
+
+    before = batched_images()
+    files = [shared_image(n) for n in PHOTOS]
+    http.infer(CIFAR, [image_input(files)], headers=auth())
+    assert batched_images() - before == 3
+    metrics = httpx.get(f"{oip.url}/metrics", headers=auth()).text
+    assert f'endpoint="/v2/models/{{name}}/infer",model="{CIFAR}",status="200"' in metrics
+    assert f"/v2/models/{CIFAR}" not in metrics  # templates, not paths: bounded labels
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def _image(data: list, shape: list[int] | None = None, datatype: str = "BYTES") -> dict:
+    return {"name": "IMAGE", "shape": shape or [len(data)], "datatype": datatype, "data": data}
+
+
+def _pixels(shape: list[int], datatype: str = "FP32") -> dict:
+    count = int(np.prod(shape))
+    return {"name": "PIXELS", "shape": shape, "datatype": datatype, "data": [0] * count}
+
+
+BAD_REQUESTS = {
+    "image-not-bytes": ({"inputs": [_image([1.5], datatype="FP32")]}, "IMAGE must be BYTES"),
+    "image-2d": ({"inputs": [_image(["x"], shape=[1, 1])]}, "IMAGE must have shape [N]"),
+    "count-mismatch": ({"inputs": [_image(["x"], shape=[2])]}, "holds 2 elements but"),
+    "pixels-int": ({"inputs": [_pixels([1, 3, 32, 32], "INT32")]}, "PIXELS must be FP32"),
+    "pixels-size": ({"inputs": [_pixels([1, 3, 31, 32])]}, "[N, 3, 32, 32]"),
+    "input-name": (
+        {"inputs": [{**_image(["x"]), "name": "INPUT__0"}]},
+        "unknown input 'INPUT__0'",
+    ),
+    "two-inputs": ({"inputs": [_image(["x"]), _pixels([1, 3, 32, 32])]}, "send one input"),
+    "output-name": (
+        {"inputs": [_image(["x"])], "outputs": [{"name": "LOGITS"}]},
+        "unknown output 'LOGITS'",
+    ),
+    "classification-str": (
+        {
+            "inputs": [_image(["x"])],
+            "outputs": [{"name": "PROBABILITIES", "parameters": {"classification": "5"}}],
+        },
+        "classification must be a positive integer",
+    ),
+    "no-inputs": ({"inputs": []}, "invalid inference request"),
+    "datatype": ({"inputs": [_image(["x"], datatype="STRING")]}, "unknown or unsupported datatype"),
+    "bad-base64": ({"inputs": [_image(["!!"])]}, "IMAGE[0]: not valid base64"),
+    "undecodable": (
+        {"inputs": [_image([b64(tiny_png()), b64(b"GIF89a no image here")])]},
+        "IMAGE[1]: ",
+    ),
+    "too-many": ({"inputs": [_image([b64(tiny_png())] * (MAX_QUEUE + 1))]}, "IMGCLS_MAX_QUEUE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_answer_400_naming_the_problem(oip, case):
+    doc, fragment = BAD_REQUESTS[case]
+    r = post_infer(oip, doc)
+    assert r.status_code == (413 if case == "too-many" else 400), r.text
+    assert fragment in r.json()["error"]
+
+
+def test_malformed_bodies(oip):
+    url = f"{oip.url}/v2/models/{CIFAR}/infer"
+
+    def post(content: bytes, length: int | str | None) -> httpx.Response:
+        headers = auth()
+        if length is not None:
+            headers["Inference-Header-Content-Length"] = str(length)
+        return httpx.post(url, content=content, headers=headers, timeout=60)
+
+    head = json.dumps(
+        {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                     "parameters": {"binary_data_size": 100}}]}
+    ).encode()  # fmt: skip
+    blob = serialize_byte_tensor(np.array([tiny_png()], dtype=object)).item()
+    cases = {
+        "not-json": post(b"\x89PNG...", None),
+        "length-not-int": post(head, "ten"),
+        "length-past-body": post(head, len(head) + 1),
+        "size-past-body": post(head + blob[:50], len(head)),
+        "bytes-truncated": post(
+            head.replace(b"100", str(len(blob) - 3).encode()) + blob[:-3], len(head)
+        ),
+        "left-over": post(head.replace(b"100", str(len(blob)).encode()) + blob + b"xx", len(head)),
+    }
+    for name, r in cases.items():
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"], name
+    good = head.replace(b"100", str(len(blob)).encode())
+    r = post(good + blob, len(good))  # the same server still answers
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")  # no binary output asked
+
+
+def test_non_finite_pixels_are_refused(oip):
+    x = np.zeros((1, 3, 32, 32), dtype="<f4")
+    x[0, 1, 2, 3] = np.nan
+    head = json.dumps(
+        {"inputs": [{"name": "PIXELS", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                     "parameters": {"binary_data_size": x.nbytes}}]}
+    ).encode()  # fmt: skip
+    r = httpx.post(
+        f"{oip.url}/v2/models/{CIFAR}/infer",
+        content=head + x.tobytes(),
+        headers={**auth(), "Inference-Header-Content-Length": str(len(head))},
+    )
+    assert r.status_code == 400 and "NaN" in r.json()["error"]
+
+
+def test_tritonclient_sees_the_status_codes(oip, http):
+    with pytest.raises(InferenceServerException) as info:
+        http.infer("nope", [image_input([tiny_png()])], headers=auth())
+    assert info.value.status() == "404" and "unknown model" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        http.infer(CIFAR, [image_input([tiny_png(), b"\x00" * 10])], headers=auth())
+    assert info.value.status() == "400" and info.value.message().startswith("IMAGE[1]:")
+
+
+def test_retry_after_and_status_mapping():
+    """The one mapping both doors use: overload and not-ready carry a retry hint."""
+    from app.engine.batcher import QueueFullError
+    from app.errors import ModelNotReadyError
+    from app.oip.failures import ProtocolError, failure
+
+    assert (failure(QueueFullError("full")).status, failure(QueueFullError("x")).retry_after) == (
+        503, 1,
+    )  # fmt: skip
+    assert failure(ModelNotReadyError("loading", retry_after=5)).retry_after == 5
+    assert failure(TimeoutError()).status == 504
+    assert failure(ProtocolError("nope", 404)).status == 404
+    internal = failure(RuntimeError("secret detail"))
+    assert internal.status == 500 and internal.internal and "secret" not in internal.message
+
+
+# ---- model repository --------------------------------------------------------------------------
+def test_repository_index(oip, http):
+    index = {m["name"]: m for m in http.get_model_repository_index(headers=auth())}
+    assert index[CIFAR]["state"] == "READY" and index[R18]["state"] == "READY"
+    assert index["vgg16"]["state"] == "UNAVAILABLE" and index["vgg16"]["reason"]
+    r = httpx.post(f"{oip.url}/v2/repository/index", json={"ready": True}, headers=auth())
+    assert {m["name"] for m in r.json()} == {CIFAR, R18}
+    r = httpx.post(f"{oip.url}/v2/repository/index", json={"ready": "yes"}, headers=auth())
+    assert r.status_code == 400
+
+
+def test_load_and_unload_answer_for_unknown_and_loaded_models(oip, http):
+    http.load_model(CIFAR, headers=auth())  # loaded at start: ready at once
+    for action in ("load", "unload"):
+        r = httpx.post(f"{oip.url}/v2/repository/models/nope/{action}", headers=auth())
+        assert r.status_code == 404, r.text
+
+
+def test_load_infer_unload_infer(oip, http):
+    from app.service import Service
+
+    target = "cifar10_resnet32"
+    if not hasattr(Service, "load"):
+        r = httpx.post(f"{oip.url}/v2/repository/models/{target}/load", headers=auth())
+        assert r.status_code == 501 and "Service.load" in r.json()["error"]
+        pytest.xfail("run-time load/unload waits for Service.load/unload (issue 11)")
+    http.load_model(target, headers=auth())
+    assert http.is_model_ready(target, headers=auth())
+    http.infer(target, [image_input([tiny_png()])], headers=auth())
+    http.unload_model(target, headers=auth())
+    with pytest.raises(InferenceServerException) as info:
+        http.infer(target, [image_input([tiny_png()])], headers=auth())
+    assert info.value.status() in ("404", "503")
+
+
+# ---- gRPC, in a process without imgcls's protobuf names --------------------------------------
+def test_grpc_with_tritonclient(oip):
+    from app.service import Service
+
+    env = {
+        **os.environ,
+        "OIP_GRPC": f"127.0.0.1:{oip.settings.grpc_port}",
+        "OIP_REST": oip.url,
+        "OIP_KEY": KEY,
+        "OIP_IMAGES": str(IMAGES),
+        "OIP_CORE_LOAD": "1" if hasattr(Service, "load") else "0",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/oip_grpc_checks.py", "-q", "-rxs",
+         "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    print(r.stdout[-4000:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 9 and not re.search(r"\d+ failed", r.stdout)
+
+
+def test_app_does_not_import_the_stubs():
+    """Importing the app leaves tritonclient.grpc importable: the stubs load with the server."""
+    code = (
+        "import sys, app.main, app.oip.rest, app.oip.dataplane\n"
+        "assert not [m for m in sys.modules if m.startswith('app.oip.generated.')], sys.modules\n"
+        "import tritonclient.grpc\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---- the OpenAPI contract of /v2 -------------------------------------------------------------
+# Schemathesis learns model names from the answers (the repository index lists every catalog
+# model), so it would load and unload real models under the other tests: those two routes are
+# left to the tests above. A catalog model that is not loaded is "not ready": 503, as KServe's
+# server answers, which the second run accepts on the readiness routes only.
+ST_RUNS = {
+    "all-but-repository-control": ["--exclude-path-regex", "^/v2/repository/models/|/ready$"],
+    "model-readiness": [
+        "--include-path-regex",
+        "/ready$",
+        "--exclude-checks",
+        "not_a_server_error",
+    ],
+}
+
+
+@pytest.mark.parametrize("run", list(ST_RUNS))
+def test_v2_openapi_contract(oip, tmp_path: Path, run: str):
+    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
+    extra = ST_RUNS[run]
+    excluded = ["positive_data_acceptance"]
+    if "--exclude-checks" in extra:
+        excluded.append(extra[extra.index("--exclude-checks") + 1])
+        extra = extra[: extra.index("--exclude-checks")]
+    r = subprocess.run(
+        [st, "run", f"{oip.url}/openapi.json", "--include-path-regex", "^/v2", *extra,
+         "-H", f"Authorization: Bearer {KEY}", "--checks", "all",
+         "--exclude-checks", ",".join(excluded), "--max-examples", "30",
+         "--workers", "1", "--request-timeout", "60", "--report", "junit",
+         "--report-dir", str(tmp_path), "--no-color"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(r.stdout[-4000:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert "passed" in r.stdout.lower()
+
+
+# ---- KServe deployment, statically -----------------------------------------------------------
+def test_kserve_inferenceservice_matches_the_settings():
+    from app.main import create_app
+    from app.settings import Settings
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kserve-inferenceservice.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["InferenceService", "InferenceService"]
+    fields = {f"IMGCLS_{n.upper()}" for n in Settings.model_fields} | {"HOST", "PORT"}
+    paths = create_app(Settings(grpc_port=0)).openapi()["paths"]
+    for doc in docs:
+        assert doc["apiVersion"] == "serving.kserve.io/v1beta1"
+        predictor = doc["spec"]["predictor"]
+        (container,) = predictor["containers"]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert {e["name"] for e in container["env"]} <= fields
+        settings = Settings(**{k.removeprefix("IMGCLS_").lower(): v for k, v in env.items()
+                               if k.startswith("IMGCLS_")})  # fmt: skip
+        (port,) = container["ports"]
+        if port["name"] == "h2c":  # gRPC
+            assert port["containerPort"] == settings.grpc_port and settings.grpc_host == "0.0.0.0"
+        else:
+            assert port["containerPort"] == int(env["PORT"]) and env["HOST"] == "0.0.0.0"
+            for probe in ("readinessProbe", "livenessProbe"):
+                get = container[probe]["httpGet"]
+                assert get["port"] == port["containerPort"] and get["path"] in paths
+        assert "IMGCLS_API_KEY" not in env  # a key comes from a Secret, not the manifest
