@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.grpc_port:  # imported here: its protobuf names clash with tritonclient's
                 from app.oip.grpc_server import start_grpc
 
-                grpc_server = await start_grpc(service, settings)
+                grpc_server = await start_grpc(service, settings, metrics)
             yield
         finally:
             if grpc_server is not None:

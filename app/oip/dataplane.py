@@ -17,11 +17,9 @@ else's. Client mistakes raise ``ProtocolError`` (400) naming the tensor, element
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from app import __version__, imaging
+from app import __version__
 from app.catalog import ModelSpec
-from app.engine.batcher import Prediction, QueueFullError
-from app.engine.decoding import Encoded, Item, decode_pixels
-from app.errors import ModelNotReadyError, UploadTooLargeError
+from app.errors import ElementError, ModelNotReadyError
 from app.oip.failures import ProtocolError, failure
 from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, OutputTensor
 from app.service import Service
@@ -45,9 +41,6 @@ EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
 VERSION = "1"  # each catalog model is one protocol model with one version
 PLATFORM = "pytorch_torchvision"
 IMAGE, PIXELS, PROBABILITIES = "IMAGE", "PIXELS", "PROBABILITIES"
-
-# Model-repository states (Triton's names) for the service's model statuses.
-STATES = {"ready": "READY", "loading": "LOADING"}
 
 
 @dataclass(frozen=True)
@@ -72,15 +65,6 @@ class RepositoryEntry:
     version: str
     state: str  # READY | LOADING | UNAVAILABLE
     reason: str
-
-
-class ElementError(ValueError):
-    """TEMP until core lands (``app.errors.ElementError``): image ``index`` of a request failed."""
-
-    def __init__(self, index: int, cause: BaseException) -> None:
-        super().__init__(f"element {index}: {cause}")
-        self.index = index
-        self.cause = cause
 
 
 class DataPlane:
@@ -122,7 +106,7 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         self.spec(name, version)
-        return name in self.service.served and self.service.status(name).status == "ready"
+        return self.service.status(name).status == "ready"  # "not-loaded" when not served
 
     def check_servable(self, name: str, version: str | None = None) -> ModelSpec:
         """The model, if it can run now: before a request body is read (404, 503)."""
@@ -135,22 +119,22 @@ class DataPlane:
         tensor = _one_input(req.inputs, spec)
         wanted = _outputs(req)
         items = self._items(tensor, spec)
-        settings = self.service.settings
-        if len(items) > settings.max_queue:
+        limit = self.service.settings.max_queue
+        if len(items) > limit:
             raise ProtocolError(
                 f"{tensor.name}: {len(items)} images is more than the model's queue holds "
-                f"(IMGCLS_MAX_QUEUE={settings.max_queue}); send them in smaller requests",
+                f"(IMGCLS_MAX_QUEUE={limit}); send them in smaller requests",
                 413,
             )
-        deadline = time.monotonic() + settings.request_timeout_s
         try:
-            results = await _core_infer(self.service, spec.name, items, deadline)
-        except Exception as exc:
-            index, cause = getattr(exc, "index", None), getattr(exc, "cause", None)
-            if isinstance(index, int) and isinstance(cause, BaseException):
-                why = failure(cause)
-                raise ProtocolError(f"{tensor.name}[{index}]: {why.message}", why.status) from exc
-            raise
+            results = await self.service.infer(spec.name, items)
+        except ElementError as exc:
+            why = failure(exc.cause)
+            if why.internal:
+                raise  # a server fault: the door logs it and answers the generic message
+            raise ProtocolError(
+                f"{tensor.name}[{exc.index}]: {why.message}", why.status, why.retry_after
+            ) from exc
         probs = np.stack([r.probs for r in results]).astype(np.float32, copy=False)
         outputs = [_output(o, probs, spec) for o in wanted]
         return InferResponse(req.model, VERSION, req.id, outputs)
@@ -173,45 +157,22 @@ class DataPlane:
                     )
             return list(files)
         assert not isinstance(tensor.data, list)
+        # Normalised floats go to the core as they are (it refuses NaN and infinities).
         pixels = np.array(tensor.data, dtype=np.float32).reshape(tensor.shape)  # a writable copy
-        if not np.isfinite(pixels).all():
-            raise ProtocolError(f"{PIXELS}: holds NaN or infinite values")
         return list(torch.from_numpy(pixels).unbind(0))
 
     # ---- model repository --------------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
-        core = getattr(self.service, "repository_index", None)
-        if core is not None:
-            rows = [
-                RepositoryEntry(r["name"], str(r["version"]), r["state"], r.get("reason") or "")
-                for r in core()
-            ]
-        else:  # TEMP until core lands (Service.repository_index, issue 11)
-            rows = [
-                RepositoryEntry(
-                    e["name"],
-                    VERSION,
-                    STATES.get(e["status"], "UNAVAILABLE"),
-                    e["reason"] or ("" if e["status"] in STATES else e["status"]),
-                )
-                for e in self.service.model_entries()
-            ]
+        rows = [
+            RepositoryEntry(r["name"], str(r["version"]), r["state"], r["reason"] or "")
+            for r in self.service.repository_index()
+        ]
         return [r for r in rows if r.state == "READY"] if ready_only else rows
 
     async def load(self, name: str) -> None:
-        """Start ``name`` on the workers; returns once it is ready (503 when it failed)."""
-        self.spec(name)
-        core = getattr(self.service, "load", None)
-        if core is None:  # TODO(core, issue 11): Service.load; until then, only started models
-            if name not in self.service.served:
-                raise ProtocolError(
-                    f"loading {name!r} at run time needs engine support this build lacks "
-                    f"(Service.load); start the service with it in IMGCLS_MODELS",
-                    501,
-                )
-            status = self.service.status(name)
-        else:
-            status = await core(name)
+        """Start ``name`` on the workers; returns once it is ready (503 with the reason when it
+        failed, or is still loading after IMGCLS_WORKER_STARTUP_TIMEOUT_S)."""
+        status = await self.service.load(name)  # UnknownModelError: 404
         if status.status != "ready":
             raise ModelNotReadyError(
                 f"model {name!r} did not load: {status.status}"
@@ -220,14 +181,9 @@ class DataPlane:
             )
 
     async def unload(self, name: str) -> None:
-        """Drain ``name``'s queue, then free it on the workers."""
-        self.spec(name)
-        core = getattr(self.service, "unload", None)
-        if core is None:  # TODO(core, issue 11): Service.unload
-            raise ProtocolError(
-                f"unloading {name!r} needs engine support this build lacks (Service.unload)", 501
-            )
-        await core(name)
+        """Stop admitting requests for ``name`` (404), let its queue drain, then free it on the
+        workers. Unloading a catalog model that is not loaded is a no-op, as in Triton."""
+        await self.service.unload(name)  # UnknownModelError: 404
 
 
 # ---- request checks -------------------------------------------------------------------------
@@ -286,73 +242,3 @@ def _output(req: OutputRequest, probs: np.ndarray[Any, Any], spec: ModelSpec) ->
     order = np.lexsort((np.broadcast_to(np.arange(classes), probs.shape), -probs), axis=-1)[:, :k]
     rows = [f"{probs[r, i]:f}:{i}:{spec.labels[i]}".encode() for r in range(n) for i in order[r]]
     return OutputTensor(PROBABILITIES, "BYTES", [n, k], rows, req.binary)
-
-
-# ---- the core call ---------------------------------------------------------------------------
-async def _core_infer(
-    service: Service, name: str, items: list[bytes | torch.Tensor], deadline: float
-) -> Sequence[Prediction]:
-    core = getattr(service, "infer", None)
-    if core is not None:
-        results: Sequence[Prediction] = await core(name, items, deadline)
-        return results
-    return await _infer_fallback(service, name, items, deadline)
-
-
-async def _infer_fallback(
-    service: Service, name: str, items: list[bytes | torch.Tensor], deadline: float
-) -> list[Prediction]:
-    """TEMP until core lands (``Service.infer``, issue 11): each image through ``predict``, all
-    admitted or none, failing fast (the others are cancelled and dropped from the queue)."""
-    batcher = service.batchers[name]
-    if batcher.depth + len(items) > batcher.max_queue:
-        raise QueueFullError(
-            f"the queue for {name} has no room for {len(items)} images ({batcher.max_queue} max)"
-        )
-    spec = service.served[name].spec
-    payloads = await asyncio.to_thread(_payloads, items, spec, service)
-    tasks = [asyncio.ensure_future(service.predict(name, p, deadline)) for p in payloads]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for i, task in enumerate(tasks):
-            exc = task.exception() if task.done() else None
-            if exc is not None:
-                if isinstance(exc, imaging.ImageError | imaging.ImageTooLargeError):
-                    raise ElementError(i, exc)
-                raise exc
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _payloads(items: list[bytes | torch.Tensor], spec: ModelSpec, service: Service) -> list[Item]:
-    """TEMP until core lands: what ``predict`` takes, uploads checked as ``/classify`` does."""
-    settings = service.settings
-    out: list[Item] = []
-    for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            out.append(item if item.dtype == torch.uint8 else _to_pixels(item, spec))
-            continue
-        try:
-            if len(item) > settings.max_upload_bytes:
-                raise UploadTooLargeError(f"{len(item):,} bytes is over IMGCLS_MAX_UPLOAD_MB")
-            if service.decode_in_worker:
-                probe = imaging.probe(item, settings.max_pixels)
-                out.append(Encoded(item, probe.plain_jpeg))
-            else:
-                by_key, _, _ = decode_pixels(item, settings.max_pixels, {0: spec.transform})
-                out.append(by_key[0])
-        except (imaging.ImageError, imaging.ImageTooLargeError, UploadTooLargeError) as exc:
-            raise ElementError(i, exc) from None
-    return out
-
-
-def _to_pixels(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """TEMP until core lands (``Service.infer`` takes normalised floats): undo the model's
-    normalisation into uint8 pixels. Exact for tensors made by the model's own transform from
-    an 8-bit image; other values are rounded to the nearest pixel level (and clamped)."""
-    pre = spec.transform
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
-    return ((x * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)

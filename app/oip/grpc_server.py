@@ -13,15 +13,16 @@ import functools
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from app.observability import access_log
+from app.observability import Metrics, access_log
 from app.oip import grpc_codec as conv
 from app.oip.dataplane import DataPlane
-from app.oip.failures import failure
+from app.oip.failures import answer
 from app.oip.generated import grpc_predict_v2_pb2 as pb
 from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.service import Service
@@ -48,7 +49,8 @@ Method = Callable[["Servicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
-    """Any exception becomes the status code its HTTP status maps to, with its message."""
+    """Any exception becomes the status code its HTTP status maps to, with its message (a server
+    fault: INTERNAL, the generic message and a request id, also sent as ``x-request-id``)."""
 
     @functools.wraps(method)
     async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
@@ -57,9 +59,12 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
         try:
             return await method(self, request, context)
         except Exception as exc:
-            why = failure(exc)
+            rid = uuid.uuid4().hex
+            why = answer(exc, rid, f"/inference.GRPCInferenceService/{method.__name__}")
             status = why.status
-            trailing = (("retry-after", str(why.retry_after)),) if why.retry_after else ()
+            trailing: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
+            if why.retry_after is not None:
+                trailing += (("retry-after", str(why.retry_after)),)
             code = CODES.get(why.status, grpc.StatusCode.INTERNAL)
             await context.abort(code, why.message, trailing)
             raise  # abort() raises; this line is never reached
@@ -70,16 +75,16 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, metrics: Metrics | None = None) -> None:
         self.plane = plane
-        self.metrics = plane.service.metrics
-        self.served = set(plane.service.served)
+        self.metrics = metrics
 
     def count(self, method: str, request: Any, status: int, elapsed: float) -> None:
         """The HTTP door's request metrics and log line, for a call (endpoint ``grpc:Method``,
-        the HTTP status its outcome maps to)."""
+        the HTTP status its outcome maps to). The model label is the name of a model served
+        at the time (they change with load and unload), else "unknown": bounded."""
         name = getattr(request, "model_name", None) or getattr(request, "name", None) or ""
-        model = "" if not name else name if name in self.served else "unknown"
+        model = "" if not name else name if name in self.plane.service.served else "unknown"
         endpoint = f"grpc:{method}"
         if self.metrics is not None:
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
@@ -174,8 +179,11 @@ async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
     )
 
 
-async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:
-    """Listen on IMGCLS_GRPC_HOST:IMGCLS_GRPC_PORT in the running event loop."""
+async def start_grpc(
+    service: Service, settings: Settings, metrics: Metrics | None = None
+) -> grpc.aio.Server:
+    """Listen on IMGCLS_GRPC_HOST:IMGCLS_GRPC_PORT in the running event loop; calls are counted
+    in ``metrics`` (the app's) like HTTP requests."""
     limit = int(settings.oip_max_request_mb * 1024 * 1024)
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(settings.api_key)] if settings.api_key else [],
@@ -185,7 +193,9 @@ async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not a shared port
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(DataPlane(service)), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        Servicer(DataPlane(service), metrics), server
+    )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:
         server.add_insecure_port(address)

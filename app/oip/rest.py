@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from app.errors import UploadTooLargeError
 from app.oip import codec
 from app.oip.dataplane import DataPlane
-from app.oip.failures import ProtocolError, failure
+from app.oip.failures import ProtocolError, answer
 from app.oip.schemas import (
     InferenceResponse,
     LiveResponse,
@@ -38,10 +38,13 @@ from app.upload import read_body
 SMALL_BODY = 64 * 1024  # repository requests: a few parameters at most
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    why = failure(exc)
-    headers = {"Retry-After": str(why.retry_after)} if why.retry_after is not None else None
-    return JSONResponse({"error": why.message}, status_code=why.status, headers=headers)
+def error_response(request: Request, exc: BaseException) -> JSONResponse:
+    rid = getattr(request.state, "request_id", None) or "-"
+    why = answer(exc, rid, request.url.path)
+    headers = {"Retry-After": str(why.retry_after)} if why.retry_after is not None else {}
+    if why.close:  # the body may not have been read
+        headers["Connection"] = "close"
+    return JSONResponse({"error": why.message}, status_code=why.status, headers=headers or None)
 
 
 class OipRoute(APIRoute):
@@ -57,9 +60,9 @@ class OipRoute(APIRoute):
                 errs = "; ".join(
                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
                 )
-                return error_response(ProtocolError(errs or "invalid request"))
+                return error_response(request, ProtocolError(errs or "invalid request"))
             except Exception as exc:
-                return error_response(exc)
+                return error_response(request, exc)
 
         return route
 
@@ -96,7 +99,6 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         404: "unknown model or version",
         413: "request, image or image count over the limits",
         415: "unsupported Content-Encoding",
-        501: "needs engine support this build lacks",
         503: "model not ready or queue full (see Retry-After)",
         504: "request deadline passed",
     }
@@ -296,7 +298,7 @@ async def repository_index(request: Request, plane: Plane) -> list[RepositoryInd
 @router.post(
     "/repository/models/{name}/load",
     response_model=LoadResponse,
-    responses=_errors(400, 404, 413, 501, 503),
+    responses=_errors(400, 404, 413, 503),
     openapi_extra=_json_body(RepositoryModelRequest, required=False),
     summary="Load a model on the workers; answers once it is ready or has failed",
 )
@@ -309,7 +311,7 @@ async def repository_load(name: Name, request: Request, plane: Plane) -> LoadRes
 @router.post(
     "/repository/models/{name}/unload",
     response_model=UnloadResponse,
-    responses=_errors(400, 404, 413, 501, 503),
+    responses=_errors(400, 404, 413, 503),
     openapi_extra=_json_body(RepositoryModelRequest, required=False),
     summary="Drain a model's queue, then free it on the workers",
 )
