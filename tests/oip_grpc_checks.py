@@ -9,6 +9,7 @@ collected on its own (no ``test_`` prefix).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -268,20 +269,47 @@ def test_repository(client, auth):
     assert info.value.status() == "StatusCode.NOT_FOUND"
 
 
-def test_load_infer_unload_infer(client, auth):
-    target = "cifar10_resnet32"
-    if os.environ.get("OIP_CORE_LOAD") != "1":
-        with pytest.raises(InferenceServerException) as info:
-            client.load_model(target, headers=auth)
-        assert info.value.status() == "StatusCode.UNIMPLEMENTED"
-        pytest.xfail("run-time load/unload waits for Service.load/unload (issue 11)")
-    client.load_model(target, headers=auth)
-    assert client.is_model_ready(target, headers=auth)
-    client.infer(target, [image_input(photos()[:1])], headers=auth)
-    client.unload_model(target, headers=auth)
+TARGET = "cifar10_resnet32"  # in the catalog, not started with the server
+
+
+def state(client, auth, name: str) -> str:
+    return {m.name: m.state for m in client.get_model_repository_index(headers=auth).models}[name]
+
+
+def test_load_infer_unload_infer(client, auth, key):
+    assert state(client, auth, TARGET) == "UNAVAILABLE"
+    assert not client.is_model_ready(TARGET, headers=auth)
+    client.load_model(TARGET, headers=auth)  # returns once the workers have it ready
+    assert state(client, auth, TARGET) == "READY"
+    assert client.is_model_ready(TARGET, headers=auth)
+    listed = httpx.get(
+        f"{os.environ['OIP_REST']}/info", headers={"Authorization": f"Bearer {key}"}
+    ).json()["models"]
+    assert TARGET in listed
+    probs = client.infer(TARGET, [image_input(photos())], headers=auth).as_numpy("PROBABILITIES")
+    assert probs.shape == (3, 10) and probs.sum(axis=1) == pytest.approx([1.0] * 3, abs=1e-4)
+    client.unload_model(TARGET, headers=auth)  # returns once drained and freed
+    assert state(client, auth, TARGET) == "UNAVAILABLE"
+    assert not client.is_model_ready(TARGET, headers=auth)
     with pytest.raises(InferenceServerException) as info:
-        client.infer(target, [image_input(photos()[:1])], headers=auth)
-    assert info.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+        client.infer(TARGET, [image_input(photos()[:1])], headers=auth)
+    assert info.value.status() == "StatusCode.NOT_FOUND" and "not loaded" in info.value.message()
+
+
+def test_repository_calls_need_the_key(stub, client, auth):
+    wrong = (("authorization", "Bearer wrong"),)
+    for call in (
+        lambda md: stub.RepositoryIndex(tpb.RepositoryIndexRequest(), metadata=md),
+        lambda md: stub.RepositoryModelLoad(
+            tpb.RepositoryModelLoadRequest(model_name=TARGET), metadata=md
+        ),
+        lambda md: stub.RepositoryModelUnload(
+            tpb.RepositoryModelUnloadRequest(model_name=CIFAR), metadata=md
+        ),
+    ):
+        for md in ((), wrong):
+            assert status_of(functools.partial(call, md)) == grpc.StatusCode.UNAUTHENTICATED
+    assert state(client, auth, TARGET) == "UNAVAILABLE" and state(client, auth, CIFAR) == "READY"
 
 
 def test_calls_are_counted_like_http_requests(client, auth, key):
