@@ -202,6 +202,27 @@ def test_pixels_preprocessed_by_the_client_match_image(oip, http, binary):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_pixels_reach_the_model_as_sent(oip, http):
+    """PIXELS go to the model as the client's floats, not rounded to 8-bit pixels: a shift of
+    0.4 of a pixel level, which rounding would erase, changes the answer."""
+    from app.catalog import build_catalog
+    from app.imaging import decode
+
+    spec = build_catalog().get(CIFAR)
+    x = spec.transform(decode(shared_image(PHOTOS[0]), 10**8)).numpy()[None].astype(np.float32)
+    std = np.array(spec.transform.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    shifted = x + np.float32(0.4 / 255.0) / std
+
+    def probs(pixels: np.ndarray) -> np.ndarray:
+        inp = th.InferInput("PIXELS", list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        return http.infer(CIFAR, [inp], headers=auth()).as_numpy("PROBABILITIES")
+
+    a, b = probs(x), probs(shifted)
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, atol=0.05)  # the same image, nearly the same answer
+
+
 def test_weights_variant_infers_like_classify(oip, http):
     files = [shared_image(n) for n in PHOTOS[:2]]
     probs = http.infer(R18, [image_input(files)], headers=auth()).as_numpy("PROBABILITIES")
