@@ -227,7 +227,7 @@ class Service(InferenceCore):
         batcher = self.batchers.pop(name, None)
         if batcher is not None:
             await batcher.drain(self.settings.request_timeout_s)
-            await batcher.stop()
+            await batcher.stop(f"model {name!r} was unloaded before this image's turn came")
         if self.pool is not None:
             pool = self.pool
             pool.unload(name)

@@ -107,14 +107,15 @@ class ModelBatcher:
         self._fail_queue(NoWorkerError(f"batching for {self.name} restarted; retry"))
         self.start()
 
-    async def stop(self) -> None:
+    async def stop(self, why: str = "the service is shutting down") -> None:
+        """Stop batching; what is still queued fails with NoWorkerError(``why``) (503)."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        self._fail_queue(NoWorkerError("the service is shutting down"))
+        self._fail_queue(NoWorkerError(why))
 
     async def drain(self, within_s: float) -> None:
         """Wait (at most ``within_s``) until every queued image has been answered."""
