@@ -80,7 +80,7 @@ class Pixels:
         return self.by_key[spec.transform_key]
 
 
-def _prepare(data: bytes, max_pixels: int, transforms: dict[Any, Preprocess]) -> Pixels:
+def _prepare(data: imaging.BytesLike, max_pixels: int, transforms: dict[Any, Preprocess]) -> Pixels:
     return Pixels(*decode_pixels(data, max_pixels, transforms))
 
 
