@@ -7,14 +7,18 @@ that are not ready get 503 with ``Retry-After``, and passed deadlines 504.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.catalog import UnknownModelError
 from app.engine.batcher import NoWorkerError, QueueFullError
 from app.engine.pool import BatchFailedError, WorkerCrashedError
 from app.imaging import ImageError, ImageTooLargeError
+from app.text import clip
 
 log = logging.getLogger("imgcls.errors")
 
@@ -51,7 +55,22 @@ def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JS
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _clip_inputs(errors: Any) -> Any:
+    """FastAPI's validation errors echo the input: cut long strings (a 10 KB model name)."""
+    if isinstance(errors, str):
+        return clip(errors)
+    if isinstance(errors, list):
+        return [_clip_inputs(e) for e in errors]
+    if isinstance(errors, dict):
+        return {k: _clip_inputs(v) for k, v in errors.items()}
+    return errors
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _clip_inputs(jsonable_encoder(exc.errors()))}, 422)
+
     @app.exception_handler(ImageError)
     async def image_error(_: Request, exc: ImageError) -> JSONResponse:
         return _json(400, str(exc))
