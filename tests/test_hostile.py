@@ -5,7 +5,6 @@ messages that do not echo 10 KB of input."""
 
 from __future__ import annotations
 
-import io
 import struct
 import threading
 import time
@@ -46,25 +45,13 @@ def client(hostile: Running) -> Iterator[httpx.Client]:
         yield c
 
 
-def scan_bomb(repeats: int = 2000, size: int = 6000) -> bytes:
-    """Issue 16's bomb: a 16x16 progressive JPEG made by Pillow, its SOF2 patched to say
-    ``size`` x ``size``, its SOS...EOI segment (10 scans) appended ``repeats`` times, then EOI."""
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (120, 30, 200)).save(buf, "JPEG", progressive=True)
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc2")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", size, size)
-    sos, eoi = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
-    return bytes(data[:eoi]) + bytes(data[sos:eoi]) * repeats + b"\xff\xd9"
-
-
 def small_png() -> bytes:
     return images.encode(images.photo(), "PNG")
 
 
 # ---- 1. decode budgets ----------------------------------------------------------------------
 def test_scan_bomb_is_refused_fast_and_every_model_keeps_its_latency(client):
-    bomb = scan_bomb()
+    bomb = images.jpeg_scan_bomb()
     assert 550_000 < len(bomb) < 650_000 and bomb.count(b"\xff\xda") > 20_000
 
     def classify(model: str) -> tuple[int, float]:
@@ -108,19 +95,19 @@ def test_structure_budgets_refuse_amplifying_files_and_pass_ordinary_ones():
         with pytest.raises(imaging.ImageBudgetError, match=words):
             imaging.probe(data, 40_000_000)
 
-    refused(scan_bomb(repeats=10), "more than 100 scans")  # 110 scans
-    assert imaging.decode(scan_bomb(repeats=9), 40_000_000).size == (6000, 6000)  # 100: decoded
-    jpeg = images.encode(images.photo(), "JPEG")
-    refused(jpeg[:2] + b"\xff\xfe\x00\x02" * 1001 + jpeg[2:], "marker segments")
+    refused(images.jpeg_scan_bomb(repeats=10), "more than 100 scans")  # 110 scans
+    assert imaging.decode(images.jpeg_scan_bomb(repeats=9), 40_000_000).size == (
+        6000,
+        6000,
+    )  # 100: decoded
+    refused(images.jpeg_marker_flood(1001), "marker segments")
+    refused(images.png_chunk_flood(1001), "chunks")
     png = images.encode(images.photo(), "PNG")
-    ihdr_end = 8 + 25
-    refused(png[:ihdr_end] + images.png_chunk(b"prVt", b"") * 1001 + png[ihdr_end:], "chunks")
     idat = png.index(b"IDAT") - 4
-    idats = b"".join(images.png_chunk(b"IDAT", b"") for _ in range(20_001))
+    idats = images.png_chunk(b"IDAT", b"") * 20_001
     refused(png[:idat] + idats + png[idat:], "chunks")
-    gif = images.encode(images.Image.new("P", (10, 10)), "GIF")
-    first_image = gif.index(b",")
-    refused(gif[:first_image] + b"\x21\xfe\x00" * 10_001 + gif[first_image:], "blocks")
+    refused(images.gif_block_flood(10_001), "blocks")
+    jpeg = images.encode(images.photo(), "JPEG")
     # Ordinary files: progressive JPEG, JPEG whose EXIF holds 200 SOS-like byte pairs (not
     # scans: they sit inside an APP1 segment), PNG, animated GIF.
     progressive = images.encode(images.photo((300, 200)), "JPEG", progressive=True)
