@@ -315,8 +315,14 @@ def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[async
 def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn keyword arguments (Config or run) for this service's settings."""
     max_header_bytes = settings.max_header_kb * 1024
+    http: type[asyncio.Protocol] | str
+    try:
+        http = protocol_class(settings.header_timeout_s, max_header_bytes)
+    except ImportError:  # uvicorn without httptools: h11 caps headers, nothing times them
+        log.warning("httptools is not installed: no header timeout (IMGCLS_HEADER_TIMEOUT_S)")
+        http = "h11"
     return {
-        "http": protocol_class(settings.header_timeout_s, max_header_bytes),
+        "http": http,
         "timeout_keep_alive": settings.keep_alive_s,
         "h11_max_incomplete_event_size": max_header_bytes,  # if the h11 parser is chosen
         "log_level": settings.log_level.lower(),

@@ -270,3 +270,16 @@ def test_bearer_scheme_in_any_case(hostile, scheme):
 def test_wrong_credentials_are_401(hostile, value):
     r = httpx.get(f"{hostile.url}/info", headers={"Authorization": value} if value else {})
     assert r.status_code == 401, r.text
+
+
+def test_upload_is_held_once_as_a_view_into_the_body():
+    """issue 11 point 7: the file part is a view into the one body buffer, not a copy, and
+    exact even when the data holds partial boundaries and line breaks."""
+    from app.upload import _parse_multipart
+    from tests.rawhttp import multipart
+
+    data = b"\r\n--imgclsbound\r\n" + bytes(range(256)) * 4000 + b"\r\n--imgclsboundar"
+    body = bytearray(multipart(data, boundary="imgclsboundary"))
+    upload = _parse_multipart(body, b"imgclsboundary", 10**7)
+    assert isinstance(upload.data, memoryview) and upload.data.obj is body
+    assert bytes(upload.data) == data
