@@ -11,17 +11,12 @@ from pathlib import Path
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.limits import server_options
     from app.settings import Settings
 
     settings = Settings()
-    uvicorn.run(
-        "app.main:app",
-        host=args.host,
-        port=args.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,  # imgcls writes its own JSON line per request
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
+    # Header timeout and size cap, keep-alive, graceful shutdown: one place (app/limits.py).
+    uvicorn.run("app.main:app", host=args.host, port=args.port, **server_options(settings))
     return 0
 
 

@@ -67,7 +67,9 @@ class Pixels:
         return self.by_key[spec.transform_key]
 
 
-def _pixels(data: bytes, max_pixels: int, transforms: Mapping[Any, Preprocess]) -> Pixels:
+def _pixels(
+    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[Any, Preprocess]
+) -> Pixels:
     return Pixels(*decode_pixels(data, max_pixels, transforms))
 
 
@@ -213,13 +215,13 @@ class InferenceCore(ABC):
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout_s
 
-    async def decode(self, data: bytes, specs: Sequence[ModelSpec]) -> Pixels:
+    async def decode(self, data: imaging.BytesLike, specs: Sequence[ModelSpec]) -> Pixels:
         """Decode once and resize once per distinct geometry, in one trip to a thread (decoding
         and resizing release the GIL)."""
         transforms = {s.transform_key: s.transform for s in specs}
         return await asyncio.to_thread(_pixels, data, self.settings.max_pixels, transforms)
 
-    async def encoded(self, data: bytes) -> Encoded:
+    async def encoded(self, data: imaging.BytesLike) -> Encoded:
         """Check an upload's header (the same 4xx answers as decoding) for a worker to decode.
         Off the event loop: a crafted file can make a header slow to parse."""
         probe = await asyncio.to_thread(imaging.probe, data, self.settings.max_pixels)
@@ -227,7 +229,7 @@ class InferenceCore(ABC):
 
     # ---- the operations ----------------------------------------------------------------------
     async def classify(
-        self, upload: bytes, model: str | None, top_k: int, request_id: str
+        self, upload: imaging.BytesLike, model: str | None, top_k: int, request_id: str
     ) -> ClassifyResponse:
         started = time.perf_counter()
         served = self.servable(model or self.default_model)
@@ -256,7 +258,7 @@ class InferenceCore(ABC):
 
     async def explain(
         self,
-        upload: bytes,
+        upload: imaging.BytesLike,
         model: str | None,
         method: str,
         target: str | None,
@@ -278,7 +280,7 @@ class InferenceCore(ABC):
 
     async def compare(
         self,
-        upload: bytes,
+        upload: imaging.BytesLike,
         models: str | None,
         top_k: int,
         request_id: str,
@@ -334,7 +336,10 @@ class InferenceCore(ABC):
         return response
 
     async def infer(
-        self, name: str, items: Sequence[bytes | torch.Tensor], deadline: float | None = None
+        self,
+        name: str,
+        items: Sequence[imaging.BytesLike | torch.Tensor],
+        deadline: float | None = None,
     ) -> list[ImageResult]:
         """N images through one model, batched with everyone else's. A ``bytes`` item is an
         encoded image file, checked and decoded exactly as /classify does; a tensor is uint8
@@ -344,7 +349,7 @@ class InferenceCore(ABC):
         spec = served.spec
         deadline = deadline or self.deadline()
 
-        async def prepare(i: int, item: bytes | torch.Tensor) -> Item:
+        async def prepare(i: int, item: imaging.BytesLike | torch.Tensor) -> Item:
             try:
                 if isinstance(item, torch.Tensor):
                     return _check_tensor(item, spec)

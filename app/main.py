@@ -15,11 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import __version__
 from app.api import errors as api_errors
 from app.api import explain, health, inference, models
+from app.limits import BodyLimitsMiddleware, InflightBudget
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
 from app.oip import rest as oip_rest
 from app.service import Service
 from app.settings import Settings
+from app.upload import FORM_OVERHEAD
 
 STATIC = Path(__file__).parent / "static"
 
@@ -73,7 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def index() -> FileResponse:
             return FileResponse(STATIC / "index.html")
 
-    # The last added runs first: request IDs, access log, CORS (answers preflights), API key.
+    # The last added runs first: request IDs, access log, CORS (answers preflights), API key,
+    # body limits (timeouts and the budget of uploads in flight).
+    app.state.upload_budget = budget = InflightBudget(settings.max_inflight_bytes)
+    app.add_middleware(
+        BodyLimitsMiddleware,
+        budget=budget,
+        max_body=settings.max_upload_bytes + FORM_OVERHEAD,
+        body_timeout_s=settings.body_timeout_s,
+        min_rate_bytes_s=settings.body_min_rate_kb_s * 1024,
+    )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:

@@ -37,11 +37,15 @@ class RequestIdMiddleware:
 
 
 class ApiKeyMiddleware:
-    """When IMGCLS_API_KEY is set, every route but health and the page needs the bearer token."""
+    """When IMGCLS_API_KEY is set, every route but health and the page needs the bearer token.
+
+    The scheme is matched in any case (``bearer``, ``BEARER``: RFC 9110 section 11.1), the token
+    exactly and in constant time.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -51,8 +55,9 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        given = Headers(scope=scope).get("authorization", "").encode()
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, token = Headers(scope=scope).get("authorization", "").strip().partition(" ")
+        given = token.strip().encode("latin-1")  # the raw header bytes (Starlette decoded them)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.expected):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
             response = JSONResponse(
                 # the Open Inference Protocol's error form under /v2, the app's elsewhere

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.text import clip
 
 if TYPE_CHECKING:
     from app.engine.pool import WorkerSnapshot
@@ -162,8 +165,18 @@ def configure_logging(level: str, fmt: str) -> None:
 access_log = logging.getLogger("imgcls.access")
 
 
+# nginx's code for "the client closed the connection before the answer": not a server error,
+# so error-rate alerts on 5xx do not fire on clients' network trouble.
+CLIENT_CLOSED = 499
+
+
 class AccessMiddleware:
-    """Counts and times every request, and logs it as one JSON line."""
+    """Counts and times every request, and logs it as one JSON line.
+
+    A client that goes away mid-request (Starlette raises ``ClientDisconnect`` when the body
+    read meets the disconnect) is logged at info as "client disconnected" with its request id,
+    no traceback, and counted under status 499.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics, served: Iterable[str]) -> None:
         self.app = app
@@ -185,6 +198,8 @@ class AccessMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED  # nobody to answer: swallowed, uvicorn sends nothing
         finally:
             elapsed = time.perf_counter() - start
             path = scope["path"]
@@ -198,14 +213,14 @@ class AccessMiddleware:
                 model = "" if name is None else name if name in self.served else "unknown"
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
-            if endpoint not in ("/metrics", "/healthz", "/readyz"):
+            if endpoint not in ("/metrics", "/healthz", "/readyz") or status == CLIENT_CLOSED:
                 access_log.info(
-                    "request",
+                    "client disconnected" if status == CLIENT_CLOSED else "request",
                     extra={
                         "fields": {
                             "request_id": scope.get("state", {}).get("request_id"),
                             "method": scope["method"],
-                            "path": path,
+                            "path": clip(path),
                             "model": model,
                             "status": status,
                             "latency_ms": round(elapsed * 1000.0, 2),

@@ -84,6 +84,23 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"
 
+    # Connection limits and the upload budget (issue 16, issue 11 point 7): see app/limits.py.
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time to receive a request's headers (connection open or the "
+        "previous response sent, to the end of the headers); then 408 and close"
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for the next bytes of a request body (408)"
+    )
+    body_min_rate_kb_s: float = Field(
+        32.0, ge=0, description="slowest average body rate accepted after body_timeout_s (408)"
+    )
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after")
+    max_header_kb: int = Field(16, ge=1, description="request line and headers, in KiB (431)")
+    max_inflight_mb: float = Field(
+        256.0, gt=0, description="request bodies held at once, in MiB; beyond, 503 + Retry-After"
+    )
+
     @field_validator("models")
     @classmethod
     def _models_not_empty(cls, v: str) -> str:
@@ -135,3 +152,7 @@ class Settings(BaseSettings):
     oip_max_request_mb: float = Field(
         64.0, gt=0, description="largest /v2 infer request (REST body or gRPC message), in MB"
     )
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * 1024 * 1024)

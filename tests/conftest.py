@@ -92,6 +92,7 @@ def run_service(
     wait_ready: bool = True, timeout: float = 300, **settings_kw: object
 ) -> Iterator[Running]:
     """A real uvicorn server in a thread on a free 127.0.0.1 port, app built from Settings."""
+    from app.limits import server_options
     from app.main import create_app
     from app.settings import Settings
 
@@ -105,8 +106,10 @@ def run_service(
     settings = Settings(**settings_kw)  # type: ignore[arg-type]
     app = create_app(settings)
     port = free_port()
+    # The same uvicorn options as `imgcls serve` (timeouts, header cap), quieter.
+    options = {**server_options(settings), "log_level": "warning"}
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", **options)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -63,3 +63,34 @@ def exif_rotated(orientation: int = 6) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def jpeg_scan_bomb(repeats: int = 2000, size: int = 6000) -> bytes:
+    """Issue 16's progressive-JPEG CPU bomb: a 16x16 progressive JPEG, its SOF2 patched to say
+    ``size`` x ``size``, its SOS...EOI segment (10 scans) appended ``repeats`` times, then EOI.
+    The default (590 KB, 20,010 scans) took a minute to decode on a 2-core EPYC."""
+    raw = bytearray(encode(Image.new("RGB", (16, 16), (120, 30, 200)), "JPEG", progressive=True))
+    sof = raw.index(b"\xff\xc2")
+    raw[sof + 5 : sof + 9] = struct.pack(">HH", size, size)
+    sos, eoi = raw.index(b"\xff\xda"), raw.rindex(b"\xff\xd9")
+    return bytes(raw[:eoi]) + bytes(raw[sos:eoi]) * repeats + b"\xff\xd9"
+
+
+def jpeg_marker_flood(segments: int = 100_000) -> bytes:
+    """A small JPEG behind ``segments`` empty comment segments, which Pillow parses in Python."""
+    jpeg = encode(photo(), "JPEG")
+    return jpeg[:2] + b"\xff\xfe\x00\x02" * segments + jpeg[2:]
+
+
+def png_chunk_flood(chunks: int = 100_000) -> bytes:
+    """A small PNG with ``chunks`` empty private chunks before its image data."""
+    png = encode(photo(), "PNG")
+    after_ihdr = 8 + 25
+    return png[:after_ihdr] + png_chunk(b"prVt", b"") * chunks + png[after_ihdr:]
+
+
+def gif_block_flood(blocks: int = 100_000) -> bytes:
+    """A small GIF with ``blocks`` empty comment extensions before its first image."""
+    gif = encode(Image.new("P", (10, 10)), "GIF")
+    first_image = gif.index(b",")
+    return gif[:first_image] + b"\x21\xfe\x00" * blocks + gif[first_image:]

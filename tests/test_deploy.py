@@ -51,3 +51,25 @@ def test_compose_environment_names_real_settings():
     for key in doc["services"]["api"]["environment"]:
         if key.startswith("IMGCLS_"):
             assert key in fields, f"{key} is not a setting"
+
+
+def test_prometheus_sends_the_api_key_from_the_file_compose_mounts():
+    """With IMGCLS_API_KEY set, /metrics needs the key: Prometheus reads it from a credentials
+    file, and compose mounts the same key (the api's IMGCLS_API_KEY) there as a secret."""
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "imgcls"]
+    auth = job["authorization"]
+    assert auth["type"].lower() == "bearer" and "credentials" not in auth
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    secrets = doc["services"]["prometheus"]["secrets"]
+    names = [s if isinstance(s, str) else s["source"] for s in secrets]
+    targets = {
+        f"/run/secrets/{s}"
+        if isinstance(s, str)
+        else s.get("target", f"/run/secrets/{s['source']}")
+        for s in secrets
+    }
+    assert auth["credentials_file"] in targets
+    (name,) = names
+    assert doc["secrets"][name] == {"environment": "IMGCLS_API_KEY"}
+    assert doc["services"]["api"]["environment"]["IMGCLS_API_KEY"] == "${IMGCLS_API_KEY:-}"

@@ -101,6 +101,18 @@ def test_not_multipart_415(client):
     assert_error(r, 415, "multipart/form-data")
 
 
+@pytest.mark.parametrize("length", [257, 300, 5000])
+def test_overlong_multipart_boundary_400(client, length):
+    boundary = "b" * length
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--{boundary}--\r\n'
+    r = client.post(
+        "/classify",
+        content=body.encode(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert_error(r, 400, "malformed multipart body")
+
+
 def test_malformed_multipart_400(client):
     r = client.post(
         "/classify",
@@ -169,6 +181,11 @@ HOSTILE = {
     "jpeg bomb": (413, images.jpeg_bomb()),
     "1x10000 strip": (400, images.encode(images.Image.new("L", (1, 10_000)), "PNG")),
     "10000x1 strip": (400, images.encode(images.Image.new("L", (10_000, 1)), "PNG")),
+    # Decode budgets (issue 16): files whose decode costs far more than their size.
+    "jpeg scan bomb": (400, images.jpeg_scan_bomb(repeats=200)),
+    "jpeg marker flood": (400, images.jpeg_marker_flood()),
+    "png chunk flood": (400, images.png_chunk_flood()),
+    "gif block flood": (400, images.gif_block_flood()),
 }
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests import images
-from tests.conftest import CIFAR_WEIGHTS, IMAGES, ROOT, needs_shared, shared_image
+from tests.conftest import CIFAR_WEIGHTS, IMAGES, ROOT, needs_shared, run_service, shared_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -147,3 +147,55 @@ def test_not_ready_models_are_disabled_with_reason(page):
 def test_page_is_served_at_root(service):
     r = httpx.get(service.url + "/")
     assert r.status_code == 200 and "imgcls" in r.text
+
+
+PAGE_KEY = "page-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_service():
+    with run_service(models="cifar10_resnet20", weights_dir=CIFAR_WEIGHTS, api_key=PAGE_KEY) as s:
+        yield s
+
+
+def test_page_asks_for_the_key_once_and_sends_it(browser, keyed_service):
+    """Against a service with IMGCLS_API_KEY: the page shows its key form (no window.prompt),
+    a wrong key is refused with a message, the right one is kept in session storage and sent as
+    a bearer token on every call: models load and an image is classified, also after reload."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.on("dialog", lambda d: pytest.fail(f"the page opened a dialog: {d.message}"))
+    sent: list[str | None] = []
+    page.on(
+        "request",
+        lambda r: (
+            sent.append(r.headers.get("authorization"))
+            if r.url.split("?")[0].rsplit("/", 1)[-1] in ("info", "models", "classify")
+            else None
+        ),
+    )
+    page.goto(keyed_service.url + "/")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.screenshot(path=str(SCREENSHOTS / "key-form.png"), full_page=True)
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-btn")
+    error = page.wait_for_selector("#key-error:not([hidden])")
+    assert "refused" in error.inner_text()
+    page.fill("#key-input", PAGE_KEY)
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#model-groups[aria-busy=false]")
+    assert page.is_hidden("#key-form")
+    assert page.evaluate("sessionStorage.getItem('imgcls-api-key')") == PAGE_KEY
+    page.set_input_files("#file-input", str(IMAGES / "chelsea.png"))
+    _select(page, ["cifar10_resnet20"])
+    page.click("#classify-btn")
+    card = page.wait_for_selector(".card[data-model='cifar10_resnet20']")
+    assert card.query_selector("li.pred") is not None
+    page.screenshot(path=str(SCREENSHOTS / "keyed-classify.png"), full_page=True)
+    assert sent and sent[-1] == f"Bearer {PAGE_KEY}"  # the classify call
+    # Asked once: a reload in the same tab goes straight to the models.
+    page.reload()
+    page.wait_for_selector("#model-groups[aria-busy=false]")
+    assert page.is_hidden("#key-form")
+    context.close()

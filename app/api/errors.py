@@ -4,8 +4,11 @@ status. Server faults carry the request id in the answer and the traceback in th
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.catalog import UnknownModelError
@@ -23,6 +26,7 @@ from app.errors import (
     describe,
 )
 from app.imaging import ImageError, ImageTooLargeError
+from app.text import clip
 
 log = logging.getLogger("imgcls.errors")
 
@@ -52,9 +56,26 @@ def error_response(request: Request, exc: BaseException) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=failure.status, headers=headers or None)
 
 
+def _clip_inputs(errors: Any) -> Any:
+    """FastAPI's validation errors echo the input: cut long strings (a 10 KB model name)."""
+    if isinstance(errors, str):
+        return clip(errors)
+    if isinstance(errors, list):
+        return [_clip_inputs(e) for e in errors]
+    if isinstance(errors, dict):
+        return {k: _clip_inputs(v) for k, v in errors.items()}
+    return errors
+
+
 def install(app: FastAPI) -> None:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, exc)
+
+    async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": _clip_inputs(jsonable_encoder(exc.errors()))}, 422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
 
     for cls in HANDLED:
         app.add_exception_handler(cls, handler)

@@ -20,6 +20,7 @@ from torchvision.models import get_model_builder, get_model_weights
 from app.catalog import cifar
 from app.engine.plan import LoadPlan
 from app.preprocess import Preprocess, cifar_preset, from_torchvision
+from app.text import clip
 
 Family = Literal["cnn", "resnet"]
 
@@ -43,8 +44,20 @@ class UnknownModelError(KeyError):
         self.name = name
         self.available = sorted(available)
 
+    def __str__(self) -> str:  # the name is the client's: cut short
+        return f"unknown model {clip(self.name)!r}; available: {', '.join(self.available)}"
+
+
+class NotAClassifierError(UnknownModelError):
+    """A torchvision weights variant without class labels (``vgg16:IMAGENET1K_FEATURES``: a
+    feature extractor whose classifier was never trained): not servable, so not in the catalog
+    (HTTP 404, like any name that is not a model)."""
+
     def __str__(self) -> str:
-        return f"unknown model {self.name!r}; available: {', '.join(self.available)}"
+        return (
+            f"{clip(self.name)!r} is a feature-extractor weights variant without class labels; "
+            f"it cannot classify. Classifier variants: {', '.join(self.available)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,7 @@ def _conventional_depth(arch: str) -> int:
 def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
     """A catalog entry for a torchvision ImageNet classifier and one of its weights."""
     enum = get_model_weights(arch)
+    classifiers = [f"{arch}:{w.name}" for w in enum if w.meta.get("categories")]
     if variant is None:
         weights = enum.DEFAULT
         name = arch
@@ -141,10 +155,11 @@ def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
         try:
             weights = enum[variant]
         except KeyError:
-            variants = ", ".join(f"{arch}:{w.name}" for w in enum)
-            raise UnknownModelError(f"{arch}:{variant}", variants.split(", ")) from None
+            raise UnknownModelError(f"{arch}:{variant}", classifiers) from None
         name = f"{arch}:{variant}"
     meta = weights.meta
+    if not meta.get("categories"):
+        raise NotAClassifierError(name, classifiers)
     metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
     transform = from_torchvision(weights.transforms())
     return ModelSpec(
@@ -237,19 +252,24 @@ class Catalog:
         return list(self._specs)
 
     def get(self, name: str) -> ModelSpec:
+        """The spec called ``name``; an ``arch:VARIANT`` name resolves without being added to
+        the catalog (a lookup must not change what ``GET /models`` lists)."""
         spec = self._specs.get(name)
         if spec is not None:
             return spec
         arch, sep, variant = name.partition(":")
         base = self._specs.get(arch)
         if sep and base is not None and base.source == "torchvision":
-            spec = torchvision_spec(arch, variant)
-            self._specs[name] = spec
-            return spec
+            return _variant_spec(arch, variant)
         raise UnknownModelError(name, self._specs)
 
     def specs(self) -> list[ModelSpec]:
         return list(self._specs.values())
+
+
+@functools.lru_cache(maxsize=64)  # bounded: names are the client's to choose
+def _variant_spec(arch: str, variant: str) -> ModelSpec:
+    return torchvision_spec(arch, variant)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,7 +9,9 @@ hands the worker the encoded bytes. The worker turns a batch of them into one ui
   threads, in parallel, exactly as the API would have.
 
 An upload that cannot be decoded fails alone with the status the API would have given it (400 or
-413); the rest of the batch runs.
+413); the rest of the batch runs. Each Pillow decode has a time budget (``imaging.DECODE_BUDGET_S``)
+so that one costly image cannot hold its batch-mates for long, and the allocator hands the memory
+of a large decode back to the system afterwards (``app.memory``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from app import imaging
+from app import imaging, memory
 
 if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed here
     from app.preprocess import Preprocess
@@ -33,10 +35,17 @@ K = TypeVar("K")
 
 @dataclass(frozen=True)
 class Encoded:
-    """An upload whose header passed the API's checks, still encoded."""
+    """An upload whose header passed the API's checks, still encoded.
 
-    data: bytes
+    ``data`` may be a view into the request body (the upload is held once in the API process);
+    it crosses to the worker as bytes.
+    """
+
+    data: imaging.BytesLike
     plain_jpeg: bool  # imaging.Probe.plain_jpeg: eligible for the tensor (GPU) decoder
+
+    def __reduce__(self) -> tuple[type[Encoded], tuple[bytes, bool]]:
+        return Encoded, (bytes(self.data), self.plain_jpeg)
 
 
 Item = torch.Tensor | Encoded  # uint8 pixels (3, S, S) already prepared, or an upload
@@ -54,7 +63,7 @@ class Prepared:
 
 
 def decode_pixels(
-    data: bytes, max_pixels: int, transforms: Mapping[K, Preprocess]
+    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[K, Preprocess]
 ) -> tuple[dict[K, torch.Tensor], float, float]:
     """Pillow: decode an upload once, resize it for each transform. Returns the uint8 pixels by
     key, and the decode and resize times (ms). Used by the worker and by the API process
@@ -62,7 +71,13 @@ def decode_pixels(
     t0 = time.perf_counter()
     image = imaging.decode(data, max_pixels)
     t1 = time.perf_counter()
-    by_key = {key: t.pixels(image) for key, t in transforms.items()}
+    try:
+        by_key = {key: t.pixels(image) for key, t in transforms.items()}
+    finally:
+        pixels = image.size[0] * image.size[1]
+        image.close()
+        del image
+        memory.after_large_buffer(pixels * 3)
     return by_key, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
 
 
@@ -81,7 +96,9 @@ class Decoder:
         self.device = torch.device(device)
         self.jpeg_on_device = jpeg_on_device
 
-    def _pillow(self, data: bytes, pre: Preprocess) -> tuple[torch.Tensor, float, float]:
+    def _pillow(
+        self, data: imaging.BytesLike, pre: Preprocess
+    ) -> tuple[torch.Tensor, float, float]:
         by_key, decode_ms, preprocess_ms = decode_pixels(data, self.max_pixels, {0: pre})
         return by_key[0], decode_ms, preprocess_ms
 
@@ -90,7 +107,7 @@ class Decoder:
             torch.cuda.synchronize(self.device)
 
     def _tensor_jpegs(
-        self, datas: list[bytes], pre: Preprocess
+        self, datas: list[imaging.BytesLike], pre: Preprocess
     ) -> tuple[list[torch.Tensor | None], float, float]:
         """Decode JPEGs together on the device; None where one cannot be decoded there. The
         times returned are the batch's, shared equally by its images."""

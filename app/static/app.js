@@ -23,6 +23,41 @@ const state = {
 
 const $ = (id) => document.getElementById(id);
 
+// ---- API key -----------------------------------------------------------------------------
+// When the service answers 401 the page asks for the key once, keeps it in this tab's session
+// storage, and sends it as a bearer token on every call.
+const KEY_STORAGE = "imgcls-api-key";
+
+function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) headers.set("Authorization", `Bearer ${key}`);
+  return fetch(path, { ...options, headers });
+}
+
+function askForKey(refused) {
+  const hadKey = sessionStorage.getItem(KEY_STORAGE) !== null;
+  sessionStorage.removeItem(KEY_STORAGE);
+  const error = $("key-error");
+  error.textContent = refused && hadKey ? "That key was refused: check it and try again." : "";
+  error.hidden = !error.textContent;
+  $("key-form").hidden = false;
+  $("key-input").focus();
+}
+
+function setupKeyForm() {
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = $("key-input").value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("key-input").value = "";
+    $("key-form").hidden = true;
+    showError("");
+    loadModels();
+  });
+}
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -174,7 +209,8 @@ function updateButtons() {
 
 async function loadModels() {
   try {
-    const [info, models] = await Promise.all([fetch("/info"), fetch("/models")]);
+    const [info, models] = await Promise.all([api("/info"), api("/models")]);
+    if (info.status === 401 || models.status === 401) { askForKey(true); return; }
     if (info.ok) state.info = await info.json();
     if (!models.ok) throw new Error(await apiError(models));
     const list = (await models.json()).models;
@@ -323,7 +359,8 @@ async function run(kind) {
   $("busy").textContent = kind === "classify" ? `Classifying with ${models[0]}…` : `Comparing ${models.length} models…`;
   $("classify-btn").disabled = $("compare-btn").disabled = true;
   try {
-    const response = await fetch(`/${kind}?${params}`, { method: "POST", body: form });
+    const response = await api(`/${kind}?${params}`, { method: "POST", body: form });
+    if (response.status === 401) askForKey(true);
     if (!response.ok) { showError(await apiError(response)); return; }
     const body = await response.json();
     if (explain && kind === "classify") {
@@ -343,6 +380,7 @@ async function run(kind) {
   }
 }
 
+setupKeyForm();
 setupUpload();
 $("classify-btn").addEventListener("click", () => run("classify"));
 $("compare-btn").addEventListener("click", () => run("compare"));

@@ -1,0 +1,331 @@
+"""Connection limits uvicorn does not give, and the budget of upload bytes in flight.
+
+uvicorn closes idle keep-alive connections (``timeout_keep_alive``) and, with its h11 parser only,
+caps header sizes; it has no timeout for receiving headers or a body (issue 16: a silent
+connection stayed open, a stalled 19 MB upload held its memory until the client gave up, and
+httptools, the parser uvicorn picks, accepted a 32 MB header). Here:
+
+- ``protocol_class``: uvicorn's httptools protocol with a header timeout (the request line and
+  headers must arrive within IMGCLS_HEADER_TIMEOUT_S of the connection opening or the previous
+  response; else 408, or a silent close if nothing came) and a header size cap
+  (IMGCLS_MAX_HEADER_KB; 431 and close).
+- ``BodyLimitsMiddleware`` (pure ASGI): the next body bytes must arrive within
+  IMGCLS_BODY_TIMEOUT_S and, after that long, at IMGCLS_BODY_MIN_RATE_KB_S on average (408 and
+  close: the partial upload is dropped); and a global budget of request-body bytes in flight
+  (IMGCLS_MAX_INFLIGHT_MB), reserved from Content-Length before the body is read, or as chunks
+  arrive: beyond it, 503 with Retry-After. An ``Expect: 100-continue`` client gets that answer
+  before it sends a byte of its body.
+- ``server_options``: the uvicorn settings, one place for ``imgcls serve`` and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import memory
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+log = logging.getLogger("imgcls.limits")
+
+
+# ---- the budget of body bytes in flight -----------------------------------------------------
+class InflightBudget:
+    """Bytes of request bodies admitted and not yet released (one event loop: no lock)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        """Take ``n`` bytes if they fit. A body larger than the whole budget is still admitted
+        when nothing else is in flight, so a budget below the upload limit cannot lock out
+        every upload."""
+        if n <= 0:
+            return True
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+class _BodyTimeout(Exception):  # not a TimeoutError: that one is the request deadline's 504
+    pass
+
+
+class _OverBudget(Exception):
+    pass
+
+
+async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitsMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        budget: InflightBudget,
+        max_body: int,
+        body_timeout_s: float,
+        min_rate_bytes_s: float,
+    ) -> None:
+        self.app = app
+        self.budget = budget
+        self.max_body = max_body  # the app refuses larger bodies (413) without reading them
+        self.body_timeout_s = body_timeout_s
+        self.min_rate = min_rate_bytes_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared_text = headers.get("content-length")
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if declared_text is None and not chunked:  # no body
+            await self.app(scope, receive, send)
+            return
+        try:
+            declared = int(declared_text) if declared_text is not None else None
+        except ValueError:
+            declared = None  # the server refuses it before we get here; the app says 400
+        reserved = 0
+        # A client waiting for "100 Continue" is answered before it sends its body, and the
+        # connection closed (its unsent body would otherwise be read as the next request);
+        # any other client's body is discarded by uvicorn as it arrives (not held).
+        expects = "100-continue" in headers.get("expect", "").lower()
+        if declared is not None and 0 < declared <= self.max_body:
+            if not self.budget.reserve(declared):
+                await self._over_budget(send, close=expects)
+                return
+            reserved = declared
+
+        received = 0
+        finished = False
+        started = False
+        first_wait: float | None = None
+        loop = asyncio.get_running_loop()
+
+        async def guarded_receive() -> Message:
+            nonlocal received, finished, reserved, first_wait
+            if finished:  # the body is in: later calls wait for a disconnect, unbounded
+                return await receive()
+            now = loop.time()
+            if first_wait is None:
+                first_wait = now
+            timeout = self.body_timeout_s
+            if self.min_rate > 0:  # by then, ``received`` bytes must have taken no longer
+                timeout = min(timeout, first_wait + timeout + received / self.min_rate - now)
+            try:
+                async with asyncio.timeout(max(timeout, 0.001)):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout(received) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                finished = not message.get("more_body", False)
+                if received > reserved and declared is None:  # chunked: reserve as it comes
+                    if not self.budget.reserve(received - reserved):
+                        raise _OverBudget
+                    reserved = received
+            return message
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, send_tracking)
+        except _BodyTimeout as exc:
+            log.info(
+                "request body timed out",
+                extra={"fields": {"request_id": scope.get("state", {}).get("request_id"),
+                                  "received_bytes": exc.args[0]}},
+            )  # fmt: skip
+            if not started:
+                await _send_json(
+                    send,
+                    408,
+                    f"the request body did not arrive in time: each part must come within "
+                    f"{self.body_timeout_s:g} s (IMGCLS_BODY_TIMEOUT_S) and the whole at "
+                    f"{self.min_rate / 1024:g} KB/s or faster (IMGCLS_BODY_MIN_RATE_KB_S)",
+                    {"Connection": "close"},
+                )
+        except _OverBudget:
+            if not started:
+                await self._over_budget(send, close=True)
+        finally:
+            self.budget.release(reserved)
+            memory.after_large_buffer(reserved)
+
+    async def _over_budget(self, send: Send, close: bool) -> None:
+        headers = {"Retry-After": "1"}
+        if close:
+            headers["Connection"] = "close"
+        await _send_json(
+            send,
+            503,
+            f"the server holds its limit of uploads in flight ({self.budget.limit / 1048576:g} "
+            "MB, IMGCLS_MAX_INFLIGHT_MB); retry shortly",
+            headers,
+        )
+
+
+# ---- uvicorn: header timeout and header size cap ---------------------------------------------
+def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol]:
+    """uvicorn's httptools HTTP/1.1 protocol, plus a header timeout and a header size cap.
+
+    The timer runs from the connection opening, or from the end of the previous exchange (its
+    response sent and its body in), to the end of the next request's headers; the same timeout
+    bounds the draining of a body the app answered without reading (uvicorn discards it).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        timeout_s = header_timeout_s
+        max_bytes = max_header_bytes
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._timer: asyncio.TimerHandle | None = None
+            self._awaiting = False  # between the end of an exchange and the next headers
+            self._in_message = False  # a request's bytes are arriving
+            self._raw = 0  # bytes received while the headers were incomplete
+            self._parsed = 0  # request line and header bytes the parser handed over
+            self._too_large = False
+            super().connection_made(transport)
+            self._await_headers()
+
+        def _arm(self) -> None:
+            self._cancel_timer()
+            self._timer = self.loop.call_later(self.timeout_s, self._on_timeout)
+
+        def _cancel_timer(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _await_headers(self) -> None:
+            self._awaiting, self._raw, self._parsed = True, 0, 0
+            self._arm()
+
+        def _on_timeout(self) -> None:
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            if self._awaiting and self._raw:  # a request began and stalled: say why
+                self._refuse(408, f"request headers took over {self.timeout_s:g} s")
+            else:  # nothing sent (uvicorn's keep-alive timer usually comes first), or a body
+                self.transport.close()  # being drained too slowly
+
+        def _refuse(self, status: int, detail: str) -> None:
+            self._awaiting = False
+            self._cancel_timer()
+            body = json.dumps({"detail": detail}).encode()
+            phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+            )
+            self.transport.close()
+
+        def _refuse_too_large(self) -> None:
+            self._too_large = True
+            self._refuse(
+                431, f"request line and headers are over {self.max_bytes // 1024} KB "
+                "(IMGCLS_MAX_HEADER_KB)"
+            )  # fmt: skip
+
+        def data_received(self, data: bytes) -> None:
+            if self._too_large or self.transport.is_closing():
+                return
+            super().data_received(data)
+            if self._awaiting and not self.transport.is_closing():
+                self._raw += len(data)  # the headers are still incomplete after this data
+                if self._raw > self.max_bytes:
+                    self._refuse_too_large()
+
+        def on_message_begin(self) -> None:
+            self._in_message = True
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._parsed += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._parsed += len(name) + len(value) + 4
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._awaiting = False
+            self._cancel_timer()
+            if self._parsed > self.max_bytes:  # all in one read: stop the parser here
+                self._too_large = True  # and send_400_response answers 431
+                raise ValueError("request headers too large")
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            response_sent = self.cycle is not None and self.cycle.response_complete
+            super().on_message_complete()
+            if response_sent and not self.transport.is_closing():  # a drained body ended
+                self._await_headers()
+
+        def send_400_response(self, msg: str) -> None:
+            if self._too_large:
+                self._refuse_too_large()
+            else:
+                super().send_400_response(msg)
+
+        def on_response_complete(self) -> None:
+            pipelined = bool(self.pipeline)  # its headers are in already
+            super().on_response_complete()
+            if pipelined or self.transport.is_closing():
+                return
+            if self._in_message:  # answered before its body was read: bound the draining
+                self._arm()
+            else:
+                self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._awaiting = False
+            self._cancel_timer()
+            super().connection_lost(exc)
+
+    return GuardedHttpToolsProtocol
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn keyword arguments (Config or run) for this service's settings."""
+    max_header_bytes = settings.max_header_kb * 1024
+    http: type[asyncio.Protocol] | str
+    try:
+        http = protocol_class(settings.header_timeout_s, max_header_bytes)
+    except ImportError:  # uvicorn without httptools: h11 caps headers, nothing times them
+        log.warning("httptools is not installed: no header timeout (IMGCLS_HEADER_TIMEOUT_S)")
+        http = "h11"
+    return {
+        "http": http,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": max_header_bytes,  # if the h11 parser is chosen
+        "log_level": settings.log_level.lower(),
+        "access_log": False,  # imgcls writes its own JSON line per request
+        "timeout_graceful_shutdown": int(settings.shutdown_grace_s),
+    }

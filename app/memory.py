@@ -1,0 +1,56 @@
+"""Hand the memory of large, short-lived buffers back to the system.
+
+glibc's malloc keeps freed memory in its arenas for reuse, and after a large free it raises its
+mmap threshold (up to 32 MB), so the next large buffers come from the arenas too: after a few
+40-megapixel decodes the API process and a worker each kept about 460 MB they no longer used
+(issue 16). ``malloc_trim(0)`` returns the free pages of every arena. It takes milliseconds, so it
+runs only after a buffer of ``TRIM_AFTER_BYTES`` or more was released, and one caller at a time
+(others skip: the trim in progress covers them). Elsewhere than glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("imgcls.memory")
+
+TRIM_AFTER_BYTES = 16 * 1024 * 1024
+
+_lock = threading.Lock()
+_trim: Callable[[int], int] | None = None
+_loaded = False
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    global _trim, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            fn = ctypes.CDLL("libc.so.6").malloc_trim  # releases the GIL while it runs
+        except (OSError, AttributeError):  # not glibc (musl, macOS)
+            return None
+        fn.argtypes = [ctypes.c_size_t]
+        fn.restype = ctypes.c_int
+        _trim = fn
+    return _trim
+
+
+def trim() -> bool:
+    """Return free heap memory to the system now; False where not possible or already running."""
+    fn = _malloc_trim()
+    if fn is None or not _lock.acquire(blocking=False):
+        return False
+    try:
+        fn(0)
+    finally:
+        _lock.release()
+    return True
+
+
+def after_large_buffer(nbytes: int) -> None:
+    """Call after dropping a buffer of ``nbytes``: trims when it was a large one."""
+    if nbytes >= TRIM_AFTER_BYTES:
+        trim()

@@ -1,0 +1,76 @@
+"""Raw HTTP/1.1 over sockets, for clients no HTTP library will play: silent, stalled, slow,
+oversized, or gone mid-request."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+def connect(url: str, timeout: float = 10.0) -> socket.socket:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float, str]:
+    """Everything the server sends until it closes the connection (or ``limit_s`` passes).
+    Returns the bytes, the seconds waited, and how it ended: "closed", "reset" or "open"."""
+    start = time.monotonic()
+    data = b""
+    how = "closed"
+    try:
+        while True:
+            left = limit_s - (time.monotonic() - start)
+            if left <= 0:
+                how = "open"
+                break
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        how = "open"
+    except ConnectionResetError:
+        how = "reset"
+    return data, time.monotonic() - start, how
+
+
+def status_of(response: bytes) -> int | None:
+    """The status code of the first non-1xx response in ``response``, if any."""
+    for line in response.split(b"\r\n"):
+        if line.startswith(b"HTTP/1.1 "):
+            code = int(line.split()[1])
+            if code >= 200:
+                return code
+    return None
+
+
+def read_response(sock: socket.socket, limit_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One response with a Content-Length body, leaving the connection open."""
+    sock.settimeout(limit_s)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a response: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def multipart(data: bytes, boundary: str = "imgclsboundary", name: str = "file") -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="x"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
