@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(AccessMiddleware, metrics=metrics, served=settings.model_names)
+    app.add_middleware(AccessMiddleware, metrics=metrics, served=lambda: service.served)
     app.add_middleware(RequestIdMiddleware)
     return app
 

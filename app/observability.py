@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,10 +178,12 @@ class AccessMiddleware:
     no traceback, and counted under status 499.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, served: Iterable[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, served: Callable[[], Container[str]]
+    ) -> None:
         self.app = app
         self.metrics = metrics
-        self.served = set(served)
+        self.served = served  # the models served now (they change with load and unload)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,11 +208,12 @@ class AccessMiddleware:
             endpoint = path if path in ENDPOINTS else "other"
             if path.startswith("/models/"):
                 endpoint = "/models/{name}"
-            model = _model_label(scope, self.served)
+            served = self.served()
+            model = _model_label(scope, served)
             if path.startswith("/v2"):  # the route's template, not the path: bounded labels
                 endpoint = getattr(scope.get("route"), "path", "other")
                 name = scope.get("path_params", {}).get("name")
-                model = "" if name is None else name if name in self.served else "unknown"
+                model = "" if name is None else name if name in served else "unknown"
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
             if endpoint not in ("/metrics", "/healthz", "/readyz") or status == CLIENT_CLOSED:
@@ -229,7 +232,7 @@ class AccessMiddleware:
                 )
 
 
-def _model_label(scope: Scope, served: set[str]) -> str:
+def _model_label(scope: Scope, served: Container[str]) -> str:
     """The model named in the query, if it is one this service serves (bounded cardinality)."""
     from urllib.parse import parse_qs
 
