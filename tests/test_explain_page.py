@@ -5,27 +5,15 @@ from __future__ import annotations
 import io
 import os
 
-import pytest
 from PIL import Image
 
-from tests.conftest import IMAGES, ROOT
-from tests.test_page import CHROMIUM, FLAGS, SCREENSHOTS
+from tests.conftest import IMAGES, ROOT, SCREENSHOTS
 from tests.test_page import pytestmark as page_marks
 
 pytestmark = page_marks
 
 MODELS = ["alexnet", "resnet18", "cifar10_resnet20", "cifar10_resnet56"]  # page order
 DOCS_PICTURE = ROOT / "docs" / "explain-compare.png"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
-        yield b
-        b.close()
 
 
 def _compare_with_overlays(page, url: str, models: list[str]) -> None:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import httpx
 import pytest
 
 from tests import images
-from tests.conftest import CIFAR_WEIGHTS, IMAGES, ROOT, needs_shared, run_service, shared_image
-
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-SCREENSHOTS = Path(os.environ.get("IMGCLS_ARTIFACTS", ROOT / "artifacts")) / "screenshots"
+from tests.conftest import (
+    CHROMIUM,
+    CIFAR_WEIGHTS,
+    IMAGES,
+    SCREENSHOTS,
+    needs_shared,
+    run_service,
+    shared_image,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -29,16 +23,6 @@ pytestmark = [
         reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

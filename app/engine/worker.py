@@ -9,11 +9,13 @@ go back as arrays.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -307,25 +309,28 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
             outbox.put(("status", msg[1], "unloaded", None, None))
             continue
         if kind == "explain":
-            _, batch_id, name, pixels, target = msg
-            try:
-                start = time.monotonic()
-                heatmaps, targets, scores, overlays = runner.explain(name, pixels, target)
-                ms = (time.monotonic() - start) * 1000.0
-                outbox.put(("explained", batch_id, heatmaps, targets, scores, overlays, start, ms))
-            except Exception as exc:
-                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                log.error("explanation %s for %s failed: %s", batch_id, name, detail)
-                outbox.put(("error", batch_id, detail))
-            finally:
-                del pixels, msg
-            continue
-        _, batch_id, name, batch = msg
-        try:
-            outbox.put(_run_batch(runner, cfg, batch_id, name, batch))
-        except Exception as exc:
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            log.error("batch %s for %s failed: %s", batch_id, name, detail)
-            outbox.put(("error", batch_id, detail))
-        finally:
-            del batch, msg
+            _answer(outbox, "explanation", msg, functools.partial(_run_explain, runner, msg))
+        else:
+            _answer(outbox, "batch", msg, functools.partial(_run_batch, runner, cfg, *msg[1:]))
+        del msg  # the batch's shared memory goes as soon as it is answered
+
+
+def _run_explain(runner: Runner, msg: tuple[Any, ...]) -> tuple[Any, ...]:
+    _, batch_id, name, pixels, target = msg
+    start = time.monotonic()
+    heatmaps, targets, scores, overlays = runner.explain(name, pixels, target)
+    ms = (time.monotonic() - start) * 1000.0
+    return ("explained", batch_id, heatmaps, targets, scores, overlays, start, ms)
+
+
+def _answer(
+    outbox: Any, what: str, msg: tuple[Any, ...], run: Callable[[], tuple[Any, ...]]
+) -> None:
+    """Run one job and put its answer, or the error that failed it, in the outbox."""
+    batch_id, name = msg[1], msg[2]
+    try:
+        outbox.put(run())
+    except Exception as exc:
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        log.error("%s %s for %s failed: %s", what, batch_id, name, detail)
+        outbox.put(("error", batch_id, detail))
