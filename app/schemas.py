@@ -143,3 +143,6 @@ class Info(BaseModel):
     max_pixels: int
     max_top_k: int
     devices: list[str]
+    cpu_features: list[str] = Field(
+        description="CPU flags that pick the fast paths (AMX, AVX512-BF16, VNNI, AVX2)"
+    )

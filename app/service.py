@@ -53,6 +53,7 @@ class Service(InferenceCore):
         self.settings = settings
         self.observer = observer
         self.catalog = catalog or catalog_for(settings.model_config_file)
+        self.catalog.int8_calibration = settings.int8_calibration  # NAME:int8 by calibration
         self.served: dict[str, ServedModel] = {}
         for name in settings.model_names:
             self.served[name] = ServedModel(self.catalog.get(name))  # unknown names stop startup

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         "(Pillow on its threads; nvjpeg for JPEGs on CUDA), or in the API process",
     )
 
+    int8_calibration: Path | None = Field(
+        None,
+        description="folder of images: models listed as NAME:int8 without published int8 "
+        "weights are quantized at load time, calibrated on them (opt-in)",
+    )
+
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)

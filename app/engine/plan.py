@@ -24,3 +24,7 @@ class LoadPlan:
     input_size: int
     num_classes: int
     preprocess: Preprocess  # geometry (for uploads decoded in the worker) and normalisation
+    # None: the worker's precision. "int8": a quantized model, built by ``builder`` (published
+    # int8 weights) or, with ``calibration`` (a folder of images), quantized after loading.
+    precision: str | None = None
+    calibration: str | None = None

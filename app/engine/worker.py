@@ -61,7 +61,14 @@ HEARTBEAT_S = 1.0
 #   ("heartbeat", monotonic)   every HEARTBEAT_S from a thread of its own, busy or idle
 
 
+def plan_precision(plan: LoadPlan, cfg: WorkerConfig) -> str:
+    """The precision ``plan`` runs in on this worker: its own (int8) or the worker's."""
+    return plan.precision or cfg.precision
+
+
 def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    if plan_precision(plan, cfg) == "int8":
+        return _build_int8(plan, cfg)
     model = plan.builder()
     if plan.weights_path is not None:
         load_into(model, Path(plan.weights_path))  # on the CPU first, weights_only=True
@@ -73,6 +80,27 @@ def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     pre = plan.preprocess
     return NormalizingModel(model, pre.mean, pre.std, DTYPES[cfg.precision], cfg.channels_last)
+
+
+def _build_int8(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    """An int8 model, eager, on fp32 input (normalised here; int8 inside, no bf16 cast, no
+    channels_last). Published weights: the builder makes the converted quantizable model and the
+    int8 state_dict is loaded into it; with ``calibration``: the float model is loaded, then
+    quantized on those images."""
+    from app.engine import quantize
+
+    if not cfg.device.startswith("cpu"):
+        raise ValueError(f"{plan.name}: int8 runs on the CPU only, not on {cfg.device}")
+    model = plan.builder()
+    if plan.calibration is None:
+        quantize.use_quantized_engine()  # packs the weights for this engine while loading
+    if plan.weights_path is not None:
+        load_into(model, Path(plan.weights_path))
+    model.eval()
+    if plan.calibration is not None:
+        model = quantize.calibrate(model, plan.preprocess, Path(plan.calibration))
+    pre = plan.preprocess
+    return NormalizingModel(model, pre.mean, pre.std, torch.float32, False)
 
 
 class NormalizingModel(nn.Module):
@@ -96,7 +124,9 @@ class NormalizingModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        device = next(model.parameters()).device
+        # a converted int8 model may hold no float parameters: it runs on the CPU
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1))
         self.dtype = dtype
@@ -117,6 +147,7 @@ class Runner:
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.precision]
         self.models: dict[str, nn.Module] = {}
+        self.precisions: dict[str, str] = {}
         self.backends: dict[str, str] = {}
         self.preprocess: dict[str, Preprocess] = {}
         self._decoder: Decoder | None = None
@@ -124,9 +155,11 @@ class Runner:
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
         self.preprocess[plan.name] = plan.preprocess
+        precision = plan_precision(plan, self.cfg)
         eager = _build(plan, self.cfg)
+        self.precisions[plan.name] = precision
         backend = "eager"
-        if self.cfg.compile:
+        if self.cfg.compile and precision != "int8":  # int8 runs eager (quantized kernels)
             # Compile time is absorbed here, before the model is reported ready. Dynamic shapes:
             # one graph serves every batch size. Any failure falls back to eager.
             try:
@@ -145,6 +178,7 @@ class Runner:
         """Drop a model and give its memory back (the device's cache too)."""
         self.models.pop(name, None)
         self.backends.pop(name, None)
+        self.precisions.pop(name, None)
         self.preprocess.pop(name, None)
         import gc
 
@@ -211,7 +245,7 @@ def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> Non
     except Exception as exc:
         outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
         return
-    info = {"precision": cfg.precision, "backend": backend}
+    info = {"precision": runner.precisions[plan.name], "backend": backend}
     outbox.put(("status", plan.name, "ready", None, info))
 
 
@@ -229,7 +263,7 @@ def _run_batch(runner: Runner, cfg: WorkerConfig, batch_id: int, name: str, batc
     probs = torch.empty(0, 0) if batch is None else runner.forward(name, batch)
     ms = (time.monotonic() - t0) * 1000.0
     memory = torch.cuda.memory_allocated(runner.device) if runner.device.type == "cuda" else 0
-    ran = (cfg.precision, runner.backends[name], memory)
+    ran = (runner.precisions[name], runner.backends[name], memory)
     return ("result", batch_id, probs.numpy(), start, ms, ran, items)
 
 
