@@ -7,6 +7,7 @@ decompression bomb is never expanded.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -124,8 +125,24 @@ def probe(data: bytes, max_pixels: int) -> Probe:
     return Probe(str(img.format), img.mode, img.size[0], img.size[1], orientation)
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
+def _draft(img: Image.Image, min_side: int) -> tuple[int, int] | None:
+    """JPEG only: decode at the smallest DCT scale (1/2, 1/4, 1/8) whose short side is still at
+    least ``min_side`` (Pillow's ``draft``: libjpeg scales while decoding, far cheaper than a
+    full decode of a phone photo followed by a resize). Returns the full size when it scaled."""
+    width, height = img.size
+    short = min(width, height)
+    if img.format != "JPEG" or short < 2 * min_side:
+        return None
+    k = min_side / short
+    img.draft(img.mode, (max(1, math.ceil(width * k)), max(1, math.ceil(height * k))))
+    return (width, height) if img.size != (width, height) else None
+
+
+def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Image.Image:
     """Decode an upload to an RGB image with EXIF orientation applied.
+
+    ``min_side``: the smallest short side the caller needs; a JPEG may then be decoded at a
+    reduced DCT scale that keeps at least that much (None: full size, exact).
 
     Raises ImageError (400) for empty, unreadable or unsupported data and ImageTooLargeError (413)
     when the declared dimensions exceed ``max_pixels``.
@@ -134,10 +151,14 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            source = _draft(img, min_side) if min_side else None
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # first frame of a GIF, first page of a TIFF
             img.load()
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8) if source else False
             rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+            if source:  # the size a full decode would have had, upright
+                rgb.info["source_size"] = source[::-1] if rotated else source
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image dimensions are too large: {exc}") from None
     except MemoryError:

@@ -142,6 +142,7 @@ class Service(InferenceCore):
                         warmup_batch=self.settings.max_batch_size, plans=plans,
                         max_pixels=self.settings.max_pixels,
                         jpeg_on_device=device.startswith("cuda"),
+                        jpeg_draft=self.settings.jpeg_draft,
                     )
                 )  # fmt: skip
         return configs

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "weights are quantized at load time, calibrated on them (opt-in)",
     )
 
+    jpeg_draft: bool = Field(
+        True,
+        description="decode JPEGs at the smallest DCT scale that keeps 2x the model's resize "
+        "target (phone photos ~4x cheaper); off: the exact, torchvision-identical decode",
+    )
+
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)

@@ -45,6 +45,7 @@ class WorkerConfig:
     plans: list[LoadPlan] = field(default_factory=list)
     max_pixels: int = 40_000_000  # for uploads decoded in the worker (IMGCLS_DECODE=worker)
     jpeg_on_device: bool = False  # decode plain JPEGs with torchvision.io on the device (nvjpeg)
+    jpeg_draft: bool = False  # Pillow decodes JPEGs at a reduced DCT scale (IMGCLS_JPEG_DRAFT)
 
 
 HEARTBEAT_S = 1.0
@@ -216,7 +217,7 @@ class Runner:
             cfg = self.cfg
             self._decoder = Decoder(
                 cfg.threads or torch.get_num_threads(), cfg.max_pixels, cfg.device,
-                cfg.jpeg_on_device,
+                cfg.jpeg_on_device, cfg.jpeg_draft,
             )  # fmt: skip
         return self._decoder.prepare(items, self.preprocess[name])
 
