@@ -116,6 +116,9 @@ class ModelEntry(BaseModel):
     weights: str | None
     precision: str | None
     backend: str | None
+    batch_size: int | None = Field(
+        None, description="largest batch it runs in (measured with IMGCLS_MAX_BATCH_SIZE=auto)"
+    )
 
 
 class ModelDetail(ModelEntry):

@@ -46,6 +46,7 @@ class WorkerConfig:
     max_pixels: int = 40_000_000  # for uploads decoded in the worker (IMGCLS_DECODE=worker)
     jpeg_on_device: bool = False  # decode plain JPEGs with torchvision.io on the device (nvjpeg)
     jpeg_draft: bool = False  # Pillow decodes JPEGs at a reduced DCT scale (IMGCLS_JPEG_DRAFT)
+    auto_batch: bool = False  # time batch sizes up to warmup_batch at load (IMGCLS_MAX_BATCH_SIZE)
 
 
 HEARTBEAT_S = 1.0
@@ -149,6 +150,7 @@ class Runner:
         self.dtype = DTYPES[cfg.precision]
         self.models: dict[str, nn.Module] = {}
         self.precisions: dict[str, str] = {}
+        self.batch_sizes: dict[str, int] = {}  # measured at load with auto_batch
         self.backends: dict[str, str] = {}
         self.preprocess: dict[str, Preprocess] = {}
         self._decoder: Decoder | None = None
@@ -173,13 +175,30 @@ class Runner:
             self.models[plan.name] = eager
             self._warm_up(plan)
         self.backends[plan.name] = backend
+        if self.cfg.auto_batch:
+            self.batch_sizes[plan.name] = self._measure_batch(plan)
         return backend
+
+    def _measure_batch(self, plan: LoadPlan) -> int:
+        from app.engine import batchsize
+
+        size = plan.input_size
+
+        def run(bs: int) -> object:
+            x = torch.zeros(bs, 3, size, size, dtype=torch.uint8)
+            return self.forward(plan.name, x)
+
+        measured = batchsize.pick(run, self.cfg.warmup_batch)
+        log.info("%s: batch %d (images/s by size: %s)", plan.name, measured.best,
+                 measured.images_per_s)  # fmt: skip
+        return measured.best
 
     def unload(self, name: str) -> None:
         """Drop a model and give its memory back (the device's cache too)."""
         self.models.pop(name, None)
         self.backends.pop(name, None)
         self.precisions.pop(name, None)
+        self.batch_sizes.pop(name, None)
         self.preprocess.pop(name, None)
         import gc
 
@@ -246,7 +265,11 @@ def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> Non
     except Exception as exc:
         outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
         return
-    info = {"precision": runner.precisions[plan.name], "backend": backend}
+    info = {
+        "precision": runner.precisions[plan.name],
+        "backend": backend,
+        "batch_size": runner.batch_sizes.get(plan.name),
+    }
     outbox.put(("status", plan.name, "ready", None, info))
 
 
