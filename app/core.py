@@ -68,9 +68,12 @@ class Pixels:
 
 
 def _pixels(
-    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[Any, Preprocess]
+    data: imaging.BytesLike,
+    max_pixels: int,
+    transforms: Mapping[Any, Preprocess],
+    draft: bool = False,
 ) -> Pixels:
-    return Pixels(*decode_pixels(data, max_pixels, transforms))
+    return Pixels(*decode_pixels(data, max_pixels, transforms, draft))
 
 
 def parse_models(models: str | None, loaded: Sequence[str]) -> list[str]:
@@ -219,7 +222,9 @@ class InferenceCore(ABC):
         """Decode once and resize once per distinct geometry, in one trip to a thread (decoding
         and resizing release the GIL)."""
         transforms = {s.transform_key: s.transform for s in specs}
-        return await asyncio.to_thread(_pixels, data, self.settings.max_pixels, transforms)
+        return await asyncio.to_thread(
+            _pixels, data, self.settings.max_pixels, transforms, self.settings.jpeg_draft
+        )
 
     async def encoded(self, data: imaging.BytesLike) -> Encoded:
         """Check an upload's header (the same 4xx answers as decoding) for a worker to decode.

@@ -9,6 +9,7 @@ hundreds of thousands of PNG chunks or GIF blocks), and every decode runs under 
 from __future__ import annotations
 
 import io
+import math
 import re
 import time
 import warnings
@@ -309,8 +310,29 @@ def probe(data: BytesLike, max_pixels: int) -> Probe:
     return Probe(str(img.format), img.mode, img.size[0], img.size[1], orientation)
 
 
-def decode(data: BytesLike, max_pixels: int, budget_s: float = DECODE_BUDGET_S) -> Image.Image:
+def _draft(img: Image.Image, min_side: int) -> tuple[int, int] | None:
+    """JPEG only: decode at the smallest DCT scale (1/2, 1/4, 1/8) whose short side is still at
+    least ``min_side`` (Pillow's ``draft``: libjpeg scales while decoding, far cheaper than a
+    full decode of a phone photo followed by a resize). Returns the full size when it scaled."""
+    width, height = img.size
+    short = min(width, height)
+    if img.format != "JPEG" or short < 2 * min_side:
+        return None
+    k = min_side / short
+    img.draft(img.mode, (max(1, math.ceil(width * k)), max(1, math.ceil(height * k))))
+    return (width, height) if img.size != (width, height) else None
+
+
+def decode(
+    data: BytesLike,
+    max_pixels: int,
+    min_side: int | None = None,
+    budget_s: float = DECODE_BUDGET_S,
+) -> Image.Image:
     """Decode an upload to an RGB image with EXIF orientation applied.
+
+    ``min_side``: the smallest short side the caller needs; a JPEG may then be decoded at a
+    reduced DCT scale that keeps at least that much (None: full size, exact).
 
     Raises ImageError (400) for empty, unreadable or unsupported data, ImageBudgetError (400) for
     an image over a decode budget (structure, or ``budget_s`` of wall-clock time), and
@@ -323,9 +345,13 @@ def decode(data: BytesLike, max_pixels: int, budget_s: float = DECODE_BUDGET_S) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            scaled_from = _draft(img, min_side) if min_side else None
             img.load()
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8) if scaled_from else False
             ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright image
             rgb = _to_rgb(img)
+            if scaled_from:  # the size a full decode would have had, upright
+                rgb.info["source_size"] = scaled_from[::-1] if rotated else scaled_from
     except ImageBudgetError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

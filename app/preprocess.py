@@ -77,9 +77,23 @@ class Preprocess:
         """``resize`` as torchvision's functional resize takes it."""
         return [self.resize] if isinstance(self.resize, int) else list(self.resize)
 
+    def resized_size(self, width: int, height: int) -> list[int]:
+        """[h, w] that ``resize`` gives an image of this size (torchvision's rounding)."""
+        if not isinstance(self.resize, int):
+            return list(self.resize)
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.resize * long / short)
+        return [new_long, self.resize] if width <= height else [self.resize, new_long]
+
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        """Resize and crop an RGB image: uint8 tensor (3, S, S)."""
-        img = F.resize(image, self._size, interpolation=self.interpolation, antialias=True)
+        """Resize and crop an RGB image: uint8 tensor (3, S, S).
+
+        An image decoded at a reduced JPEG scale carries its full size in
+        ``info["source_size"]``: it is resized to exactly what the full image would give, so the
+        crop takes the same region (a DCT-scaled side is rounded up to whole blocks)."""
+        source = image.info.get("source_size")
+        size = self._size if source is None else self.resized_size(*source)
+        img = F.resize(image, size, interpolation=self.interpolation, antialias=True)
         if self.crop is not None:
             img = F.center_crop(img, [self.crop])
         return F.pil_to_tensor(img)

@@ -64,12 +64,12 @@ class Backbone:
         )
         self.runner = Runner(
             WorkerConfig(0, self.device, fast.precision, fast.channels_last, fast.compile,
-                         self.settings.threads_per_worker, self.settings.max_batch_size)
+                         self.settings.threads_per_worker, self.settings.batch_cap)
         )  # fmt: skip
         self.backend = self.runner.load(self.spec.load_plan(str(path) if path else None))
         self.precision = fast.precision
         batcher: Any = self.predict_batch  # the @serve.batch wrapper
-        batcher.set_max_batch_size(self.settings.max_batch_size)
+        batcher.set_max_batch_size(self.settings.batch_cap)
         batcher.set_batch_wait_timeout_s(self.settings.max_batch_wait_ms / 1000.0)
 
     def info(self) -> dict[str, Any]:

@@ -183,6 +183,9 @@ class ModelEntry(BaseModel):
     weights: str | None
     precision: str | None
     backend: str | None
+    batch_size: int | None = Field(
+        None, description="largest batch it runs in (measured with IMGCLS_MAX_BATCH_SIZE=auto)"
+    )
 
 
 class ModelDetail(ModelEntry):
@@ -210,3 +213,6 @@ class Info(BaseModel):
     max_pixels: int
     max_top_k: int
     devices: list[str]
+    cpu_features: list[str] = Field(
+        description="CPU flags that pick the fast paths (AMX, AVX512-BF16, VNNI, AVX2)"
+    )

@@ -60,6 +60,7 @@ class Service(InferenceCore):
         self.settings = settings
         self.observer = observer
         self.catalog = catalog or catalog_for(settings.model_config_file)
+        self.catalog.int8_calibration = settings.int8_calibration  # NAME:int8 by calibration
         self.served: dict[str, ServedModel] = {}
         for name in settings.model_names:
             self.served[name] = ServedModel(self.catalog.get(name))  # unknown names stop startup
@@ -145,9 +146,11 @@ class Service(InferenceCore):
                         worker_id=len(configs), device=device, precision=fast.precision,
                         channels_last=fast.channels_last, compile=fast.compile,
                         threads=threads if device == "cpu" else None,
-                        warmup_batch=self.settings.max_batch_size, plans=plans,
+                        warmup_batch=self.settings.batch_cap, plans=plans,
+                        auto_batch=self.settings.max_batch_size == "auto",
                         max_pixels=self.settings.max_pixels,
                         jpeg_on_device=device.startswith("cuda"),
+                        jpeg_draft=self.settings.jpeg_draft,
                     )
                 )  # fmt: skip
         return configs
@@ -169,7 +172,7 @@ class Service(InferenceCore):
         b = ModelBatcher(
             name,
             self.pool,
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=self.settings.batch_cap,
             max_wait_s=self.settings.max_batch_wait_ms / 1000.0,
             max_queue=self.settings.max_queue,
             observer=self.observer,
@@ -258,6 +261,11 @@ class Service(InferenceCore):
             not_ready.append(f"{name}: {what}" + (f" ({st.reason})" if st.reason else ""))
         return not not_ready, not_ready
 
+    def batch_size(self, name: str) -> int:
+        """The largest batch ``name`` runs in: measured (IMGCLS_MAX_BATCH_SIZE=auto) or set."""
+        measured = self.pool.batch_size(name) if self.pool is not None else None
+        return measured or self.settings.batch_cap
+
     def model_entry(self, name: str, labels: bool = True) -> dict[str, Any]:
         """Catalog fields, status and (optionally) labels of one model (UnknownModelError)."""
         spec = self.catalog.get(name)
@@ -271,6 +279,7 @@ class Service(InferenceCore):
             weights=served.weights_label if served else None,
             precision=st.precision,
             backend=st.backend,
+            batch_size=self.batch_size(name) if st.status == "ready" else None,
         )
         if labels:
             entry["labels"] = list(spec.labels)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+AUTO_BATCH_CAP = 32
 
 
 class Settings(BaseSettings):
@@ -49,7 +50,23 @@ class Settings(BaseSettings):
         "(Pillow on its threads; nvjpeg for JPEGs on CUDA), or in the API process",
     )
 
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    int8_calibration: Path | None = Field(
+        None,
+        description="folder of images: models listed as NAME:int8 without published int8 "
+        "weights are quantized at load time, calibrated on them (opt-in)",
+    )
+
+    jpeg_draft: bool = Field(
+        True,
+        description="decode JPEGs at the smallest DCT scale that keeps 2x the model's resize "
+        "target (phone photos ~4x cheaper); off: the exact, torchvision-identical decode",
+    )
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        32,
+        description="a batch closes at this size; auto: each model's workers time batch sizes "
+        f"1, 2, 4, ... up to {AUTO_BATCH_CAP} at warm-up and use the fastest",
+    )
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
@@ -137,6 +154,11 @@ class Settings(BaseSettings):
     @property
     def default(self) -> str:
         return self.default_model or self.model_names[0]
+
+    @property
+    def batch_cap(self) -> int:
+        """The configured batch size, or the largest one ``auto`` may pick."""
+        return AUTO_BATCH_CAP if self.max_batch_size == "auto" else self.max_batch_size
 
     @property
     def max_upload_bytes(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -456,7 +457,7 @@ def test_unwritable_weights_folder_fails_loudly_within_seconds():
         assert r.status_code == 503 and "/proc/imgcls-weights" in r.json()["detail"]
 
 
-def test_server_fault_answers_in_client_terms_with_request_id(tmp_path, capfd):
+def test_server_fault_answers_in_client_terms_with_request_id(tmp_path):
     """A model that outputs NaN (a broken checkpoint): the client gets a 500 that says what
     happened in its terms and carries the request id; the detail goes to the log."""
     from torchvision.models import get_model_builder
@@ -470,6 +471,20 @@ def test_server_fault_answers_in_client_terms_with_request_id(tmp_path, capfd):
     (tmp_path / "m.toml").write_text(
         '[models.broken]\narch = "resnet18"\nweights = "nan.pt"\nlabels = "nan.txt"\n'
     )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("imgcls")
+    logger.addHandler(handler)
+    try:
+        _classify_broken(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+    logged = [r for r in records if r.exc_info and "req-nan-1" in r.getMessage()]
+    assert logged and "non-finite" in str(logged[0].exc_info[1]), [r.getMessage() for r in records]
+
+
+def _classify_broken(tmp_path: Path) -> None:
     with run_service(models="broken", weights_dir=tmp_path, model_config_file=tmp_path / "m.toml",
                      log_level="info") as svc:  # fmt: skip
         r = httpx.post(f"{svc.url}/classify", files={"file": ("x.png", PNG)},
@@ -479,5 +494,3 @@ def test_server_fault_answers_in_client_terms_with_request_id(tmp_path, capfd):
         assert "req-nan-1" in detail and "inference failed" in detail
         assert "non-finite" not in detail and "Error" not in detail and "Traceback" not in detail
         assert svc.service.pool.workers[0].alive  # a bad output is no reason to restart
-    log = capfd.readouterr().err
-    assert "req-nan-1" in log and "non-finite" in log

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from app import __version__
 from app.api.deps import ServiceDep
+from app.engine import fastpath
 from app.schemas import Health, Info, Readiness
 
 router = APIRouter(tags=["health"])
@@ -42,4 +43,5 @@ async def info(service: ServiceDep) -> Info:
         max_pixels=s.max_pixels,
         max_top_k=20,
         devices=service.devices,
+        cpu_features=fastpath.cpu_features().names(),
     )

@@ -40,6 +40,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "cpu_bf16": fastpath.cpu_has_bf16(),
+        "cpu_features": fastpath.cpu_features().names(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -248,6 +249,7 @@ def table(result: dict[str, Any]) -> str:
     head = ["server", "conc", "img/s", "p50 ms", "p95 ms", "p99 ms", "batch", "errors"]
     lines = [
         f"{result['model']} on {result['device']} ({hw})",
+        "cpu features: " + (", ".join(result["machine"].get("cpu_features", [])) or "none"),
         f"model-only ({mo['precision']}, {mo['backend']}): best {mo['best_images_per_s']} img/s "
         f"at batch {mo['best_batch']}; batch-1 latency {mo['batch1_latency_ms']} ms",
         f"{head[0]:<10} " + " ".join(f"{h:>9}" for h in head[1:]),

@@ -7,6 +7,7 @@ figures from ``meta`` -- never copied by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Iterable
@@ -81,6 +82,8 @@ class ModelSpec:
     acc1: float | None = None
     acc5: float | None = None
     cam_layer: str | None = None  # Grad-CAM layer (custom models' TOML); None: by architecture
+    precision: str | None = None  # "int8" for quantized variants; None: the worker's precision
+    calibration: str | None = None  # images to quantize on at load time (opt-in int8 PTQ)
 
     @property
     def num_classes(self) -> int:
@@ -95,7 +98,8 @@ class ModelSpec:
         """How a worker builds this model (``None``: random weights)."""
         return LoadPlan(
             self.name, self.builder, weights_path, self.input_size, self.num_classes,
-            self.transform, arch=self.arch, cam_layer=self.cam_layer,
+            self.transform, arch=self.arch, cam_layer=self.cam_layer, precision=self.precision,
+            calibration=self.calibration,
         )  # fmt: skip
 
     @property
@@ -182,6 +186,53 @@ def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
     )
 
 
+# torchvision's quantized ImageNet weights (fbgemm): served as ``ARCH:int8``.
+INT8_PUBLISHED = ("resnet18", "resnet50")
+INT8 = "int8"
+
+
+def int8_spec(arch: str) -> ModelSpec:
+    """``arch:int8``: torchvision's published int8 weights (the quantized enum's default), with
+    their own reference accuracy, downloaded and verified like every checkpoint."""
+    from torchvision.models import quantization
+
+    from app.engine.quantize import published_builder
+
+    enum = getattr(quantization, f"{_camel(arch)}_QuantizedWeights")
+    weights = enum.DEFAULT
+    base = torchvision_spec(arch)
+    metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    return dataclasses.replace(
+        base,
+        name=f"{arch}:{INT8}",
+        builder=published_builder(arch),
+        weights_name=weights.name,
+        weights_file=Path(weights.url).name,
+        weights_url=weights.url,
+        acc1=metrics.get("acc@1"),
+        acc5=metrics.get("acc@5"),
+        precision=INT8,
+    )
+
+
+def _camel(arch: str) -> str:
+    return arch.replace("resnet", "ResNet")
+
+
+def calibrated_int8_spec(base: ModelSpec, calibration: Path) -> ModelSpec:
+    """``NAME:int8`` for a model without published int8 weights: its own checkpoint, quantized
+    at load time on the operator's images (IMGCLS_INT8_CALIBRATION). No reference accuracy is
+    claimed for it: the float model's figures do not carry over."""
+    return dataclasses.replace(
+        base,
+        name=f"{base.name}:{INT8}",
+        acc1=None,
+        acc5=None,
+        precision=INT8,
+        calibration=str(calibration),
+    )
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -240,6 +291,8 @@ class Catalog:
 
     def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
         self._specs: dict[str, ModelSpec] = {}
+        # IMGCLS_INT8_CALIBRATION: with it, any ``NAME:int8`` is quantized at load time
+        self.int8_calibration: Path | None = None
         for s in specs:
             self.add(s)
 
@@ -259,9 +312,21 @@ class Catalog:
             return spec
         arch, sep, variant = name.partition(":")
         base = self._specs.get(arch)
+        if sep and base is not None and variant == INT8:
+            if base.source == "torchvision" and arch in INT8_PUBLISHED:
+                spec = int8_spec(arch)
+            elif self.int8_calibration is not None and base.precision is None:
+                spec = calibrated_int8_spec(base, self.int8_calibration)
+            else:
+                raise UnknownModelError(name, [*self._specs, *self._int8_names()])
+            self._specs[name] = spec
+            return spec
         if sep and base is not None and base.source == "torchvision":
             return _variant_spec(arch, variant)
         raise UnknownModelError(name, self._specs)
+
+    def _int8_names(self) -> list[str]:
+        return [f"{a}:{INT8}" for a in INT8_PUBLISHED if a in self._specs]
 
     def specs(self) -> list[ModelSpec]:
         return list(self._specs.values())

@@ -82,7 +82,7 @@ class ModelBatcher:
         self.name = name
         self.observer: EngineObserver = observer or NullObserver()
         self.pool = pool
-        self.max_batch_size = max_batch_size
+        self._max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._queue: collections.deque[_Item] = collections.deque()
@@ -90,6 +90,16 @@ class ModelBatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
+
+    @property
+    def max_batch_size(self) -> int:
+        """The size the workers measured fastest (IMGCLS_MAX_BATCH_SIZE=auto), else the
+        configured one."""
+        return self.pool.batch_size(self.name) or self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        self._max_batch_size = value
 
     @property
     def depth(self) -> int:

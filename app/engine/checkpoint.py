@@ -5,6 +5,7 @@ The engine's side of weights: where a file comes from (download, verification) i
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,26 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not all(_state_value(v) for v in obj.values()):
         raise WeightsError(f"{path} is not a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    metadata = getattr(obj, "_metadata", None)
+    if metadata is None:
+        return state
+    # Module versions: quantized layers read their state_dict by the version that saved it.
+    kept = OrderedDict(state)
+    kept._metadata = OrderedDict(  # type: ignore[attr-defined]
+        (k.removeprefix("module."), v) for k, v in metadata.items()
+    )
+    return kept
+
+
+def _state_value(v: object) -> bool:
+    """A tensor; or, in int8 state_dicts, a quantized linear layer's packed ``(weight, bias)``
+    and its ``dtype``."""
+    if isinstance(v, torch.Tensor | torch.dtype):
+        return True
+    return isinstance(v, tuple) and all(x is None or isinstance(x, torch.Tensor) for x in v)
 
 
 def load_into(model: nn.Module, path: Path) -> None:
@@ -49,7 +67,9 @@ def load_into(model: nn.Module, path: Path) -> None:
     wrong = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
-        if k in own and own[k].shape != v.shape
+        if isinstance(v, torch.Tensor)
+        and isinstance(own.get(k), torch.Tensor)
+        and own[k].shape != v.shape
     ]
     if wrong:
         raise WeightsError(f"{path}: shape mismatch: " + "; ".join(wrong[:5]))

@@ -3,29 +3,65 @@
 Defaults are the fastest path that passed the accuracy guard (tests/test_fast_paths.py: top-1
 agreement with fp32 eager >= 99% and accuracy within 5 of 1,000 images on real CIFAR-10 images):
 fp16 on CUDA, bf16 on CPUs with AVX512-BF16 or AMX, fp32 elsewhere; channels_last and
-torch.compile with reduced precision.
+torch.compile with reduced precision. The choice follows the CPU's flags, never one machine's
+timings: this project runs on Intel with AMX and on AMD EPYC without it.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16, from the kernel's CPU flags (Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU flags that decide the fast paths (from the kernel's /proc/cpuinfo)."""
+
+    amx_bf16: bool = False
+    amx_int8: bool = False
+    amx_tile: bool = False
+    avx512_bf16: bool = False
+    avx512_vnni: bool = False
+    avx_vnni: bool = False
+    avx2: bool = False
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 matmuls in hardware: AVX512-BF16 or AMX."""
+        return self.avx512_bf16 or self.amx_bf16
+
+    @property
+    def vnni(self) -> bool:
+        """8-bit dot products without the 16-bit saturation of plain AVX2 (int8 kernels)."""
+        return self.avx512_vnni or self.avx_vnni or self.amx_int8
+
+    def names(self) -> list[str]:
+        """The flags present, in a fixed order (for /info and the benchmark's machine block)."""
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+def parse_cpu_flags(cpuinfo: str) -> CpuFeatures:
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
             break
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return CpuFeatures(**{f.name: f.name in flags for f in fields(CpuFeatures)})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU features (Linux; none where /proc/cpuinfo cannot be read)."""
+    try:
+        return parse_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return CpuFeatures()
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16, from the kernel's CPU flags (Linux)."""
+    return cpu_features().bf16
 
 
 @dataclass(frozen=True)

@@ -26,3 +26,7 @@ class LoadPlan:
     preprocess: Preprocess  # geometry (for uploads decoded in the worker) and normalisation
     arch: str = ""  # for the default Grad-CAM layer of an explanation
     cam_layer: str | None = None  # the Grad-CAM layer; None: by architecture
+    # None: the worker's precision. "int8": a quantized model, built by ``builder`` (published
+    # int8 weights) or, with ``calibration`` (a folder of images), quantized after loading.
+    precision: str | None = None
+    calibration: str | None = None

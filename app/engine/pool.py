@@ -92,6 +92,7 @@ class ModelState:
     reason: str | None = None
     precision: str | None = None
     backend: str | None = None
+    batch_size: int | None = None  # measured by the worker (IMGCLS_MAX_BATCH_SIZE=auto)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ class WorkerPool:
                 st.status, st.reason = status, reason
                 if info:
                     st.precision, st.backend = info.get("precision"), info.get("backend")
+                    st.batch_size = info.get("batch_size")
                 if status == "failed":
                     log.error("worker %s failed to load %s: %s", w.worker_id, name, reason)
             self._status_changed()
@@ -615,6 +617,15 @@ class WorkerPool:
         return ModelStatus(
             "loading", "worker restarting" if restarting else "loading and warming up"
         )
+
+    def batch_size(self, name: str) -> int | None:
+        """The batch size the ready workers measured for ``name`` (the smallest), if any."""
+        sizes = [
+            st.batch_size
+            for w in self.workers
+            if w.alive and (st := w.models.get(name)) and st.status == "ready" and st.batch_size
+        ]
+        return min(sizes) if sizes else None
 
     def fully_ready(self, name: str) -> bool:
         return all(

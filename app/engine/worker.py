@@ -48,6 +48,8 @@ class WorkerConfig:
     plans: list[LoadPlan] = field(default_factory=list)
     max_pixels: int = 40_000_000  # for uploads decoded in the worker (IMGCLS_DECODE=worker)
     jpeg_on_device: bool = False  # decode plain JPEGs with torchvision.io on the device (nvjpeg)
+    jpeg_draft: bool = False  # Pillow decodes JPEGs at a reduced DCT scale (IMGCLS_JPEG_DRAFT)
+    auto_batch: bool = False  # time batch sizes up to warmup_batch at load (IMGCLS_MAX_BATCH_SIZE)
 
 
 HEARTBEAT_S = 1.0
@@ -68,7 +70,14 @@ HEARTBEAT_S = 1.0
 #   ("heartbeat", monotonic)   every HEARTBEAT_S from a thread of its own, busy or idle
 
 
+def plan_precision(plan: LoadPlan, cfg: WorkerConfig) -> str:
+    """The precision ``plan`` runs in on this worker: its own (int8) or the worker's."""
+    return plan.precision or cfg.precision
+
+
 def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    if plan_precision(plan, cfg) == "int8":
+        return _build_int8(plan, cfg)
     model = plan.builder()
     if plan.weights_path is not None:
         load_into(model, Path(plan.weights_path))  # on the CPU first, weights_only=True
@@ -80,6 +89,27 @@ def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     pre = plan.preprocess
     return NormalizingModel(model, pre.mean, pre.std, DTYPES[cfg.precision], cfg.channels_last)
+
+
+def _build_int8(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    """An int8 model, eager, on fp32 input (normalised here; int8 inside, no bf16 cast, no
+    channels_last). Published weights: the builder makes the converted quantizable model and the
+    int8 state_dict is loaded into it; with ``calibration``: the float model is loaded, then
+    quantized on those images."""
+    from app.engine import quantize
+
+    if not cfg.device.startswith("cpu"):
+        raise ValueError(f"{plan.name}: int8 runs on the CPU only, not on {cfg.device}")
+    model = plan.builder()
+    if plan.calibration is None:
+        quantize.use_quantized_engine()  # packs the weights for this engine while loading
+    if plan.weights_path is not None:
+        load_into(model, Path(plan.weights_path))
+    model.eval()
+    if plan.calibration is not None:
+        model = quantize.calibrate(model, plan.preprocess, Path(plan.calibration))
+    pre = plan.preprocess
+    return NormalizingModel(model, pre.mean, pre.std, torch.float32, False)
 
 
 class NormalizingModel(nn.Module):
@@ -103,7 +133,9 @@ class NormalizingModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        device = next(model.parameters()).device
+        # a converted int8 model may hold no float parameters: it runs on the CPU
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1))
         self.dtype = dtype
@@ -124,6 +156,8 @@ class Runner:
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.precision]
         self.models: dict[str, nn.Module] = {}
+        self.precisions: dict[str, str] = {}
+        self.batch_sizes: dict[str, int] = {}  # measured at load with auto_batch
         self.backends: dict[str, str] = {}
         self.preprocess: dict[str, Preprocess] = {}
         self.plans: dict[str, LoadPlan] = {}
@@ -135,9 +169,11 @@ class Runner:
         self.preprocess[plan.name] = plan.preprocess
         self.plans[plan.name] = plan
         self.explainers.pop(plan.name, None)
+        precision = plan_precision(plan, self.cfg)
         eager = _build(plan, self.cfg)
+        self.precisions[plan.name] = precision
         backend = "eager"
-        if self.cfg.compile:
+        if self.cfg.compile and precision != "int8":  # int8 runs eager (quantized kernels)
             # Compile time is absorbed here, before the model is reported ready. Dynamic shapes:
             # one graph serves every batch size. Any failure falls back to eager.
             try:
@@ -150,12 +186,30 @@ class Runner:
             self.models[plan.name] = eager
             self._warm_up(plan)
         self.backends[plan.name] = backend
+        if self.cfg.auto_batch:
+            self.batch_sizes[plan.name] = self._measure_batch(plan)
         return backend
+
+    def _measure_batch(self, plan: LoadPlan) -> int:
+        from app.engine import batchsize
+
+        size = plan.input_size
+
+        def run(bs: int) -> object:
+            x = torch.zeros(bs, 3, size, size, dtype=torch.uint8)
+            return self.forward(plan.name, x)
+
+        measured = batchsize.pick(run, self.cfg.warmup_batch)
+        log.info("%s: batch %d (images/s by size: %s)", plan.name, measured.best,
+                 measured.images_per_s)  # fmt: skip
+        return measured.best
 
     def unload(self, name: str) -> None:
         """Drop a model and give its memory back (the device's cache too)."""
         self.models.pop(name, None)
         self.backends.pop(name, None)
+        self.precisions.pop(name, None)
+        self.batch_sizes.pop(name, None)
         self.preprocess.pop(name, None)
         self.plans.pop(name, None)
         self.explainers.pop(name, None)
@@ -195,7 +249,7 @@ class Runner:
             cfg = self.cfg
             self._decoder = Decoder(
                 cfg.threads or torch.get_num_threads(), cfg.max_pixels, cfg.device,
-                cfg.jpeg_on_device,
+                cfg.jpeg_on_device, cfg.jpeg_draft,
             )  # fmt: skip
         return self._decoder.prepare(items, self.preprocess[name])
 
@@ -261,7 +315,11 @@ def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> Non
     except Exception as exc:
         outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
         return
-    info = {"precision": cfg.precision, "backend": backend}
+    info = {
+        "precision": runner.precisions[plan.name],
+        "backend": backend,
+        "batch_size": runner.batch_sizes.get(plan.name),
+    }
     outbox.put(("status", plan.name, "ready", None, info))
 
 
@@ -279,7 +337,7 @@ def _run_batch(runner: Runner, cfg: WorkerConfig, batch_id: int, name: str, batc
     probs = torch.empty(0, 0) if batch is None else runner.forward(name, batch)
     ms = (time.monotonic() - t0) * 1000.0
     memory = torch.cuda.memory_allocated(runner.device) if runner.device.type == "cuda" else 0
-    ran = (cfg.precision, runner.backends[name], memory)
+    ran = (runner.precisions[name], runner.backends[name], memory)
     return ("result", batch_id, probs.numpy(), start, ms, ran, items)
 
 
