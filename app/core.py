@@ -32,6 +32,7 @@ from app.errors import (
     ElementError,
     ExplainQueueFullError,
     InvalidParameterError,
+    ModelNotReadyError,
     NotAvailableError,
 )
 from app.preprocess import Preprocess
@@ -42,6 +43,7 @@ from app.settings import Settings
 T = TypeVar("T")
 
 MAX_COMPARE = 8
+MAX_NORMALISED = 1e4  # |value| of a client-normalised pixel (presets give within ~3)
 EXPLAIN_METHODS = ("gradcam",)
 
 
@@ -117,6 +119,15 @@ def check_method(method: str) -> str:
             f"unknown explanation method {method!r}; available: {', '.join(EXPLAIN_METHODS)}"
         )
     return method
+
+
+def check_explainable(spec: ModelSpec) -> None:
+    """Grad-CAM needs gradients through the model: quantized (int8) kernels have none."""
+    if spec.precision == "int8":
+        raise InvalidParameterError(
+            f"{spec.name} runs in int8, whose quantized kernels have no gradients: "
+            f"explain the float model ({spec.arch}) instead"
+        )
 
 
 def parse_target(target: str | int | None, spec: ModelSpec) -> int | None:
@@ -206,9 +217,21 @@ class InferenceCore(ABC):
         queue."""
         check_method(method)
         served = self.servable(name)
+        check_explainable(served.spec)
         parse_target(target, served.spec)
         self.explain_gate.check()
         return served
+
+    def ready_models(self) -> list[str]:
+        """The served models that can answer now (the default set of a /compare)."""
+        ready = []
+        for name in self.served:
+            try:
+                self.servable(name)
+            except Exception:  # not ready, failed, missing weights: left out
+                continue
+            ready.append(name)
+        return ready
 
     # ---- shared steps ----------------------------------------------------------------------
     @property
@@ -274,6 +297,7 @@ class InferenceCore(ABC):
         started = time.perf_counter()
         check_method(method)
         spec = self.servable(model or self.default_model).spec
+        check_explainable(spec)
         index = parse_target(target, spec)
         pixels = await self.decode(upload, [spec])
         result, queue_ms = await self._explain_one(spec, pixels.of(spec), index, self.deadline())
@@ -292,7 +316,9 @@ class InferenceCore(ABC):
         explain: str | None = None,
     ) -> CompareResponse:
         started = time.perf_counter()
-        served = [self.servable(n) for n in parse_models(models, list(self.served))]
+        served = [self.servable(n) for n in parse_models(models, self.ready_models())]
+        if not served:
+            raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)
         # Decoded here once, whatever IMGCLS_DECODE says: the models share the pixels.
         pixels = await self.decode(upload, [s.spec for s in served])
         deadline = self.deadline()
@@ -303,6 +329,8 @@ class InferenceCore(ABC):
 
         if explain is not None:
             check_method(explain)
+            for s in served:
+                check_explainable(s.spec)
             self.explain_gate.check(len(served))
         done = await gather_fail_fast([timed(s) for s in served])
         results = [
@@ -365,6 +393,7 @@ class InferenceCore(ABC):
                 raise ElementError(i, exc) from exc
 
         payloads = await gather_fail_fast([prepare(i, x) for i, x in enumerate(items)])
+        self.admit(name, len(payloads))  # again: the queue may have filled while they decoded
 
         async def one(i: int, payload: Item) -> ImageResult:
             try:
@@ -400,4 +429,9 @@ def _check_tensor(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         raise InvalidParameterError("the image tensor holds NaN or infinite values")
+    if x.abs().max() > MAX_NORMALISED:  # finite, but overflows inside the model (NaN out)
+        raise InvalidParameterError(
+            f"normalised pixel values must lie within ±{MAX_NORMALISED:g} "
+            "(a model's preset gives values within a few units)"
+        )
     return x

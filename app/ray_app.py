@@ -166,7 +166,7 @@ class Ingress:
     async def compare(
         self, request: Request, models: str | None = None, top_k: TopK = 5
     ) -> CompareResponse:
-        for name in parse_models(models, list(self.core.served)):
+        for name in parse_models(models, self.core.ready_models()):
             self.core.admit(name)
         await self.core.refresh()
         upload = await read_upload(request, self.core.settings.max_upload_bytes)

@@ -74,7 +74,8 @@ class Service(InferenceCore):
         self.batchers: dict[str, ModelBatcher] = {}
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._starting = True  # until the start-up task has made the pool and batchers
 
     # ---- background tasks ------------------------------------------------------------------
     def _spawn(self, coro: Any, name: str, affects: list[str]) -> asyncio.Task[Any]:
@@ -156,7 +157,13 @@ class Service(InferenceCore):
         return configs
 
     async def _start(self) -> None:
-        plans = [p for s in self.served.values() if (p := await self._resolve(s)) is not None]
+        try:
+            await self._start_pool()
+        finally:
+            self._starting = False
+
+    async def _start_pool(self) -> None:
+        plans = [p for s in list(self.served.values()) if (p := await self._resolve(s)) is not None]
         self.pool = WorkerPool(
             self._configs(plans),
             worker_timeout_s=self.settings.worker_timeout_s,
@@ -190,26 +197,33 @@ class Service(InferenceCore):
             await self.pool.close(grace_s=self.settings.shutdown_grace_s)
 
     # ---- models at run time (the model-repository extension) -------------------------------
+    def _repository(self, name: str) -> asyncio.Lock:
+        """One lock per model name: a load and an unload of one model never interleave."""
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _check_started(self) -> WorkerPool:
+        if self.pool is None or self._starting:
+            raise ModelNotReadyError("the service is still starting; retry", retry_after=5)
+        return self.pool
+
     async def load(self, name: str, timeout_s: float | None = None) -> ModelStatus:
         """Start serving ``name`` (a catalog model), downloading weights when allowed; returns
         when it is ready or has failed. Loading a model that serves already is a no-op."""
         spec = self.catalog.get(name)  # UnknownModelError: 404
-        if self.pool is None:
-            raise ModelNotReadyError("the service is still starting; retry", retry_after=5)
-        served = self.served.setdefault(name, ServedModel(spec))
-        if name not in self.batchers:
-            task = self._loading.get(name)
-            if task is None or task.done():
+        async with self._repository(name):
+            pool = self._check_started()
+            served = self.served.setdefault(name, ServedModel(spec))
+            if name not in self.batchers:
+                # Shielded: a client that goes away does not leave the model half-loaded.
                 task = self._spawn(self._load_one(served), f"load-{name}", [name])
-                self._loading[name] = task
-            await asyncio.shield(task)
-        if served.problem:
+                await asyncio.shield(task)
+            if served.problem:
+                return self.status(name)
+            deadline = time.monotonic() + (timeout_s or self.settings.worker_startup_timeout_s)
+            await pool.wait_status(
+                lambda: self.status(name).status in ("ready", "failed"), deadline
+            )
             return self.status(name)
-        deadline = time.monotonic() + (timeout_s or self.settings.worker_startup_timeout_s)
-        await self.pool.wait_status(
-            lambda: self.status(name).status in ("ready", "failed"), deadline
-        )
-        return self.status(name)
 
     async def _load_one(self, served: ServedModel) -> None:
         assert self.pool is not None
@@ -222,17 +236,17 @@ class Service(InferenceCore):
     async def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests get 404 at once, queued images are answered
         (the queue drains), then the workers free its memory."""
-        served = self.served.get(name)
-        if served is None:
-            self.catalog.get(name)  # 404 for names not in the catalog
-            return
-        del self.served[name]
-        batcher = self.batchers.pop(name, None)
-        if batcher is not None:
-            await batcher.drain(self.settings.request_timeout_s)
-            await batcher.stop(f"model {name!r} was unloaded before this image's turn came")
-        if self.pool is not None:
-            pool = self.pool
+        async with self._repository(name):
+            pool = self._check_started()
+            served = self.served.get(name)
+            if served is None:
+                self.catalog.get(name)  # 404 for names not in the catalog
+                return
+            del self.served[name]
+            batcher = self.batchers.pop(name, None)
+            if batcher is not None:
+                await batcher.drain(self.settings.request_timeout_s)
+                await batcher.stop(f"model {name!r} was unloaded before this image's turn came")
             pool.unload(name)
             await pool.wait_status(
                 lambda: all(name not in w.models for w in pool.workers if w.alive),
@@ -324,10 +338,14 @@ class Service(InferenceCore):
             )
         st = self.status(name)
         if st.status != "ready":
+            broken = st.status in ("missing-weights", "failed")
+            # Why a model failed (paths, exceptions) is for its operator: /models/{name} and
+            # /readyz say it; a client is told the state.
+            why = f"; GET /models/{name} says why" if broken else (
+                f" ({st.reason})" if st.reason else ""
+            )  # fmt: skip
             raise ModelNotReadyError(
-                f"model {name!r} is not ready: {st.status}"
-                + (f" ({st.reason})" if st.reason else ""),
-                retry_after=30 if st.status in ("missing-weights", "failed") else 5,
+                f"model {name!r} is not ready: {st.status}{why}", retry_after=30 if broken else 5
             )
         return served
 

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
 
     jpeg_draft: bool = Field(
         True,
-        description="decode JPEGs at the smallest DCT scale that keeps 2x the model's resize "
+        description="decode JPEGs at the smallest DCT scale that keeps 3x the model's resize "
         "target (phone photos ~4x cheaper); off: the exact, torchvision-identical decode",
     )
 

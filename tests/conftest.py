@@ -267,6 +267,11 @@ SCREENSHOTS = Path(os.environ.get("IMGCLS_ARTIFACTS", ROOT / "artifacts")) / "sc
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        why = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -454,7 +454,9 @@ def test_unwritable_weights_folder_fails_loudly_within_seconds():
         ready = httpx.get(f"{svc.url}/readyz")
         assert ready.status_code == 503 and "failed" in ready.json()["not_ready"][0]
         r = httpx.post(f"{svc.url}/classify", files={"file": ("x.png", PNG)})
-        assert r.status_code == 503 and "/proc/imgcls-weights" in r.json()["detail"]
+        detail = r.json()["detail"]
+        assert r.status_code == 503 and "failed" in detail and "/models/cifar10_resnet20" in detail
+        assert "/proc/imgcls-weights" not in detail  # the operator's detail stays in /models
 
 
 def test_server_fault_answers_in_client_terms_with_request_id(tmp_path):

@@ -39,7 +39,14 @@ from app.engine.explain import (
     overlay_png,
 )
 from app.preprocess import normalize
-from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, IMAGES, needs_shared
+from tests.conftest import (
+    CIFAR_FILES,
+    CIFAR_SAMPLE,
+    CIFAR_WEIGHTS,
+    IMAGES,
+    needs_shared,
+    require_shared,
+)
 
 PER_CLASS = 20  # 200 images in all
 # 20% of the 32x32 pixels, rounded to a square's area (14 x 14 = 196 of 1,024 = 19.1%), so that the
@@ -111,8 +118,7 @@ def photo_batch(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Real photos through the model's own catalog transform: (uint8 pixels, normalised)."""
     spec = build_catalog().get(arch)
     names = ["chelsea.png", "coffee.png"]
-    if not all((IMAGES / n).is_file() for n in names):
-        pytest.skip(f"shared images not found in {IMAGES}")
+    require_shared(*(IMAGES / n for n in names))
     pixels = torch.stack(
         [spec.transform.pixels(Image.open(IMAGES / n).convert("RGB")) for n in names]
     )

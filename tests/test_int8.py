@@ -94,6 +94,12 @@ def test_published_int8_variant_is_served_as_int8(tmp_path: Path):
         body = r.json()
         entry = httpx.get(f"{svc.url}/models/resnet18:int8").json()
         info = httpx.get(f"{svc.url}/info").json()
+        # Grad-CAM needs gradients, which quantized kernels do not have: a clear 422, not a 500
+        explained = httpx.post(
+            f"{svc.url}/explain", params={"model": "resnet18:int8"},
+            files={"file": ("cat.png", photo)}, timeout=60,
+        )  # fmt: skip
+    assert explained.status_code == 422 and "int8" in explained.json()["detail"], explained.text
     assert (body["precision"], body["backend"]) == ("int8", "eager")
     assert body["weights"] == "IMAGENET1K_FBGEMM_V1"
     assert (entry["precision"], entry["backend"], entry["status"]) == ("int8", "eager", "ready")

@@ -192,7 +192,7 @@ def test_missing_weights_are_reported_and_others_still_serve(tmp_path):
         png = images.encode(images.photo(), "PNG")
         r = c.post("/classify", params={"model": "resnet18"}, files={"file": ("x.png", png)})
         assert r.status_code == 503 and "Retry-After" in r.headers
-        assert "imgcls weights pull resnet18" in r.json()["detail"]
+        assert "missing-weights" in r.json()["detail"] and "/models/resnet18" in r.json()["detail"]
         ok = c.post(
             "/classify", params={"model": "cifar10_resnet20"}, files={"file": ("x.png", png)}
         )

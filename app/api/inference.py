@@ -51,7 +51,10 @@ async def compare(
     request_id: RequestIdDep,
     models: Annotated[
         str | None,
-        Query(max_length=1024, description="2-8 comma-separated names; default: loaded models"),
+        Query(
+            max_length=1024,
+            description="2-8 comma-separated names; default: the ready models (at most 8)",
+        ),
     ] = None,
     top_k: TopK = 5,
     explain: Annotated[
@@ -63,7 +66,7 @@ async def compare(
         ),
     ] = None,
 ) -> CompareResponse:
-    names = parse_models(models, list(service.served))
+    names = parse_models(models, service.ready_models())
     for name in names:
         service.admit(name)
     if explain is not None:

@@ -291,6 +291,7 @@ class Catalog:
 
     def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
         self._specs: dict[str, ModelSpec] = {}
+        self._int8: dict[str, ModelSpec] = {}  # ``NAME:int8`` specs built on lookup
         # IMGCLS_INT8_CALIBRATION: with it, any ``NAME:int8`` is quantized at load time
         self.int8_calibration: Path | None = None
         for s in specs:
@@ -313,13 +314,15 @@ class Catalog:
         arch, sep, variant = name.partition(":")
         base = self._specs.get(arch)
         if sep and base is not None and variant == INT8:
+            if name in self._int8:
+                return self._int8[name]
             if base.source == "torchvision" and arch in INT8_PUBLISHED:
                 spec = int8_spec(arch)
             elif self.int8_calibration is not None and base.precision is None:
                 spec = calibrated_int8_spec(base, self.int8_calibration)
             else:
                 raise UnknownModelError(name, [*self._specs, *self._int8_names()])
-            self._specs[name] = spec
+            self._int8[name] = spec  # cached apart: /models lists only what is served
             return spec
         if sep and base is not None and base.source == "torchvision":
             return _variant_spec(arch, variant)

@@ -265,17 +265,23 @@ class WorkerPool:
 
     # ---- reader thread ---------------------------------------------------------------------
     def _read(self, w: WorkerHandle, process: Any, outbox: Any) -> None:
-        while True:
-            try:
-                msg = outbox.get(timeout=0.2)
-            except queue.Empty:
-                if not _is_alive(process):
+        try:
+            while True:
+                try:
+                    msg = outbox.get(timeout=0.2)
+                except queue.Empty:
+                    if not _is_alive(process):
+                        break
+                    continue
+                except (EOFError, OSError, ValueError):  # ValueError: the queue was closed
                     break
-                continue
-            except (EOFError, OSError, ValueError):  # ValueError: the queue was closed
-                break
-            self._call(self._on_message, w, process, msg)
-        self._call(self._on_exit, w, process)
+                self._call(self._on_message, w, process, msg)
+        except BaseException:  # an unpickling error, say: the worker cannot be heard any more
+            log.exception("reader of worker %s failed; restarting the worker", w.worker_id)
+            with contextlib.suppress(Exception):
+                process.kill()
+        finally:  # whatever ended the loop, the death is handled (and the worker restarted)
+            self._call(self._on_exit, w, process)
 
     def _call(self, fn: Any, *args: Any) -> None:
         loop = self._loop
@@ -291,8 +297,7 @@ class WorkerPool:
         if kind == "result":
             _, batch_id, probs, start, ms, (precision, backend, memory), items = msg
             w.device_memory = memory
-            entry = w.inflight.pop(batch_id, None)
-            self._reap_shared_fds()
+            entry = self._finished(w, batch_id)
             # The slot first: the batcher sends the next batch before this one's answers are built.
             self._dispatch()
             if entry is not None and not entry.future.done():
@@ -301,8 +306,7 @@ class WorkerPool:
                 )
         elif kind == "explained":
             _, batch_id, heatmaps, targets, scores, overlays, start, ms = msg
-            entry = w.inflight.pop(batch_id, None)
-            self._reap_shared_fds()
+            entry = self._finished(w, batch_id)
             self._dispatch()
             if entry is not None and not entry.future.done():
                 entry.future.set_result(
@@ -310,8 +314,7 @@ class WorkerPool:
                 )
         elif kind == "error":
             _, batch_id, detail = msg
-            entry = w.inflight.pop(batch_id, None)
-            self._reap_shared_fds()
+            entry = self._finished(w, batch_id)
             if entry is not None and not entry.future.done():
                 entry.future.set_exception(BatchFailedError(detail))
             self._dispatch()
@@ -333,6 +336,17 @@ class WorkerPool:
             self._status_changed()
         # "heartbeat": the time stamp above is all it carries
 
+    def _finished(self, w: WorkerHandle, batch_id: int) -> Inflight | None:
+        """A job's answer came: its slot is free, and the job queued behind it at the worker
+        (which takes its inbox in order) starts now, so its watchdog clock starts now too."""
+        entry = w.inflight.pop(batch_id, None)
+        now = time.monotonic()
+        for other in w.inflight.values():
+            if other.sent_at is not None:
+                other.sent_at = now
+        self._reap_shared_fds()
+        return entry
+
     def _on_exit(self, w: WorkerHandle, process: Any) -> None:
         if process is not w.process:
             return
@@ -344,7 +358,12 @@ class WorkerPool:
             if reason == "watchdog"
             else f"worker {w.worker_id} on {w.device} died (exit code {code})"
         )
-        self._fail_inflight(w, WorkerCrashedError(what))
+        told = (  # in the client's terms: which worker, exit codes and signals go to the log
+            "the worker running this model stopped answering and was restarted"
+            if reason == "watchdog"
+            else "the worker running this model stopped unexpectedly and is being restarted"
+        )
+        self._fail_inflight(w, WorkerCrashedError(told))
         self._release_process(w)
         self._reap_fds = True
         self._reap_shared_fds()
@@ -389,9 +408,20 @@ class WorkerPool:
         with contextlib.suppress(Exception):
             resource_sharer.stop(timeout=1)
 
-    def _restart(self, w: WorkerHandle) -> None:
-        if not (w.stopping or self._closed):
+    def _restart(self, w: WorkerHandle, attempt: int = 1) -> None:
+        if w.stopping or self._closed:
+            return
+        try:
             self._spawn(w)
+        except Exception as exc:  # no process could be started (fds, memory): retry, loudly
+            delay = min(30.0, self.backoff_s * 2 ** (attempt - 1)) or 1.0
+            log.exception("worker %s could not be restarted (attempt %d); retrying in %.0fs",
+                          w.worker_id, attempt, delay)  # fmt: skip
+            reason = f"its worker could not be restarted: {type(exc).__name__}: {exc}"
+            w.models = {p.name: ModelState("failed", reason) for p in w.plans}
+            self._status_changed()
+            assert self._loop is not None
+            self._loop.call_later(delay, self._restart, w, attempt + 1)
 
     def _fail_inflight(self, w: WorkerHandle, exc: Exception) -> None:
         pending, w.inflight = w.inflight, {}
@@ -431,7 +461,10 @@ class WorkerPool:
         return [
             w
             for w in self.workers
-            if w.alive and (st := w.models.get(name)) is not None and st.status == "ready"
+            if w.alive
+            and not w.loading  # a worker building a model runs nothing else until it is done
+            and (st := w.models.get(name)) is not None
+            and st.status == "ready"
         ]
 
     def poke(self) -> None:
