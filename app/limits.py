@@ -58,12 +58,25 @@ class InflightBudget:
     def release(self, n: int) -> None:
         self.used = max(0, self.used - n)
 
+    def refusal(self) -> str:
+        """Why a body was refused (503 over HTTP, UNAVAILABLE over gRPC)."""
+        return (
+            f"the server holds its limit of uploads in flight ({self.limit / 1048576:g} MB, "
+            "IMGCLS_MAX_INFLIGHT_MB); retry shortly"
+        )
 
-class _BodyTimeout(Exception):  # not a TimeoutError: that one is the request deadline's 504
+
+class BodyLimitError(Exception):
+    """Raised through ``receive`` by ``BodyLimitsMiddleware``, which answers it (408 or 503):
+    a route's catch-all error handler must let it pass (as it does Starlette's
+    ``ClientDisconnect``), or it would answer 500 in its place."""
+
+
+class _BodyTimeout(BodyLimitError):  # not a TimeoutError: that one is the request deadline's 504
     pass
 
 
-class _OverBudget(Exception):
+class _OverBudget(BodyLimitError):
     pass
 
 
@@ -179,13 +192,7 @@ class BodyLimitsMiddleware:
         headers = {"Retry-After": "1"}
         if close:
             headers["Connection"] = "close"
-        await _send_json(
-            send,
-            503,
-            f"the server holds its limit of uploads in flight ({self.budget.limit / 1048576:g} "
-            "MB, IMGCLS_MAX_INFLIGHT_MB); retry shortly",
-            headers,
-        )
+        await _send_json(send, 503, self.budget.refusal(), headers)
 
 
 # ---- uvicorn: header timeout and header size cap ---------------------------------------------

@@ -39,6 +39,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     service = Service(settings, observer=metrics)  # validates models and custom config first
     metrics.bind(service.snapshot)
+    # The budget of request bodies in flight, shared by the HTTP door (BodyLimitsMiddleware) and
+    # gRPC's ModelInfer.
+    budget = InflightBudget(settings.max_inflight_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.grpc_port:  # imported here: its protobuf names clash with tritonclient's
                 from app.oip.grpc_server import start_grpc
 
-                grpc_server = await start_grpc(service, settings, metrics)
+                grpc_server = await start_grpc(service, settings, metrics, budget)
             yield
         finally:
             if grpc_server is not None:
@@ -76,12 +79,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return FileResponse(STATIC / "index.html")
 
     # The last added runs first: request IDs, access log, CORS (answers preflights), API key,
-    # body limits (timeouts and the budget of uploads in flight).
-    app.state.upload_budget = budget = InflightBudget(settings.max_inflight_bytes)
+    # body limits (timeouts and the budget of uploads in flight). Every body a route may read
+    # counts against the budget: uploads (the form around a file) and /v2 infer requests.
+    app.state.upload_budget = budget
+    max_body = max(
+        settings.max_upload_bytes + FORM_OVERHEAD, int(settings.oip_max_request_mb * 1024 * 1024)
+    )
     app.add_middleware(
         BodyLimitsMiddleware,
         budget=budget,
-        max_body=settings.max_upload_bytes + FORM_OVERHEAD,
+        max_body=max_body,
         body_timeout_s=settings.body_timeout_s,
         min_rate_bytes_s=settings.body_min_rate_kb_s * 1024,
     )

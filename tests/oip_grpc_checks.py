@@ -13,6 +13,8 @@ import functools
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,8 @@ from google.protobuf import descriptor_pb2
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
+
+from tests.rawhttp import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = Path(os.environ.get("OIP_IMAGES", ROOT.parent / "shared" / "data" / "images"))
@@ -82,6 +86,27 @@ def image_input(files: list[bytes]) -> tg.InferInput:
     inp = tg.InferInput("IMAGE", [len(files)], "BYTES")
     inp.set_data_from_numpy(np.array(files, dtype=object))
     return inp
+
+
+def metric(key: str, name: str, labels: str) -> float:
+    """One sample of the service's /metrics (0 if absent), e.g. ``name="imgcls_queue_depth"``,
+    ``labels='model="cifar10_resnet20"'``."""
+    text = httpx.get(
+        f"{os.environ['OIP_REST']}/metrics", headers={"Authorization": f"Bearer {key}"}
+    ).text
+    line = f"{name}{{{labels}}} "
+    for row in text.splitlines():
+        if row.startswith(line):
+            return float(row[len(line) :])
+    return 0.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(0.02)
 
 
 def status_of(call) -> grpc.StatusCode:
@@ -143,6 +168,17 @@ def test_health_is_open_and_the_rest_needs_the_key(client, auth):
     assert info.value.status() == "StatusCode.UNAUTHENTICATED"
     assert "authorization" in info.value.message()
     assert client.get_server_metadata(headers=auth).name == "imgcls"
+
+
+def test_authorization_scheme_in_any_case(client, key):
+    """As over HTTP (RFC 9110: the scheme is case-insensitive); the key itself is exact."""
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        meta = client.get_server_metadata(headers={"authorization": f"{scheme} {key}"})
+        assert meta.name == "imgcls", scheme
+    for given in (f"bearer {key.upper()}", f"Basic {key}", key):
+        with pytest.raises(InferenceServerException) as info:
+            client.get_server_metadata(headers={"authorization": given})
+        assert info.value.status() == "StatusCode.UNAUTHENTICATED", given
 
 
 def test_metadata(client, auth):
@@ -248,6 +284,76 @@ def test_error_codes(stub, auth):
     assert status_of(lambda: stub.ModelMetadata(meta)) == grpc.StatusCode.UNAUTHENTICATED
     # and the model still serves
     assert stub.ModelInfer(infer_ok(good), metadata=md).outputs[0].shape == [1, 10]
+
+
+def test_model_infer_takes_its_share_of_the_upload_budget(stub, auth, key):
+    """A ModelInfer message counts against IMGCLS_MAX_INFLIGHT_MB (8 MB for this server) with
+    the HTTP door's bodies: while a 7 MB /v2 body is on its way, a 1.5 MB message is refused
+    with UNAVAILABLE and retry-after; once that client is gone, the same message is served
+    (here: refused for its content, not for its size)."""
+    md = tuple(auth.items())
+    request = tpb.ModelInferRequest(model_name=CIFAR)
+    t = request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(b"\x00" * (3 * 1024 * 1024 // 2))  # not an image
+    errors: list[grpc.RpcError] = []
+
+    def refused(want: bool) -> bool:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, metadata=md, timeout=60)
+        errors.append(info.value)
+        return (info.value.code() == grpc.StatusCode.UNAVAILABLE) == want
+
+    holder = connect(os.environ["OIP_REST"])
+    try:  # the headers of a 7 MB body: reserved from the budget, the body never comes
+        holder.sendall(
+            f"POST /v2/models/{CIFAR}/infer HTTP/1.1\r\nHost: t\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {7 * 1024 * 1024}\r\n\r\n".encode()
+        )
+        wait_for(lambda: refused(True), "ModelInfer refused while the budget is held", 5)
+    finally:
+        holder.close()
+    over = errors[-1]
+    assert "IMGCLS_MAX_INFLIGHT_MB" in over.details()
+    assert dict(over.trailing_metadata() or ()).get("retry-after") == "1"
+    wait_for(lambda: refused(False), "ModelInfer served once the budget is free")
+    assert errors[-1].code() == grpc.StatusCode.INVALID_ARGUMENT, errors[-1].details()
+
+
+def test_cancelled_call_is_counted_499(stub, auth, key):
+    """A call the client cancels while its images wait for the worker is a 499 in the request
+    metric, not a 200. The worker is kept busy by a ResNet-18 call (16 images, both of its
+    batch slots), so the CIFAR call's images wait in their queue, where the test sees them
+    before it cancels; a try where the CIFAR call was served first is done again."""
+    md = tuple(auth.items())
+    small = (IMAGES / "horse.png").read_bytes()  # the messages stay well within the budget
+    busy = tpb.ModelInferRequest(model_name=R18)
+    busy.inputs.add(name="IMAGE", datatype="BYTES", shape=[16]).contents.bytes_contents.extend(
+        [small] * 16
+    )
+    request = tpb.ModelInferRequest(model_name=CIFAR)
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[8]).contents.bytes_contents.extend(
+        [small] * 8
+    )
+    queued = f'model="{CIFAR}"'
+    cancelled = f'endpoint="grpc:ModelInfer",model="{CIFAR}",status="499"'
+    before = metric(key, "imgcls_requests_total", cancelled)
+    for _ in range(5):
+        hold = stub.ModelInfer.future(busy, metadata=md, timeout=120)
+        call = stub.ModelInfer.future(request, metadata=md, timeout=120)
+        wait_for(
+            lambda call=call: call.done() or metric(key, "imgcls_queue_depth", queued) > 0,
+            "the CIFAR call's images queued, or the call answered",
+        )
+        caught = not call.done() and call.cancel()
+        hold.result()
+        if caught:
+            break
+    assert caught, "the CIFAR call was never seen waiting in its queue"
+    wait_for(
+        lambda: metric(key, "imgcls_requests_total", cancelled) == before + 1,
+        "the cancelled call counted as 499",
+    )
 
 
 def infer_ok(data: bytes) -> tpb.ModelInferRequest:

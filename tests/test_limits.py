@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.upload import FORM_OVERHEAD
 from tests import images
 from tests.conftest import CIFAR_WEIGHTS, Running, needs_shared, run_service
 from tests.rawhttp import connect, multipart, read_response, read_until_closed, status_of
@@ -26,6 +27,9 @@ BODY_S = 1.0
 KEEP_ALIVE_S = 1
 SLACK_S = 2.0  # scheduling on a busy 2-core machine; the limits are what is asserted
 MODEL = "cifar10_resnet20"
+UPLOAD_MB = 2
+OIP_MB = 8  # /v2 infer takes bodies over the upload limit
+INFLIGHT_MB = 4
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,9 @@ def limited() -> Iterator[Running]:
         body_min_rate_kb_s=64,
         keep_alive_s=KEEP_ALIVE_S,
         max_header_kb=16,
-        max_upload_mb=2,
+        max_upload_mb=UPLOAD_MB,
+        oip_max_request_mb=OIP_MB,
+        max_inflight_mb=INFLIGHT_MB,
     ) as running:
         yield running
 
@@ -49,6 +55,22 @@ def upload_head(length: int, path: str = f"/classify?model={MODEL}", extra: str 
         f"Content-Type: multipart/form-data; boundary=imgclsboundary\r\n"
         f"Content-Length: {length}\r\n{extra}\r\n"
     ).encode()
+
+
+def v2_head(length: int, path: str = f"/v2/models/{MODEL}/infer") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def requests_counted(url: str, endpoint: str, model: str, status: int) -> float:
+    """imgcls_requests_total for one endpoint, model label and status (0 if never counted)."""
+    line = f'imgcls_requests_total{{endpoint="{endpoint}",model="{model}",status="{status}"}} '
+    for row in httpx.get(f"{url}/metrics").text.splitlines():
+        if row.startswith(line):
+            return float(row[len(line) :])
+    return 0.0
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
@@ -212,6 +234,61 @@ def test_client_gone_mid_body_is_499_not_500(limited):
     assert gone[0].getMessage() == "client disconnected" and gone[0].levelno == logging.INFO
     assert gone[0].exc_info is None and gone[0].fields["status"] == 499  # type: ignore[attr-defined]
     assert not [r for r in errors if r.levelno >= logging.ERROR], [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint", "model"),
+    [
+        (f"/v2/models/{MODEL}/infer", "/v2/models/{name}/infer", MODEL),
+        ("/v2/repository/index", "/v2/repository/index", ""),
+    ],
+)
+def test_client_gone_mid_v2_body_is_499_not_500(limited, path, endpoint, model):
+    """The Open Inference Protocol's routes answer their own errors; a client gone is not one
+    of them (it was answered 500)."""
+    gone = requests_counted(limited.url, endpoint, model, 499)
+    sock = connect(limited.url)
+    sock.sendall(v2_head(5000, path))
+    sock.close()
+    wait_for(
+        lambda: requests_counted(limited.url, endpoint, model, 499) == gone + 1,
+        what=f"a 499 for {endpoint} in imgcls_requests_total",
+    )
+    assert requests_counted(limited.url, endpoint, model, 500) == 0
+
+
+def test_stalled_v2_body_gets_408(limited):
+    budget = limited.app.state.upload_budget
+    sock = connect(limited.url)
+    sock.sendall(v2_head(100_000) + b"{" * 1024)  # then silence
+    data, waited, how = read_until_closed(sock, BODY_S + SLACK_S + 5)
+    assert status_of(data) == 408 and b"IMGCLS_BODY_TIMEOUT_S" in data, data
+    assert how == "closed" and waited < BODY_S + SLACK_S
+    assert requests_counted(limited.url, "/v2/models/{name}/infer", MODEL, 500) == 0
+    wait_for(lambda: budget.used == 0, what="the budget released")
+
+
+def test_v2_bodies_over_the_upload_limit_count_against_the_budget(limited):
+    """/v2 infer reads bodies up to IMGCLS_OIP_MAX_REQUEST_MB, over the upload limit: they are
+    reserved too, so a second one beyond the budget is refused before its body is read."""
+    budget = limited.app.state.upload_budget
+    size = 3 * 1024 * 1024  # over the upload limit (2 MB), within OIP's (8 MB); two > 4 MB
+    assert UPLOAD_MB * 1024 * 1024 + FORM_OVERHEAD < size <= OIP_MB * 1024 * 1024
+    assert 2 * size > INFLIGHT_MB * 1024 * 1024
+    wait_for(lambda: budget.used == 0, what="an idle budget")
+    first = connect(limited.url)
+    second = connect(limited.url)
+    try:
+        first.sendall(v2_head(size) + b"{" * 1024)  # admitted, its body on the way
+        wait_for(lambda: budget.used >= size, what="the first body's reservation")
+        second.sendall(v2_head(size))  # headers only: the answer must not wait for the body
+        status, headers, answer = read_response(second, BODY_S + SLACK_S)
+        assert status == 503 and headers.get("retry-after") == "1", answer
+        assert b"IMGCLS_MAX_INFLIGHT_MB" in answer
+    finally:
+        first.close()
+        second.close()
+    wait_for(lambda: budget.used == 0, what="the budget released")
 
 
 # ---- the budget of uploads in flight ------------------------------------------------------

@@ -4,11 +4,15 @@ Runs in the service's own process and event loop, on ``IMGCLS_GRPC_PORT``, over 
 plane as ``/v2``. Each method converts the message, calls the data plane and converts back;
 exceptions become gRPC status codes from the same mapping as the REST door's status codes.
 When IMGCLS_API_KEY is set, every call but ServerLive/ServerReady needs the metadata
-``authorization: Bearer <key>``.
+``authorization: Bearer <key>`` (the scheme in any case, as over HTTP). A ModelInfer message
+takes its size from the HTTP door's budget of request bodies in flight (IMGCLS_MAX_INFLIGHT_MB)
+for the length of the call: beyond it, UNAVAILABLE with ``retry-after``. A call the client
+cancels (grpc cancels its handler) is counted as 499, as an HTTP client gone mid-request is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
@@ -19,10 +23,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from app.observability import Metrics, access_log
+from app import memory
+from app.limits import InflightBudget
+from app.observability import CLIENT_CLOSED, Metrics, access_log
 from app.oip import grpc_codec as conv
 from app.oip.dataplane import DataPlane
-from app.oip.failures import answer
+from app.oip.failures import ProtocolError, answer
 from app.oip.generated import grpc_predict_v2_pb2 as pb
 from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.service import Service
@@ -58,6 +64,9 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
         status = 200
         try:
             return await method(self, request, context)
+        except asyncio.CancelledError:  # grpc cancels the handler of a call the client left
+            status = CLIENT_CLOSED
+            raise
         except Exception as exc:
             rid = uuid.uuid4().hex
             why = answer(exc, rid, f"/inference.GRPCInferenceService/{method.__name__}")
@@ -75,9 +84,15 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        metrics: Metrics | None = None,
+        budget: InflightBudget | None = None,
+    ) -> None:
         self.plane = plane
         self.metrics = metrics
+        self.budget = budget  # the app's budget of request bodies in flight
 
     def count(self, method: str, request: Any, status: int, elapsed: float) -> None:
         """The HTTP door's request metrics and log line, for a call (endpoint ``grpc:Method``,
@@ -131,8 +146,18 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        answer = await self.plane.infer(conv.infer_request(request))
-        return conv.infer_response(answer)
+        # grpc has received the whole message by now: the reservation bounds how many such
+        # messages are held (and their images decoded) at once, with the HTTP door's bodies.
+        size = request.ByteSize() if self.budget is not None else 0
+        if self.budget is not None and not self.budget.reserve(size):
+            raise ProtocolError(self.budget.refusal(), 503, retry_after=1)
+        try:
+            answer = await self.plane.infer(conv.infer_request(request))
+            return conv.infer_response(answer)
+        finally:
+            if self.budget is not None:
+                self.budget.release(size)
+                memory.after_large_buffer(size)
 
     @_answers_errors
     async def RepositoryIndex(
@@ -156,18 +181,22 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <key>`` metadata (health calls stay open)."""
+    """Refuses calls without ``authorization: Bearer <key>`` metadata (health calls stay open).
+    The scheme is matched in any case (``bearer``, ``BEARER``), the key exactly and in constant
+    time, as ``app.middleware.ApiKeyMiddleware`` does over HTTP."""
 
     def __init__(self, api_key: str) -> None:
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
         self.deny = grpc.unary_unary_rpc_method_handler(_deny)
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         if details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        given = given if isinstance(given, bytes) else str(given).encode()
-        if hmac.compare_digest(given, self.expected):
+        given = given.decode(errors="replace") if isinstance(given, bytes) else str(given)
+        scheme, _, token = given.strip().partition(" ")
+        key = token.strip().encode()
+        if scheme.lower() == "bearer" and hmac.compare_digest(key, self.expected):
             return await continuation(details)
         return self.deny
 
@@ -180,10 +209,14 @@ async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
 
 
 async def start_grpc(
-    service: Service, settings: Settings, metrics: Metrics | None = None
+    service: Service,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    budget: InflightBudget | None = None,
 ) -> grpc.aio.Server:
     """Listen on IMGCLS_GRPC_HOST:IMGCLS_GRPC_PORT in the running event loop; calls are counted
-    in ``metrics`` (the app's) like HTTP requests."""
+    in ``metrics`` (the app's) like HTTP requests, and ModelInfer messages take their size from
+    ``budget`` (the app's, in the same event loop) while they are served."""
     limit = int(settings.oip_max_request_mb * 1024 * 1024)
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(settings.api_key)] if settings.api_key else [],
@@ -194,7 +227,7 @@ async def start_grpc(
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        Servicer(DataPlane(service), metrics), server
+        Servicer(DataPlane(service), metrics, budget), server
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:

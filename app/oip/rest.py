@@ -1,7 +1,8 @@
 """The Open Inference Protocol over REST: ``/v2/...`` on the service's own port.
 
 Each route converts the request, calls the data plane and converts the answer; every exception a
-route raises becomes the protocol's ``{"error": "..."}`` with its status (``OipRoute``).
+route raises becomes the protocol's ``{"error": "..."}`` with its status (``OipRoute``), but for a
+client gone mid-body and the body limits, which the middlewares answer (499, 408, 503).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from app.errors import UploadTooLargeError
+from app.limits import BodyLimitError
 from app.oip import codec
 from app.oip.dataplane import DataPlane
 from app.oip.failures import ProtocolError, answer
@@ -61,6 +64,8 @@ class OipRoute(APIRoute):
                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
                 )
                 return error_response(request, ProtocolError(errs or "invalid request"))
+            except (ClientDisconnect, BodyLimitError):
+                raise  # the middlewares answer these: 499 (client gone), 408 or 503 (limits)
             except Exception as exc:
                 return error_response(request, exc)
 
