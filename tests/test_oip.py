@@ -37,6 +37,7 @@ from tests.conftest import (
     ROOT,
     free_port,
     needs_shared,
+    require_shared,
     run_service,
     shared_image,
 )
@@ -60,8 +61,7 @@ MAX_QUEUE = 16
 
 @pytest.fixture(scope="module")
 def oip(model_dir: Path):
-    if not (CIFAR_WEIGHTS / CIFAR_FILES[CIFAR]).is_file():
-        pytest.skip(f"CIFAR-10 checkpoints not found at {CIFAR_WEIGHTS}")
+    require_shared(CIFAR_WEIGHTS / CIFAR_FILES[CIFAR])
     with run_service(
         models=f"{CIFAR},{R18}",
         weights_dir=model_dir,
@@ -552,40 +552,32 @@ def test_unload_lets_queued_requests_finish(oip, http):
     assert infer().status_code == 404
 
 
-def test_page_model_list_follows_load_and_unload(oip):
+def test_page_model_list_follows_load_and_unload(oip, browser):
     """The demo page lists the served models (from /models) each time it loads: a loaded model
     among them, ready to pick; an unloaded one back under "not loaded", disabled."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("Debian's chromium is not installed (tests/test_page.py has the details)")
-    from playwright.sync_api import sync_playwright
-
     box = f"input[name=models][value='{TARGET}']"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"], headless=True
-        )
-        page = browser.new_context(extra_http_headers=auth()).new_page()
+    context = browser.new_context(extra_http_headers=auth())
+    page = context.new_page()
 
-        def listed() -> bool:
-            page.goto(oip.url + "/")
-            page.wait_for_selector("#model-groups[aria-busy=false]")
-            assert page.is_enabled(f"input[name=models][value='{CIFAR}']")
-            served = page.query_selector(f"fieldset > .model-option {box}") is not None
-            not_loaded = page.query_selector(f"fieldset > details {box}") is not None
-            assert served != not_loaded and page.is_enabled(box) == served
-            return served
+    def listed() -> bool:
+        page.goto(oip.url + "/")
+        page.wait_for_selector("#model-groups[aria-busy=false]")
+        assert page.is_enabled(f"input[name=models][value='{CIFAR}']")
+        served = page.query_selector(f"fieldset > .model-option {box}") is not None
+        not_loaded = page.query_selector(f"fieldset > details {box}") is not None
+        assert served != not_loaded and page.is_enabled(box) == served
+        return served
 
-        try:
-            assert not listed()
-            httpx.post(f"{oip.url}/v2/repository/models/{TARGET}/load", headers=auth(),
-                       timeout=300).raise_for_status()  # fmt: skip
-            assert listed()
-            httpx.post(f"{oip.url}/v2/repository/models/{TARGET}/unload", headers=auth(),
-                       timeout=300).raise_for_status()  # fmt: skip
-            assert not listed()
-        finally:
-            browser.close()
+    try:
+        assert not listed()
+        httpx.post(f"{oip.url}/v2/repository/models/{TARGET}/load", headers=auth(),
+                   timeout=300).raise_for_status()  # fmt: skip
+        assert listed()
+        httpx.post(f"{oip.url}/v2/repository/models/{TARGET}/unload", headers=auth(),
+                   timeout=300).raise_for_status()  # fmt: skip
+        assert not listed()
+    finally:
+        context.close()
 
 
 # ---- gRPC, in a process without imgcls's protobuf names --------------------------------------
