@@ -192,7 +192,7 @@ def test_full_explain_queue_is_503_while_classification_answers() -> None:
 # ---- deletion test over HTTP ----------------------------------------------------------------
 
 SIDE = round(math.sqrt(0.2 * 32 * 32))  # 14 x 14 = 196 px, 19.1% of the image
-PER_CLASS = 4  # 40 images
+PER_CLASS = 20  # 200 images, as in process: the same test, through the API
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -203,8 +203,8 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 def test_deletion_over_http_agrees_with_the_in_process_numbers(client) -> None:
     """Greying out the pixels /explain ranks highest hurts the model's top-1 score far more than
-    greying out those it ranks lowest or a random square of the same area (in-process, on 200
-    images: 0.608 vs 0.102 vs 0.399)."""
+    greying out those it ranks lowest or a random square of the same area (in process, on the same
+    200 images: 0.608 vs 0.102 vs 0.399; measured here: 0.607 vs 0.104 vs 0.389)."""
     files = [p for c in sorted(CIFAR_SAMPLE.iterdir()) for p in sorted(c.glob("*.jpg"))[:PER_CLASS]]
     assert len(files) == 10 * PER_CLASS
     rng = np.random.default_rng(0)
