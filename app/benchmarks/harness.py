@@ -89,12 +89,13 @@ def model_only(
         sync()
         times.append((time.perf_counter() - t) * 1000.0)
     best = max(per_batch, key=lambda b: per_batch[b])
+    precision = runner.precisions[model]  # the model's own (int8) or the worker's
     del runner
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
-        "precision": fast.precision,
-        "channels_last": fast.channels_last,
+        "precision": precision,
+        "channels_last": fast.channels_last and precision != "int8",
         "backend": backend,
         "load_and_warmup_s": round(load_s, 1),
         "images_per_s_by_batch": per_batch,
