@@ -229,11 +229,22 @@ def run_bench(
         flush=True,
     )
     defs = _servers(model, device, precision, max_batch, api_workers)
+    unknown = [name for name in servers if name not in defs]
+    if unknown:
+        raise ValueError(f"unknown servers {unknown}; choose from {', '.join(defs)}")
+    result["failed_servers"] = {}
     for name in servers:
         args, env, health, upload = defs[name]
         port = free_port()
         print(f"== {name}: starting", flush=True)
-        proc = start_server([*args, "--port", str(port)], env, f"http://127.0.0.1:{port}{health}")
+        try:
+            proc = start_server(
+                [*args, "--port", str(port)], env, f"http://127.0.0.1:{port}{health}"
+            )
+        except (RuntimeError, TimeoutError) as exc:  # one peer missing must not lose the run
+            result["failed_servers"][name] = str(exc)[-600:]
+            print(f"   {name} did not start: {str(exc)[-300:]}", flush=True)
+            continue
         try:
             rows: list[dict[str, Any]] = []
             for set_name, images in uploads.items():
@@ -391,6 +402,8 @@ def table(result: dict[str, Any]) -> str:
                 f"{r['images_per_s']:>8.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
                 f"{r['p99_ms']:>8.1f} {r['mean_batch'] or '-':>8} {r['errors']:>8}"
             )
+    for name, reason in result.get("failed_servers", {}).items():
+        lines.append(f"{name:<12} did not start: {reason[-200:]}")
     lines.append("ratios: " + json.dumps(result["ratios"]))
     return "\n".join(lines)
 
