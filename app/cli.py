@@ -85,6 +85,10 @@ def _bench(args: argparse.Namespace) -> int:
         client_processes=args.client_processes,
         model_seconds=args.model_seconds,
         out=Path(args.out),
+        image_sets=tuple(s.strip() for s in args.image_sets.split(",") if s.strip()),
+        model_precisions=tuple(p.strip() for p in args.model_precisions.split(",") if p.strip()),
+        openvino=not args.no_openvino,
+        warmup_s=args.warmup,
     )
     return 0
 
@@ -123,15 +127,26 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda:N")
     b.add_argument("--precision", default="auto")
     b.add_argument("--concurrency", default="1,4,16,32", help="client counts to sweep")
-    b.add_argument("--duration", type=float, default=15.0, help="seconds measured per level")
-    b.add_argument("--batch-sizes", default="1,8,16,32,64", help="model-only batch sweep")
-    b.add_argument("--servers", default="imgcls,naive,litserve")
+    b.add_argument("--duration", type=float, default=6.0, help="seconds measured per level")
+    b.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
+    b.add_argument("--batch-sizes", default="1,8,16,32", help="model-only batch sweep")
+    b.add_argument(
+        "--image-sets", default="small,imagenet,phone", help="upload sizes (small ~160 px, "
+        "imagenet ~500x375, phone 4032x3024), generated from the shared photos"
+    )  # fmt: skip
+    b.add_argument(
+        "--model-precisions", default="", help="more model-only precisions (fp32,bf16,int8)"
+    )
+    b.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO peer")
+    b.add_argument(
+        "--servers", default="imgcls,naive,litserve", help="imgcls, imgcls-int8, naive, litserve"
+    )
     b.add_argument(
         "--max-batch", type=int, help="service batch limit (default: best model-only batch)"
     )
     b.add_argument("--api-workers", type=int, default=1, help="imgcls API processes")
     b.add_argument("--client-processes", type=int, default=1, help="load generator processes")
-    b.add_argument("--model-seconds", type=float, default=5.0, help="per model-only batch size")
+    b.add_argument("--model-seconds", type=float, default=3.0, help="per model-only batch size")
     b.add_argument("--out", default="bench-results")
     b.set_defaults(func=_bench)
     return p

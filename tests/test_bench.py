@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
 
-from app.benchmarks.common import jpeg_corpus
+from app.benchmarks import openvino_peer
+from app.benchmarks.common import IMAGE_SETS, image_set, jpeg_corpus
 from app.benchmarks.harness import run_bench
 from app.benchmarks.loadgen import run_load
 from tests.conftest import CIFAR_WEIGHTS, IMAGES, needs_shared
@@ -65,22 +69,63 @@ def test_load_generator_reads_chunked_responses():
 
 
 @needs_shared(IMAGES)
+def test_image_sets_are_the_shared_photos_at_each_size(monkeypatch):
+    monkeypatch.setenv("IMGCLS_BENCH_IMAGES", str(IMAGES))
+    counts = set()
+    for name, (width, height, _) in IMAGE_SETS.items():
+        uploads = image_set(name)
+        counts.add(len(uploads))
+        for data in uploads:
+            with Image.open(io.BytesIO(data)) as img:
+                assert img.format == "JPEG" and img.size == (width, height)
+    assert len(counts) == 1 and counts.pop() >= 5  # every readable photo, in every set
+    with pytest.raises(ValueError, match="unknown image set"):
+        image_set("huge")
+
+
+def test_openvino_absent_is_reported_not_raised(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    result = openvino_peer.model_only("cifar10_resnet20", [1], 0.1)
+    assert result["available"] is False and "openvino is not installed" in result["reason"]
+
+
+@needs_shared(IMAGES)
 def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
-    """imgcls and the naive baseline, side by side, on a small real model (fp32, no compile)."""
+    """imgcls and the naive baseline, side by side, on a small real model (fp32, no compile),
+    with small and phone-size uploads, and OpenVINO beside model-only where it is installed."""
     monkeypatch.setenv("IMGCLS_BENCH_IMAGES", str(IMAGES))  # the photos the mark checked
     result = run_bench(
-        model="cifar10_resnet20", precision="fp32", concurrency=(1, 2), duration_s=1.0,
+        model="cifar10_resnet20", precision="fp32", concurrency=(1, 2), duration_s=1.5,
         batch_sizes=(1, 4), servers=("imgcls", "naive"), model_seconds=0.3, out=tmp_path,
+        image_sets=("small", "phone"), warmup_s=0.5,
     )  # fmt: skip
     mo = result["model_only"]
     assert mo["best_batch"] in (1, 4) and mo["best_images_per_s"] > 0
+    assert set(result["image_sets"]) == {"small", "phone"}
+    assert (
+        result["image_sets"]["phone"]["upload_bytes_mean"]
+        > 20 * (result["image_sets"]["small"]["upload_bytes_mean"])
+    )
     for name in ("imgcls", "naive"):
         rows = result["http"][name]
-        assert [r["concurrency"] for r in rows] == [1, 2]
+        assert [(r["image_set"], r["concurrency"]) for r in rows] == [
+            ("small", 1), ("small", 2), ("phone", 1), ("phone", 2)
+        ]  # fmt: skip
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows)
     ratios = result["ratios"]
-    assert ratios["service_vs_model_only"] > 0 and ratios["service_vs_naive"] > 0
+    for set_name in ("small", "phone"):
+        r = ratios["by_set"][set_name]
+        assert r["service_vs_model_only"] > 0 and r["service_vs_naive"] > 0
+        assert r["p99_over_p50_at_max_clients"]["concurrency"] == 2
+    assert "imgcls_phone_vs_imagenet" not in ratios  # no ImageNet-size set in this run
+    ov = result["openvino"]
+    if ov["available"]:
+        assert set(ov["images_per_s_by_batch"]) == {1, 4} and ov["best_images_per_s"] > 0
+        assert ov["precision"] in ("bf16", "f32")
+        if ov["precision"] == "f32":  # the fp32 model-only figure is its peer
+            assert ratios["model_only_vs_openvino_same_precision"]["ratio"] > 0
     saved = json.loads((tmp_path / "bench-cifar10_resnet20-cpu.json").read_text())
     assert saved["ratios"] == ratios
     assert (tmp_path / "bench-cifar10_resnet20-cpu.png").stat().st_size > 10_000
-    assert "service_vs_naive" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "service_vs_naive" in out and "OpenVINO" in out

@@ -34,6 +34,53 @@ def jpeg_corpus(folder: Path | None = None, quality: int = 90) -> list[bytes]:
     return out
 
 
+# Upload sets by size, generated from the shared photos: (width, height, JPEG quality). Small
+# thumbnails, ImageNet's typical photo and a 12-megapixel phone photo; what a service decodes grows
+# with the upload, so each is reported apart.
+IMAGE_SETS: dict[str, tuple[int, int, int]] = {
+    "small": (160, 120, 90),
+    "imagenet": (500, 375, 90),
+    "phone": (4032, 3024, 92),
+}
+
+
+def _fit(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Centre-crop ``img`` to the aspect ratio width:height, then resize to exactly that size
+    (photos taller than wide are turned to landscape first, as a phone's sensor records them)."""
+    if img.height > img.width:
+        img = img.transpose(Image.Transpose.ROTATE_90)
+    aspect = width / height
+    w, h = img.size
+    if w / h > aspect:
+        cw, ch = round(h * aspect), h
+    else:
+        cw, ch = w, round(w / aspect)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    return img.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def image_set(name: str, folder: Path | None = None) -> list[bytes]:
+    """The shared photos (or IMGCLS_BENCH_IMAGES) as JPEG uploads of one size (IMAGE_SETS)."""
+    if name not in IMAGE_SETS:
+        raise ValueError(f"unknown image set {name!r}; choose from {', '.join(IMAGE_SETS)}")
+    width, height, quality = IMAGE_SETS[name]
+    folder = folder or Path(os.environ.get("IMGCLS_BENCH_IMAGES", SHARED_IMAGES))
+    out = []
+    for path in sorted(folder.iterdir()):
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except Exception:  # not an image, or one Pillow cannot read
+            continue
+        buf = io.BytesIO()
+        _fit(rgb, width, height).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    if not out:
+        raise RuntimeError(f"no readable images in {folder}")
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

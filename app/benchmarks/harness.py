@@ -1,7 +1,10 @@
 """`imgcls bench`: one model on one device, measured side by side in a single run.
 
 1. model-only: the engine's ceiling (best batch size) and batch-1 latency, in-process;
-2. imgcls over HTTP with real JPEG uploads under closed-loop concurrency;
+   optionally at several precisions (fp32, bf16, int8), and OpenVINO's runtime on the same model
+   (app/benchmarks/openvino_peer.py);
+2. imgcls over HTTP with real JPEG uploads under closed-loop concurrency, one upload set per size
+   (small, ImageNet-size, phone-size: common.IMAGE_SETS);
 3. a naive FastAPI baseline (one fp32 eager forward per request, in a thread);
 4. LitServe serving the same model with the same precision and its own batching;
 5. the ratios. Printed as a table, saved as JSON and a plot of throughput and p99 against
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -20,8 +24,8 @@ from typing import Any
 
 import torch
 
-from app.benchmarks.common import free_port, jpeg_corpus, start_server, stop_server
-from app.benchmarks.loadgen import LoadResult, run_load
+from app.benchmarks.common import IMAGE_SETS, free_port, image_set, start_server, stop_server
+from app.benchmarks.loadgen import run_load
 from app.catalog import build_catalog
 from app.engine import fastpath
 from app.engine.worker import Runner, WorkerConfig
@@ -85,12 +89,13 @@ def model_only(
         sync()
         times.append((time.perf_counter() - t) * 1000.0)
     best = max(per_batch, key=lambda b: per_batch[b])
+    precision = runner.precisions[model]  # the model's own (int8) or the worker's
     del runner
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
-        "precision": fast.precision,
-        "channels_last": fast.channels_last,
+        "precision": precision,
+        "channels_last": fast.channels_last and precision != "int8",
         "backend": backend,
         "load_and_warmup_s": round(load_s, 1),
         "images_per_s_by_batch": per_batch,
@@ -104,7 +109,8 @@ def model_only(
 def _servers(
     model: str, device: str, precision: str, max_batch: int, api_workers: int
 ) -> dict[str, tuple[list[str], dict[str, str], str, str]]:
-    """name -> (python args, env, health path, upload format); ports filled in at start."""
+    """name -> (python args, env, health path, upload format); ports filled in at start.
+    ``imgcls-int8`` serves ``MODEL:int8`` (random int8 weights where none are present)."""
     imgcls_env = {
         "IMGCLS_MODELS": model,
         "IMGCLS_DEVICE": device,
@@ -114,11 +120,12 @@ def _servers(
         "IMGCLS_MAX_BATCH_SIZE": str(max_batch),
         "IMGCLS_LOG_LEVEL": "warning",
     }
+    uvicorn = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--log-level", "warning",
+               "--no-access-log", "--workers", str(api_workers)]  # fmt: skip
     return {
-        "imgcls": (
-            ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--log-level", "warning",
-             "--no-access-log", "--workers", str(api_workers)],
-            imgcls_env, "/readyz", "multipart",
+        "imgcls": (uvicorn, imgcls_env, "/readyz", "multipart"),
+        "imgcls-int8": (
+            uvicorn, {**imgcls_env, "IMGCLS_MODELS": f"{model}:int8"}, "/readyz", "multipart"
         ),
         "naive": (
             ["-m", "app.benchmarks.naive", "--model", model, "--device", device], {}, "/health",
@@ -132,135 +139,271 @@ def _servers(
     }  # fmt: skip
 
 
+def _model_only_name(model: str, precision: str) -> tuple[str, str]:
+    """int8 is a model variant (``MODEL:int8``), the other precisions a worker setting."""
+    return (f"{model}:int8", "auto") if precision == "int8" else (model, precision)
+
+
 def run_bench(
     model: str = "resnet50",
     device: str = "cpu",
     precision: str = "auto",
     concurrency: tuple[int, ...] = (1, 4, 16, 32),
-    duration_s: float = 15.0,
-    batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64),
+    duration_s: float = 6.0,
+    batch_sizes: tuple[int, ...] = (1, 8, 16, 32),
     servers: tuple[str, ...] = ("imgcls", "naive", "litserve"),
     max_batch: int | None = None,
     api_workers: int = 1,
     client_processes: int = 1,
-    model_seconds: float = 5.0,
+    model_seconds: float = 3.0,
     out: Path = Path("bench-results"),
+    image_sets: tuple[str, ...] = ("small", "imagenet", "phone"),
+    model_precisions: tuple[str, ...] = (),
+    openvino: bool = True,
+    warmup_s: float = 2.0,
 ) -> dict[str, Any]:
+    """Everything in one run; HTTP time is bounded by servers x sets x client counts x
+    (warm-up + duration), printed before it starts."""
     out.mkdir(parents=True, exist_ok=True)
-    images = jpeg_corpus()
+    uploads = {name: image_set(name) for name in image_sets}
     result: dict[str, Any] = {
         "model": model,
         "device": device,
         "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": _loadavg(),
         "settings": {
             "duration_s": duration_s,
+            "warmup_s": warmup_s,
             "concurrency": list(concurrency),
             "max_batch": max_batch,
             "api_workers": api_workers,
             "client_processes": client_processes,
-            "upload_bytes_mean": int(sum(map(len, images)) / len(images)),
+        },
+        "image_sets": {
+            name: {
+                "width": IMAGE_SETS[name][0],
+                "height": IMAGE_SETS[name][1],
+                "jpeg_quality": IMAGE_SETS[name][2],
+                "images": len(data),
+                "upload_bytes_mean": int(sum(map(len, data)) / len(data)),
+            }
+            for name, data in uploads.items()
         },
     }
+    served = fastpath.resolve(precision, None, None, device).precision
     if model_seconds > 0:
-        print(f"== {model} on {device}: model-only", flush=True)
-        result["model_only"] = model_only(
-            model, device, precision, list(batch_sizes), model_seconds
-        )
-        print(json.dumps(result["model_only"]), flush=True)
+        by_precision: dict[str, Any] = {}
+        for prec in dict.fromkeys([served, *model_precisions]):
+            name, prec_arg = _model_only_name(model, prec)
+            print(f"== {name} on {device}: model-only ({prec})", flush=True)
+            by_precision[prec] = model_only(
+                name, device, prec_arg, list(batch_sizes), model_seconds
+            )
+            print(json.dumps(by_precision[prec]), flush=True)
+        result["model_only"] = by_precision[served]
+        result["model_only_by_precision"] = by_precision
     else:  # HTTP only (the ceiling measured in another run)
         result["model_only"] = {
             "best_batch": max_batch or 32, "best_images_per_s": float("nan"),
-            "precision": precision, "backend": "-", "batch1_latency_ms": None,
+            "precision": served, "backend": "-", "batch1_latency_ms": None,
         }  # fmt: skip
+        result["model_only_by_precision"] = {}
+    if openvino and model_seconds > 0 and not device.startswith("cuda"):
+        from app.benchmarks import openvino_peer
+
+        print(f"== {model}: OpenVINO model-only", flush=True)
+        try:
+            result["openvino"] = openvino_peer.model_only(model, list(batch_sizes), model_seconds)
+        except Exception as exc:  # a conversion it cannot do is a result, not a crash
+            result["openvino"] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(result["openvino"]), flush=True)
     result["http"] = {}
     if max_batch is None:  # serve with the batch size the engine runs best at on this machine
         max_batch = int(result["model_only"]["best_batch"])
     result["settings"]["max_batch"] = max_batch
+    points = len(servers) * len(uploads) * len(concurrency)
+    print(
+        f"== HTTP: {points} points, {points * (warmup_s + duration_s):.0f} s of load "
+        "(plus server start-up)",
+        flush=True,
+    )
     defs = _servers(model, device, precision, max_batch, api_workers)
+    unknown = [name for name in servers if name not in defs]
+    if unknown:
+        raise ValueError(f"unknown servers {unknown}; choose from {', '.join(defs)}")
+    result["failed_servers"] = {}
     for name in servers:
         args, env, health, upload = defs[name]
         port = free_port()
         print(f"== {name}: starting", flush=True)
-        proc = start_server([*args, "--port", str(port)], env, f"http://127.0.0.1:{port}{health}")
         try:
-            rows: list[LoadResult] = []
-            for c in concurrency:
-                r = run_load(
-                    f"http://127.0.0.1:{port}", images, c, duration_s,
-                    processes=client_processes, upload=upload,
-                )  # fmt: skip
-                print(
-                    f"   {name} c={c}: {r.images_per_s} img/s, p50 {r.p50_ms} ms, "
-                    f"p99 {r.p99_ms} ms, batch {r.mean_batch}, errors {r.errors}",
-                    flush=True,
-                )
-                rows.append(r)
-            result["http"][name] = [asdict(r) for r in rows]
+            proc = start_server(
+                [*args, "--port", str(port)], env, f"http://127.0.0.1:{port}{health}"
+            )
+        except (RuntimeError, TimeoutError) as exc:  # one peer missing must not lose the run
+            result["failed_servers"][name] = str(exc)[-600:]
+            print(f"   {name} did not start: {str(exc)[-300:]}", flush=True)
+            continue
+        try:
+            rows: list[dict[str, Any]] = []
+            for set_name, images in uploads.items():
+                for c in concurrency:
+                    r = run_load(
+                        f"http://127.0.0.1:{port}", images, c, duration_s, warmup_s=warmup_s,
+                        processes=client_processes, upload=upload,
+                    )  # fmt: skip
+                    print(
+                        f"   {name} {set_name} c={c}: {r.images_per_s} img/s, p50 {r.p50_ms} ms, "
+                        f"p99 {r.p99_ms} ms, batch {r.mean_batch}, errors {r.errors}",
+                        flush=True,
+                    )
+                    rows.append({"image_set": set_name, **asdict(r)})
+            result["http"][name] = rows
         finally:
             stop_server(proc)
     result["ratios"] = ratios(result)
-    (out / f"bench-{model}-{device.replace(':', '')}.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / f"bench-{model}-{device.replace(':', '')}.png")
+    stem = f"bench-{model}-{device.replace(':', '')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{stem}.png")
     print(table(result))
     return result
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(rows, key=lambda r: r["images_per_s"])
 
 
-def ratios(result: dict[str, Any]) -> dict[str, Any]:
-    http = result["http"]
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b or b != b:  # missing, zero or NaN
+        return None
+    return round(a / b, 3)
+
+
+def _set_ratios(result: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The issue's targets for one upload set: against the ceiling, the peers, and the tail."""
     out: dict[str, Any] = {}
-    if "imgcls" not in http:
-        return out
-    ours = _best(http["imgcls"])
-    out["service_vs_model_only"] = round(
-        ours["images_per_s"] / result["model_only"]["best_images_per_s"], 3
-    )
+    ours = rows["imgcls"]
+    best = _best(ours)
+    ceiling = result["model_only"]["best_images_per_s"]
+    out["service_vs_model_only"] = _ratio(best["images_per_s"], ceiling)
+    by_c = {r["concurrency"]: r for r in ours}
+    if 16 in by_c:
+        out["service_vs_model_only_at_16"] = _ratio(by_c[16]["images_per_s"], ceiling)
+    top = max(by_c)
+    out["p99_over_p50_at_max_clients"] = {
+        "concurrency": top, "ratio": _ratio(by_c[top]["p99_ms"], by_c[top]["p50_ms"])
+    }  # fmt: skip
     for peer in ("naive", "litserve"):
-        if peer in http:
-            theirs = _best(http[peer])
-            if not theirs["images_per_s"]:
-                continue
-            out[f"service_vs_{peer}"] = round(ours["images_per_s"] / theirs["images_per_s"], 3)
-            same_c = {r["concurrency"]: r for r in http[peer] if r["images_per_s"]}
-            out[f"{peer}_at_same_concurrency"] = [
-                {
-                    "concurrency": r["concurrency"],
-                    "throughput_ratio": round(
-                        r["images_per_s"] / same_c[r["concurrency"]]["images_per_s"], 3
-                    ),
-                    "p99_ratio": round(r["p99_ms"] / same_c[r["concurrency"]]["p99_ms"], 3),
-                }
-                for r in http["imgcls"] if r["concurrency"] in same_c
-            ]  # fmt: skip
+        if peer not in rows:
+            continue
+        theirs = _best(rows[peer])
+        out[f"service_vs_{peer}"] = _ratio(best["images_per_s"], theirs["images_per_s"])
+        same_c = {r["concurrency"]: r for r in rows[peer] if r["images_per_s"]}
+        out[f"{peer}_at_same_concurrency"] = [
+            {
+                "concurrency": r["concurrency"],
+                "throughput_ratio": _ratio(r["images_per_s"], p["images_per_s"]),
+                "p99_ratio": _ratio(r["p99_ms"], p["p99_ms"]),
+            }
+            for r in ours if (p := same_c.get(r["concurrency"]))
+        ]  # fmt: skip
+    if "imgcls-int8" in rows:
+        int8 = _best(rows["imgcls-int8"])
+        if "naive" in rows:
+            out["int8_service_vs_naive"] = _ratio(
+                int8["images_per_s"], _best(rows["naive"])["images_per_s"]
+            )
+        int8_mo = result.get("model_only_by_precision", {}).get("int8")
+        if int8_mo:
+            out["int8_service_vs_model_only"] = _ratio(
+                int8["images_per_s"], int8_mo["best_images_per_s"]
+            )
+    return out
+
+
+def ratios(result: dict[str, Any]) -> dict[str, Any]:
+    sets: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, rows in result["http"].items():
+        for r in rows:
+            sets.setdefault(r.get("image_set", "default"), {}).setdefault(name, []).append(r)
+    out: dict[str, Any] = {}
+    by_set = {s: _set_ratios(result, rows) for s, rows in sets.items() if "imgcls" in rows}
+    if by_set:
+        out["by_set"] = by_set
+    if "phone" in sets and "imagenet" in sets:
+        for name in ("imgcls", "imgcls-int8", "naive", "litserve"):
+            if name in sets["phone"] and name in sets["imagenet"]:
+                out[f"{name}_phone_vs_imagenet"] = _ratio(
+                    _best(sets["phone"][name])["images_per_s"],
+                    _best(sets["imagenet"][name])["images_per_s"],
+                )
+    ov = result.get("openvino") or {}
+    if ov.get("available"):
+        same = {"bf16": "bf16", "f32": "fp32"}.get(ov["precision"])
+        mo = result.get("model_only_by_precision", {}).get(same or "")
+        if mo:
+            out["model_only_vs_openvino_same_precision"] = {
+                "precision": ov["precision"],
+                "ratio": _ratio(mo["best_images_per_s"], ov["best_images_per_s"]),
+            }
     gflops = result["model_only"].get("gflops_per_image")
-    if gflops:
-        out["model_only_tflops"] = round(
-            result["model_only"]["best_images_per_s"] * gflops * 2 / 1000, 3
-        )
+    ceiling = result["model_only"]["best_images_per_s"]
+    if gflops and not math.isnan(ceiling):
+        out["model_only_tflops"] = round(ceiling * gflops * 2 / 1000, 3)
     return out
 
 
 def table(result: dict[str, Any]) -> str:
     mo = result["model_only"]
     hw = result["machine"].get("gpu") or result["machine"]["cpu"]
-    head = ["server", "conc", "img/s", "p50 ms", "p95 ms", "p99 ms", "batch", "errors"]
     lines = [
-        f"{result['model']} on {result['device']} ({hw})",
+        f"{result['model']} on {result['device']} ({hw}), load average at start "
+        f"{result.get('load_average_at_start')}",
         "cpu features: " + (", ".join(result["machine"].get("cpu_features", [])) or "none"),
-        f"model-only ({mo['precision']}, {mo['backend']}): best {mo['best_images_per_s']} img/s "
-        f"at batch {mo['best_batch']}; batch-1 latency {mo['batch1_latency_ms']} ms",
-        f"{head[0]:<10} " + " ".join(f"{h:>9}" for h in head[1:]),
+        "model-only images/s by batch size:",
     ]
+    peers = dict(result.get("model_only_by_precision") or {"served": mo})
+    for prec, m in peers.items():
+        by_batch = ", ".join(f"{b}: {v}" for b, v in m.get("images_per_s_by_batch", {}).items())
+        lines.append(
+            f"  imgcls {prec} ({m['backend']}): best {m['best_images_per_s']} at batch "
+            f"{m['best_batch']}; batch-1 latency {m['batch1_latency_ms']} ms [{by_batch}]"
+        )
+    ov = result.get("openvino")
+    if ov is not None:
+        if ov.get("available"):
+            by_batch = ", ".join(f"{b}: {v}" for b, v in ov["images_per_s_by_batch"].items())
+            lines.append(
+                f"  OpenVINO {ov['precision']} ({ov['performance_hint']}, {ov['infer_requests']} "
+                f"requests): best {ov['best_images_per_s']} at batch {ov['best_batch']} "
+                f"[{by_batch}]"
+            )
+        else:
+            lines.append(f"  OpenVINO: not measured ({ov['reason']})")
+    for name, info in result.get("image_sets", {}).items():
+        lines.append(
+            f"uploads {name}: {info['width']}x{info['height']} JPEG q{info['jpeg_quality']}, "
+            f"{info['images']} photos, {info['upload_bytes_mean']} bytes on average"
+        )
+    head = ["server", "set", "conc", "img/s", "p50 ms", "p95 ms", "p99 ms", "batch", "errors"]
+    lines.append(f"{head[0]:<12} {head[1]:<9} " + " ".join(f"{h:>8}" for h in head[2:]))
     for name, rows in result["http"].items():
         for r in rows:
             lines.append(
-                f"{name:<10} {r['concurrency']:>9} {r['images_per_s']:>9.1f} {r['p50_ms']:>9.1f} "
-                f"{r['p95_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['mean_batch'] or '-':>9} "
-                f"{r['errors']:>9}"
+                f"{name:<12} {r.get('image_set', '-'):<9} {r['concurrency']:>8} "
+                f"{r['images_per_s']:>8.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+                f"{r['p99_ms']:>8.1f} {r['mean_batch'] or '-':>8} {r['errors']:>8}"
             )
+    for name, reason in result.get("failed_servers", {}).items():
+        lines.append(f"{name:<12} did not start: {reason[-200:]}")
     lines.append("ratios: " + json.dumps(result["ratios"]))
     return "\n".join(lines)
 
@@ -271,20 +414,32 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for name, rows in result["http"].items():
-        c = [r["concurrency"] for r in rows]
-        a.plot(c, [r["images_per_s"] for r in rows], marker="o", label=name)
-        b.plot(c, [r["p99_ms"] for r in rows], marker="o", label=name)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    sets = list(dict.fromkeys(r.get("image_set", "-") for v in result["http"].values() for r in v))
+    for k, (name, rows) in enumerate(result["http"].items()):
+        color = f"C{k}"
+        for set_name in sets:
+            part = [r for r in rows if r.get("image_set", "-") == set_name]
+            if not part:
+                continue
+            ls = styles[sets.index(set_name) % len(styles)]
+            c = [r["concurrency"] for r in part]
+            label = f"{name} {set_name}"
+            a.plot(c, [r["images_per_s"] for r in part], ls=ls, c=color, marker="o", label=label)
+            b.plot(c, [r["p99_ms"] for r in part], ls=ls, c=color, marker="o", label=label)
     a.axhline(
         result["model_only"]["best_images_per_s"], ls="--", c="gray", label="model-only ceiling"
     )
+    ov = result.get("openvino") or {}
+    if ov.get("available"):
+        a.axhline(ov["best_images_per_s"], ls=":", c="black", label=f"OpenVINO {ov['precision']}")
     for ax, title in ((a, "throughput (images/s)"), (b, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+    a.legend(fontsize=7)
     b.set_yscale("log")
     hw = result["machine"].get("gpu") or result["machine"]["cpu"]
     fig.suptitle(f"{result['model']} on {result['device']}: {hw}")

@@ -1,0 +1,80 @@
+"""OpenVINO, the runtime CPU users pick instead of PyTorch, as a model-only peer.
+
+The same torchvision model with the same input handling (``NormalizingModel``: uint8 pixels in,
+normalised inside, softmax out) is converted with ``openvino.convert_model`` and compiled for the
+CPU at the best precision OpenVINO reports for this CPU (bf16 where it lists BF16 among the CPU's
+optimisation capabilities, as on AVX512-BF16 or AMX; f32 elsewhere). It runs under its own
+THROUGHPUT hint with an async request queue of the size OpenVINO recommends: OpenVINO at its best
+on this machine, not held to imgcls's one-batch-at-a-time loop. Throughput is measured at the same
+batch sizes as imgcls's model-only figures. Without the ``openvino`` package the result says so
+instead of failing the whole benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from app.catalog import build_catalog
+from app.engine.worker import NormalizingModel
+
+
+def best_precision(core: Any) -> str:
+    """bf16 where OpenVINO's CPU plugin has bf16 kernels for this CPU, else f32."""
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "bf16" if "BF16" in caps else "f32"
+
+
+def model_only(model: str, batch_sizes: list[int], seconds: float = 5.0) -> dict[str, Any]:
+    """images/s per batch size of ``model`` (random weights) on OpenVINO's CPU plugin."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return {"available": False, "reason": f"openvino is not installed ({exc})"}
+    spec = build_catalog().get(model)
+    plan = spec.load_plan(None)
+    pre = plan.preprocess
+    torch_model = NormalizingModel(
+        plan.builder().eval(), pre.mean, pre.std, torch.float32, False
+    ).eval()
+    size = plan.input_size
+    example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    core = ov.Core()
+    precision = best_precision(core)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ov_model = ov.convert_model(torch_model, example_input=example)
+    convert_s = time.perf_counter() - t0
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "THROUGHPUT"}
+    per_batch: dict[int, float] = {}
+    requests = 0
+    for bs in batch_sizes:
+        ov_model.reshape([bs, 3, size, size])
+        compiled = core.compile_model(ov_model, "CPU", config)
+        requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        queue = ov.AsyncInferQueue(compiled, requests)
+        x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8).numpy()
+        for _ in range(requests):  # warm-up: every request once
+            queue.start_async({0: x})
+        queue.wait_all()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            queue.start_async({0: x})  # blocks while every request is busy
+            n += bs
+        queue.wait_all()
+        per_batch[bs] = round(n / (time.perf_counter() - start), 2)
+        del queue, compiled
+    best = max(per_batch, key=lambda b: per_batch[b])
+    return {
+        "available": True,
+        "version": ov.get_version(),
+        "precision": precision,
+        "performance_hint": "THROUGHPUT",
+        "infer_requests": requests,
+        "convert_s": round(convert_s, 1),
+        "images_per_s_by_batch": per_batch,
+        "best_batch": best,
+        "best_images_per_s": per_batch[best],
+    }
