@@ -1,5 +1,6 @@
 """Closed-loop load: C concurrent clients, each uploading a JPEG and waiting for the answer before
-sending the next, for a bounded time, to 127.0.0.1 only. Spread over processes when one Python
+sending the next, for a bounded time, to 127.0.0.1 only. A request counts when it ends inside
+the measured window (throughput and latency percentiles). Spread over processes when one Python
 process cannot generate enough requests (fast GPUs)."""
 
 from __future__ import annotations
@@ -145,7 +146,11 @@ async def _clients(
                 except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
                     ok, body = False, None
                 t1 = time.monotonic()
-                if t0 >= measure_from and t1 <= stop_at:
+                # Counted by when it ends: requests that end inside the window measure the
+                # throughput without bias. Counting only those that also start inside it drops
+                # about one latency per client (latency / duration of the throughput: 11% at 32
+                # clients and 0.85 s over 8 s), which read as a drop at high client counts.
+                if measure_from <= t1 <= stop_at:
                     if ok:
                         latencies.append((t1 - t0) * 1000.0)
                         if isinstance(body, dict) and "batch_size" in body:
