@@ -95,11 +95,12 @@ def test_load_generator_throughput_is_not_cut_by_latency():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        # the window (0.6 s to 2.6 s) starts and ends mid-request for every client
-        r = run_load(url, [b"abc"], concurrency=4, duration_s=2, warmup_s=0.6)
-        assert r.errors == 0 and 250 <= r.p50_ms <= r.p99_ms <= 1.3 * r.p50_ms
+        # the window (0.6 s to 2.1 s) starts and ends mid-request for every client; counting
+        # only requests that start inside it loses about p50 / duration = 18% of them
+        r = run_load(url, [b"abc"], concurrency=4, duration_s=1.5, warmup_s=0.6)
+        assert r.errors == 0 and r.p50_ms >= 250
         served = 4 / (r.p50_ms / 1000)  # what 4 closed-loop clients get at that latency
-        assert abs(r.images_per_s - served) <= 0.08 * served, (r.images_per_s, served)
+        assert abs(r.images_per_s - served) <= 0.1 * served, (r.images_per_s, served)
     finally:
         server.shutdown()
 
