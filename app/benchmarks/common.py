@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,8 +17,11 @@ from PIL import Image
 SHARED_IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
 
 
-def jpeg_corpus(folder: Path | None = None, quality: int = 90) -> list[bytes]:
-    """Real photos as JPEG uploads of varied sizes (from IMGCLS_BENCH_IMAGES or shared data)."""
+def _jpegs(
+    folder: Path | None, quality: int, shape: Callable[[Image.Image], Image.Image]
+) -> list[bytes]:
+    """Every readable photo in ``folder`` (IMGCLS_BENCH_IMAGES, or the shared photos) as RGB,
+    shaped by ``shape`` and encoded as a JPEG upload."""
     folder = folder or Path(os.environ.get("IMGCLS_BENCH_IMAGES", SHARED_IMAGES))
     out = []
     for path in sorted(folder.iterdir()):
@@ -27,11 +31,16 @@ def jpeg_corpus(folder: Path | None = None, quality: int = 90) -> list[bytes]:
         except Exception:  # not an image, or one Pillow cannot read
             continue
         buf = io.BytesIO()
-        rgb.save(buf, "JPEG", quality=quality)
+        shape(rgb).save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
     if not out:
         raise RuntimeError(f"no readable images in {folder}")
     return out
+
+
+def jpeg_corpus(folder: Path | None = None, quality: int = 90) -> list[bytes]:
+    """Real photos as JPEG uploads of varied sizes (from IMGCLS_BENCH_IMAGES or shared data)."""
+    return _jpegs(folder, quality, lambda img: img)
 
 
 # Upload sets by size, generated from the shared photos: (width, height, JPEG quality). Small
@@ -65,20 +74,7 @@ def image_set(name: str, folder: Path | None = None) -> list[bytes]:
     if name not in IMAGE_SETS:
         raise ValueError(f"unknown image set {name!r}; choose from {', '.join(IMAGE_SETS)}")
     width, height, quality = IMAGE_SETS[name]
-    folder = folder or Path(os.environ.get("IMGCLS_BENCH_IMAGES", SHARED_IMAGES))
-    out = []
-    for path in sorted(folder.iterdir()):
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-        except Exception:  # not an image, or one Pillow cannot read
-            continue
-        buf = io.BytesIO()
-        _fit(rgb, width, height).save(buf, "JPEG", quality=quality)
-        out.append(buf.getvalue())
-    if not out:
-        raise RuntimeError(f"no readable images in {folder}")
-    return out
+    return _jpegs(folder, quality, lambda img: _fit(img, width, height))
 
 
 def free_port() -> int:
