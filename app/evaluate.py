@@ -78,7 +78,7 @@ def local_service(models: list[str]) -> Iterator[str]:
     from app.main import create_app
     from app.settings import Settings
 
-    settings = Settings(models=",".join(models))
+    settings = Settings(models=",".join(models), grpc_port=0)  # HTTP only: no fixed port
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")

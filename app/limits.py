@@ -262,8 +262,12 @@ def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[async
         def data_received(self, data: bytes) -> None:
             if self._too_large or self.transport.is_closing():
                 return
+            waiting = self._awaiting
             super().data_received(data)
-            if self._awaiting and not self.transport.is_closing():
+            # Count only data that arrived while headers were awaited and did not complete them.
+            # A chunk that ends a body the app answered early (the exchange ends inside it) is
+            # the old request's: counting it would take a large body's tail for headers (431).
+            if waiting and self._awaiting and not self.transport.is_closing():
                 self._raw += len(data)  # the headers are still incomplete after this data
                 if self._raw > self.max_bytes:
                     self._refuse_too_large()

@@ -151,7 +151,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_WEIGHTS_DIR": str(tmp_path),
         "IMGCLS_PRECISION": "fp32",
         "IMGCLS_COMPILE": "0", "IMGCLS_MAX_BATCH_SIZE": "2", "IMGCLS_THREADS_PER_WORKER": "1",
-        "IMGCLS_SHUTDOWN_GRACE_S": "30", "PORT": str(port),
+        "IMGCLS_SHUTDOWN_GRACE_S": "30", "PORT": str(port), "IMGCLS_GRPC_PORT": "0",
     }  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,

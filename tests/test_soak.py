@@ -122,7 +122,7 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
         **os.environ, "IMGCLS_MODELS": "cifar10_resnet20,cifar10_plain20", "PORT": str(port),
         "IMGCLS_WEIGHTS_DIR": str(tmp_path), "IMGCLS_ALLOW_RANDOM_WEIGHTS": "1",
         "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_PRECISION": "fp32", "IMGCLS_COMPILE": "0",
-        "IMGCLS_LOG_LEVEL": "warning",
+        "IMGCLS_LOG_LEVEL": "warning", "IMGCLS_GRPC_PORT": "0",
     }  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

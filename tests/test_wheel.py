@@ -180,6 +180,7 @@ def test_installed_service_serves_and_stops(installed: Installed, tmp_path: Path
         **installed.env, "HOST": "127.0.0.1", "PORT": str(port),
         "IMGCLS_MODELS": "cifar10_resnet20", "IMGCLS_WEIGHTS_DIR": str(weights),
         "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_COMPILE": "0", "IMGCLS_PRECISION": "fp32",
+        "IMGCLS_GRPC_PORT": "0",
         "IMGCLS_DEVICE": "cpu", "IMGCLS_LOG_LEVEL": "warning",
     }  # fmt: skip
     url = f"http://127.0.0.1:{port}"

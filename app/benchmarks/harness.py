@@ -119,6 +119,7 @@ def _servers(
         "IMGCLS_AUTO_DOWNLOAD": "0",
         "IMGCLS_MAX_BATCH_SIZE": str(max_batch),
         "IMGCLS_LOG_LEVEL": "warning",
+        "IMGCLS_GRPC_PORT": "0",  # HTTP is measured; a fixed gRPC port could be taken
     }
     uvicorn = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--log-level", "warning",
                "--no-access-log", "--workers", str(api_workers)]  # fmt: skip
