@@ -16,6 +16,7 @@ import math
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import CIFAR_SAMPLE, needs_shared, run_service, shared_image
@@ -246,3 +247,42 @@ def test_deletion_over_http_agrees_with_the_in_process_numbers(client) -> None:
     print(f"\ndeletion over HTTP, {len(files)} CIFAR-10 test images, ResNet-56: {means}")
     assert means["highest"] >= 3 * means["lowest"]
     assert means["highest"] > means["random square"]
+
+
+def test_maps_do_not_survive_model_randomisation_over_http(tmp_path) -> None:
+    """Adebayo et al. 2018 through the API: /explain of the trained ResNet-56 and of the same
+    network re-initialised (a custom model), for the trained model's top-1 on the same 200
+    images: their maps share almost no ranking (in process: mean Spearman 0.063)."""
+    from app.catalog.cifar import CIFAR10_LABELS, cifar_resnet
+    from tests.conftest import CIFAR_FILES, CIFAR_WEIGHTS, require_shared
+    from tests.test_explain import spearman
+
+    require_shared(CIFAR_WEIGHTS / CIFAR_FILES["cifar10_resnet56"], CIFAR_SAMPLE)
+    (tmp_path / CIFAR_FILES["cifar10_resnet56"]).symlink_to(
+        CIFAR_WEIGHTS / CIFAR_FILES["cifar10_resnet56"]
+    )
+    torch.manual_seed(0)
+    torch.save(cifar_resnet(56).state_dict(), tmp_path / "r56_random.pt")
+    (tmp_path / "cifar.txt").write_text("\n".join(CIFAR10_LABELS) + "\n")
+    (tmp_path / "m.toml").write_text(
+        '[models.r56_random]\narch = "cifar10_resnet56"\nweights = "r56_random.pt"\n'
+        'labels = "cifar.txt"\npreprocess = "cifar"\n'
+    )
+    files = [p for c in sorted(CIFAR_SAMPLE.iterdir()) for p in sorted(c.glob("*.jpg"))[:PER_CLASS]]
+    rhos = []
+    with run_service(
+        models="cifar10_resnet56,r56_random", weights_dir=tmp_path,
+        model_config_file=tmp_path / "m.toml", explain_queue=64,
+    ) as svc, httpx.Client(base_url=svc.url, timeout=120) as c:  # fmt: skip
+        for path in files:
+            data = path.read_bytes()
+            trained = _explain(c, data, model="cifar10_resnet56")
+            assert trained.status_code == 200, trained.text
+            index = trained.json()["target"]["index"]
+            rand = _explain(c, data, model="r56_random", target=index)
+            assert rand.status_code == 200, rand.text
+            a, b = (torch.tensor(r.json()["heatmap"]["values"]) for r in (trained, rand))
+            rhos.append(0.0 if float(b.max()) == 0.0 else spearman(a, b))  # flat: unrelated
+    mean = float(np.mean(rhos))
+    print(f"\nrandomisation over HTTP, {len(files)} images: mean Spearman {mean:.3f}")
+    assert len(rhos) == 200 and mean < 0.3
