@@ -57,6 +57,59 @@ def test_fast_paths_agree_with_fp32_eager(data, model):
         guard.check(f"{model} {name}", _predict(model, path, x).argmax(1), reference.argmax(1), y)
 
 
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
+def test_batch_norm_folding_keeps_the_answers(data):
+    """Every float model is served with batch norm folded into its convolutions (in fp32, before
+    any cast): on the real CIFAR-10 nets it answers as the unfolded model does, to float
+    rounding, and no batch norm is left in what runs."""
+    from app.engine.checkpoint import load_into
+    from app.engine.worker import NormalizingModel
+
+    x, _ = data
+    for model in CIFAR_FILES:
+        plan = build_catalog().get(model).load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[model]))
+        plain = plan.builder()
+        load_into(plain, Path(plan.weights_path))
+        pre = plan.preprocess
+        plain = NormalizingModel(plain.eval(), pre.mean, pre.std, torch.float32, False)
+        runner = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 50, []))
+        runner.load(plan)
+        served = runner.models[model]
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules()), model
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+        with torch.inference_mode():
+            want = torch.cat([plain(x[i : i + 100]) for i in range(0, len(x), 100)])
+        got = torch.cat([runner.forward(model, x[i : i + 100]) for i in range(0, len(x), 100)])
+        assert torch.equal(got.argmax(1), want.argmax(1)), model
+        assert (got - want).abs().max().item() < 1e-4, model
+
+
+def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
+    """All models on one worker share one compiled code object, and dynamo caches a bounded
+    number of graphs per code object; past it, it ran the next models eagerly while they were
+    reported as inductor. The worker makes room for each model it compiles, and a model that
+    would still run eagerly is reported as eager."""
+    import torch._dynamo
+
+    from app.engine import worker
+
+    catalog = build_catalog()
+    names = ["cifar10_resnet20", "cifar10_plain20"]  # random weights: only the graphs matter
+    torch._dynamo.reset()  # other tests' graphs count towards the same limit
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # room for one model
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
+    assert [runner.load(catalog.get(n).load_plan(None)) for n in names] == ["inductor"] * 2
+    assert torch._dynamo.config.recompile_limit > 2
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(worker, "_allow_compiled_models", lambda compiled: None)
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
+    assert [runner.load(catalog.get(n).load_plan(None)) for n in names] == ["inductor", "eager"]
+    x = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    assert runner.forward(names[1], x).shape == (3, 10)  # served, eagerly
+
+
 def test_defaults_follow_the_hardware():
     cpu = resolve("auto", None, None, "cpu")
     assert cpu.precision == ("bf16" if cpu_has_bf16() else "fp32")
