@@ -188,11 +188,13 @@ def test_image_batch_top1_matches_classify(oip, http, binary):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_pixels_preprocessed_by_the_client_match_image(oip, http, binary):
     from app.catalog import build_catalog
+    from app.engine.decoding import draft_side
     from app.imaging import decode
 
     spec = build_catalog().get(CIFAR)
     files = [shared_image(n) for n in PHOTOS]
-    x = np.stack([spec.transform(decode(f, 10**8)).numpy() for f in files]).astype(np.float32)
+    side = draft_side({0: spec.transform})  # decoded as the server does (IMGCLS_JPEG_DRAFT=1)
+    x = np.stack([spec.transform(decode(f, 10**8, side)).numpy() for f in files])
     inp = th.InferInput("PIXELS", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
     out = th.InferRequestedOutput("PROBABILITIES", binary_data=binary)
@@ -378,6 +380,32 @@ def test_tritonclient_sees_the_status_codes(oip, http):
     with pytest.raises(InferenceServerException) as info:
         http.infer(CIFAR, [image_input([tiny_png(), b"\x00" * 10])], headers=auth())
     assert info.value.status() == "400" and info.value.message().startswith("IMAGE[1]:")
+
+
+def test_binary_images_are_views_into_the_body_not_copies():
+    """Issue 12, point 5: a /v2 upload is held once. The codec reads the binary tensor data as
+    tritonclient writes it (``serialize_byte_tensor``) and hands the image files on as views into
+    the request body; only the JSON header is copied out to be parsed."""
+    from app.oip import codec
+
+    files = [b"\xff\xd8" + os.urandom(3000), b"\x89PNG" + os.urandom(1000)]
+    blob = serialize_byte_tensor(np.array(files, dtype=np.object_)).item()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "IMAGE",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    body = bytearray(head + blob)
+    data = codec.decode_request(body, str(len(head)), "m", None).inputs[0].data
+    assert [bytes(d) for d in data] == files
+    assert all(isinstance(d, memoryview) and d.obj is body for d in data)
 
 
 def test_retry_after_and_status_mapping(caplog):

@@ -21,7 +21,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.oip.failures import ProtocolError
-from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, TensorData
+from app.oip.types import (
+    InferRequest,
+    InferResponse,
+    InputData,
+    InputTensor,
+    OutputRequest,
+    TensorData,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
@@ -99,9 +106,10 @@ def serialize_bytes(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def deserialize_bytes(blob: bytes, name: str, count: int) -> list[bytes]:
-    """The inverse of ``serialize_bytes``; the blob must hold exactly ``count`` elements."""
-    out: list[bytes] = []
+def deserialize_bytes(blob: bytes | memoryview, name: str, count: int) -> list[memoryview]:
+    """The inverse of ``serialize_bytes``; the blob must hold exactly ``count`` elements.
+    The elements are views into ``blob``, not copies."""
+    out: list[memoryview] = []
     view = memoryview(blob)
     pos = 0
     while pos < len(view):
@@ -115,14 +123,16 @@ def deserialize_bytes(blob: bytes, name: str, count: int) -> list[bytes]:
             raise ProtocolError(
                 f"{name}[{len(out)}]: says {n:,} bytes but only {len(view) - pos:,} remain"
             )
-        out.append(bytes(view[pos : pos + n]))
+        out.append(view[pos : pos + n])
         pos += n
     if len(out) != count:
         raise ProtocolError(f"{name}: shape holds {count} elements but the data has {len(out)}")
     return out
 
 
-def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> TensorData:
+def tensor_from_raw(
+    name: str, datatype: str, shape: list[int], raw: bytes | memoryview
+) -> InputData:
     """An input's elements from its raw bytes (binary extension, gRPC raw_input_contents)."""
     count = element_count(shape)
     if datatype == "BYTES":
@@ -194,11 +204,16 @@ def _flatten(name: str, data: list[Any]) -> list[Any]:
 
 # ---- requests ---------------------------------------------------------------------------------
 def decode_request(
-    body: bytes, header_length: str | None, model: str, version: str | None
+    body: bytes | bytearray, header_length: str | None, model: str, version: str | None
 ) -> InferRequest:
-    """A REST infer request: JSON alone, or JSON then binary blobs (``header_length`` bytes)."""
+    """A REST infer request: JSON alone, or JSON then binary blobs (``header_length`` bytes).
+
+    The binary part is not copied: BYTES elements (image files) are views into ``body``, and
+    only the JSON header is copied out of it to be parsed."""
+    head: bytes | bytearray
+    rest = memoryview(body)[len(body) :]
     if header_length is None:
-        head, rest = body, b""
+        head = body
     else:
         try:
             n = int(header_length)
@@ -208,7 +223,8 @@ def decode_request(
             ) from None
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}={n} does not fit the body of {len(body):,} bytes")
-        head, rest = body[:n], body[n:]
+        view = memoryview(body)
+        head, rest = bytes(view[:n]), view[n:]
     try:
         doc = InferenceRequestBody.model_validate_json(head)
     except ValidationError as exc:

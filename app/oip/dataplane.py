@@ -22,7 +22,7 @@ import binascii
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch
 from app import __version__
 from app.catalog import ModelSpec
 from app.errors import ElementError, ModelNotReadyError
+from app.imaging import BytesLike
 from app.oip.failures import ProtocolError, failure
 from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, OutputTensor
 from app.service import Service
@@ -139,13 +140,12 @@ class DataPlane:
         outputs = [_output(o, probs, spec) for o in wanted]
         return InferResponse(req.model, VERSION, req.id, outputs)
 
-    def _items(self, tensor: InputTensor, spec: ModelSpec) -> list[bytes | torch.Tensor]:
+    def _items(self, tensor: InputTensor, spec: ModelSpec) -> list[BytesLike | torch.Tensor]:
         if tensor.name == IMAGE:
             assert isinstance(tensor.data, list)
+            elements = cast("list[BytesLike]", tensor.data)  # views into the body: no copy
             files = (
-                [_from_base64(i, e) for i, e in enumerate(tensor.data)]
-                if tensor.text
-                else tensor.data
+                [_from_base64(i, e) for i, e in enumerate(elements)] if tensor.text else elements
             )
             limit = self.service.settings.max_upload_bytes
             for i, f in enumerate(files):
@@ -224,7 +224,7 @@ def _outputs(req: InferRequest) -> list[OutputRequest]:
     return list(req.outputs)
 
 
-def _from_base64(index: int, text: bytes) -> bytes:
+def _from_base64(index: int, text: BytesLike) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -281,7 +281,7 @@ async def _infer(
         raise ProtocolError(
             f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413
         ) from None
-    answer = await plane.infer(codec.decode_request(bytes(body), length, name, version))
+    answer = await plane.infer(codec.decode_request(body, length, name, version))
     content, headers = codec.encode_response(answer)
     return Response(content, headers=headers)
 

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 TensorData = np.ndarray[Any, Any] | list[bytes]  # numeric elements (flat), or BYTES elements
+# An input's BYTES elements may be views into the request body: an upload is held once.
+InputData = np.ndarray[Any, Any] | list[bytes] | list[memoryview]
 
 
 @dataclass
@@ -18,7 +20,7 @@ class InputTensor:
     name: str
     datatype: str
     shape: list[int]
-    data: TensorData
+    data: InputData
     text: bool = False  # BYTES that came as JSON strings (IMAGE elements are then base64)
 
 
