@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
-from torchvision.transforms.functional import InterpolationMode
+from torchvision.transforms.functional import InterpolationMode, pil_modes_mapping
 from torchvision.transforms.v2 import functional as F2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,12 +88,18 @@ class Preprocess:
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """Resize and crop an RGB image: uint8 tensor (3, S, S).
 
-        An image decoded at a reduced JPEG scale carries its full size in
-        ``info["source_size"]``: it is resized to exactly what the full image would give, so the
-        crop takes the same region (a DCT-scaled side is rounded up to whole blocks)."""
+        An image decoded at a reduced scale (JPEG draft, ``Image.reduce``) carries its full size
+        in ``info["source_size"]`` and the region that holds it in ``info["source_box"]``: that
+        region is resized to exactly what the full image would give, so the crop takes the same
+        region (a scaled side is rounded up to a partial last block, which would otherwise
+        stretch the image by up to a pixel of the scaled size)."""
         source = image.info.get("source_size")
-        size = self._size if source is None else self.resized_size(*source)
-        img = F.resize(image, size, interpolation=self.interpolation, antialias=True)
+        if source is None:
+            img = F.resize(image, self._size, interpolation=self.interpolation, antialias=True)
+        else:  # what F.resize does with a PIL image, on the region that holds the full image
+            height, width = self.resized_size(*source)
+            resample = pil_modes_mapping[self.interpolation]
+            img = image.resize((width, height), resample, box=image.info.get("source_box"))
         if self.crop is not None:
             img = F.center_crop(img, [self.crop])
         return F.pil_to_tensor(img)

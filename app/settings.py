@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(
         True,
         description="decode JPEGs at the smallest DCT scale that keeps 3x the model's resize "
-        "target (phone photos ~4x cheaper); off: the exact, torchvision-identical decode",
+        "target (phone photos ~4x cheaper), and box-reduce other formats by the integer factor "
+        "that keeps 6x before the resize; off: the exact, torchvision-identical decode",
     )
 
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(

@@ -236,11 +236,13 @@ def test_bytes_contents_and_fp32_contents(stub, client, auth):
 def test_pixels_raw_match_image(client, auth):
     sys.path.insert(0, str(ROOT))
     from app.catalog import build_catalog  # the catalog only: no protobuf names
+    from app.engine.decoding import draft_side
     from app.imaging import decode
 
     spec = build_catalog().get(CIFAR)
     files = photos()
-    x = np.stack([spec.transform(decode(f, 10**8)).numpy() for f in files]).astype(np.float32)
+    side = draft_side({0: spec.transform})  # decoded as the server does (IMGCLS_JPEG_DRAFT=1)
+    x = np.stack([spec.transform(decode(f, 10**8, side)).numpy() for f in files])
     inp = tg.InferInput("PIXELS", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     probs = client.infer(CIFAR, [inp], headers=auth).as_numpy("PROBABILITIES")
