@@ -311,6 +311,8 @@ def probe(data: BytesLike, max_pixels: int) -> Probe:
 
 
 Box = tuple[float, float, float, float]
+# JPEG, and MPO (a JPEG with more images after it: phone cameras' Ultra HDR and depth photos)
+SCALED_DECODE = ("JPEG", "MPO")
 
 
 def _draft(img: Image.Image, min_side: int) -> tuple[tuple[int, int], Box] | None:
@@ -321,7 +323,7 @@ def _draft(img: Image.Image, min_side: int) -> tuple[tuple[int, int], Box] | Non
     is rounded up, and its last row or column covers only part of a pixel."""
     width, height = img.size
     short = min(width, height)
-    if img.format != "JPEG" or short < 2 * min_side:
+    if img.format not in SCALED_DECODE or short < 2 * min_side:
         return None
     k = min_side / short
     scaled = img.draft(img.mode, (max(1, math.ceil(width * k)), max(1, math.ceil(height * k))))
@@ -330,12 +332,12 @@ def _draft(img: Image.Image, min_side: int) -> tuple[tuple[int, int], Box] | Non
     return (width, height), scaled[1]
 
 
-def _upright(box: Box, size: tuple[int, int], orientation: int) -> Box:
+def _upright(box: Box, size: tuple[int, int], orientation: object) -> Box:
     """Where the region ``box`` = (0, 0, w, h) of an image of ``size`` lies once the EXIF
     ``orientation`` (2-8, as ``ImageOps.exif_transpose`` applies it) has been applied."""
     width, height = size
     w, h = box[2], box[3]
-    return {
+    moved: dict[object, Box] = {
         2: (width - w, 0, width, h),  # mirrored left-right
         3: (width - w, height - h, width, height),  # rotated 180
         4: (0, height - h, w, height),  # mirrored top-bottom
@@ -343,7 +345,8 @@ def _upright(box: Box, size: tuple[int, int], orientation: int) -> Box:
         6: (height - h, 0, height, w),  # rotated 90 clockwise
         7: (height - h, width - w, height, width),  # transversed
         8: (0, width - w, h, width),  # rotated 90 counter-clockwise
-    }.get(orientation, box)
+    }
+    return moved.get(orientation, box)
 
 
 REDUCE_MARGIN = 2
@@ -380,7 +383,7 @@ def decode(
 
     ``min_side``: the smallest short side the caller needs; a JPEG may then be decoded at a
     reduced DCT scale that keeps at least that much, and other formats are box-reduced by an
-    integer factor that keeps it (None: full size, exact).
+    integer factor that keeps ``REDUCE_MARGIN`` times that (None: full size, exact).
 
     Raises ImageError (400) for empty, unreadable or unsupported data, ImageBudgetError (400) for
     an image over a decode budget (structure, or ``budget_s`` of wall-clock time), and
@@ -396,7 +399,8 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             drafted = _draft(img, min_side) if min_side else None
             img.load()
-            orientation = int(img.getexif().get(0x0112, 1)) if drafted else 1
+            # the raw value, looked up as exif_transpose does (an ASCII "6" turns nothing)
+            orientation = img.getexif().get(0x0112, 1) if drafted else 1
             scaled_size = img.size
             ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright image
             rgb = _to_rgb(img)
@@ -419,6 +423,6 @@ def decode(
         img.close()  # free the pre-conversion pixels now, not when the collector gets to them
     if rgb.size[0] * rgb.size[1] > max_pixels:  # a TIFF page or GIF frame larger than declared
         raise ImageTooLargeError(f"image exceeds the {max_pixels:,}-pixel limit")
-    if min_side and fmt != "JPEG":
+    if min_side and fmt not in SCALED_DECODE:
         rgb = _reduce(rgb, min_side)
     return rgb

@@ -99,7 +99,11 @@ class Preprocess:
         else:  # what F.resize does with a PIL image, on the region that holds the full image
             height, width = self.resized_size(*source)
             resample = pil_modes_mapping[self.interpolation]
-            img = image.resize((width, height), resample, box=image.info.get("source_box"))
+            box = image.info.get("source_box")
+            if box is not None:  # never past the image, whatever the decoder reported
+                x0, y0, x1, y1 = box
+                box = (max(0.0, x0), max(0.0, y0), min(x1, image.width), min(y1, image.height))
+            img = image.resize((width, height), resample, box=box)
         if self.crop is not None:
             img = F.center_crop(img, [self.crop])
         return F.pil_to_tensor(img)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 from app import imaging
 from app.catalog import build_catalog
@@ -23,7 +23,7 @@ from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, IMAGES, nee
 
 # Measured on the shared photos (camera, chelsea, coffee, horse, hubble, motorcycle, rocket,
 # astronaut) at their own size, 2x, 4032 and 3999 px wide, for resnet50, alexnet and the CIFAR
-# squash: JPEG mean 0.044 grey levels over all, worst image 0.19; PNG (box-reduced) 0.028 and
+# squash: JPEG mean 0.045 grey levels over all, worst image 0.19; PNG (box-reduced) 0.028 and
 # 0.17. Before the scaled region was resized as exactly the full image's (``source_box``), a
 # side that is not a whole number of blocks stretched the image by up to one scaled pixel:
 # worst 0.63 (JPEG) and 1.43 (PNG, astronaut at 4032 px reduced by 5).
@@ -77,9 +77,18 @@ def test_other_formats_are_box_reduced_by_the_largest_factor_that_keeps_the_side
     assert big.size == (2250, 1500)  # 6000 // 1392 = 4
     small = _encode(Image.new("RGB", (2700, 3000)), "PNG")
     assert imaging.decode(small, 10**9, side).size == (2700, 3000)  # 2700 < 2 x 1392: as is
-    # the pixel limit is checked on the full frame, before it is reduced
-    with pytest.raises(imaging.ImageTooLargeError):
-        imaging.decode(_encode(Image.new("RGB", (4032, 3024)), "PNG"), 4032 * 3024 - 1, side)
+
+
+def test_mpo_photos_are_drafted_as_jpegs():
+    """A JPEG with more images after it (MPO: phone cameras' Ultra HDR and depth photos) is a
+    JPEG to libjpeg: decoded at a reduced DCT scale, not in full and box-reduced."""
+    side = draft_side({0: build_catalog().get("resnet50").transform})
+    buf = io.BytesIO()
+    first = Image.new("RGB", (4032, 3024), (10, 200, 30))
+    first.save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (640, 480))])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    img = imaging.decode(buf.getvalue(), 10**9, side)
+    assert img.size == (1008, 756) and img.info["source_box"] == (0, 0, 1008, 756)
 
 
 def _save(img: Image.Image, fmt: str) -> bytes:
@@ -113,10 +122,11 @@ def test_draft_pixels_match_the_exact_path_on_real_photos(fmt: str):
 
 def test_scaled_region_follows_the_exif_orientation():
     """The region of a drafted JPEG that holds the image (its last partial block) moves with the
-    EXIF rotation or mirror: every orientation, pixels as the exact decode gives them."""
+    EXIF rotation or mirror as Pillow's own transposes move it; an orientation Pillow does not
+    apply (stored as text) moves nothing."""
     from app.imaging import _upright
 
-    for o in range(1, 9):  # the mapping against Pillow's own transposes
+    for o in range(1, 9):
         marked = Image.new("L", (10, 6), 0)
         marked.paste(255, (0, 0, 7, 4))
         exif = marked.getexif()
@@ -124,8 +134,27 @@ def test_scaled_region_follows_the_exif_orientation():
         marked.info["exif"] = exif.tobytes()
         box = tuple(int(v) for v in _upright((0, 0, 7, 4), (10, 6), o))
         assert ImageOps.exif_transpose(marked).getbbox() == box, o
-    if not IMAGES.is_dir():
-        return
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"MM")
+    ifd[0x0112] = "6"  # ASCII: exif_transpose leaves the image as it is, and so must the box
+    ifd.tagtype[0x0112] = 2
+    buf = io.BytesIO()
+    raw = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08" + ifd.tobytes(8)
+    Image.new("RGB", (1200, 800)).save(buf, "JPEG", exif=raw)
+    assert Image.open(io.BytesIO(buf.getvalue())).getexif().get(0x0112) == "6"
+    img = imaging.decode(buf.getvalue(), 10**9, 96)
+    assert img.size == (150, 100) and img.info["source_size"] == (1200, 800)
+    assert img.info["source_box"] == (0, 0, 150, 100)
+    pixels, _, _ = decode_pixels(
+        buf.getvalue(), 10**9, {0: build_catalog().get("resnet50").transform}, draft=True
+    )
+    assert pixels[0].shape == (3, 224, 224)
+
+
+@needs_shared(IMAGES)
+def test_drafted_photos_match_the_exact_path_in_every_orientation():
+    """Measured: 0.167 grey levels in every orientation. Resizing the region as if upright
+    (without ``_upright``) gave 0.51-0.74 in orientations 2-4 and a region past the image in
+    5-8: the bound tells them apart."""
     photo = Image.open(IMAGES / "chelsea.png").convert("RGB").resize((3999, 2999), Image.BICUBIC)
     transforms = {0: build_catalog().get("resnet50").transform}
     for o in range(1, 9):
@@ -136,7 +165,7 @@ def test_scaled_region_follows_the_exif_orientation():
         exact, _, _ = decode_pixels(buf.getvalue(), 10**9, transforms)
         draft, _, _ = decode_pixels(buf.getvalue(), 10**9, transforms, draft=True)
         d = (exact[0].float() - draft[0].float()).abs().mean().item()
-        assert d <= MAX_IMAGE_DIFF, f"orientation {o}: {d:.2f} grey levels"
+        assert d <= 0.3, f"orientation {o}: {d:.2f} grey levels"
 
 
 # CIFAR test images upscaled (bicubic) and saved as JPEG q92 at three sizes in turn, so that the

@@ -96,7 +96,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     """Batch norm folded into the convolution before it (inference only), in float32, before
     any cast to bf16 or fp16: one convolution with adjusted weights and bias instead of a
     convolution and a normalisation over its whole output. resnet50 bf16 compiled on AVX512-BF16
-    (AMD EPYC, 2 cores): ~41 -> ~47 images/s (docs/PERFORMANCE.md); fp32 folds give the same
+    (AMD EPYC, 2 cores): 44.2 -> 46.8 images/s (docs/PERFORMANCE.md); fp32 folds give the same
     answers to float rounding, and the accuracy guard holds every served path to fp32 eager.
     A model that torch.fx cannot trace (some custom ones) is served as it is."""
     from torch.fx.experimental.optimization import fuse
@@ -182,6 +182,7 @@ class Runner:
         self.plans: dict[str, LoadPlan] = {}
         self.explainers: dict[str, tuple[nn.Module, str]] = {}  # name -> (fp32 eager, layer)
         self._decoder: Decoder | None = None
+        self._compiled_loads = 0  # in this process's life, unloaded ones too (dynamo keeps them)
 
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
@@ -196,7 +197,8 @@ class Runner:
             # Compile time is absorbed here, before the model is reported ready. Dynamic shapes:
             # one graph serves every batch size. Any failure falls back to eager.
             try:
-                _allow_compiled_models(sum(b == "inductor" for b in self.backends.values()))
+                self._compiled_loads += 1
+                _allow_compiled_models(self._compiled_loads)
                 self.models[plan.name] = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
                 with _no_silent_eager():
                     self._warm_up(plan)
@@ -321,17 +323,21 @@ class Runner:
             return model(x).cpu()
 
 
-def _allow_compiled_models(compiled: int) -> None:
-    """Make room for one more compiled model.
+def _allow_compiled_models(loads: int) -> None:
+    """Make room for the ``loads``-th model compiled in this process.
 
     Every served model runs through the same code (``NormalizingModel.forward``), and dynamo
     caches at most ``recompile_limit`` graphs per code object (8 by default), two per model here
-    (batch 1 is specialised, the rest share one dynamic graph). Past the limit dynamo silently
-    runs the frame eagerly: the fifth compiled model on a worker did, while reported as
-    inductor. Graphs of unloaded models stay cached (a model loaded again reuses them), hence
-    the margin; the shapes served are fixed by the service, so there is no recompile storm."""
+    (batch 1 is specialised, the rest share one dynamic graph), and ``accumulated_recompile_limit``
+    in all. Past them it silently runs the frame eagerly: the fifth compiled model on a worker
+    did, while reported as inductor. Graphs of unloaded models stay cached and keep counting,
+    so the room follows every load in the process's life; the shapes served are fixed by the
+    service, so there is no recompile storm to guard against."""
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 64, 4 * (compiled + 1) + 8)
+    need = 4 * loads + 8
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(config, name):  # both in torch 2.11 and 2.14
+            setattr(config, name, max(getattr(config, name), need))
 
 
 def _no_silent_eager() -> Any:
