@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -124,6 +125,10 @@ def test_openvino_absent_is_reported_not_raised(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     result = openvino_peer.model_only("cifar10_resnet20", [1], 0.1)
     assert result["available"] is False and "openvino is not installed" in result["reason"]
+    monkeypatch.setitem(sys.modules, "openvino", types.ModuleType("openvino"))
+    monkeypatch.setitem(sys.modules, "nncf", None)  # its int8 needs NNCF
+    result = openvino_peer.model_only("cifar10_resnet20", [1], 0.1, int8=True)
+    assert result["available"] is False and "nncf is not installed" in result["reason"]
 
 
 @needs_shared(IMAGES)

@@ -219,6 +219,17 @@ def run_bench(
         except Exception as exc:  # a conversion it cannot do is a result, not a crash
             result["openvino"] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(result["openvino"]), flush=True)
+        if "int8" in result["model_only_by_precision"]:  # its int8 beside imgcls's
+            print(f"== {model}: OpenVINO model-only, int8 (NNCF)", flush=True)
+            try:
+                result["openvino_int8"] = openvino_peer.model_only(
+                    model, list(batch_sizes), model_seconds, int8=True
+                )
+            except Exception as exc:
+                result["openvino_int8"] = {
+                    "available": False, "reason": f"{type(exc).__name__}: {exc}"
+                }  # fmt: skip
+            print(json.dumps(result["openvino_int8"]), flush=True)
     result["http"] = {}
     if max_batch is None:  # serve with the batch size the engine runs best at on this machine
         max_batch = int(result["model_only"]["best_batch"])
@@ -355,6 +366,12 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
                 "precision": ov["precision"],
                 "ratio": _ratio(mo["best_images_per_s"], ov["best_images_per_s"]),
             }
+    ov8 = result.get("openvino_int8") or {}
+    mo8 = result.get("model_only_by_precision", {}).get("int8")
+    if ov8.get("available") and mo8:
+        out["model_only_int8_vs_openvino_int8"] = _ratio(
+            mo8["best_images_per_s"], ov8["best_images_per_s"]
+        )
     gflops = result["model_only"].get("gflops_per_image")
     ceiling = result["model_only"]["best_images_per_s"]
     if gflops and not math.isnan(ceiling):
@@ -378,8 +395,9 @@ def table(result: dict[str, Any]) -> str:
             f"  imgcls {prec} ({m['backend']}): best {m['best_images_per_s']} at batch "
             f"{m['best_batch']}; batch-1 latency {m['batch1_latency_ms']} ms [{by_batch}]"
         )
-    ov = result.get("openvino")
-    if ov is not None:
+    for ov in (result.get("openvino"), result.get("openvino_int8")):
+        if ov is None:
+            continue
         if ov.get("available"):
             by_batch = ", ".join(f"{b}: {v}" for b, v in ov["images_per_s_by_batch"].items())
             lines.append(
