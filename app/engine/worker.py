@@ -10,6 +10,7 @@ go back as arrays.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -182,7 +183,6 @@ class Runner:
         self.plans: dict[str, LoadPlan] = {}
         self.explainers: dict[str, tuple[nn.Module, str]] = {}  # name -> (fp32 eager, layer)
         self._decoder: Decoder | None = None
-        self._compiled_loads = 0  # in this process's life, unloaded ones too (dynamo keeps them)
 
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
@@ -197,8 +197,7 @@ class Runner:
             # Compile time is absorbed here, before the model is reported ready. Dynamic shapes:
             # one graph serves every batch size. Any failure falls back to eager.
             try:
-                self._compiled_loads += 1
-                _allow_compiled_models(self._compiled_loads)
+                _allow_compiled_models(next(_COMPILED_LOADS))
                 self.models[plan.name] = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
                 with _no_silent_eager():
                     self._warm_up(plan)
@@ -321,6 +320,11 @@ class Runner:
             else:
                 x = batch
             return model(x).cpu()
+
+
+# Models compiled in this process's life, by every Runner, unloaded ones too: dynamo's caches
+# are per process and keep their graphs.
+_COMPILED_LOADS = itertools.count(1)
 
 
 def _allow_compiled_models(loads: int) -> None:
