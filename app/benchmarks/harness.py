@@ -213,23 +213,18 @@ def run_bench(
     if openvino and model_seconds > 0 and not device.startswith("cuda"):
         from app.benchmarks import openvino_peer
 
-        print(f"== {model}: OpenVINO model-only", flush=True)
-        try:
-            result["openvino"] = openvino_peer.model_only(model, list(batch_sizes), model_seconds)
-        except Exception as exc:  # a conversion it cannot do is a result, not a crash
-            result["openvino"] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(result["openvino"]), flush=True)
+        peers = {"openvino": ("", False)}
         if "int8" in result["model_only_by_precision"]:  # its int8 beside imgcls's
-            print(f"== {model}: OpenVINO model-only, int8 (NNCF)", flush=True)
+            peers["openvino_int8"] = (", int8 (NNCF)", True)
+        for key, (what, int8) in peers.items():
+            print(f"== {model}: OpenVINO model-only{what}", flush=True)
             try:
-                result["openvino_int8"] = openvino_peer.model_only(
-                    model, list(batch_sizes), model_seconds, int8=True
+                result[key] = openvino_peer.model_only(
+                    model, list(batch_sizes), model_seconds, int8=int8
                 )
-            except Exception as exc:
-                result["openvino_int8"] = {
-                    "available": False, "reason": f"{type(exc).__name__}: {exc}"
-                }  # fmt: skip
-            print(json.dumps(result["openvino_int8"]), flush=True)
+            except Exception as exc:  # a conversion it cannot do is a result, not a crash
+                result[key] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(result[key]), flush=True)
     result["http"] = {}
     if max_batch is None:  # serve with the batch size the engine runs best at on this machine
         max_batch = int(result["model_only"]["best_batch"])

@@ -9,6 +9,7 @@ go back as arrays.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -349,8 +350,6 @@ def _no_silent_eager() -> Any:
     instead, so that it is reported (and served) as eager rather than as inductor."""
     config = torch._dynamo.config
     if not hasattr(config, "fail_on_recompile_limit_hit"):  # older torch: nothing to patch
-        import contextlib
-
         return contextlib.nullcontext()
     return config.patch(fail_on_recompile_limit_hit=True)
 

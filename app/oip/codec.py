@@ -210,10 +210,10 @@ def decode_request(
 
     The binary part is not copied: BYTES elements (image files) are views into ``body``, and
     only the JSON header is copied out of it to be parsed."""
+    view = memoryview(body)
     head: bytes | bytearray
-    rest = memoryview(body)[len(body) :]
     if header_length is None:
-        head = body
+        head, rest = body, view[len(view) :]
     else:
         try:
             n = int(header_length)
@@ -223,7 +223,6 @@ def decode_request(
             ) from None
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}={n} does not fit the body of {len(body):,} bytes")
-        view = memoryview(body)
         head, rest = bytes(view[:n]), view[n:]
     try:
         doc = InferenceRequestBody.model_validate_json(head)
