@@ -104,7 +104,7 @@ def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(worker, "_allow_compiled_models", lambda compiled: None)
+    monkeypatch.setattr(worker, "_allow_compiled_graphs", lambda graphs: None)
     runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
     assert [runner.load(catalog.get(n).load_plan(None)) for n in names] == ["inductor", "eager"]
     x = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)

@@ -95,7 +95,8 @@ def model_only(
         torch.cuda.empty_cache()
     return {
         "precision": precision,
-        "channels_last": fast.channels_last and precision != "int8",
+        # int8: channels-last when compiled (PT2E for oneDNN), as torchvision lays it out eager
+        "channels_last": fast.channels_last if precision != "int8" else backend == "inductor",
         "backend": backend,
         "load_and_warmup_s": round(load_s, 1),
         "images_per_s_by_batch": per_batch,
