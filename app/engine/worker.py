@@ -187,6 +187,9 @@ class Runner:
 
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
+        previous = self.models.pop(plan.name, None)
+        if isinstance(previous, Bucketed):  # reloaded in place: free the old graphs first
+            previous.release()
         self.preprocess[plan.name] = plan.preprocess
         self.plans[plan.name] = plan
         self.explainers.pop(plan.name, None)
@@ -198,22 +201,26 @@ class Runner:
             # Compile time is absorbed here, before the model is reported ready. Float models:
             # dynamic shapes, one graph serves every batch size. int8: one graph per batch size
             # (see _inductor_int8). Any failure falls back to eager.
+            compiled: nn.Module | None = None
+            known = len(_inductor_modules())
             try:
-                compiled: nn.Module
                 if precision == "int8":
                     compiled, graphs = _inductor_int8(plan, eager, self.cfg.warmup_batch)
                 else:
                     compiled, graphs = cast(nn.Module, torch.compile(eager, dynamic=True)), 2
                 _allow_compiled_graphs(graphs)
                 self.models[plan.name] = compiled
-                known = len(_inductor_modules())
-                with _no_silent_eager(), _frozen(precision == "int8"):
-                    self._warm_up(plan)
-                if isinstance(compiled, Bucketed):  # compiled here, one model at a time
-                    compiled.generated = _inductor_modules()[known:]
+                try:
+                    with _no_silent_eager(), _frozen(precision == "int8"):
+                        self._warm_up(plan)
+                finally:
+                    if isinstance(compiled, Bucketed):  # compiled here, one model at a time
+                        compiled.generated = _inductor_modules()[known:]
                 backend = "inductor"
             except Exception as exc:
                 log.warning("torch.compile failed for %s, serving eager: %s", plan.name, exc)
+                if isinstance(compiled, Bucketed):
+                    compiled.release()
         if backend == "eager":
             self.models[plan.name] = eager
             self._warm_up(plan)
@@ -241,6 +248,7 @@ class Runner:
         model = self.models.pop(name, None)
         if isinstance(model, Bucketed):
             model.release()
+        del model
         self.backends.pop(name, None)
         self.precisions.pop(name, None)
         self.batch_sizes.pop(name, None)
@@ -271,7 +279,10 @@ class Runner:
         or of already normalised float images."""
         model = self.models[name]
         try:
-            return self._forward(model, batch)
+            out = self._forward(model, batch)
+            if isinstance(model, Bucketed) and model.fell_back:
+                self.backends[name] = "eager"  # what ran, in this and every later answer
+            return out
         except torch.cuda.OutOfMemoryError:
             if batch.shape[0] == 1:
                 raise
@@ -344,13 +355,15 @@ _COMPILED_GRAPHS = 0
 def _allow_compiled_graphs(graphs: int) -> None:
     """Make room for ``graphs`` more compiled graphs in this process.
 
-    Every served model runs through the same code (``NormalizingModel.forward``), and dynamo
-    caches at most ``recompile_limit`` graphs per code object (8 by default): two per float model
-    here (batch 1 is specialised, the rest share one dynamic graph), one per batch size for int8,
-    and ``accumulated_recompile_limit`` in all. Past them it silently runs the frame eagerly: the
-    fifth compiled model on a worker did, while reported as inductor. Graphs of unloaded models
-    stay cached and keep counting, so the room follows every load in the process's life; the
-    shapes served are fixed by the service, so there is no recompile storm to guard against."""
+    Every served float model runs through the same code (``NormalizingModel.forward``), and
+    dynamo caches at most ``recompile_limit`` graphs per code object (8 by default): two per
+    float model here (batch 1 is specialised, the rest share one dynamic graph), and
+    ``accumulated_recompile_limit`` in all. Past them it silently runs the frame eagerly: the
+    fifth compiled model on a worker did, while reported as inductor. Graphs of unloaded float
+    models stay cached and keep counting, so the room follows every load in the process's life;
+    the shapes served are fixed by the service, so there is no recompile storm to guard against.
+    (Compiled int8 models run through code of their own, one graph per batch size, dropped on
+    unload; they are counted too, which only leaves more room.)"""
     global _COMPILED_GRAPHS
     _COMPILED_GRAPHS += graphs
     config = torch._dynamo.config
@@ -365,49 +378,82 @@ def _compilable(plan: LoadPlan, precision: str) -> bool:
     runs FX's eager kernels) and torchao's PT2E quantizer is installed, on the CPU."""
     if precision != "int8":
         return True
+    if plan.calibration is not None:
+        log.info("%s: calibrated int8 runs eagerly (FX kernels)", plan.name)
+        return False
     from app.engine import quantize
 
-    return plan.calibration is None and quantize.inductor_int8_available()
+    if not quantize.inductor_int8_available():
+        log.warning("%s: torchao's PT2E quantizer is not importable: int8 runs eagerly", plan.name)
+        return False
+    return True
 
 
 class Bucketed(nn.Module):
-    """A model compiled for a few fixed batch sizes: a batch runs zero-padded to the next one,
-    a larger batch in chunks of the largest.
+    """A model compiled for a few fixed batch sizes (``batch_buckets``). A batch runs as the
+    next compiled size, zero-padded, where that wastes at most a quarter of it; otherwise it
+    is split: the largest compiled size that fits, then the rest the same way (9 runs as 8 + 1,
+    not as 16). The eager model answers instead, from then on, if the compiled one fails.
 
     Every batch is copied into a tensor made here, so that the compiled graphs always see the
     same kind of tensor (one made in inference mode): a guard on the tensor's kind failing
     would recompile outside the warm-up, without freezing, at a fifth of the speed."""
 
-    def __init__(self, model: nn.Module, sizes: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, sizes: tuple[int, ...], fallback: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.sizes = sizes
+        self.fallback = fallback
+        self.fell_back = False
         # Compiled through a function with a code object of its own: dynamo caches graphs per
         # code object, and frozen graphs hold their own copy of the weights, so this model's
         # graphs are dropped with release() on unload (the shared NormalizingModel.forward would
-        # keep them for the process's life: +170-380 MB per reload of resnet50:int8).
+        # keep them for the process's life: ~120 MB per reload of resnet50:int8). fullgraph: a
+        # graph break would make code objects that are not its own; it fails the warm-up instead.
         self._code = _own_code_run(model)
-        self._compiled = torch.compile(self._code, dynamic=False)
+        self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
         self.generated: list[Any] = []  # inductor's modules made for this model (see release)
 
     def release(self) -> None:
         """Drop this model's compiled graphs: dynamo's cache entries for its code, and the
         modules inductor generated for it, which hold the frozen weights as attributes and
         which inductor's module cache would otherwise keep for the process's life."""
-        torch._dynamo.reset_code(self._code.__code__)
-        loaded = _inductor_modules()
-        for generated in self.generated:
-            if generated in loaded:
-                loaded.remove(generated)
-            name = getattr(generated, "__name__", "")
-            if sys.modules.get(name) is generated:
-                del sys.modules[name]
+        try:
+            torch._dynamo.reset_code(self._code.__code__)
+            loaded = _inductor_modules()
+            for generated in self.generated:
+                if generated in loaded:
+                    loaded.remove(generated)
+                name = getattr(generated, "__name__", "")
+                if sys.modules.get(name) is generated:
+                    del sys.modules[name]
+        except Exception as exc:  # torch internals: at worst memory stays, the worker lives
+            log.warning("could not free the compiled graphs of an int8 model: %s", exc)
         self.generated = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, largest = x.shape[0], self.sizes[-1]
-        if n > largest:
-            return torch.cat([self(x[i : i + largest]) for i in range(0, n, largest)])
+        if self.fell_back:
+            return self.fallback(x)
+        try:
+            return torch.cat([self._run(x[i : i + n], n) for i, n in self._plan(x.shape[0])])
+        except Exception as exc:
+            log.warning("compiled int8 model failed, serving eager from now on: %s", exc)
+            self.fell_back = True
+            return self.fallback(x)
+
+    def _plan(self, n: int) -> list[tuple[int, int]]:
+        """(start, rows) of the pieces a batch of ``n`` runs as."""
+        pieces, start = [], 0
+        while n > 0:
+            size = next((s for s in self.sizes if s >= n), self.sizes[-1])
+            take = min(n, size)
+            if take * 4 < size * 3:  # padding would waste more than a quarter: split
+                take = size = max(s for s in self.sizes if s <= n)
+            pieces.append((start, take))
+            start, n = start + take, n - take
+        return pieces
+
+    def _run(self, x: torch.Tensor, n: int) -> torch.Tensor:
         size = next(s for s in self.sizes if s >= n)
         padded = x.new_zeros((size, *x.shape[1:]))
         padded[:n] = x
@@ -448,8 +494,8 @@ def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.M
     ``batch_buckets(largest)``; returns it and the number of graphs.
 
     Static shapes, because oneDNN's int8 convolutions compiled for a dynamic batch ran at 58% of
-    the static ones (resnet50, batch 8, AMD EPYC: 55 vs 95 images/s); a batch padded up to the
-    next size still runs faster than the eager kernels. Channels-last input, as oneDNN wants."""
+    the static ones (resnet50, batch 8, AMD EPYC, one script: 55 vs 95 images/s). Channels-last
+    input, as oneDNN wants. ``eager`` answers if the compiled model ever fails."""
     from app.engine import quantize
 
     assert isinstance(eager, NormalizingModel)
@@ -457,7 +503,7 @@ def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.M
     graph = quantize.published_pt2e(plan.arch, eager.model, plan.input_size)
     model = NormalizingModel(graph, pre.mean, pre.std, torch.float32, True)
     sizes = batch_buckets(largest)
-    return Bucketed(model, sizes), len(sizes)
+    return Bucketed(model, sizes, eager), len(sizes)
 
 
 def _frozen(freeze: bool) -> Any:
