@@ -277,7 +277,7 @@ def test_compiled_int8_falls_back_to_eager_when_it_cannot_compile(tmp_path: Path
 def test_unloading_compiled_int8_frees_its_graphs(tmp_path: Path):
     """Frozen graphs hold their own copy of the weights, in modules inductor keeps for the
     process's life, and quantizing left each graph in a cache of torchao's: unloaded, the model
-    and its generated modules are gone (resnet50:int8 reloads grew RSS by ~120 MB each)."""
+    and its generated modules are gone (resnet50:int8 reloads grew RSS by ~115 MB each)."""
     spec = build_catalog().get("resnet18:int8")
     file = tmp_path / spec.weights_file
     _published_resnet18(file)

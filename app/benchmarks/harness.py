@@ -95,7 +95,7 @@ def model_only(
         torch.cuda.empty_cache()
     return {
         "precision": precision,
-        # int8: channels-last when compiled (PT2E for oneDNN), as torchvision lays it out eager
+        # int8: channels-last only when compiled (the PT2E graph, for oneDNN)
         "channels_last": fast.channels_last if precision != "int8" else backend == "inductor",
         "backend": backend,
         "load_and_warmup_s": round(load_s, 1),

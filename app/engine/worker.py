@@ -408,7 +408,7 @@ class Bucketed(nn.Module):
         # Compiled through a function with a code object of its own: dynamo caches graphs per
         # code object, and frozen graphs hold their own copy of the weights, so this model's
         # graphs are dropped with release() on unload (the shared NormalizingModel.forward would
-        # keep them for the process's life: ~120 MB per reload of resnet50:int8). fullgraph: a
+        # keep them for the process's life: ~115 MB per reload of resnet50:int8). fullgraph: a
         # graph break would make code objects that are not its own; it fails the warm-up instead.
         self._code = _own_code_run(model)
         self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
