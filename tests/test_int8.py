@@ -26,7 +26,7 @@ from torchvision.models.quantization import resnet50 as quantizable_resnet50
 
 from app import weights
 from app.catalog import build_catalog
-from app.engine import quantize
+from app.engine import quantize, worker
 from app.engine.checkpoint import WeightsError
 from app.engine.fastpath import cpu_features, parse_cpu_flags, resolve
 from app.engine.worker import Bucketed, Runner, WorkerConfig
@@ -272,6 +272,20 @@ def test_compiled_int8_falls_back_to_eager_when_it_cannot_compile(tmp_path: Path
     assert runner.load(plan) == "eager"
     x = torch.zeros(2, 3, 224, 224, dtype=torch.uint8)
     assert runner.forward(plan.name, x).shape == (2, 1000)
+    monkeypatch.undo()
+
+    def broken(model: torch.nn.Module):  # converts, but its compiled graphs fail to run
+        def run(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("a compiled kernel failed")
+
+        return run
+
+    monkeypatch.setattr(worker, "_own_code_run", broken)
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 2, 4, []))
+    assert runner.load(plan) == "eager"  # not reported as inductor while eager answers
+    assert runner.backends[plan.name] == "eager" and not isinstance(
+        runner.models[plan.name], Bucketed
+    )
 
 
 def test_unloading_compiled_int8_frees_its_graphs(tmp_path: Path):

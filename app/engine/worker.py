@@ -216,6 +216,8 @@ class Runner:
                 finally:
                     if isinstance(compiled, Bucketed):  # compiled here, one model at a time
                         compiled.generated = _inductor_modules()[known:]
+                if isinstance(compiled, Bucketed) and compiled.fell_back:
+                    raise RuntimeError("the compiled int8 graphs failed during the warm-up")
                 backend = "inductor"
             except Exception as exc:
                 log.warning("torch.compile failed for %s, serving eager: %s", plan.name, exc)
