@@ -95,20 +95,23 @@ def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
 
     catalog = build_catalog()
     names = ["cifar10_resnet20", "cifar10_plain20"]  # random weights: only the graphs matter
+    # config.patch, not monkeypatch: undoing a monkeypatch on dynamo's config deletes the
+    # setting, and every later compile in the process fails on it
     torch._dynamo.reset()  # other tests' graphs count towards the same limit
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # room for one model
-    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
-    assert [runner.load(catalog.get(n).load_plan(None)) for n in names] == ["inductor"] * 2
-    runner.unload(names[0])  # an unloaded model's graphs still count: a reload has room too
-    assert runner.load(catalog.get(names[0]).load_plan(None)) == "inductor"
+    with torch._dynamo.config.patch(recompile_limit=2):  # room for one model
+        runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
+        assert [runner.load(catalog.get(n).load_plan(None)) for n in names] == ["inductor"] * 2
+        runner.unload(names[0])  # an unloaded model's graphs still count: a reload has room too
+        assert runner.load(catalog.get(names[0]).load_plan(None)) == "inductor"
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(worker, "_allow_compiled_graphs", lambda graphs: None)
-    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
-    assert [runner.load(catalog.get(n).load_plan(None)) for n in names] == ["inductor", "eager"]
-    x = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
-    assert runner.forward(names[1], x).shape == (3, 10)  # served, eagerly
+    with torch._dynamo.config.patch(recompile_limit=2):
+        runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 4, []))
+        loaded = [runner.load(catalog.get(n).load_plan(None)) for n in names]
+        assert loaded == ["inductor", "eager"]
+        x = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+        assert runner.forward(names[1], x).shape == (3, 10)  # served, eagerly
     torch._dynamo.reset()  # leave no graphs of this test to the next
 
 
