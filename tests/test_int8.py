@@ -250,12 +250,12 @@ def test_compiled_batches_are_padded_or_split():
     """A batch runs as the next compiled size when padding wastes at most a quarter of it,
     otherwise as the largest size that fits and the rest (9 as 8 + 1, not as 16)."""
     model = Bucketed(torch.nn.Identity(), (1, 2, 4, 8, 16), torch.nn.Identity())
-    assert model._plan(9) == [(0, 8), (8, 1)]
-    assert model._plan(12) == [(0, 12)]  # padded to 16
-    assert model._plan(5) == [(0, 4), (4, 1)]
-    assert model._plan(3) == [(0, 3)]  # padded to 4
-    assert model._plan(16) == [(0, 16)]
-    assert model._plan(40) == [(0, 16), (16, 16), (32, 8)]
+    assert model._plan(9) == [(0, 8, 8), (8, 1, 1)]
+    assert model._plan(12) == [(0, 12, 16)]  # padded to 16
+    assert model._plan(5) == [(0, 4, 4), (4, 1, 1)]
+    assert model._plan(3) == [(0, 3, 4)]  # padded to 4
+    assert model._plan(16) == [(0, 16, 16)]
+    assert model._plan(40) == [(0, 16, 16), (16, 16, 16), (32, 8, 8)]
 
 
 def test_compiled_int8_falls_back_to_eager_when_it_cannot_compile(tmp_path: Path, monkeypatch):

@@ -206,48 +206,52 @@ def _op(node: torch.fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
+def _through(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose values ``node`` carries unchanged in quantization terms: past observers,
+    pooling, flattening and ReLUs (they keep the quantization of what they read)."""
+    while node.op == "call_module" or (node.op != "placeholder" and _op(node) in _PASS_THROUGH):
+        node = node.args[0]  # type: ignore[assignment]
+    return node
+
+
 def _published_key(node: torch.fx.Node, state: dict[str, Any]) -> str:
     """The module of torchvision's quantized ResNet whose output quantization holds the values
     of ``node``: ``quant`` for the input, a convolution by its name (its ReLU fused into it), a
     residual sum by its block's ``skip_add_relu`` (``add_relu`` in a BasicBlock); pooling,
     flattening and ReLUs keep the quantization of what they read, as in the quantized model."""
-    while True:
-        if node.op == "placeholder":
-            return "quant"
-        if node.op == "call_module":  # an observer
-            node = node.args[0]  # type: ignore[assignment]
-            continue
-        op = _op(node)
-        if op in ("conv2d", "linear"):
-            return _weight_of(node)
-        if op in _PASS_THROUGH:
-            node = node.args[0]  # type: ignore[assignment]
-            continue
-        if op in ("add", "add_"):  # the block's last convolution names the block
-            for arg in node.args:
-                while (
-                    isinstance(arg, torch.fx.Node)
-                    and arg.op != "placeholder"
-                    and (arg.op == "call_module" or _op(arg) in _PASS_THROUGH)
-                ):
-                    arg = arg.args[0]
-                if isinstance(arg, torch.fx.Node) and _op(arg) == "conv2d":
-                    conv = _weight_of(arg)
-                    if ".downsample." not in conv:
-                        block = conv.rsplit(".", 1)[0]  # Bottleneck / BasicBlock
-                        for key in (f"{block}.skip_add_relu", f"{block}.add_relu"):
-                            if f"{key}.scale" in state:
-                                return key
-        raise ValueError(f"no published quantization for {node.op} {node.target}")
+    node = _through(node)
+    if node.op == "placeholder":
+        return "quant"
+    op = _op(node)
+    if op in ("conv2d", "linear"):
+        return _weight_of(node)
+    if op in ("add", "add_"):  # the block's last convolution names the block
+        for arg in node.args:
+            source = _through(arg) if isinstance(arg, torch.fx.Node) else None
+            if source is not None and source.op != "placeholder" and _op(source) == "conv2d":
+                conv = _weight_of(source)
+                if ".downsample." not in conv:
+                    block = conv.rsplit(".", 1)[0]  # Bottleneck / BasicBlock
+                    for key in (f"{block}.skip_add_relu", f"{block}.add_relu"):
+                        if f"{key}.scale" in state:
+                            return key
+    raise ValueError(f"no published quantization for {node.op} {node.target}")
+
+
+def _published_weight(state: dict[str, Any], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A published layer's int8 weight and float bias (a quantized Linear keeps them packed)."""
+    if f"{key}.weight" in state:
+        weight, bias = state[f"{key}.weight"], state[f"{key}.bias"]
+    else:
+        weight, bias = state[f"{key}._packed_params._packed_params"]
+    assert isinstance(weight, torch.Tensor) and weight.is_quantized
+    assert isinstance(bias, torch.Tensor)
+    return weight, bias
 
 
 def _weight_scales(state: dict[str, Any], key: str) -> torch.Tensor:
     """Per output channel scales of a published int8 weight (symmetric: zero points 0)."""
-    weight = state.get(f"{key}.weight")
-    if weight is None:  # a quantized Linear keeps (weight, bias) packed
-        packed = state[f"{key}._packed_params._packed_params"]
-        weight = packed[0]
-    assert isinstance(weight, torch.Tensor) and weight.is_quantized
+    weight, _ = _published_weight(state, key)
     if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         if bool((weight.q_per_channel_zero_points() != 0).any()):
             raise ValueError(f"{key}: asymmetric int8 weights")
@@ -261,13 +265,9 @@ def _float_weights(model: nn.Module, state: dict[str, Any]) -> None:
     """The published int8 weights, dequantized (exactly int8 x scale), into the folded model."""
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d):
-                weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
-            elif isinstance(module, nn.Linear):
-                weight, bias = state[f"{name}._packed_params._packed_params"]
-            else:
+            if not isinstance(module, nn.Conv2d | nn.Linear):
                 continue
-            assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+            weight, bias = _published_weight(state, name)
             module.weight.copy_(weight.dequantize())
             assert module.bias is not None
             module.bias.copy_(bias)
@@ -290,13 +290,16 @@ def published_pt2e(arch: str, quantized: nn.Module, input_size: int) -> nn.Modul
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
     try:
-        return _converted(prepare_pt2e(exported, quantizer), state, convert_pt2e)
+        prepared = prepare_pt2e(exported, quantizer)
+        _publish_numbers(prepared, state)
+        converted: nn.Module = convert_pt2e(prepared)
+        return converted
     finally:
         _forget_modules()
 
 
-def _converted(prepared: torch.fx.GraphModule, state: dict[str, Any], convert: Any) -> nn.Module:
-    """The prepared graph converted with the published numbers in its observers."""
+def _publish_numbers(prepared: torch.fx.GraphModule, state: dict[str, Any]) -> None:
+    """The published scales and zero points into the prepared graph's observers."""
     from torchao.quantization.pt2e.observer import FixedQParamsObserver
 
     for node in prepared.graph.nodes:
@@ -319,8 +322,6 @@ def _converted(prepared: torch.fx.GraphModule, state: dict[str, Any], convert: A
                 dtype=observer.dtype, qscheme=observer.qscheme, quant_min=qmin, quant_max=qmax,
             )  # fmt: skip
             setattr(prepared, str(node.target), fixed)
-    converted: nn.Module = convert(prepared)
-    return converted
 
 
 def _forget_modules() -> None:

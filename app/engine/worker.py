@@ -437,28 +437,30 @@ class Bucketed(nn.Module):
         if self.fell_back:
             return self.fallback(x)
         try:
-            return torch.cat([self._run(x[i : i + n], n) for i, n in self._plan(x.shape[0])])
+            pieces = self._plan(x.shape[0])
+            return torch.cat([self._run(x[i : i + n], size) for i, n, size in pieces])
         except Exception as exc:
             log.warning("compiled int8 model failed, serving eager from now on: %s", exc)
             self.fell_back = True
             return self.fallback(x)
 
-    def _plan(self, n: int) -> list[tuple[int, int]]:
-        """(start, rows) of the pieces a batch of ``n`` runs as."""
+    def _plan(self, n: int) -> list[tuple[int, int, int]]:
+        """(start, rows, compiled size) of the pieces a batch of ``n`` runs as."""
         pieces, start = [], 0
         while n > 0:
             size = next((s for s in self.sizes if s >= n), self.sizes[-1])
             take = min(n, size)
             if take * 4 < size * 3:  # padding would waste more than a quarter: split
                 take = size = max(s for s in self.sizes if s <= n)
-            pieces.append((start, take))
+            pieces.append((start, take, size))
             start, n = start + take, n - take
         return pieces
 
-    def _run(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        size = next(s for s in self.sizes if s >= n)
-        padded = x.new_zeros((size, *x.shape[1:]))
+    def _run(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        n = x.shape[0]
+        padded = x.new_empty((size, *x.shape[1:]))
         padded[:n] = x
+        padded[n:] = 0
         return self._compiled(padded)[:n]
 
 
