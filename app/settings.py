@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
 
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
-        32,
+        "auto",
         description="a batch closes at this size; auto: each model's workers time batch sizes "
         f"1, 2, 4, ... up to {AUTO_BATCH_CAP} at warm-up and use the fastest",
     )

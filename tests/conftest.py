@@ -101,6 +101,9 @@ def run_service(
     # fp32 eager keeps start-up fast; tests/test_fast_paths.py covers the reduced-precision default
     settings_kw.setdefault("precision", "fp32")
     settings_kw.setdefault("compile", False)
+    # a fixed batch limit: the default (auto) times every model at load, for a second or more;
+    # tests/test_batch_size.py serves it, and the servers started as `imgcls serve` use it
+    settings_kw.setdefault("max_batch_size", 32)
     settings_kw.setdefault("log_level", "warning")
     settings_kw.setdefault("grpc_port", 0)  # no fixed port shared by parallel test servers
     settings = Settings(**settings_kw)  # type: ignore[arg-type]

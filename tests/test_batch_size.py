@@ -51,6 +51,8 @@ def test_budget_bounds_the_search():
 
 
 def test_setting_accepts_auto_and_integers(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("IMGCLS_MAX_BATCH_SIZE", raising=False)
+    assert Settings().max_batch_size == "auto"  # the default: measured per model and device
     monkeypatch.setenv("IMGCLS_MAX_BATCH_SIZE", "auto")
     s = Settings()
     assert s.max_batch_size == "auto" and s.batch_cap == AUTO_BATCH_CAP
