@@ -375,10 +375,13 @@ def _split(tmp_path: Path) -> tuple[Path, list[tuple[Path, str]]]:
 
 
 @needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
+@pytest.mark.parametrize("compiled", [False, True], ids=["fx-eager", "pt2e-inductor"])
 @pytest.mark.parametrize("model", list(CIFAR_FILES))
-def test_calibrated_int8_guard(tmp_path: Path, model: str):
+def test_calibrated_int8_guard(tmp_path: Path, model: str, compiled: bool):
     """Calibrated on 500 real CIFAR-10 test images, evaluated on the other 500: top-1 agrees with
-    fp32 on >= 98% and the number correct moves by at most 5 of the 500."""
+    fp32 on >= 98% and the number correct moves by at most 5 of the 500. Both ways a calibrated
+    model is served: with compile off, FX's eager kernels; with it on, the PT2E graph compiled
+    by inductor for batch sizes 1-16 (the 500 images run as 31 x 16 + 4)."""
     folder, evaluate = _split(tmp_path)
     assert len(evaluate) == 500 and len(list(folder.rglob("*.jpg"))) == 500
     catalog = build_catalog()
@@ -387,13 +390,19 @@ def test_calibrated_int8_guard(tmp_path: Path, model: str):
     x = torch.stack([fp32.transform.pixels(Image.open(p).convert("RGB")) for p, _ in evaluate])
     y = np.array([fp32.labels.index(label) for _, label in evaluate])
     checkpoint = str(CIFAR_WEIGHTS / CIFAR_FILES[model])
-    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 2, []))
-    runner.load(fp32.load_plan(checkpoint))
-    assert runner.load(int8.load_plan(checkpoint)) == "eager"
-    assert runner.precisions == {model: "fp32", int8.name: "int8"}
-    ref = runner.forward(model, x).argmax(1).numpy()
+    reference = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 2, []))
+    reference.load(fp32.load_plan(checkpoint))
+    ref = reference.forward(model, x).argmax(1).numpy()
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, compiled, 2, 16, []))
+    assert runner.load(int8.load_plan(checkpoint)) == ("inductor" if compiled else "eager")
+    assert runner.precisions == {int8.name: "int8"}
+    served = runner.models[int8.name]
+    assert isinstance(served, Bucketed) == compiled
     got = runner.forward(int8.name, x).argmax(1).numpy()
-    guard.check(f"{model} int8 (calibrated)", got, ref, y, min_agreement=INT8_MIN_AGREEMENT)
+    assert not (compiled and served.fell_back)  # the compiled graphs answered, not the fallback
+    how = "PT2E, inductor" if compiled else "FX, eager"
+    guard.check(f"{model} int8 (calibrated, {how})", got, ref, y, min_agreement=INT8_MIN_AGREEMENT)
+    runner.unload(int8.name)
 
 
 @needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
@@ -404,7 +413,11 @@ def test_calibrated_int8_over_http(tmp_path: Path):
     file = CIFAR_FILES["cifar10_resnet20"]
     (weights_dir / file).symlink_to(CIFAR_WEIGHTS / file)
     with run_service(
-        models="cifar10_resnet20:int8", weights_dir=weights_dir, int8_calibration=folder
+        models="cifar10_resnet20:int8",
+        weights_dir=weights_dir,
+        int8_calibration=folder,
+        compile=True,  # calibrated through PT2E and compiled for batch sizes 1, 2, 4
+        max_batch_size=4,
     ) as svc:
         img = next(CIFAR_SAMPLE.glob("cat/*.jpg")).read_bytes()
         r = httpx.post(
@@ -415,4 +428,5 @@ def test_calibrated_int8_over_http(tmp_path: Path):
         assert r.status_code == 200, r.text
         entry = httpx.get(f"{svc.url}/models/cifar10_resnet20:int8").json()
     assert r.json()["precision"] == entry["precision"] == "int8"
+    assert r.json()["backend"] == entry["backend"] == "inductor"
     assert entry["acc1"] is None  # the float model's figure is not claimed for int8

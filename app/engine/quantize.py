@@ -5,19 +5,20 @@ int8 is where CPUs without AMX gain most (resnet50 on a 2-core AMD EPYC with VNN
 but only where it is honest: published weights come with their own reference accuracy, and
 models quantized here pass an accuracy guard on real images (tests/test_int8.py).
 
-Post-training quantization uses FX graph mode (``torch.ao.quantization.quantize_fx``) with the
-x86 engine, and runs the result eagerly on fbgemm/oneDNN int8 kernels; the published weights,
-with compile on, run as a PT2E graph compiled by inductor (``published_pt2e``, below; torchao's
-X86InductorQuantizer, which torch 2.14 no longer ships in ``torch.ao``). Calibrating through PT2E
-as well would compile calibrated models too; it is not done yet, and the guard below holds for
-the FX path. FX traces through the CIFAR ResNets' option-A shortcuts (strided slice and
-zero channel padding, no parameters): the slice and pad run on the quantized tensor and the
-residual sum becomes a quantized ``add_relu``. Convolutions narrower than 32 channels and the
-last linear layer stay in float32: few accumulation terms leave int8 rounding little to average
-out, and they held most of the error on the CIFAR ResNets (16-channel first stage): the worst
-top-1 agreement with fp32 on the guard's 500 images rose from 97.6% (resnet44, only the first
-convolution and the last layer in float) to 98.4%; all four pass at 98.4-98.8%. ImageNet ResNets
-keep only their first convolution (3 input channels) in float. Activation ranges are min/max
+Where inductor compiles (``IMGCLS_COMPILE``, on by default with bf16), both run as PT2E graphs
+compiled by inductor (torchao's X86InductorQuantizer, which torch 2.14 no longer ships in
+``torch.ao``): the published weights rebuilt as one (``published_pt2e``, below), calibrated
+models quantized through one (``calibrate_pt2e``). Otherwise post-training quantization uses FX
+graph mode (``torch.ao.quantization.quantize_fx``) with the x86 engine and runs eagerly on
+fbgemm/oneDNN int8 kernels; the guard (tests/test_int8.py) holds both. FX traces through the
+CIFAR ResNets' option-A shortcuts (strided slice and zero channel padding, no parameters): the
+slice and pad run on the quantized tensor and the residual sum becomes a quantized ``add_relu``.
+Both ways, convolutions narrower than 32 channels and the last linear layer stay in float32: few
+accumulation terms leave int8 rounding little to average out, and they held most of the error on
+the CIFAR ResNets (16-channel first stage): with FX, the worst top-1 agreement with fp32 on the
+guard's 500 images rose from 97.6% (resnet44, only the first convolution and the last layer in
+float) to 98.4%; all four pass at 98.4-98.8% (FX) and 98.8-99.6% (PT2E). ImageNet ResNets keep
+only their first convolution (3 input channels) in float. Activation ranges are min/max
 (histogram observers were slower to calibrate and no more accurate here).
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +109,20 @@ def _float_modules(model: nn.Module) -> list[str]:
     return [*narrow, *linears[-1:]]
 
 
+def _calibration_batches(pre: Preprocess, folder: Path) -> Iterator[torch.Tensor]:
+    """The images in ``folder``, preprocessed exactly as for serving, normalised, in batches."""
+    files = calibration_images(folder)
+    for i in range(0, len(files), CALIBRATION_BATCH):
+        chunk = files[i : i + CALIBRATION_BATCH]
+        pixels = torch.stack([pre.pixels(Image.open(f).convert("RGB")) for f in chunk])
+        yield normalize(pixels, pre.mean, pre.std)
+
+
 def calibrate(model: nn.Module, pre: Preprocess, folder: Path) -> nn.Module:
     """Post-training int8 quantization of a float model (eval mode, on the CPU), calibrated on
-    the images in ``folder`` preprocessed as for serving. The result takes normalised float32."""
+    the images in ``folder`` preprocessed as for serving. The result takes normalised float32.
+    FX graph mode, run eagerly on fbgemm/oneDNN kernels: where inductor compiles, the worker
+    calibrates through ``calibrate_pt2e`` instead."""
     from torch.ao.quantization import (
         MinMaxObserver,
         PerChannelMinMaxObserver,
@@ -128,19 +141,64 @@ def calibrate(model: nn.Module, pre: Preprocess, folder: Path) -> nn.Module:
     mapping = get_default_qconfig_mapping(engine).set_global(qconfig)
     for name in _float_modules(model):
         mapping.set_module_name(name, None)
-    files = calibration_images(folder)
     size = pre.output_size
     example = (torch.zeros(1, 3, size, size),)
     prepared = prepare_fx(model.eval(), mapping, example)
     with torch.no_grad():  # observers keep state across batches: not inference tensors
-        for i in range(0, len(files), CALIBRATION_BATCH):
-            chunk = files[i : i + CALIBRATION_BATCH]
-            pixels = torch.stack([pre.pixels(Image.open(f).convert("RGB")) for f in chunk])
-            prepared(normalize(pixels, pre.mean, pre.std))
-    log.info("calibrated int8 on %d images from %s (%s engine)", len(files), folder, engine)
+        for batch in _calibration_batches(pre, folder):
+            prepared(batch)
+    log.info("calibrated int8 (FX) on images from %s (%s engine)", folder, engine)
     converted = convert_fx(prepared).eval()
     _forget_modules()
     return converted
+
+
+PT2E_MARK = "imgcls.pt2e"  # in a GraphModule's meta: a converted PT2E graph, for inductor
+
+
+def calibrate_pt2e(model: nn.Module, pre: Preprocess, folder: Path) -> nn.Module:
+    """The same post-training quantization as ``calibrate`` through PT2E (torchao's
+    X86InductorQuantizer), for inductor to compile: batch norm folded, the same layers kept in
+    float (``_float_modules``), per-channel symmetric int8 weights, activations by their
+    min/max over the calibration images. Returns the converted graph (normalised float32 in,
+    any batch size); run as it is, it computes the int8 numbers in float (slowly), compiled with
+    freezing it runs oneDNN's int8 kernels. On the real CIFAR-10 ResNets the compiled graph
+    agrees with fp32 on 494-498 of the guard's 500 images (FX: 492-494)."""
+    import dataclasses
+
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    graph = _unshared(model.eval())
+    size = pre.output_size
+    example = (torch.zeros(2, 3, size, size),)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(graph, example, dynamic_shapes=({0: batch},)).module()
+    config = x86.get_default_x86_inductor_quantization_config(reduce_range=_reduce_range())
+    # min/max, as the FX path: the default histogram observer searched ~50 s per model here
+    activation = dataclasses.replace(
+        config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver
+    )
+    config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+    quantizer = x86.X86InductorQuantizer().set_global(config)
+    for name in _float_modules(graph):
+        quantizer.set_module_name_qconfig(name, None)
+    try:
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for images in _calibration_batches(pre, folder):
+                prepared(images)
+        converted: torch.fx.GraphModule = convert_pt2e(prepared)
+    finally:
+        _forget_modules()
+    converted.meta[PT2E_MARK] = True
+    log.info("calibrated int8 (PT2E) on images from %s", folder)
+    return converted
+
+
+def is_pt2e(model: nn.Module) -> bool:
+    return isinstance(model, torch.fx.GraphModule) and bool(model.meta.get(PT2E_MARK))
 
 
 # --- Published int8 weights, compiled by inductor (PT2E) ------------------------------------

@@ -128,9 +128,24 @@ def _build_int8(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
         load_into(model, Path(plan.weights_path))
     model.eval()
     if plan.calibration is not None:
-        model = quantize.calibrate(model, plan.preprocess, Path(plan.calibration))
+        model = _calibrated(model, plan, cfg)
     pre = plan.preprocess
     return NormalizingModel(model, pre.mean, pre.std, torch.float32, False)
+
+
+def _calibrated(model: nn.Module, plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
+    """Quantized on the calibration images: through PT2E where inductor will compile it (a
+    graph ``_inductor_int8`` compiles), else, or where the model cannot be exported, with FX
+    (eager int8 kernels)."""
+    from app.engine import quantize
+
+    folder = Path(plan.calibration or "")
+    if cfg.compile and quantize.inductor_int8_available():
+        try:
+            return quantize.calibrate_pt2e(model, plan.preprocess, folder)
+        except Exception as exc:  # not exportable (custom models): the eager FX path
+            log.warning("%s: PT2E calibration failed, calibrating with FX: %s", plan.name, exc)
+    return quantize.calibrate(model, plan.preprocess, folder)
 
 
 class NormalizingModel(nn.Module):
@@ -197,7 +212,7 @@ class Runner:
         eager = _build(plan, self.cfg)
         self.precisions[plan.name] = precision
         backend = "eager"
-        if self.cfg.compile and _compilable(plan, precision):
+        if self.cfg.compile and _compilable(plan, precision, eager):
             # Compile time is absorbed here, before the model is reported ready. Float models:
             # dynamic shapes, one graph serves every batch size. int8: one graph per batch size
             # (see _inductor_int8). Any failure falls back to eager.
@@ -375,16 +390,20 @@ def _allow_compiled_graphs(graphs: int) -> None:
             setattr(config, name, max(getattr(config, name), need))
 
 
-def _compilable(plan: LoadPlan, precision: str) -> bool:
-    """Float models compile everywhere; int8 where its weights are published (calibrated int8
-    runs FX's eager kernels) and torchao's PT2E quantizer is installed, on the CPU."""
+def _compilable(plan: LoadPlan, precision: str, eager: nn.Module) -> bool:
+    """Float models compile everywhere; int8 where torchao's PT2E quantizer is installed, on
+    the CPU: published weights, and calibrated models that were calibrated through PT2E (those
+    calibrated with FX run its eager kernels)."""
     if precision != "int8":
         return True
-    if plan.calibration is not None:
-        log.info("%s: calibrated int8 runs eagerly (FX kernels)", plan.name)
-        return False
     from app.engine import quantize
 
+    if plan.calibration is not None:
+        assert isinstance(eager, NormalizingModel)
+        if not quantize.is_pt2e(eager.model):
+            log.info("%s: calibrated int8 (FX) runs eagerly", plan.name)
+            return False
+        return True
     if not quantize.inductor_int8_available():
         log.warning("%s: torchao's PT2E quantizer is not importable: int8 runs eagerly", plan.name)
         return False
@@ -494,8 +513,9 @@ def batch_buckets(largest: int) -> tuple[int, ...]:
 
 
 def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.Module, int]:
-    """The published int8 model as a PT2E graph, compiled by inductor for each batch size in
-    ``batch_buckets(largest)``; returns it and the number of graphs.
+    """The int8 model as a PT2E graph (published weights: rebuilt here; calibrated: as it was
+    calibrated), compiled by inductor for each batch size in ``batch_buckets(largest)``;
+    returns it and the number of graphs.
 
     Static shapes, because oneDNN's int8 convolutions compiled for a dynamic batch ran at 58% of
     the static ones (resnet50, batch 8, AMD EPYC, one script: 55 vs 95 images/s). Channels-last
@@ -504,7 +524,10 @@ def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.M
 
     assert isinstance(eager, NormalizingModel)
     pre = plan.preprocess
-    graph = quantize.published_pt2e(plan.arch, eager.model, plan.input_size)
+    if plan.calibration is not None:  # eager runs the same graph, emulating int8 in float
+        graph = eager.model
+    else:
+        graph = quantize.published_pt2e(plan.arch, eager.model, plan.input_size)
     model = NormalizingModel(graph, pre.mean, pre.std, torch.float32, True)
     sizes = batch_buckets(largest)
     return Bucketed(model, sizes, eager), len(sizes)
