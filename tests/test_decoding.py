@@ -21,7 +21,7 @@ from PIL import Image
 from app import imaging
 from app.catalog import build_catalog
 from app.engine.batcher import ImageResult, ModelBatcher
-from app.engine.decoding import Decoder, Encoded
+from app.engine.decoding import Decoder, Encoded, decode_pixels
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from tests import guard, images
@@ -120,6 +120,28 @@ def test_undecodable_upload_fails_alone_in_its_batch():
             assert pool.workers[0].alive and pool.workers[0].pid == pid
 
     asyncio.run(scenario())
+
+
+def test_worker_resizes_with_torch_on_its_own_thread_not_the_decode_pool():
+    """With the fast path, the worker's decode threads only decode an image torch will resize:
+    torch's kernels run on OpenMP threads, and a team started by a pool thread spun beside the
+    model's and slowed the next forward pass (resnet50 at one client: 41 -> 48 ms). The batch
+    gives the pixels ``decode_pixels`` gives; a partial last block is resized by Pillow on the
+    pool's thread, from its region, as before."""
+    pre = build_catalog().get("resnet50").transform
+    decoder = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False, draft=True)
+    whole = _jpeg(images.photo((500, 375)), quality=90)  # full size: torch's resize
+    partial = _jpeg(images.photo((3999, 2999)), quality=90)  # drafted to 1/4: 999.75 x 749.75
+    out, _, _ = decoder._pillow(whole, pre)
+    assert isinstance(out, Image.Image)  # decoded only, on the pool's thread
+    out, _, _ = decoder._pillow(partial, pre)
+    assert isinstance(out, torch.Tensor)  # resized by Pillow there
+    prepared = decoder.prepare([Encoded(whole, True), Encoded(partial, True)], pre)
+    assert prepared.rows == [0, 1] and not prepared.errors and prepared.batch is not None
+    for row, data in enumerate((whole, partial)):
+        expected, _, _ = decode_pixels(data, 10**8, {0: pre}, draft=True)
+        assert torch.equal(prepared.batch[row], expected[0])
+    assert all(ms > 0 for ms in prepared.preprocess_ms)
 
 
 def _tensor_decoder(device: str = "cpu") -> Decoder:
