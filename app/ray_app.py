@@ -151,6 +151,10 @@ TopK = Annotated[int, Query(ge=1, le=20)]
 @serve.ingress(api)
 class Ingress:
     def __init__(self, backbones: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
+        # this actor only decodes and resizes: one intra-op thread, as in imgcls's API process
+        # (torch's resize would start OpenMP teams on the decode threads, spinning beside the
+        # replicas)
+        torch.set_num_threads(1)
         self.core = RayCore(backbones, Settings(**settings))
 
     @api.post("/classify", response_model=ClassifyResponse)

@@ -236,13 +236,14 @@ def test_bytes_contents_and_fp32_contents(stub, client, auth):
 def test_pixels_raw_match_image(client, auth):
     sys.path.insert(0, str(ROOT))
     from app.catalog import build_catalog  # the catalog only: no protobuf names
-    from app.engine.decoding import draft_side
-    from app.imaging import decode
+    from app.engine.decoding import decode_pixels
+    from app.preprocess import normalize
 
     spec = build_catalog().get(CIFAR)
     files = photos()
-    side = draft_side({0: spec.transform})  # decoded as the server does (IMGCLS_JPEG_DRAFT=1)
-    x = np.stack([spec.transform(decode(f, 10**8, side)).numpy() for f in files])
+    pre = spec.transform  # decoded and resized as the server does (IMGCLS_JPEG_DRAFT=1)
+    pixels = [decode_pixels(f, 10**8, {0: pre}, draft=True)[0][0] for f in files]
+    x = np.stack([normalize(p, pre.mean, pre.std).numpy() for p in pixels])
     inp = tg.InferInput("PIXELS", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     probs = client.infer(CIFAR, [inp], headers=auth).as_numpy("PROBABILITIES")

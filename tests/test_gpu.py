@@ -83,15 +83,16 @@ def test_cuda_service_end_to_end(tmp_path: Path):
         # the same model in fp32 on the CPU gives the same answer
         spec = build_catalog().get("cifar10_resnet56")
         cpu = spec.builder().eval()
-        from app.engine.decoding import draft_side
-        from app.imaging import decode
+        from app.engine.decoding import decode_pixels
+        from app.preprocess import normalize
         from app.weights import load_into
 
         load_into(cpu, tmp_path / CIFAR_FILES["cifar10_resnet56"])
         with torch.inference_mode():
             img = Image.open(IMAGES / "chelsea.png").convert("RGB")
-            served = decode(data, 10**8, draft_side({0: spec.transform}))  # as the server does
-            expected = torch.softmax(cpu(spec.transform(served).unsqueeze(0)), 1)[0]
+            pre = spec.transform  # decoded and resized as the server does (draft on)
+            served = decode_pixels(data, 10**8, {0: pre}, draft=True)[0][0]
+            expected = torch.softmax(cpu(normalize(served, pre.mean, pre.std).unsqueeze(0)), 1)[0]
         for p in body["predictions"]:
             assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=5e-3)
         # a plain JPEG is decoded by nvjpeg in the CUDA worker (IMGCLS_DECODE=worker, the default)

@@ -188,13 +188,14 @@ def test_image_batch_top1_matches_classify(oip, http, binary):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_pixels_preprocessed_by_the_client_match_image(oip, http, binary):
     from app.catalog import build_catalog
-    from app.engine.decoding import draft_side
-    from app.imaging import decode
+    from app.engine.decoding import decode_pixels
+    from app.preprocess import normalize
 
     spec = build_catalog().get(CIFAR)
     files = [shared_image(n) for n in PHOTOS]
-    side = draft_side({0: spec.transform})  # decoded as the server does (IMGCLS_JPEG_DRAFT=1)
-    x = np.stack([spec.transform(decode(f, 10**8, side)).numpy() for f in files])
+    pre = spec.transform  # decoded and resized as the server does (IMGCLS_JPEG_DRAFT=1)
+    pixels = [decode_pixels(f, 10**8, {0: pre}, draft=True)[0][0] for f in files]
+    x = np.stack([normalize(p, pre.mean, pre.std).numpy() for p in pixels])
     inp = th.InferInput("PIXELS", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
     out = th.InferRequestedOutput("PROBABILITIES", binary_data=binary)
