@@ -311,6 +311,8 @@ def probe(data: BytesLike, max_pixels: int) -> Probe:
 
 
 Box = tuple[float, float, float, float]
+# where a scaled decode records the full image's size and the region that holds it (info keys)
+SCALE_KEYS = ("source_size", "source_box")
 # JPEG, and MPO (a JPEG with more images after it: phone cameras' Ultra HDR and depth photos)
 SCALED_DECODE = ("JPEG", "MPO")
 
@@ -404,6 +406,8 @@ def decode(
             scaled_size = img.size
             ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright image
             rgb = _to_rgb(img)
+            for key in SCALE_KEYS:  # ours only: a PNG's text chunks also land in ``info``
+                rgb.info.pop(key, None)
             if drafted:  # the size a full decode would have had, and where it lies, upright
                 full, box = drafted
                 turned = orientation in (5, 6, 7, 8)

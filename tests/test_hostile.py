@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app import imaging, memory
@@ -297,3 +298,39 @@ def test_upload_is_held_once_as_a_view_into_the_body():
     upload = _parse_multipart(body, b"imgclsboundary", 10**7)
     assert isinstance(upload.data, memoryview) and upload.data.obj is body
     assert bytes(upload.data) == data
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [{"source_size": "09"}, {"source_size": "99", "source_box": "x"}, {"source_box": "0"}],
+    ids=["zero-side", "square", "box"],
+)
+def test_png_text_chunks_cannot_steer_the_resize(client, chunks: dict[str, str]):
+    """A PNG's text chunks land in Pillow's ``info``, where a scaled decode records the full
+    image's size and region: an upload that names them is decoded as the same image without
+    them (a zero side had divided by zero: 400 in the worker, 500 where the API decodes)."""
+    from PIL import PngImagePlugin
+
+    from app.catalog import build_catalog
+    from app.engine.decoding import decode_pixels
+
+    img = images.photo((120, 90))
+    meta = PngImagePlugin.PngInfo()
+    for key, value in chunks.items():
+        meta.add_text(key, value)
+    data, plain = images.encode(img, "PNG", pnginfo=meta), images.encode(img, "PNG")
+    catalog = build_catalog()  # a squash (CIFAR) and a short-side resize (ImageNet)
+    pre = {m: catalog.get(m).transform for m in (MODELS[0], "resnet18")}
+    for draft in (False, True):
+        got = decode_pixels(data, 10**8, pre, draft)[0]
+        want = decode_pixels(plain, 10**8, pre, draft)[0]
+        assert all(torch.equal(got[m], want[m]) for m in pre)
+    answers = {}
+    for name, upload in (("chunks", data), ("plain", plain)):
+        r = client.post("/compare", params={"models": ",".join(MODELS)},
+                        files={"file": ("x.png", upload)})  # fmt: skip
+        assert r.status_code == 200, r.text  # decoded in the API process
+        c = client.post("/classify", params={"model": MODELS[0]}, files={"file": ("x.png", upload)})
+        assert c.status_code == 200, c.text  # decoded in the worker
+        answers[name] = (r.json()["results"][0]["predictions"], c.json()["predictions"])
+    assert answers["chunks"] == answers["plain"]

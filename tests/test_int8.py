@@ -28,6 +28,7 @@ from app import weights
 from app.catalog import build_catalog
 from app.engine import quantize, worker
 from app.engine.checkpoint import WeightsError
+from app.engine.decoding import decode_pixels
 from app.engine.fastpath import cpu_features, parse_cpu_flags, resolve
 from app.engine.worker import Bucketed, Runner, WorkerConfig
 from app.evaluate import list_images
@@ -82,7 +83,7 @@ def test_published_int8_variant_is_served_as_int8(tmp_path: Path):
     assert spec.weights_file == "resnet18_fbgemm_16fa66dd.pth"
     file = tmp_path / spec.weights_file
     _published_resnet18(file)
-    photo = shared_image("chelsea.png")  # PNG: decoded exactly, the same pixels as below
+    photo = shared_image("chelsea.png")  # decoded and resized below as the server does
     # the service's defaults for this machine (bf16 + compile where supported): int8 ignores the
     # precision and, with compile, runs as a PT2E graph compiled for batch sizes 1, 2 and 4
     defaults = resolve("auto", None, None, "cpu")
@@ -113,7 +114,7 @@ def test_published_int8_variant_is_served_as_int8(tmp_path: Path):
     assert (entry["acc1"], entry["acc5"]) == (69.494, 88.882)  # the quantized enum's own figures
     assert info["cpu_features"] == cpu_features().names()
 
-    pixels = spec.transform.pixels(Image.open(io.BytesIO(photo)).convert("RGB"))
+    pixels = decode_pixels(photo, 10**8, {0: spec.transform}, draft=True)[0][0]
     with torch.inference_mode():
         logits = _reference_int8(file)(
             normalize(pixels[None], spec.transform.mean, spec.transform.std)

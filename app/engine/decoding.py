@@ -104,9 +104,11 @@ def resize(
 ) -> dict[K, torch.Tensor]:
     """The uint8 pixels of a decoded image for each transform (see ``decode_pixels``); closes
     the image and hands a large one's memory back."""
+    tensor = None
     try:
         source = _tensor_source(image) if draft else None
-        tensor = F.pil_to_tensor(image) if source is not None else None
+        if source is not None and any(t.tensor_resize for t in transforms.values()):
+            tensor = F.pil_to_tensor(image)  # a copy of the decoded pixels
         return {
             key: (
                 t.pixels_from_tensor(tensor, source).contiguous()
@@ -118,7 +120,7 @@ def resize(
     finally:
         pixels = image.size[0] * image.size[1]
         image.close()
-        del image
+        del image, tensor  # both gone before the allocator is asked to give memory back
         memory.after_large_buffer(pixels * 3)
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from app.engine.fastpath import cpu_features
@@ -42,6 +41,7 @@ log = logging.getLogger("imgcls.quantize")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_CALIBRATION_IMAGES = 512
+CALIBRATION_MAX_PIXELS = 200_000_000  # the operator's own files: only a sanity bound
 CALIBRATION_BATCH = 64
 
 
@@ -110,11 +110,15 @@ def _float_modules(model: nn.Module) -> list[str]:
 
 
 def _calibration_batches(pre: Preprocess, folder: Path) -> Iterator[torch.Tensor]:
-    """The images in ``folder``, preprocessed exactly as for serving, normalised, in batches."""
+    """The images in ``folder``, normalised, in batches: decoded as uploads are (EXIF
+    orientation, transparency on white; ``imaging.decode``) and resized by the exact path."""
+    from app.engine.decoding import decode_pixels
+
     files = calibration_images(folder)
     for i in range(0, len(files), CALIBRATION_BATCH):
         chunk = files[i : i + CALIBRATION_BATCH]
-        pixels = torch.stack([pre.pixels(Image.open(f).convert("RGB")) for f in chunk])
+        found = [decode_pixels(f.read_bytes(), CALIBRATION_MAX_PIXELS, {0: pre}) for f in chunk]
+        pixels = torch.stack([by_key[0] for by_key, _, _ in found])
         yield normalize(pixels, pre.mean, pre.std)
 
 

@@ -140,6 +140,7 @@ def _calibrated(model: nn.Module, plan: LoadPlan, cfg: WorkerConfig) -> nn.Modul
     from app.engine import quantize
 
     folder = Path(plan.calibration or "")
+    quantize.calibration_images(folder)  # a missing or empty folder fails here, once
     if cfg.compile and quantize.inductor_int8_available():
         try:
             return quantize.calibrate_pt2e(model, plan.preprocess, folder)
