@@ -253,7 +253,7 @@ class InferenceCore(ABC):
         """Check an upload's header (the same 4xx answers as decoding) for a worker to decode.
         Off the event loop: a crafted file can make a header slow to parse."""
         probe = await asyncio.to_thread(imaging.probe, data, self.settings.max_pixels)
-        return Encoded(data, probe.plain_jpeg)
+        return Encoded(data, probe.plain_jpeg, (probe.width, probe.height), probe.progressive)
 
     # ---- the operations ----------------------------------------------------------------------
     async def classify(

@@ -248,6 +248,7 @@ class Probe:
     width: int
     height: int
     orientation: int  # EXIF orientation, 1 when absent
+    progressive: bool = False  # a progressive JPEG: any number of scans (see Decoder)
 
     @property
     def plain_jpeg(self) -> bool:
@@ -307,7 +308,8 @@ def probe(data: BytesLike, max_pixels: int) -> Probe:
         orientation = int(img.getexif().get(0x0112, 1)) if img.format == "JPEG" else 1
     except Exception:  # a malformed EXIF block: let the full decoder deal with the image
         orientation = 0
-    return Probe(str(img.format), img.mode, img.size[0], img.size[1], orientation)
+    progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+    return Probe(str(img.format), img.mode, img.size[0], img.size[1], orientation, progressive)
 
 
 Box = tuple[float, float, float, float]
@@ -315,6 +317,11 @@ Box = tuple[float, float, float, float]
 SCALE_KEYS = ("source_size", "source_box")
 # JPEG, and MPO (a JPEG with more images after it: phone cameras' Ultra HDR and depth photos)
 SCALED_DECODE = ("JPEG", "MPO")
+
+
+def draft_scales(short_side: int, min_side: int) -> bool:
+    """Whether ``decode`` may decode a JPEG with this short side at a reduced DCT scale."""
+    return short_side >= 2 * min_side
 
 
 def _draft(img: Image.Image, min_side: int) -> tuple[tuple[int, int], Box] | None:
@@ -325,7 +332,7 @@ def _draft(img: Image.Image, min_side: int) -> tuple[tuple[int, int], Box] | Non
     is rounded up, and its last row or column covers only part of a pixel."""
     width, height = img.size
     short = min(width, height)
-    if img.format not in SCALED_DECODE or short < 2 * min_side:
+    if img.format not in SCALED_DECODE or not draft_scales(short, min_side):
         return None
     k = min_side / short
     scaled = img.draft(img.mode, (max(1, math.ceil(width * k)), max(1, math.ceil(height * k))))

@@ -161,6 +161,11 @@ class CompareResponse(BaseModel):
     request_id: str
 
 
+class JpegDecodePick(BaseModel):
+    decoder: str = Field(description="nvjpeg, or pillow (on the worker's threads, with draft)")
+    ms_per_image: dict[str, float] = Field(description="decode and resize, each decoder")
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -185,6 +190,12 @@ class ModelEntry(BaseModel):
     backend: str | None
     batch_size: int | None = Field(
         None, description="largest batch it runs in (measured with IMGCLS_MAX_BATCH_SIZE=auto)"
+    )
+    jpeg_decode: dict[str, JpegDecodePick] | None = Field(
+        None,
+        description="on a CUDA worker: per upload size (WxH), the JPEG decoder that measured "
+        "faster at load, nvjpeg or Pillow, and both times; each upload goes to the pick for "
+        "the nearest size",
     )
 
 

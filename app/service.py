@@ -150,7 +150,7 @@ class Service(InferenceCore):
                         warmup_batch=self.settings.batch_cap, plans=plans,
                         auto_batch=self.settings.max_batch_size == "auto",
                         max_pixels=self.settings.max_pixels,
-                        jpeg_on_device=device.startswith("cuda"),
+                        jpeg_on_device=self.decode_in_worker,  # timed per size at load
                         jpeg_draft=self.settings.jpeg_draft,
                     )
                 )  # fmt: skip
@@ -294,6 +294,9 @@ class Service(InferenceCore):
             precision=st.precision,
             backend=st.backend,
             batch_size=self.batch_size(name) if st.status == "ready" else None,
+            jpeg_decode=self.pool.jpeg_decode(name)
+            if self.pool is not None and st.status == "ready"
+            else None,
         )
         if labels:
             entry["labels"] = list(spec.labels)

@@ -12,6 +12,7 @@ import asyncio
 import io
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -21,7 +22,14 @@ from PIL import Image
 from app import imaging
 from app.catalog import build_catalog
 from app.engine.batcher import ImageResult, ModelBatcher
-from app.engine.decoding import Decoder, Encoded, decode_pixels
+from app.engine.decoding import (
+    DECODE_SIZES,
+    Decoder,
+    Encoded,
+    _status,
+    decode_pixels,
+    draft_side,
+)
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from tests import guard, images
@@ -145,7 +153,15 @@ def test_worker_resizes_with_torch_on_its_own_thread_not_the_decode_pool():
 
 
 def _tensor_decoder(device: str = "cpu") -> Decoder:
-    return Decoder(threads=2, max_pixels=10**8, device=device, jpeg_on_device=True)
+    """A decoder whose plain JPEGs go to the tensor decoder: nvjpeg on CUDA; on the CPU,
+    torchvision's, which needs draft decoding on and takes the sizes Pillow would not draft."""
+    return Decoder(threads=2, max_pixels=10**8, device=device, jpeg_on_device=True, draft=True)
+
+
+def _plain(data: bytes) -> Encoded:
+    """An upload as the API hands it over: with its header's size and kind."""
+    probe = imaging.probe(data, 10**8)
+    return Encoded(data, probe.plain_jpeg, (probe.width, probe.height), probe.progressive)
 
 
 @needs_shared(IMAGES)
@@ -157,7 +173,9 @@ def test_tensor_decoder_pixels_close_to_pillow():
     uploads = [_jpeg(p) for p in photos]
     pillow = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False)
     a = pillow.prepare([Encoded(u, True) for u in uploads], spec.transform)
-    b = _tensor_decoder().prepare([Encoded(u, True) for u in uploads], spec.transform)
+    tensor = _tensor_decoder()
+    assert all(tensor.tensor_eligible(_plain(u), spec.transform) for u in uploads)
+    b = tensor.prepare([_plain(u) for u in uploads], spec.transform)
     assert a.batch is not None and b.batch is not None and a.rows == b.rows
     diff = (a.batch.float() - b.batch.float()).abs()
     print(f"tensor vs Pillow pixels: mean |diff| {diff.mean():.3f}, p99 {diff.quantile(0.99):.1f}")
@@ -169,11 +187,10 @@ def test_tensor_decoder_falls_back_to_pillow_and_reports_errors():
     good = _jpeg(images.photo((80, 60)))
     corrupt = good[:200]  # declared a plain JPEG, but truncated
     png = images.encode(images.photo(), "PNG")
-    out = _tensor_decoder().prepare(
-        [Encoded(good, True), Encoded(corrupt, True), Encoded(png, False),
-         spec.transform.pixels(images.photo())],
-        spec.transform,
-    )  # fmt: skip
+    decoder = _tensor_decoder()
+    items = [_plain(good), Encoded(corrupt, True, (80, 60)), _plain(png)]
+    assert [decoder.tensor_eligible(e, spec.transform) for e in items] == [True, True, False]
+    out = decoder.prepare([*items, spec.transform.pixels(images.photo())], spec.transform)
     assert out.rows == [0, 2, 3] and set(out.errors) == {1}
     assert out.errors[1][0] == 400
     assert out.batch is not None and out.batch.shape == (3, 3, 32, 32)
@@ -189,12 +206,13 @@ def tensor_decode_guard(device: str) -> str:
     for p, _ in items:
         buf = io.BytesIO()
         Image.open(p).convert("RGB").resize((128, 128), Image.BICUBIC).save(buf, "JPEG", quality=95)
-        uploads.append(Encoded(buf.getvalue(), True))
+        uploads.append(_plain(buf.getvalue()))
     y = np.array([spec.labels.index(label) for _, label in items])
     runner = Runner(WorkerConfig(0, device, "fp32", False, False, 2, 100, []))
     runner.load(spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])))
     pillow = Decoder(threads=2, max_pixels=10**8, device=device, jpeg_on_device=False)
     tensor = _tensor_decoder(device)
+    assert all(tensor.tensor_eligible(u, spec.transform) for u in uploads)
     top1 = {}
     for name, dec in (("pillow", pillow), ("tensor", tensor)):
         preds = []
@@ -221,11 +239,22 @@ def test_tensor_decoder_on_the_hostile_corpus():
         passing.append((name, status, data))
     assert passing, "no case of the hostile corpus passes the header check: nothing tested"
     decoder = _tensor_decoder()
-    out = decoder.prepare([Encoded(data, True) for _, _, data in passing], spec.transform)
-    assert len(out.rows) + len(out.errors) == len(passing)
-    for i, (status, _) in out.errors.items():
-        assert status == passing[i][1], (passing[i][0], status)
-    good = decoder.prepare([Encoded(_jpeg(images.photo()), True)], spec.transform)
+    # one by one through the CPU's tensor decoder (the pool's threads)...
+    for name, status, data in passing:
+        try:
+            decoder._torchvision(data, spec.transform)
+        except Exception as exc:
+            assert _status(exc)[0] == status, (name, _status(exc))
+    # ... and together through nvjpeg's batch path, here on the CPU
+    tensor, _, _ = decoder._tensor_jpegs([data for _, _, data in passing], spec.transform)
+    leftover = [i for i, px in enumerate(tensor) if px is None]
+    out = Decoder(2, 10**8, "cpu", False).prepare(
+        [Encoded(passing[i][2], True) for i in leftover], spec.transform
+    )  # what nvjpeg refused goes to Pillow: each fails alone with its 4xx, or decodes
+    assert len(out.rows) + len(out.errors) == len(leftover)
+    for j, (status, _) in out.errors.items():
+        assert status == passing[leftover[j]][1], (passing[leftover[j]][0], status)
+    good = decoder.prepare([_plain(_jpeg(images.photo()))], spec.transform)
     assert good.rows == [0] and not good.errors
 
 
@@ -234,3 +263,90 @@ def test_tensor_decode_accuracy_guard():
     """The guard of tests/guard.py against Pillow (torchvision.io on the CPU here;
     tests/test_gpu.py runs the same guard with nvjpeg)."""
     tensor_decode_guard("cpu")
+
+
+def test_cpu_worker_times_its_jpeg_decoders_per_size():
+    """Issue 12: a worker times the tensor decoder against Pillow per upload size and sends each
+    plain JPEG to the faster at the nearest size timed. On the CPU, torchvision's decoder may
+    only take sizes where it gives the pixels Pillow's path gives (no reduced-scale decode): for
+    resnet50, the ImageNet-size and 2-megapixel samples are timed; phone photos stay with
+    Pillow, which decodes them at 1/4 scale."""
+    pre = build_catalog().get("resnet50").transform
+    decoder = _tensor_decoder()
+    report = decoder.pick_by_size(pre, batch=2, repeats=1)
+    threshold = 2 * draft_side({0: pre})
+    timed = [f"{w}x{h}" for w, h in DECODE_SIZES if min(w, h) < threshold]
+    assert list(report) == timed == ["500x375", "1600x1200"]
+    for pick in report.values():
+        ms = cast(dict[str, float], pick["ms_per_image"])
+        assert set(ms) == {"torchvision", "pillow"} and all(v > 0 for v in ms.values())
+        assert pick["decoder"] == min(ms, key=lambda k: ms[k])
+    assert decoder.pick_by_size(pre, batch=2) is report  # once per transform geometry
+
+    small, phone = (
+        _plain(_jpeg(images.photo((500, 375)))),
+        _plain(_jpeg(images.photo((3000, 2000)))),
+    )
+    assert min(phone.size) >= threshold and not decoder._on_device(phone, pre)
+    assert decoder._on_device(small, pre) == (report["500x375"]["decoder"] == "torchvision")
+    out = decoder.prepare([small, phone], pre)  # whichever decodes: Pillow's path's pixels
+    assert out.batch is not None and out.rows == [0, 1]
+    for row, e in enumerate((small, phone)):
+        expected, _, _ = decode_pixels(e.data, 10**8, {0: pre}, draft=True)
+        assert torch.equal(out.batch[row], expected[0])
+    forced = decoder.prepare([small], pre, on_device=True)
+    assert forced.batch is not None and torch.equal(forced.batch[0], out.batch[0])
+
+
+def test_progressive_jpegs_stay_with_pillow_on_the_cpu():
+    """A progressive JPEG can hold any number of scans, and only Pillow's path enforces the
+    decode budget: on the CPU it never goes to torchvision's decoder."""
+    pre = build_catalog().get("resnet50").transform
+    progressive = _plain(images.encode(images.photo((500, 375)), "JPEG", progressive=True))
+    baseline = _plain(_jpeg(images.photo((500, 375))))
+    assert progressive.plain_jpeg and progressive.progressive and not baseline.progressive
+    decoder = _tensor_decoder()
+    assert not decoder.tensor_eligible(progressive, pre)
+    assert decoder.tensor_eligible(baseline, pre)
+    # without draft decoding (the exact path), Pillow resizes: no tensor decoder on the CPU
+    exact = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=True, draft=False)
+    assert not exact.tensor_eligible(baseline, pre)
+
+
+def test_decode_and_resize_on_one_intra_op_thread_then_the_models_count(monkeypatch):
+    """On a CPU worker, torch's resizes run on one intra-op thread while the pool decodes (a
+    team of OpenMP threads would compete with the decoding threads), and the model's own
+    thread count is back for its forward pass."""
+    from app.engine import decoding
+
+    pre = build_catalog().get("resnet50").transform
+    seen: list[int] = []
+    real = decoding.resize
+
+    def resize(*args: Any, **kw: Any) -> dict[int, torch.Tensor]:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decoding, "resize", resize)
+    before = torch.get_num_threads()
+    decoder = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False, draft=True)
+    out = decoder.prepare([_plain(_jpeg(images.photo((500, 375))))] * 2, pre)
+    assert out.rows == [0, 1] and seen == [1, 1]
+    assert torch.get_num_threads() == before
+
+
+@needs_shared(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])
+def test_models_lists_the_jpeg_decoder_picked_per_size(service):
+    """/models says, per model and upload size, which JPEG decoder the workers timed faster
+    and both times; models whose transform leaves no size to the tensor decoder say null."""
+    import httpx
+
+    entries = {
+        e["name"]: e for e in httpx.get(f"{service.url}/models", timeout=30).json()["models"]
+    }
+    picks = entries["resnet18"]["jpeg_decode"]
+    assert set(picks) == {"500x375", "1600x1200"}
+    for pick in picks.values():
+        assert pick["decoder"] in ("torchvision", "pillow")
+        assert pick["decoder"] == min(pick["ms_per_image"], key=pick["ms_per_image"].get)
+    assert entries[MODEL]["status"] == "ready" and entries[MODEL]["jpeg_decode"] is None

@@ -95,7 +95,18 @@ def test_cuda_service_end_to_end(tmp_path: Path):
             expected = torch.softmax(cpu(normalize(served, pre.mean, pre.std).unsqueeze(0)), 1)[0]
         for p in body["predictions"]:
             assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=5e-3)
-        # a plain JPEG is decoded by nvjpeg in the CUDA worker (IMGCLS_DECODE=worker, the default)
+        # the CUDA worker timed nvjpeg against Pillow per upload size at load (issue 12)
+        from app.engine.decoding import DECODE_SIZES
+
+        listed = httpx.get(f"{svc.url}/models", timeout=30).json()["models"]
+        picks = {e["name"]: e for e in listed}["resnet18"]["jpeg_decode"]
+        print("JPEG decoder by upload size on", torch.cuda.get_device_name(0), picks)
+        assert set(picks) == {f"{w}x{h}" for w, h in DECODE_SIZES}
+        for pick in picks.values():
+            ms = pick["ms_per_image"]
+            assert set(ms) == {"nvjpeg", "pillow"} and pick["decoder"] == min(ms, key=ms.get)
+        # a plain JPEG is decoded in the CUDA worker (IMGCLS_DECODE=worker, the default): by
+        # nvjpeg or Pillow, whichever it timed faster at that size
         assert svc.service.decode_in_worker
         jpeg = io.BytesIO()
         img.save(jpeg, "JPEG", quality=95)

@@ -4,7 +4,9 @@ The API process checks each upload's header (``imaging.probe``: format, size, pi
 hands the worker the encoded bytes. The worker turns a batch of them into one uint8 tensor:
 
 - on a CUDA worker, plain JPEGs (RGB or grey, upright) are decoded together with nvjpeg
-  (``torchvision.io.decode_jpeg(device="cuda")``) and resized on the GPU;
+  (``torchvision.io.decode_jpeg(device="cuda")``) and resized on the GPU, at the sizes where
+  that measured faster than Pillow (``Decoder.pick_by_size``, at load: with draft decoding,
+  Pillow's cost scales with the image, nvjpeg's with the upload);
 - everything else (PNG, WebP, CMYK or rotated JPEGs, ...) is decoded by Pillow on the worker's
   threads, in parallel, exactly as the API would have.
 
@@ -16,9 +18,13 @@ of a large decode back to the system afterwards (``app.memory``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -44,10 +50,19 @@ class Encoded:
     """
 
     data: imaging.BytesLike
-    plain_jpeg: bool  # imaging.Probe.plain_jpeg: eligible for the tensor (GPU) decoder
+    plain_jpeg: bool  # imaging.Probe.plain_jpeg: eligible for a tensor decoder
+    size: tuple[int, int] = (0, 0)  # (width, height) from the header; (0, 0): unknown
+    progressive: bool = False  # imaging.Probe.progressive
 
-    def __reduce__(self) -> tuple[type[Encoded], tuple[bytes, bool]]:
-        return Encoded, (bytes(self.data), self.plain_jpeg)
+    def __reduce__(self) -> tuple[type[Encoded], tuple[bytes, bool, tuple[int, int], bool]]:
+        return Encoded, (bytes(self.data), self.plain_jpeg, self.size, self.progressive)
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """A decoded image (uint8 (3, H, W)) for torch's resize on the model's thread."""
+
+    image: torch.Tensor
 
 
 Item = torch.Tensor | Encoded  # uint8 pixels (3, S, S) already prepared, or an upload
@@ -68,6 +83,33 @@ class Prepared:
 # real CIFAR-10 ResNets on 1.5-1.7% of upscaled JPEGs (guard: <= 1%); 3x on 0.4% (resnet56).
 # resnet50 (resize 232) still decodes a 4032x3024 photo at 1/4.
 DRAFT_MARGIN = 3
+
+
+# The sizes at which a worker with a tensor decoder (nvjpeg) times it against Pillow at load: an
+# ImageNet-size photo, a 2-megapixel one and a 12-megapixel phone photo. An upload goes to the
+# decoder that was faster at the nearest of them (in log pixels).
+DECODE_SIZES = ((500, 375), (1600, 1200), (4032, 3024))
+
+
+@functools.lru_cache(maxsize=len(DECODE_SIZES))
+def sample_jpeg(width: int, height: int) -> bytes:
+    """A JPEG (quality 92) with a photo's bit rate, for timing decoders: smooth colour regions
+    with fine grain, ~1.1 bits per pixel (the shared phone-size photos: ~0.65; ImageNet-size:
+    ~1.8), so that entropy decoding weighs as it does on real uploads. One 500x375 tile,
+    repeated: cheap to make at 12 megapixels."""
+    g = torch.Generator().manual_seed(0)
+    tile_w, tile_h = min(width, 500), min(height, 375)
+    coarse = torch.randint(0, 256, (3, tile_h // 48 + 1, tile_w // 48 + 1), generator=g)
+    smooth = F.pil_to_tensor(
+        F.to_pil_image(coarse.to(torch.uint8)).resize((tile_w, tile_h), Image.Resampling.BICUBIC)
+    )
+    grain = torch.randint(-2, 3, (3, tile_h, tile_w), generator=g)
+    tile = (smooth.to(torch.int16) + grain).clamp(0, 255).to(torch.uint8)
+    reps = (1, -(-height // tile_h), -(-width // tile_w))
+    pixels = tile.repeat(reps)[:, :height, :width]
+    out = io.BytesIO()
+    F.to_pil_image(pixels).save(out, "JPEG", quality=92)
+    return out.getvalue()
 
 
 def draft_side(transforms: Mapping[K, Preprocess]) -> int:
@@ -145,6 +187,24 @@ def _tensor_source(image: Image.Image) -> tuple[int, int] | None:
     return (int(source[0]), int(source[1]))
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread(on: bool) -> Iterator[None]:
+    """On a CPU worker, torch's resizes (on the model's thread, while the pool decodes) run on
+    one intra-op thread: a team of OpenMP threads would compete with the decoding threads for
+    the same cores, and its idle members spin. resnet50 on 2 cores, phone-size uploads: a
+    batch's decode-and-resize 105 -> 81 ms, torch's resize 5.8 -> 2.7 ms per image (bf16,
+    in-process). The model's own thread count is restored for its forward pass."""
+    if not on:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _status(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, imaging.ImageTooLargeError):
         return 413, str(exc)
@@ -154,6 +214,18 @@ def _status(exc: Exception) -> tuple[int, str]:
 
 
 class Decoder:
+    """Turns a worker's batch of uploads into one uint8 tensor.
+
+    Plain JPEGs (``imaging.Probe.plain_jpeg``) can go to a tensor decoder instead of Pillow,
+    where ``pick_by_size`` timed it faster at load for the upload's size:
+    - on a CUDA worker, nvjpeg: the batch together, resized on the GPU;
+    - on a CPU worker with draft decoding on, torchvision's libjpeg-turbo on the pool's threads,
+      only where it gives the very pixels Pillow's path gives: the same library decoding, where
+      Pillow would not decode at a reduced scale, then the same torch resize. Baseline JPEGs
+      only: a progressive one can hold any number of scans, and only Pillow's path enforces the
+      decode budget.
+    """
+
     def __init__(
         self, threads: int, max_pixels: int, device: str, jpeg_on_device: bool, draft: bool = False
     ) -> None:
@@ -162,10 +234,87 @@ class Decoder:
         self.max_pixels = max_pixels
         self.device = torch.device(device)
         self.jpeg_on_device = jpeg_on_device
+        # per transform geometry: ((pixels, tensor decoder faster), ...) at DECODE_SIZES
+        self.tensor_by_size: dict[tuple[object, ...], tuple[tuple[int, bool], ...]] = {}
+        self._picked: dict[tuple[object, ...], dict[str, dict[str, object]]] = {}
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def tensor_decoder(self) -> str:
+        """What decodes JPEGs as tensors here: nvjpeg on CUDA, libjpeg-turbo on the CPU."""
+        return "nvjpeg" if self.cuda else "torchvision"
+
+    def tensor_eligible(self, item: Encoded, pre: Preprocess) -> bool:
+        """Whether the tensor decoder may take this upload at all (see the class)."""
+        if not (self.jpeg_on_device and item.plain_jpeg):
+            return False
+        if self.cuda:
+            return True
+        short = min(item.size)
+        return (
+            self.draft
+            and pre.tensor_resize
+            and not item.progressive
+            and short > 0
+            and not imaging.draft_scales(short, draft_side({0: pre}))
+        )
+
+    def _on_device(self, item: Encoded, pre: Preprocess) -> bool:
+        """Whether the tensor decoder takes this upload: one it may take, at a size where it
+        timed faster than Pillow (the nearest size timed, in log pixels; where none was timed,
+        it does)."""
+        if not self.tensor_eligible(item, pre):
+            return False
+        picks = self.tensor_by_size.get(pre.geometry)
+        pixels = item.size[0] * item.size[1]
+        if not picks or pixels <= 0:
+            return True
+        nearest = min(picks, key=lambda pick: abs(math.log(pick[0] / pixels)))
+        return nearest[1]
+
+    def pick_by_size(
+        self, pre: Preprocess, batch: int, repeats: int = 3
+    ) -> dict[str, dict[str, object]]:
+        """Time the tensor decoder against Pillow, each decoding and resizing ``batch`` sample
+        JPEGs for ``pre`` as ``prepare`` does, at each of DECODE_SIZES; keep, per size, the
+        faster for ``prepare``. Returns, per size ("WxH"), the decoder picked and both times (ms
+        per image, the best of ``repeats`` after a first run that warms up), for /models. Once
+        per transform geometry; sizes the tensor decoder may not take are left out."""
+        if pre.geometry in self._picked:
+            return self._picked[pre.geometry]
+        picks: list[tuple[int, bool]] = []
+        report: dict[str, dict[str, object]] = {}
+        for width, height in DECODE_SIZES:
+            sample = Encoded(sample_jpeg(width, height), True, (width, height))
+            if not self.tensor_eligible(sample, pre):
+                continue
+            items: list[Item] = [sample] * batch
+            ms = {}
+            for on_device in (True, False):
+                runs = []
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    self.prepare(items, pre, on_device=on_device)
+                    self._sync()
+                    runs.append((time.perf_counter() - t0) * 1000.0 / batch)
+                ms[on_device] = min(runs[1:])
+            faster = ms[True] < ms[False]
+            picks.append((width * height, faster))
+            report[f"{width}x{height}"] = {
+                "decoder": self.tensor_decoder if faster else "pillow",
+                "ms_per_image": {self.tensor_decoder: round(ms[True], 3),
+                                 "pillow": round(ms[False], 3)},
+            }  # fmt: skip
+        self.tensor_by_size[pre.geometry] = tuple(picks)
+        self._picked[pre.geometry] = report
+        return report
 
     def _pillow(
         self, data: imaging.BytesLike, pre: Preprocess
-    ) -> tuple[torch.Tensor | Image.Image, float, float]:
+    ) -> tuple[torch.Tensor | Image.Image | _Whole, float, float]:
         """Decode (and resize with Pillow) on one of the pool's threads. An image for torch's
         resize comes back decoded: torch's kernels run on OpenMP threads, and a pool thread
         would start a team of its own, whose threads then spin beside the model's (measured:
@@ -179,15 +328,32 @@ class Decoder:
         pixels = resize(image, {0: pre}, self.draft)[0]
         return pixels, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
 
+    def _torchvision(
+        self, data: imaging.BytesLike, pre: Preprocess
+    ) -> tuple[torch.Tensor | Image.Image | _Whole, float, float]:
+        """CPU: torchvision's JPEG decoder on one of the pool's threads (a libjpeg-turbo call:
+        no OpenMP team); torch's resize then runs on the model's thread. A stream it refuses
+        goes to Pillow, whose answer (an image, or the error the client gets) stands."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only buffer; decoders marked deprecated
+                image = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            return self._pillow(data, pre)
+        return _Whole(image), (time.perf_counter() - t0) * 1000.0, 0.0
+
     def _sync(self) -> None:
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize(self.device)
 
     def _tensor_jpegs(
         self, datas: list[imaging.BytesLike], pre: Preprocess
     ) -> tuple[list[torch.Tensor | None], float, float]:
-        """Decode JPEGs together on the device; None where one cannot be decoded there. The
-        times returned are the batch's, shared equally by its images."""
+        """CUDA: decode JPEGs together on the device; None where one cannot be decoded there.
+        The times returned are the batch's, shared equally by its images."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
@@ -212,7 +378,15 @@ class Decoder:
         n = max(1, len(datas))
         return out, (t1 - t0) * 1000.0 / n, (time.perf_counter() - t1) * 1000.0 / n
 
-    def prepare(self, items: list[Item], pre: Preprocess) -> Prepared:
+    def prepare(
+        self, items: list[Item], pre: Preprocess, on_device: bool | None = None
+    ) -> Prepared:
+        """Decode and resize a batch. ``on_device``: every upload the tensor decoder can take
+        goes to it (True) or to Pillow (False), instead of by size (``pick_by_size``)."""
+        with _one_intra_op_thread(not self.cuda):
+            return self._prepare(items, pre, on_device)
+
+    def _prepare(self, items: list[Item], pre: Preprocess, on_device: bool | None) -> Prepared:
         n = len(items)
         pixels: list[torch.Tensor | None] = [None] * n
         decode_ms = [0.0] * n
@@ -224,15 +398,23 @@ class Decoder:
                 encoded[i] = it
             else:
                 pixels[i] = it
-        on_device = [i for i, e in encoded.items() if e.plain_jpeg] if self.jpeg_on_device else []
-        if on_device:
-            done, d_ms, p_ms = self._tensor_jpegs([encoded[i].data for i in on_device], pre)
-            for i, px in zip(on_device, done, strict=True):
+        tensor = {
+            i
+            for i, e in encoded.items()
+            if (self.tensor_eligible(e, pre) and on_device)
+            or (on_device is None and self._on_device(e, pre))
+        }
+        if tensor and self.cuda:  # nvjpeg: the batch together, on the device
+            done, d_ms, p_ms = self._tensor_jpegs([encoded[i].data for i in sorted(tensor)], pre)
+            for i, px in zip(sorted(tensor), done, strict=True):
                 if px is not None:
                     pixels[i], decode_ms[i], preprocess_ms[i] = px, d_ms, p_ms
-        # Pillow, on the worker's threads, for the rest (and what the tensor decoder refused).
+        # On the worker's threads: Pillow, or on the CPU torchvision's decoder, for the rest (and
+        # Pillow for what nvjpeg refused).
         futures = {
-            i: self.pool.submit(self._pillow, e.data, pre)
+            i: self.pool.submit(
+                self._torchvision if i in tensor and not self.cuda else self._pillow, e.data, pre
+            )
             for i, e in encoded.items()
             if pixels[i] is None
         }
@@ -241,9 +423,13 @@ class Decoder:
             i = index[fut]
             try:
                 out, decode_ms[i], preprocess_ms[i] = fut.result()
-                if isinstance(out, Image.Image):  # torch's resize, on this thread
+                if not isinstance(out, torch.Tensor):  # torch's resize, on this thread
                     t0 = time.perf_counter()
-                    out = resize(out, {0: pre}, True)[0]
+                    if isinstance(out, _Whole):  # as ``resize`` does from a full decode
+                        size = (out.image.shape[2], out.image.shape[1])
+                        out = pre.pixels_from_tensor(out.image, size).contiguous()
+                    else:
+                        out = resize(out, {0: pre}, True)[0]
                     preprocess_ms[i] = (time.perf_counter() - t0) * 1000.0
                 pixels[i] = out
             except Exception as exc:

@@ -93,6 +93,7 @@ class ModelState:
     precision: str | None = None
     backend: str | None = None
     batch_size: int | None = None  # measured by the worker (IMGCLS_MAX_BATCH_SIZE=auto)
+    jpeg_decode: dict[str, Any] | None = None  # nvjpeg or Pillow by upload size (CUDA workers)
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ class WorkerPool:
                 if info:
                     st.precision, st.backend = info.get("precision"), info.get("backend")
                     st.batch_size = info.get("batch_size")
+                    st.jpeg_decode = info.get("jpeg_decode")
                 if status == "failed":
                     log.error("worker %s failed to load %s: %s", w.worker_id, name, reason)
             self._status_changed()
@@ -659,6 +661,14 @@ class WorkerPool:
             if w.alive and (st := w.models.get(name)) and st.status == "ready" and st.batch_size
         ]
         return min(sizes) if sizes else None
+
+    def jpeg_decode(self, name: str) -> dict[str, Any] | None:
+        """What the first ready worker that timed its JPEG decoders picked for ``name``."""
+        for w in self.workers:
+            st = w.models.get(name)
+            if w.alive and st is not None and st.status == "ready" and st.jpeg_decode:
+                return st.jpeg_decode
+        return None
 
     def fully_ready(self, name: str) -> bool:
         return all(

@@ -49,7 +49,8 @@ class WorkerConfig:
     warmup_batch: int
     plans: list[LoadPlan] = field(default_factory=list)
     max_pixels: int = 40_000_000  # for uploads decoded in the worker (IMGCLS_DECODE=worker)
-    jpeg_on_device: bool = False  # decode plain JPEGs with torchvision.io on the device (nvjpeg)
+    # plain JPEGs to torchvision.io's decoder (nvjpeg on CUDA) where it measures faster (Decoder)
+    jpeg_on_device: bool = False
     jpeg_draft: bool = False  # Pillow decodes JPEGs at a reduced DCT scale (IMGCLS_JPEG_DRAFT)
     auto_batch: bool = False  # time batch sizes up to warmup_batch at load (IMGCLS_MAX_BATCH_SIZE)
 
@@ -199,6 +200,7 @@ class Runner:
         self.preprocess: dict[str, Preprocess] = {}
         self.plans: dict[str, LoadPlan] = {}
         self.explainers: dict[str, tuple[nn.Module, str]] = {}  # name -> (fp32 eager, layer)
+        self.jpeg_decode: dict[str, dict[str, Any]] = {}  # Decoder.pick_by_size, per model
         self._decoder: Decoder | None = None
 
     def load(self, plan: LoadPlan) -> str:
@@ -245,7 +247,24 @@ class Runner:
         self.backends[plan.name] = backend
         if self.cfg.auto_batch:
             self.batch_sizes[plan.name] = self._measure_batch(plan)
+        if self.cfg.jpeg_on_device:
+            self._pick_jpeg_decoder(plan)
         return backend
+
+    def _pick_jpeg_decoder(self, plan: LoadPlan) -> None:
+        """Which decoder takes this model's plain JPEGs, per upload size: torchvision's (nvjpeg
+        on CUDA) or Pillow, timed here (``Decoder.pick_by_size``; a CPU worker times fewer
+        images: ~1 s per transform on 2 cores). If the timing fails, a CUDA worker sends every
+        plain JPEG to nvjpeg and a CPU worker every upload to Pillow, as before it was timed."""
+        cuda = self.device.type == "cuda"
+        batch = min(self.cfg.warmup_batch, 16 if cuda else 4)
+        try:
+            picks = self.decoder().pick_by_size(plan.preprocess, batch, 3 if cuda else 2)
+        except Exception as exc:
+            log.warning("%s: JPEG decoders not timed: %s", plan.name, exc)
+            return
+        self.jpeg_decode[plan.name] = picks
+        log.info("%s: JPEG decoder by size: %s", plan.name, picks)
 
     def _measure_batch(self, plan: LoadPlan) -> int:
         from app.engine import batchsize
@@ -270,6 +289,7 @@ class Runner:
         self.backends.pop(name, None)
         self.precisions.pop(name, None)
         self.batch_sizes.pop(name, None)
+        self.jpeg_decode.pop(name, None)
         self.preprocess.pop(name, None)
         self.plans.pop(name, None)
         self.explainers.pop(name, None)
@@ -308,15 +328,19 @@ class Runner:
             half = batch.shape[0] // 2  # split the batch and retry each half
             return torch.cat([self.forward(name, batch[:half]), self.forward(name, batch[half:])])
 
-    def prepare(self, name: str, items: list[Encoded | torch.Tensor]) -> Prepared:
-        """Decode and resize a batch of uploads for ``name`` (IMGCLS_DECODE=worker)."""
+    def decoder(self) -> Decoder:
+        """The uploads' decoder (IMGCLS_DECODE=worker), made on first use."""
         if self._decoder is None:
             cfg = self.cfg
             self._decoder = Decoder(
                 cfg.threads or torch.get_num_threads(), cfg.max_pixels, cfg.device,
                 cfg.jpeg_on_device, cfg.jpeg_draft,
             )  # fmt: skip
-        return self._decoder.prepare(items, self.preprocess[name])
+        return self._decoder
+
+    def prepare(self, name: str, items: list[Encoded | torch.Tensor]) -> Prepared:
+        """Decode and resize a batch of uploads for ``name`` (IMGCLS_DECODE=worker)."""
+        return self.decoder().prepare(items, self.preprocess[name])
 
     def explainer(self, name: str) -> tuple[nn.Module, str]:
         """The fp32 eager copy of ``name`` that explanations run on, and its Grad-CAM layer.
@@ -572,6 +596,7 @@ def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> Non
         "precision": runner.precisions[plan.name],
         "backend": backend,
         "batch_size": runner.batch_sizes.get(plan.name),
+        "jpeg_decode": runner.jpeg_decode.get(plan.name),
     }
     outbox.put(("status", plan.name, "ready", None, info))
 
