@@ -4,6 +4,8 @@
 # then imgcls (default precision), imgcls with resnet50:int8, the naive baseline and LitServe over
 # HTTP with ImageNet-size and phone-size uploads at 1, 4, 16 and 32 clients, 8 s measured per point.
 #   bench/cpu.sh [OUT_DIR]      (run it on an otherwise idle machine; it records the load average)
+# The servers' batch limit is the best model-only bf16 batch of the run, or MAX_BATCH if set
+# (run to run, that best moves between 8 and 32 on the same 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -12,5 +14,5 @@ uptime
 "$PY" -m app.cli bench --model resnet50 --device cpu --concurrency 1,4,16,32 \
   --duration 8 --warmup 2 --batch-sizes 1,8,16,32 --model-seconds 3 \
   --image-sets imagenet,phone --model-precisions fp32,bf16,int8 \
-  --servers imgcls,imgcls-int8,naive,litserve --out "$OUT"
+  --servers imgcls,imgcls-int8,naive,litserve ${MAX_BATCH:+--max-batch "$MAX_BATCH"} --out "$OUT"
 uptime

@@ -4,6 +4,8 @@
 - In the worker, an upload that cannot be decoded fails alone; its batch-mates are answered.
 - The tensor decoder (torchvision.io + tensor resize: what a CUDA worker runs with nvjpeg) is
   held to the Pillow path on real images, here on the CPU, in tests/test_gpu.py on the GPU.
+- A worker times it against Pillow per upload size and sends each plain JPEG to the faster; on
+  the CPU only where it gives Pillow's very pixels (issue 12).
 """
 
 from __future__ import annotations
