@@ -162,8 +162,14 @@ class CompareResponse(BaseModel):
 
 
 class JpegDecodePick(BaseModel):
-    decoder: str = Field(description="nvjpeg, or pillow (on the worker's threads, with draft)")
+    decoder: str = Field(
+        description="nvjpeg (CUDA), torchvision (CPU: libjpeg-turbo on the worker's threads) or "
+        "pillow (on the worker's threads, with draft decoding where it is on)"
+    )
     ms_per_image: dict[str, float] = Field(description="decode and resize, each decoder")
+    refused: str | None = Field(
+        None, description="why the tensor decoder lost this size whatever its time"
+    )
 
 
 class ModelEntry(BaseModel):
@@ -193,9 +199,10 @@ class ModelEntry(BaseModel):
     )
     jpeg_decode: dict[str, JpegDecodePick] | None = Field(
         None,
-        description="on a CUDA worker: per upload size (WxH), the JPEG decoder that measured "
-        "faster at load, nvjpeg or Pillow, and both times; each upload goes to the pick for "
-        "the nearest size",
+        description="per upload size (WxH), the JPEG decoder its workers timed faster at load "
+        "(nvjpeg on CUDA, torchvision on the CPU, or Pillow) and both times; a plain JPEG goes "
+        "to the pick for the nearest size. null: Pillow decodes every upload (on the CPU, the "
+        "tensor decoder takes only sizes where it gives Pillow's pixels)",
     )
 
 

@@ -29,6 +29,7 @@ from app.engine.decoding import (
     Decoder,
     Encoded,
     _status,
+    _Whole,
     decode_pixels,
     draft_side,
 )
@@ -47,6 +48,11 @@ from tests.conftest import (
 from tests.test_errors import HOSTILE
 
 MODEL = "cifar10_resnet20"
+# torch's uint8 resize kernels (AVX2/AVX-512): without them the CPU takes no tensor decoder
+cpu_tensor_decoder = pytest.mark.skipif(
+    not build_catalog().get("resnet50").transform.tensor_resize,
+    reason="no AVX2: a CPU worker sends every upload to Pillow",
+)
 
 
 def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
@@ -166,6 +172,7 @@ def _plain(data: bytes) -> Encoded:
     return Encoded(data, probe.plain_jpeg, (probe.width, probe.height), probe.progressive)
 
 
+@cpu_tensor_decoder
 @needs_shared(IMAGES)
 def test_tensor_decoder_pixels_close_to_pillow():
     """torchvision.io decode + antialiased tensor resize vs Pillow, on the real photos."""
@@ -177,13 +184,14 @@ def test_tensor_decoder_pixels_close_to_pillow():
     a = pillow.prepare([Encoded(u, True) for u in uploads], spec.transform)
     tensor = _tensor_decoder()
     assert all(tensor.tensor_eligible(_plain(u), spec.transform) for u in uploads)
-    b = tensor.prepare([_plain(u) for u in uploads], spec.transform)
+    b = tensor.prepare([_plain(u) for u in uploads], spec.transform, on_device=True)
     assert a.batch is not None and b.batch is not None and a.rows == b.rows
     diff = (a.batch.float() - b.batch.float()).abs()
     print(f"tensor vs Pillow pixels: mean |diff| {diff.mean():.3f}, p99 {diff.quantile(0.99):.1f}")
     assert diff.mean() < 1.5 and diff.quantile(0.99) < 12
 
 
+@cpu_tensor_decoder
 def test_tensor_decoder_falls_back_to_pillow_and_reports_errors():
     spec = build_catalog().get(MODEL)
     good = _jpeg(images.photo((80, 60)))
@@ -192,7 +200,9 @@ def test_tensor_decoder_falls_back_to_pillow_and_reports_errors():
     decoder = _tensor_decoder()
     items = [_plain(good), Encoded(corrupt, True, (80, 60)), _plain(png)]
     assert [decoder.tensor_eligible(e, spec.transform) for e in items] == [True, True, False]
-    out = decoder.prepare([*items, spec.transform.pixels(images.photo())], spec.transform)
+    out = decoder.prepare(
+        [*items, spec.transform.pixels(images.photo())], spec.transform, on_device=True
+    )
     assert out.rows == [0, 2, 3] and set(out.errors) == {1}
     assert out.errors[1][0] == 400
     assert out.batch is not None and out.batch.shape == (3, 3, 32, 32)
@@ -219,7 +229,7 @@ def tensor_decode_guard(device: str) -> str:
     for name, dec in (("pillow", pillow), ("tensor", tensor)):
         preds = []
         for i in range(0, len(uploads), 100):
-            prepared = dec.prepare(uploads[i : i + 100], spec.transform)
+            prepared = dec.prepare(uploads[i : i + 100], spec.transform, on_device=name == "tensor")
             assert prepared.batch is not None and not prepared.errors
             assert prepared.batch.device.type == torch.device(device).type
             preds.append(runner.forward(MODEL, prepared.batch).argmax(1))
@@ -227,6 +237,7 @@ def tensor_decode_guard(device: str) -> str:
     return guard.check(f"tensor decode on {device}", top1["tensor"], top1["pillow"], y)
 
 
+@cpu_tensor_decoder
 def test_tensor_decoder_on_the_hostile_corpus():
     """Everything from the hostile corpus that passes the header check, sent down the tensor
     (nvjpeg) path as if it were a plain JPEG: each fails alone with a 4xx or decodes; the
@@ -247,6 +258,8 @@ def test_tensor_decoder_on_the_hostile_corpus():
             decoder._torchvision(data, spec.transform)
         except Exception as exc:
             assert _status(exc)[0] == status, (name, _status(exc))
+        else:
+            pytest.fail(f"{name}: decoded, where the service answers {status}")
     # ... and together through nvjpeg's batch path, here on the CPU
     tensor, _, _ = decoder._tensor_jpegs([data for _, _, data in passing], spec.transform)
     leftover = [i for i, px in enumerate(tensor) if px is None]
@@ -260,6 +273,7 @@ def test_tensor_decoder_on_the_hostile_corpus():
     assert good.rows == [0] and not good.errors
 
 
+@cpu_tensor_decoder
 @needs_shared(CIFAR_WEIGHTS / CIFAR_FILES[MODEL], CIFAR_SAMPLE)
 def test_tensor_decode_accuracy_guard():
     """The guard of tests/guard.py against Pillow (torchvision.io on the CPU here;
@@ -267,6 +281,7 @@ def test_tensor_decode_accuracy_guard():
     tensor_decode_guard("cpu")
 
 
+@cpu_tensor_decoder
 def test_cpu_worker_times_its_jpeg_decoders_per_size():
     """Issue 12: a worker times the tensor decoder against Pillow per upload size and sends each
     plain JPEG to the faster at the nearest size timed. On the CPU, torchvision's decoder may
@@ -289,6 +304,7 @@ def test_cpu_worker_times_its_jpeg_decoders_per_size():
         _plain(_jpeg(images.photo((500, 375)))),
         _plain(_jpeg(images.photo((3000, 2000)))),
     )
+    assert isinstance(decoder._torchvision(small.data, pre)[0], _Whole)  # it decodes, no fallback
     assert min(phone.size) >= threshold and not decoder._on_device(phone, pre)
     assert decoder._on_device(small, pre) == (report["500x375"]["decoder"] == "torchvision")
     out = decoder.prepare([small, phone], pre)  # whichever decodes: Pillow's path's pixels
@@ -300,6 +316,7 @@ def test_cpu_worker_times_its_jpeg_decoders_per_size():
     assert forced.batch is not None and torch.equal(forced.batch[0], out.batch[0])
 
 
+@cpu_tensor_decoder
 def test_progressive_jpegs_stay_with_pillow_on_the_cpu():
     """A progressive JPEG can hold any number of scans, and only Pillow's path enforces the
     decode budget: on the CPU it never goes to torchvision's decoder."""
@@ -315,28 +332,71 @@ def test_progressive_jpegs_stay_with_pillow_on_the_cpu():
     assert not exact.tensor_eligible(baseline, pre)
 
 
+@cpu_tensor_decoder
 def test_decode_and_resize_on_one_intra_op_thread_then_the_models_count(monkeypatch):
-    """On a CPU worker, torch's resizes run on one intra-op thread while the pool decodes (a
-    team of OpenMP threads would compete with the decoding threads), and the model's own
-    thread count is back for its forward pass."""
-    from app.engine import decoding
+    """On a CPU worker, torch's resizes (of Pillow's decodes and of torchvision's) run on one
+    intra-op thread while the pool decodes (a team of OpenMP threads would compete with the
+    decoding threads), and the model's own thread count is back for its forward pass."""
+    from app.preprocess import Preprocess
 
     pre = build_catalog().get("resnet50").transform
     seen: list[int] = []
-    real = decoding.resize
+    real = Preprocess.pixels_from_tensor
 
-    def resize(*args: Any, **kw: Any) -> dict[int, torch.Tensor]:
+    def spy(self: Preprocess, *args: Any, **kw: Any) -> torch.Tensor:
         seen.append(torch.get_num_threads())
-        return real(*args, **kw)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(decoding, "resize", resize)
+    monkeypatch.setattr(Preprocess, "pixels_from_tensor", spy)
     before = torch.get_num_threads()
-    decoder = Decoder(threads=2, max_pixels=10**8, device="cpu", jpeg_on_device=False, draft=True)
-    out = decoder.prepare([_plain(_jpeg(images.photo((500, 375))))] * 2, pre)
-    assert out.rows == [0, 1] and seen == [1, 1]
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        decoder = _tensor_decoder()
+        upload = _plain(_jpeg(images.photo((500, 375))))
+        for on_device in (False, True):  # Pillow's decode, then torchvision's
+            seen.clear()
+            out = decoder.prepare([upload] * 2, pre, on_device=on_device)
+            assert out.rows == [0, 1] and seen == [1, 1]
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
+def test_encoded_crosses_to_the_worker_with_its_size_and_kind():
+    """What routes an upload in the worker (its size, progressive or not) survives the pickling
+    to the worker's process; a view into the request body arrives as bytes."""
+    import pickle
+
+    sent = Encoded(memoryview(b"\xff\xd8 jpeg"), True, (640, 480), True)
+    got = pickle.loads(pickle.dumps(sent))
+    assert got == Encoded(b"\xff\xd8 jpeg", True, (640, 480), True)
+    assert type(got.data) is bytes
+
+
+@cpu_tensor_decoder
+def test_a_tensor_decoder_that_fails_or_changes_pixels_loses_every_size(monkeypatch):
+    """The timing holds the tensor decoder to Pillow's pixels on the samples: one that fails
+    them, or decodes them otherwise (a changed library), loses whatever its time, and the
+    uploads go to Pillow. Faults injected into the real decoder."""
+    pre = build_catalog().get("resnet50").transform
+    upload = _plain(_jpeg(images.photo((500, 375))))
+    for fault in ("other pixels", "fails"):
+        decoder = _tensor_decoder()
+
+        def broken(data: Any, p: Any, fault: str = fault) -> tuple[Any, float, float]:
+            if fault == "fails":
+                raise imaging.ImageError("cannot decode")
+            return _Whole(torch.zeros(3, 375, 500, dtype=torch.uint8)), 0.01, 0.0
+
+        monkeypatch.setattr(decoder, "_torchvision", broken)
+        report = decoder.pick_by_size(pre, batch=2, repeats=1)
+        assert report and all(
+            p["decoder"] == "pillow" and p.get("refused") for p in report.values()
+        )
+        assert not decoder._on_device(upload, pre)
+
+
+@cpu_tensor_decoder
 @needs_shared(CIFAR_WEIGHTS / CIFAR_FILES[MODEL])
 def test_models_lists_the_jpeg_decoder_picked_per_size(service):
     """/models says, per model and upload size, which JPEG decoder the workers timed faster

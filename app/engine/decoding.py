@@ -3,10 +3,11 @@
 The API process checks each upload's header (``imaging.probe``: format, size, pixel limit) and
 hands the worker the encoded bytes. The worker turns a batch of them into one uint8 tensor:
 
-- on a CUDA worker, plain JPEGs (RGB or grey, upright) are decoded together with nvjpeg
-  (``torchvision.io.decode_jpeg(device="cuda")``) and resized on the GPU, at the sizes where
-  that measured faster than Pillow (``Decoder.pick_by_size``, at load: with draft decoding,
-  Pillow's cost scales with the image, nvjpeg's with the upload);
+- plain JPEGs (RGB or grey, upright) go to a tensor decoder at the upload sizes where it timed
+  faster than Pillow at load (``Decoder.pick_by_size``; with draft decoding, Pillow's cost
+  scales with the image, a full decode's with the upload): on a CUDA worker nvjpeg
+  (``torchvision.io.decode_jpeg(device="cuda")``), the batch together, resized on the GPU; on a
+  CPU worker torchvision's libjpeg-turbo call, only where it gives Pillow's path's very pixels;
 - everything else (PNG, WebP, CMYK or rotated JPEGs, ...) is decoded by Pillow on the worker's
   threads, in parallel, exactly as the API would have.
 
@@ -39,6 +40,13 @@ if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed her
     from app.preprocess import Preprocess
 
 K = TypeVar("K")
+
+# torchvision 0.29 marks its image decoders deprecated, on every call. A targeted filter, once:
+# ``warnings.catch_warnings`` swaps the process's filter list and is not safe on the decode
+# threads (two overlapping calls leave "ignore everything" behind).
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision"
+)
 
 
 @dataclass(frozen=True)
@@ -218,12 +226,15 @@ class Decoder:
 
     Plain JPEGs (``imaging.Probe.plain_jpeg``) can go to a tensor decoder instead of Pillow,
     where ``pick_by_size`` timed it faster at load for the upload's size:
-    - on a CUDA worker, nvjpeg: the batch together, resized on the GPU;
+    - on a CUDA worker, nvjpeg: the batch together, resized on the GPU. Its pixels differ
+      slightly from Pillow's, so an upload's scores can differ slightly between workers that
+      timed differently;
     - on a CPU worker with draft decoding on, torchvision's libjpeg-turbo on the pool's threads,
-      only where it gives the very pixels Pillow's path gives: the same library decoding, where
-      Pillow would not decode at a reduced scale, then the same torch resize. Baseline JPEGs
-      only: a progressive one can hold any number of scans, and only Pillow's path enforces the
-      decode budget.
+      only where it gives the very pixels Pillow's path gives: libjpeg-turbo as well (3.1.3 in
+      torchvision 0.29, 3.2.0 in Pillow 13; checked on the samples at load by
+      ``pick_by_size``), at sizes Pillow would not decode at a reduced scale, then the same
+      torch resize. Baseline JPEGs only: a progressive one can hold any number of scans, and
+      only Pillow's path enforces the decode budget.
     """
 
     def __init__(
@@ -264,14 +275,15 @@ class Decoder:
 
     def _on_device(self, item: Encoded, pre: Preprocess) -> bool:
         """Whether the tensor decoder takes this upload: one it may take, at a size where it
-        timed faster than Pillow (the nearest size timed, in log pixels; where none was timed,
-        it does)."""
+        timed faster than Pillow (the nearest size timed, in log pixels). Where nothing was
+        timed (timing failed, or no sample size is one it may take): on CUDA it does, as before
+        timing existed; on the CPU, Pillow does."""
         if not self.tensor_eligible(item, pre):
             return False
         picks = self.tensor_by_size.get(pre.geometry)
         pixels = item.size[0] * item.size[1]
         if not picks or pixels <= 0:
-            return True
+            return self.cuda
         nearest = min(picks, key=lambda pick: abs(math.log(pick[0] / pixels)))
         return nearest[1]
 
@@ -280,7 +292,9 @@ class Decoder:
     ) -> dict[str, dict[str, object]]:
         """Time the tensor decoder against Pillow, each decoding and resizing ``batch`` sample
         JPEGs for ``pre`` as ``prepare`` does, at each of DECODE_SIZES; keep, per size, the
-        faster for ``prepare``. Returns, per size ("WxH"), the decoder picked and both times (ms
+        faster for ``prepare``. The tensor decoder loses a size outright where it fails an image
+        there or, on the CPU, where its pixels are not exactly Pillow's path's (a decoder or
+        library that changed). Returns, per size ("WxH"), the decoder picked and both times (ms
         per image, the best of ``repeats`` after a first run that warms up), for /models. Once
         per transform geometry; sizes the tensor decoder may not take are left out."""
         if pre.geometry in self._picked:
@@ -288,26 +302,36 @@ class Decoder:
         picks: list[tuple[int, bool]] = []
         report: dict[str, dict[str, object]] = {}
         for width, height in DECODE_SIZES:
-            sample = Encoded(sample_jpeg(width, height), True, (width, height))
-            if not self.tensor_eligible(sample, pre):
+            if not self.tensor_eligible(Encoded(b"", True, (width, height)), pre):
                 continue
-            items: list[Item] = [sample] * batch
-            ms = {}
-            for on_device in (True, False):
+            items: list[Item] = [Encoded(sample_jpeg(width, height), True, (width, height))]
+            items = items * batch
+            ms: dict[bool, float] = {}
+            out: dict[bool, Prepared] = {}
+            for on_device in (False, True):
                 runs = []
                 for _ in range(repeats + 1):
                     t0 = time.perf_counter()
-                    self.prepare(items, pre, on_device=on_device)
+                    out[on_device] = self.prepare(items, pre, on_device=on_device)
                     self._sync()
                     runs.append((time.perf_counter() - t0) * 1000.0 / batch)
                 ms[on_device] = min(runs[1:])
-            faster = ms[True] < ms[False]
+            pillow, tensor = out[False], out[True]
+            works = not tensor.errors and tensor.rows == pillow.rows == list(range(batch))
+            if works and not self.cuda:
+                assert tensor.batch is not None and pillow.batch is not None
+                works = torch.equal(tensor.batch, pillow.batch)
+            faster = works and ms[True] < ms[False]
             picks.append((width * height, faster))
             report[f"{width}x{height}"] = {
                 "decoder": self.tensor_decoder if faster else "pillow",
                 "ms_per_image": {self.tensor_decoder: round(ms[True], 3),
                                  "pillow": round(ms[False], 3)},
             }  # fmt: skip
+            if not works:
+                report[f"{width}x{height}"]["refused"] = (
+                    f"{self.tensor_decoder} failed the sample or gave other pixels than Pillow"
+                )
         self.tensor_by_size[pre.geometry] = tuple(picks)
         self._picked[pre.geometry] = report
         return report
@@ -338,10 +362,9 @@ class Decoder:
 
         t0 = time.perf_counter()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only buffer; decoders marked deprecated
-                image = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # writable: no warning
+            image = decode_jpeg(raw, ImageReadMode.RGB)
+        except Exception:  # refused, or the decoder itself failed: Pillow answers
             return self._pillow(data, pre)
         return _Whole(image), (time.perf_counter() - t0) * 1000.0, 0.0
 
@@ -358,19 +381,17 @@ class Decoder:
 
         raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
-            try:
-                decoded: list[torch.Tensor | None] = list(
-                    decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
-                )
-            except RuntimeError:  # one bad stream fails the call: decode one by one
-                decoded = []
-                for r in raw:
-                    try:
-                        decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError:
-                        decoded.append(None)
+        try:
+            decoded: list[torch.Tensor | None] = list(
+                decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+            )
+        except RuntimeError:  # one bad stream fails the call: decode one by one
+            decoded = []
+            for r in raw:
+                try:
+                    decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
         self._sync()
         t1 = time.perf_counter()
         out = [pre.pixels_from_tensor(img) if img is not None else None for img in decoded]
@@ -419,6 +440,7 @@ class Decoder:
             if pixels[i] is None
         }
         index = {fut: i for i, fut in futures.items()}
+        whole = 0  # bytes of the largest image torchvision decoded here
         for fut in as_completed(index):  # resized here as they come: few wait, decoded
             i = index[fut]
             try:
@@ -426,6 +448,7 @@ class Decoder:
                 if not isinstance(out, torch.Tensor):  # torch's resize, on this thread
                     t0 = time.perf_counter()
                     if isinstance(out, _Whole):  # as ``resize`` does from a full decode
+                        whole = max(whole, out.image.numel())
                         size = (out.image.shape[2], out.image.shape[1])
                         out = pre.pixels_from_tensor(out.image, size).contiguous()
                     else:
@@ -434,6 +457,9 @@ class Decoder:
                 pixels[i] = out
             except Exception as exc:
                 errors[i] = _status(exc)
+        if whole:  # the futures hold the decoded images: gone with them, then trim
+            del futures, index, fut
+            memory.after_large_buffer(whole)
         ready = [(i, px) for i, px in enumerate(pixels) if px is not None]
         if any(px.is_floating_point() for _, px in ready):  # images normalised by the client
             from app.preprocess import normalize

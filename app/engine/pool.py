@@ -93,7 +93,7 @@ class ModelState:
     precision: str | None = None
     backend: str | None = None
     batch_size: int | None = None  # measured by the worker (IMGCLS_MAX_BATCH_SIZE=auto)
-    jpeg_decode: dict[str, Any] | None = None  # nvjpeg or Pillow by upload size (CUDA workers)
+    jpeg_decode: dict[str, Any] | None = None  # the JPEG decoder by upload size (Decoder)
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,7 @@ class Runner:
     def _pick_jpeg_decoder(self, plan: LoadPlan) -> None:
         """Which decoder takes this model's plain JPEGs, per upload size: torchvision's (nvjpeg
         on CUDA) or Pillow, timed here (``Decoder.pick_by_size``; a CPU worker times fewer
-        images: ~1 s per transform on 2 cores). If the timing fails, a CUDA worker sends every
+        images: ~0.4 s per transform on 2 cores). If the timing fails, a CUDA worker sends every
         plain JPEG to nvjpeg and a CPU worker every upload to Pillow, as before it was timed."""
         cuda = self.device.type == "cuda"
         batch = min(self.cfg.warmup_batch, 16 if cuda else 4)
