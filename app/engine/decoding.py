@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the catalog imports the engine; only the type is needed her
     from app.preprocess import Preprocess
 
 K = TypeVar("K")
+Report = dict[str, dict[str, object]]  # Decoder.pick_by_size: per size "WxH", the pick and times
 
 # torchvision 0.29 marks its image decoders deprecated, on every call. A targeted filter, once:
 # ``warnings.catch_warnings`` swaps the process's filter list and is not safe on the decode
@@ -142,11 +143,19 @@ def decode_pixels(
     antialiased kernel where it can (``torch_resizable``), ~2-3x cheaper than Pillow's and
     within a thousandth of a grey level of it on average. Without it, Pillow resizes exactly as
     torchvision does."""
-    t0 = time.perf_counter()
-    image = imaging.decode(data, max_pixels, draft_side(transforms) if draft else None)
+    image, decode_ms = _decode(data, max_pixels, transforms, draft)
     t1 = time.perf_counter()
     by_key = resize(image, transforms, draft)
-    return by_key, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
+    return by_key, decode_ms, (time.perf_counter() - t1) * 1000.0
+
+
+def _decode(
+    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[K, Preprocess], draft: bool
+) -> tuple[Image.Image, float]:
+    """``imaging.decode`` for these transforms (reduced where ``draft``), and its time (ms)."""
+    t0 = time.perf_counter()
+    image = imaging.decode(data, max_pixels, draft_side(transforms) if draft else None)
+    return image, (time.perf_counter() - t0) * 1000.0
 
 
 def resize(
@@ -245,9 +254,9 @@ class Decoder:
         self.max_pixels = max_pixels
         self.device = torch.device(device)
         self.jpeg_on_device = jpeg_on_device
-        # per transform geometry: ((pixels, tensor decoder faster), ...) at DECODE_SIZES
-        self.tensor_by_size: dict[tuple[object, ...], tuple[tuple[int, bool], ...]] = {}
-        self._picked: dict[tuple[object, ...], dict[str, dict[str, object]]] = {}
+        # per transform geometry, from pick_by_size: ((pixels, tensor decoder faster), ...) at
+        # DECODE_SIZES, and the report for /models
+        self._timed: dict[tuple[object, ...], tuple[tuple[tuple[int, bool], ...], Report]] = {}
 
     @property
     def cuda(self) -> bool:
@@ -273,23 +282,27 @@ class Decoder:
             and not imaging.draft_scales(short, draft_side({0: pre}))
         )
 
-    def _on_device(self, item: Encoded, pre: Preprocess) -> bool:
+    def _on_device(self, item: Encoded, pre: Preprocess, forced: bool | None = None) -> bool:
         """Whether the tensor decoder takes this upload: one it may take, at a size where it
-        timed faster than Pillow (the nearest size timed, in log pixels). Where nothing was
-        timed (timing failed, or no sample size is one it may take): on CUDA it does, as before
-        timing existed; on the CPU, Pillow does."""
+        timed faster than Pillow (the nearest size timed, in log pixels), or ``forced``. Where
+        nothing was timed (timing failed, or no sample size is one it may take): on CUDA it
+        does, as before timing existed; on the CPU, Pillow does."""
         if not self.tensor_eligible(item, pre):
             return False
-        picks = self.tensor_by_size.get(pre.geometry)
+        if forced is not None:
+            return forced
+        picks = self._timed[pre.geometry][0] if pre.geometry in self._timed else ()
         pixels = item.size[0] * item.size[1]
         if not picks or pixels <= 0:
             return self.cuda
         nearest = min(picks, key=lambda pick: abs(math.log(pick[0] / pixels)))
         return nearest[1]
 
-    def pick_by_size(
-        self, pre: Preprocess, batch: int, repeats: int = 3
-    ) -> dict[str, dict[str, object]]:
+    def timed(self, pre: Preprocess) -> Report | None:
+        """What ``pick_by_size`` reported for this transform's geometry, if it ran."""
+        return self._timed[pre.geometry][1] if pre.geometry in self._timed else None
+
+    def pick_by_size(self, pre: Preprocess, batch: int, repeats: int = 3) -> Report:
         """Time the tensor decoder against Pillow, each decoding and resizing ``batch`` sample
         JPEGs for ``pre`` as ``prepare`` does, at each of DECODE_SIZES; keep, per size, the
         faster for ``prepare``. The tensor decoder loses a size outright where it fails an image
@@ -297,10 +310,10 @@ class Decoder:
         library that changed). Returns, per size ("WxH"), the decoder picked and both times (ms
         per image, the best of ``repeats`` after a first run that warms up), for /models. Once
         per transform geometry; sizes the tensor decoder may not take are left out."""
-        if pre.geometry in self._picked:
-            return self._picked[pre.geometry]
+        if pre.geometry in self._timed:
+            return self._timed[pre.geometry][1]
         picks: list[tuple[int, bool]] = []
-        report: dict[str, dict[str, object]] = {}
+        report: Report = {}
         for width, height in DECODE_SIZES:
             if not self.tensor_eligible(Encoded(b"", True, (width, height)), pre):
                 continue
@@ -332,8 +345,7 @@ class Decoder:
                 report[f"{width}x{height}"]["refused"] = (
                     f"{self.tensor_decoder} failed the sample or gave other pixels than Pillow"
                 )
-        self.tensor_by_size[pre.geometry] = tuple(picks)
-        self._picked[pre.geometry] = report
+        self._timed[pre.geometry] = (tuple(picks), report)
         return report
 
     def _pillow(
@@ -343,14 +355,12 @@ class Decoder:
         resize comes back decoded: torch's kernels run on OpenMP threads, and a pool thread
         would start a team of its own, whose threads then spin beside the model's (measured:
         the next forward pass 10-25% slower, 1-client latency 41 -> 48 ms for resnet50)."""
-        t0 = time.perf_counter()
-        side = draft_side({0: pre}) if self.draft else None
-        image = imaging.decode(data, self.max_pixels, side)
-        t1 = time.perf_counter()
+        image, decode_ms = _decode(data, self.max_pixels, {0: pre}, self.draft)
         if torch_resizable(image, pre, self.draft):
-            return image, (t1 - t0) * 1000.0, 0.0
+            return image, decode_ms, 0.0
+        t1 = time.perf_counter()
         pixels = resize(image, {0: pre}, self.draft)[0]
-        return pixels, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
+        return pixels, decode_ms, (time.perf_counter() - t1) * 1000.0
 
     def _torchvision(
         self, data: imaging.BytesLike, pre: Preprocess
@@ -419,12 +429,7 @@ class Decoder:
                 encoded[i] = it
             else:
                 pixels[i] = it
-        tensor = {
-            i
-            for i, e in encoded.items()
-            if (self.tensor_eligible(e, pre) and on_device)
-            or (on_device is None and self._on_device(e, pre))
-        }
+        tensor = {i for i, e in encoded.items() if self._on_device(e, pre, on_device)}
         if tensor and self.cuda:  # nvjpeg: the batch together, on the device
             done, d_ms, p_ms = self._tensor_jpegs([encoded[i].data for i in sorted(tensor)], pre)
             for i, px in zip(sorted(tensor), done, strict=True):

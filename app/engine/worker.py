@@ -200,7 +200,6 @@ class Runner:
         self.preprocess: dict[str, Preprocess] = {}
         self.plans: dict[str, LoadPlan] = {}
         self.explainers: dict[str, tuple[nn.Module, str]] = {}  # name -> (fp32 eager, layer)
-        self.jpeg_decode: dict[str, dict[str, Any]] = {}  # Decoder.pick_by_size, per model
         self._decoder: Decoder | None = None
 
     def load(self, plan: LoadPlan) -> str:
@@ -263,8 +262,11 @@ class Runner:
         except Exception as exc:
             log.warning("%s: JPEG decoders not timed: %s", plan.name, exc)
             return
-        self.jpeg_decode[plan.name] = picks
         log.info("%s: JPEG decoder by size: %s", plan.name, picks)
+
+    def jpeg_decode(self, name: str) -> dict[str, Any] | None:
+        """The JPEG decoder by upload size for ``name``'s transform, where it was timed."""
+        return self._decoder.timed(self.preprocess[name]) if self._decoder else None
 
     def _measure_batch(self, plan: LoadPlan) -> int:
         from app.engine import batchsize
@@ -289,7 +291,6 @@ class Runner:
         self.backends.pop(name, None)
         self.precisions.pop(name, None)
         self.batch_sizes.pop(name, None)
-        self.jpeg_decode.pop(name, None)
         self.preprocess.pop(name, None)
         self.plans.pop(name, None)
         self.explainers.pop(name, None)
@@ -596,7 +597,7 @@ def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> Non
         "precision": runner.precisions[plan.name],
         "backend": backend,
         "batch_size": runner.batch_sizes.get(plan.name),
-        "jpeg_decode": runner.jpeg_decode.get(plan.name),
+        "jpeg_decode": runner.jpeg_decode(plan.name),
     }
     outbox.put(("status", plan.name, "ready", None, info))
 
