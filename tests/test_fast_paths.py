@@ -4,6 +4,9 @@ agreement >= 99% and accuracy moved by at most 5 of the 1,000 images (counts, no
 
 from __future__ import annotations
 
+import gc
+import itertools
+import weakref
 from pathlib import Path
 
 import httpx
@@ -44,7 +47,14 @@ def _predict(model: str, path: tuple[str, bool, bool], x: torch.Tensor) -> np.nd
     plan = spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[model]))
     backend = runner.load(plan)
     assert backend == ("inductor" if compile_ else "eager")
-    return torch.cat([runner.forward(model, x[i : i + 50]) for i in range(0, len(x), 50)]).numpy()
+    # batches of every size the compiled graphs come in (one frozen graph per batch size on
+    # the CPU: 1, 2, 4, ... 32, 50), padded or split as the worker runs them
+    out, start, sizes = [], 0, itertools.cycle((50, 33, 17, 9, 5, 3, 2, 1))
+    while start < len(x):
+        n = next(sizes)
+        out.append(runner.forward(model, x[start : start + n]))
+        start += n
+    return torch.cat(out).numpy()
 
 
 @needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
@@ -85,14 +95,16 @@ def test_batch_norm_folding_keeps_the_answers(data):
 
 
 def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
-    """All models on one worker share one compiled code object, and dynamo caches a bounded
-    number of graphs per code object; past it, it ran the next models eagerly while they were
-    reported as inductor. The worker makes room for each model it compiles, and a model that
-    would still run eagerly is reported as eager."""
+    """With dynamic shapes (float models on CUDA; here forced on the CPU), all models on one
+    worker share one compiled code object, and dynamo caches a bounded number of graphs per code
+    object; past it, it ran the next models eagerly while they were reported as inductor. The
+    worker makes room for each model it compiles, and a model that would still run eagerly is
+    reported as eager."""
     import torch._dynamo
 
     from app.engine import worker
 
+    monkeypatch.setattr(worker, "_static_graphs", lambda device: False)
     catalog = build_catalog()
     names = ["cifar10_resnet20", "cifar10_plain20"]  # random weights: only the graphs matter
     # config.patch, not monkeypatch: undoing a monkeypatch on dynamo's config deletes the
@@ -104,6 +116,8 @@ def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
         runner.unload(names[0])  # an unloaded model's graphs still count: a reload has room too
         assert runner.load(catalog.get(names[0]).load_plan(None)) == "inductor"
 
+        assert not isinstance(runner.models[names[1]], worker.Bucketed)
+
     torch._dynamo.reset()
     monkeypatch.setattr(worker, "_allow_compiled_graphs", lambda graphs: None)
     with torch._dynamo.config.patch(recompile_limit=2):
@@ -113,6 +127,54 @@ def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
         x = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
         assert runner.forward(names[1], x).shape == (3, 10)  # served, eagerly
     torch._dynamo.reset()  # leave no graphs of this test to the next
+
+
+@needs_shared(CIFAR_WEIGHTS)
+def test_cpu_float_models_run_one_frozen_graph_per_batch_size():
+    """On the CPU a compiled float model runs one graph per batch size, on frozen weights
+    (``Bucketed``), and answers as the eager model; the graphs above the batch size the model
+    settles on are dropped with their copies of the weights, and a larger batch is split into
+    the sizes kept."""
+    from app.engine import worker
+
+    spec = build_catalog().get("cifar10_resnet20")
+    plan = spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES["cifar10_resnet20"]))
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 8, []))
+    assert runner.load(plan) == "inductor"
+    bucketed = runner.models[plan.name]
+    assert isinstance(bucketed, worker.Bucketed) and bucketed.sizes == (1, 2, 4, 8)
+    graphs = {size: bucketed._graphs[size] for size in bucketed.sizes}
+    assert all(graph.generated for graph in graphs.values())  # each compiled on its own
+    # freezing: the weights are constants of the generated code, not inputs
+    assert all(
+        any(name.startswith("_frozen_param") for name in vars(module))
+        for graph in graphs.values()
+        for module in graph.generated
+        if hasattr(module, "call")
+    )
+    x = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8)
+    eager = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 1, 8, []))
+    eager.load(plan)
+    want = eager.forward(plan.name, x)
+    torch.testing.assert_close(runner.forward(plan.name, x), want, rtol=1e-4, atol=1e-5)
+
+    dropped = [weakref.ref(m) for s in (4, 8) for m in graphs[s].generated]
+    kept = [weakref.ref(m) for s in (1, 2) for m in graphs[s].generated]
+    del graphs
+    bucketed.keep(2)
+    gc.collect()
+    assert bucketed.sizes == (1, 2)
+    assert [ref() for ref in dropped] == [None] * len(dropped)
+    assert all(ref() is not None for ref in kept)
+    assert bucketed._plan(11) == [(i, 2, 2) for i in range(0, 10, 2)] + [(10, 1, 1)]
+    torch.testing.assert_close(runner.forward(plan.name, x), want, rtol=1e-4, atol=1e-5)
+    assert not bucketed.fell_back
+
+    auto = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 8, [], auto_batch=True))
+    assert auto.load(plan) == "inductor"
+    served = auto.models[plan.name]
+    assert isinstance(served, worker.Bucketed)
+    assert max(served.sizes) == auto.batch_sizes[plan.name]  # nothing above it is kept
 
 
 def test_defaults_follow_the_hardware():

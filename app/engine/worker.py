@@ -215,26 +215,24 @@ class Runner:
         self.precisions[plan.name] = precision
         backend = "eager"
         if self.cfg.compile and _compilable(plan, precision, eager):
-            # Compile time is absorbed here, before the model is reported ready. Float models:
-            # dynamic shapes, one graph serves every batch size. int8: one graph per batch size
-            # (see _inductor_int8). Any failure falls back to eager.
+            # Compile time is absorbed here, before the model is reported ready. On the CPU:
+            # one frozen graph per batch size (see Bucketed); float models on CUDA: dynamic
+            # shapes, one graph serves every batch size. Any failure falls back to eager.
             compiled: nn.Module | None = None
-            known = len(_inductor_modules())
             try:
                 if precision == "int8":
                     compiled, graphs = _inductor_int8(plan, eager, self.cfg.warmup_batch)
+                elif _static_graphs(self.device):
+                    sizes = batch_buckets(self.cfg.warmup_batch)
+                    compiled, graphs = Bucketed(eager, sizes, eager), len(sizes)
                 else:
                     compiled, graphs = cast(nn.Module, torch.compile(eager, dynamic=True)), 2
                 _allow_compiled_graphs(graphs)
                 self.models[plan.name] = compiled
-                try:
-                    with _no_silent_eager(), _frozen(precision == "int8"):
-                        self._warm_up(plan)
-                finally:
-                    if isinstance(compiled, Bucketed):  # compiled here, one model at a time
-                        compiled.generated = _inductor_modules()[known:]
+                with _no_silent_eager(), _frozen(isinstance(compiled, Bucketed)):
+                    self._warm_up(plan)
                 if isinstance(compiled, Bucketed) and compiled.fell_back:
-                    raise RuntimeError("the compiled int8 graphs failed during the warm-up")
+                    raise RuntimeError("the compiled graphs failed during the warm-up")
                 backend = "inductor"
             except Exception as exc:
                 log.warning("torch.compile failed for %s, serving eager: %s", plan.name, exc)
@@ -245,7 +243,10 @@ class Runner:
             self._warm_up(plan)
         self.backends[plan.name] = backend
         if self.cfg.auto_batch:
-            self.batch_sizes[plan.name] = self._measure_batch(plan)
+            best = self.batch_sizes[plan.name] = self._measure_batch(plan)
+            model = self.models[plan.name]
+            if isinstance(model, Bucketed):  # batches close at ``best``: larger graphs idle
+                model.keep(best)
         if self.cfg.jpeg_on_device:
             self._pick_jpeg_decoder(plan)
         return backend
@@ -398,15 +399,15 @@ _COMPILED_GRAPHS = 0
 def _allow_compiled_graphs(graphs: int) -> None:
     """Make room for ``graphs`` more compiled graphs in this process.
 
-    Every served float model runs through the same code (``NormalizingModel.forward``), and
-    dynamo caches at most ``recompile_limit`` graphs per code object (8 by default): two per
-    float model here (batch 1 is specialised, the rest share one dynamic graph), and
-    ``accumulated_recompile_limit`` in all. Past them it silently runs the frame eagerly: the
-    fifth compiled model on a worker did, while reported as inductor. Graphs of unloaded float
-    models stay cached and keep counting, so the room follows every load in the process's life;
-    the shapes served are fixed by the service, so there is no recompile storm to guard against.
-    (Compiled int8 models run through code of their own, one graph per batch size, dropped on
-    unload; they are counted too, which only leaves more room.)"""
+    Float models compiled with dynamic shapes (on CUDA) run through the same code
+    (``NormalizingModel.forward``), and dynamo caches at most ``recompile_limit`` graphs per
+    code object (8 by default): two per such model (batch 1 is specialised, the rest share one
+    dynamic graph), and ``accumulated_recompile_limit`` in all. Past them it silently runs the
+    frame eagerly: the fifth compiled model on a worker did, while reported as inductor. Graphs
+    of unloaded models stay cached and keep counting, so the room follows every load in the
+    process's life; the shapes served are fixed by the service, so there is no recompile storm
+    to guard against. (``Bucketed`` graphs, on the CPU, run through code of their own, one per
+    batch size, dropped on unload; they are counted too, which only leaves more room.)"""
     global _COMPILED_GRAPHS
     _COMPILED_GRAPHS += graphs
     config = torch._dynamo.config
@@ -437,10 +438,17 @@ def _compilable(plan: LoadPlan, precision: str, eager: nn.Module) -> bool:
 
 
 class Bucketed(nn.Module):
-    """A model compiled for a few fixed batch sizes (``batch_buckets``). A batch runs as the
-    next compiled size, zero-padded, where that wastes at most a quarter of it; otherwise it
-    is split: the largest compiled size that fits, then the rest the same way (9 runs as 8 + 1,
-    not as 16). The eager model answers instead, from then on, if the compiled one fails.
+    """A model compiled for a few fixed batch sizes (``batch_buckets``), each a graph of its own
+    with frozen weights (``_frozen``). A batch runs as the next compiled size, zero-padded, where
+    that wastes at most a quarter of it; otherwise it is split: the largest compiled size that
+    fits, then the rest the same way (9 runs as 8 + 1, not as 16). The eager model answers
+    instead, from then on, if a compiled graph fails.
+
+    Why fixed sizes: oneDNN's convolutions compiled for one batch size, on weights packed for
+    it, ran much faster than one dynamic graph (resnet50 on a 2-core AMD EPYC, same script:
+    int8 95 vs 55 images/s at batch 8; bf16 48.4 vs 43.7 at batch 8 and 40.4 vs 25.8 at
+    batch 1). The price is memory: each size's graph holds its own packed copy of the weights,
+    so the sizes above the batch size a model settles on are dropped (``keep``).
 
     Every batch is copied into a tensor made here, so that the compiled graphs always see the
     same kind of tensor (one made in inference mode): a guard on the tensor's kind failing
@@ -452,31 +460,26 @@ class Bucketed(nn.Module):
         self.sizes = sizes
         self.fallback = fallback
         self.fell_back = False
-        # Compiled through a function with a code object of its own: dynamo caches graphs per
-        # code object, and frozen graphs hold their own copy of the weights, so this model's
-        # graphs are dropped with release() on unload (the shared NormalizingModel.forward would
-        # keep them for the process's life: ~115 MB per reload of resnet50:int8). fullgraph: a
-        # graph break would make code objects that are not its own; it fails the warm-up instead.
-        self._code = _own_code_run(model)
-        self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
-        self.generated: list[Any] = []  # inductor's modules made for this model (see release)
+        self._graphs = {size: _Graph(model) for size in sizes}
+
+    @property
+    def generated(self) -> list[Any]:
+        """Inductor's modules made for this model, every size (see ``_Graph.release``)."""
+        return [m for graph in self._graphs.values() for m in graph.generated]
+
+    def keep(self, largest: int) -> None:
+        """Drop the graphs of the sizes above ``largest`` (and their copies of the weights);
+        a larger batch, if one ever comes, is split into the sizes kept."""
+        kept = tuple(s for s in self.sizes if s <= largest) or self.sizes[:1]
+        for size in self.sizes:
+            if size not in kept:
+                self._graphs.pop(size).release()
+        self.sizes = kept
 
     def release(self) -> None:
-        """Drop this model's compiled graphs: dynamo's cache entries for its code, and the
-        modules inductor generated for it, which hold the frozen weights as attributes and
-        which inductor's module cache would otherwise keep for the process's life."""
-        try:
-            torch._dynamo.reset_code(self._code.__code__)
-            loaded = _inductor_modules()
-            for generated in self.generated:
-                if generated in loaded:
-                    loaded.remove(generated)
-                name = getattr(generated, "__name__", "")
-                if sys.modules.get(name) is generated:
-                    del sys.modules[name]
-        except Exception as exc:  # torch internals: at worst memory stays, the worker lives
-            log.warning("could not free the compiled graphs of an int8 model: %s", exc)
-        self.generated = []
+        """Drop every compiled graph of this model (on unload, or when compiling failed)."""
+        for graph in self._graphs.values():
+            graph.release()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fell_back:
@@ -485,7 +488,7 @@ class Bucketed(nn.Module):
             pieces = self._plan(x.shape[0])
             return torch.cat([self._run(x[i : i + n], size) for i, n, size in pieces])
         except Exception as exc:
-            log.warning("compiled int8 model failed, serving eager from now on: %s", exc)
+            log.warning("a compiled graph failed, serving eager from now on: %s", exc)
             self.fell_back = True
             return self.fallback(x)
 
@@ -506,7 +509,54 @@ class Bucketed(nn.Module):
         padded = x.new_empty((size, *x.shape[1:]))
         padded[:n] = x
         padded[n:] = 0
-        return self._compiled(padded)[:n]
+        return self._graphs[size](padded)[:n]
+
+
+class _Graph:
+    """One batch size's compiled graph, through a function with a code object of its own:
+    dynamo caches graphs per code object, and a frozen graph holds its own copy of the weights,
+    so each size can be dropped alone (``release``; the shared ``NormalizingModel.forward``
+    would keep them for the process's life: ~115 MB per reload of resnet50:int8). fullgraph: a
+    graph break would make code objects that are not its own; it fails the warm-up instead."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._code = _own_code_run(model)
+        self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
+        self.generated: list[Any] = []  # inductor's modules made for this graph (see release)
+        self._called = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._called:
+            return self._compiled(x)
+        known = len(_inductor_modules())
+        try:  # the first call compiles (in the warm-up): note what inductor made for it
+            return self._compiled(x)
+        finally:
+            self._called = True
+            self.generated = _inductor_modules()[known:]
+
+    def release(self) -> None:
+        """Drop this graph: dynamo's cache entries for its code, and the modules inductor
+        generated for it, which hold the frozen weights as attributes and which inductor's
+        module cache would otherwise keep for the process's life."""
+        try:
+            torch._dynamo.reset_code(self._code.__code__)
+            loaded = _inductor_modules()
+            for generated in self.generated:
+                if generated in loaded:
+                    loaded.remove(generated)
+                name = getattr(generated, "__name__", "")
+                if sys.modules.get(name) is generated:
+                    del sys.modules[name]
+        except Exception as exc:  # torch internals: at worst memory stays, the worker lives
+            log.warning("could not free a compiled graph: %s", exc)
+        self.generated = []
+
+
+def _static_graphs(device: torch.device) -> bool:
+    """Float models on the CPU compile as ``Bucketed`` frozen graphs, one per batch size; on
+    CUDA they keep one dynamic graph (not yet measured against fixed sizes on a GPU)."""
+    return device.type == "cpu"
 
 
 def _inductor_modules() -> list[Any]:
@@ -560,9 +610,10 @@ def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.M
 
 
 def _frozen(freeze: bool) -> Any:
-    """Inductor's freezing (weights as constants, pre-packed for oneDNN) while int8 graphs
-    compile: PT2E's int8 convolutions are lowered to oneDNN only on frozen weights (without it
-    resnet50 int8 ran 19 images/s). It takes effect only while dynamo traces, hence around the
+    """Inductor's freezing (weights as constants, pre-packed for oneDNN) while ``Bucketed``
+    graphs compile: PT2E's int8 convolutions are lowered to oneDNN only on frozen weights
+    (without it resnet50 int8 ran 19 images/s), and float convolutions run on weights packed
+    once instead of at every call. It takes effect only while dynamo traces, hence around the
     warm-up; every batch size is compiled there, so no later compile runs without it."""
     if not freeze:
         return contextlib.nullcontext()
