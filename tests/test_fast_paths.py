@@ -19,6 +19,7 @@ from app.catalog import build_catalog
 from app.engine.fastpath import cpu_has_bf16, resolve
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
+from app.preprocess import normalize
 from tests import guard
 from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, needs_shared, run_service
 
@@ -54,6 +55,7 @@ def _predict(model: str, path: tuple[str, bool, bool], x: torch.Tensor) -> np.nd
         n = next(sizes)
         out.append(runner.forward(model, x[start : start + n]))
         start += n
+    assert runner.backends[model] == backend  # the compiled graphs answered, not a fallback
     return torch.cat(out).numpy()
 
 
@@ -129,6 +131,12 @@ def test_every_compiled_model_on_a_worker_is_compiled(monkeypatch):
     torch._dynamo.reset()  # leave no graphs of this test to the next
 
 
+def _frozen(generated: list) -> bool:
+    """Inductor froze the weights: constants of the generated code, not inputs to it."""
+    calls = [module for module in generated if hasattr(module, "call")]
+    return bool(calls) and all(any(n.startswith("_frozen_param") for n in vars(m)) for m in calls)
+
+
 @needs_shared(CIFAR_WEIGHTS)
 def test_cpu_float_models_run_one_frozen_graph_per_batch_size():
     """On the CPU a compiled float model runs one graph per batch size, on frozen weights
@@ -145,18 +153,23 @@ def test_cpu_float_models_run_one_frozen_graph_per_batch_size():
     assert isinstance(bucketed, worker.Bucketed) and bucketed.sizes == (1, 2, 4, 8)
     graphs = {size: bucketed._graphs[size] for size in bucketed.sizes}
     assert all(graph.generated for graph in graphs.values())  # each compiled on its own
-    # freezing: the weights are constants of the generated code, not inputs
-    assert all(
-        any(name.startswith("_frozen_param") for name in vars(module))
-        for graph in graphs.values()
-        for module in graph.generated
-        if hasattr(module, "call")
-    )
+    assert all(_frozen(graph.generated) for graph in graphs.values())
     x = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8)
     eager = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 1, 8, []))
     eager.load(plan)
     want = eager.forward(plan.name, x)
     torch.testing.assert_close(runner.forward(plan.name, x), want, rtol=1e-4, atol=1e-5)
+
+    # already normalised float32 input (/v2's PIXELS): each size compiles for it once, frozen
+    # too, and its modules are noted with the graph's (freed with it)
+    floats = normalize(x, plan.preprocess.mean, plan.preprocess.std)
+    before = {size: len(graph.generated) for size, graph in graphs.items()}
+    torch.testing.assert_close(runner.forward(plan.name, floats), want, rtol=1e-4, atol=1e-5)
+    assert runner.backends[plan.name] == "inductor" and not bucketed.fell_back
+    assert bucketed._plan(11) == [(0, 8, 8), (8, 3, 4)]  # 3 padded to 4
+    assert all(len(graphs[s].generated) > before[s] for s in (4, 8))
+    assert all(len(graphs[s].generated) == before[s] for s in (1, 2))
+    assert torch.float32 in graphs[8]._dtypes and _frozen(graphs[8].generated)
 
     dropped = [weakref.ref(m) for s in (4, 8) for m in graphs[s].generated]
     kept = [weakref.ref(m) for s in (1, 2) for m in graphs[s].generated]

@@ -229,7 +229,7 @@ class Runner:
                     compiled, graphs = cast(nn.Module, torch.compile(eager, dynamic=True)), 2
                 _allow_compiled_graphs(graphs)
                 self.models[plan.name] = compiled
-                with _no_silent_eager(), _frozen(isinstance(compiled, Bucketed)):
+                with _no_silent_eager():
                     self._warm_up(plan)
                 if isinstance(compiled, Bucketed) and compiled.fell_back:
                     raise RuntimeError("the compiled graphs failed during the warm-up")
@@ -247,9 +247,13 @@ class Runner:
             model = self.models[plan.name]
             if isinstance(model, Bucketed):  # batches close at ``best``: larger graphs idle
                 model.keep(best)
+                if model.fell_back:  # a size compiled while measuring failed
+                    model.release()
+                    self.models[plan.name] = eager
+                    self.backends[plan.name] = "eager"
         if self.cfg.jpeg_on_device:
             self._pick_jpeg_decoder(plan)
-        return backend
+        return self.backends[plan.name]
 
     def _pick_jpeg_decoder(self, plan: LoadPlan) -> None:
         """Which decoder takes this model's plain JPEGs, per upload size: torchvision's (nvjpeg
@@ -305,7 +309,9 @@ class Runner:
         # The first passes allocate, pick kernels and (with compile) compile, on the input the
         # service sends: uint8 pixels.
         model = self.models[plan.name]
-        sizes = model.sizes if isinstance(model, Bucketed) else (1, 2, self.cfg.warmup_batch)
+        sizes: tuple[int, ...] = (1, 2, self.cfg.warmup_batch)
+        if isinstance(model, Bucketed):  # one graph per size; with auto, the sizes measured
+            sizes = model.sizes[:1] if self.cfg.auto_batch else model.sizes  # compile theirs
         for bs in sorted(set(sizes)):
             x = torch.zeros(bs, 3, plan.input_size, plan.input_size, dtype=torch.uint8)
             out = self.forward(plan.name, x)
@@ -517,23 +523,30 @@ class _Graph:
     dynamo caches graphs per code object, and a frozen graph holds its own copy of the weights,
     so each size can be dropped alone (``release``; the shared ``NormalizingModel.forward``
     would keep them for the process's life: ~115 MB per reload of resnet50:int8). fullgraph: a
-    graph break would make code objects that are not its own; it fails the warm-up instead."""
+    graph break would make code objects that are not its own; it fails instead.
+
+    It compiles on the first call with each input dtype, with freezing on (``_frozen``): uint8
+    pixels in the warm-up, and float32 (already normalised: /v2's PIXELS) on the first such
+    batch, where it compiles during that batch (seconds), as the dynamic graph did. Only the
+    worker's main thread calls it."""
 
     def __init__(self, model: nn.Module) -> None:
         self._code = _own_code_run(model)
         self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
         self.generated: list[Any] = []  # inductor's modules made for this graph (see release)
-        self._called = False
+        self._dtypes: set[torch.dtype] = set()  # compiled for these input dtypes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._called:
+        if x.dtype in self._dtypes:
             return self._compiled(x)
         known = len(_inductor_modules())
-        try:  # the first call compiles (in the warm-up): note what inductor made for it
-            return self._compiled(x)
+        try:  # compiles: frozen, and what inductor made for it noted
+            with _frozen():
+                out = self._compiled(x)
         finally:
-            self._called = True
-            self.generated = _inductor_modules()[known:]
+            self.generated += _inductor_modules()[known:]
+        self._dtypes.add(x.dtype)
+        return out
 
     def release(self) -> None:
         """Drop this graph: dynamo's cache entries for its code, and the modules inductor
@@ -551,6 +564,7 @@ class _Graph:
         except Exception as exc:  # torch internals: at worst memory stays, the worker lives
             log.warning("could not free a compiled graph: %s", exc)
         self.generated = []
+        self._dtypes = set()
 
 
 def _static_graphs(device: torch.device) -> bool:
@@ -609,14 +623,12 @@ def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.M
     return Bucketed(model, sizes, eager), len(sizes)
 
 
-def _frozen(freeze: bool) -> Any:
-    """Inductor's freezing (weights as constants, pre-packed for oneDNN) while ``Bucketed``
-    graphs compile: PT2E's int8 convolutions are lowered to oneDNN only on frozen weights
+def _frozen() -> Any:
+    """Inductor's freezing (weights as constants, pre-packed for oneDNN) while a ``Bucketed``
+    graph compiles: PT2E's int8 convolutions are lowered to oneDNN only on frozen weights
     (without it resnet50 int8 ran 19 images/s), and float convolutions run on weights packed
-    once instead of at every call. It takes effect only while dynamo traces, hence around the
-    warm-up; every batch size is compiled there, so no later compile runs without it."""
-    if not freeze:
-        return contextlib.nullcontext()
+    once instead of at every call. It takes effect only while dynamo traces, hence around each
+    graph's compiling call (``_Graph``)."""
     return torch._inductor.config.patch(freezing=True)
 
 
