@@ -56,7 +56,11 @@ def test_first_passes_do_not_spend_the_budget():
     the timed passes, so slow compiles do not cut the search short of the peak."""
     m = CostModel({1: 25, 2: 40, 4: 60, 8: 100, 16: 220, 32: 500}, first_ms=5000)
     got = batchsize.pick(m.run, 32, budget_s=4.0, clock=m.clock)
-    assert got.best == 8 and set(got.images_per_s) == {1, 2, 4, 8, 16}
+    assert got.best == 8 and set(got.images_per_s) == {1, 2, 4, 8, 16} and 32 not in m.sizes
+    # the timed passes still spend it: slow sizes stop the search within the budget
+    m = CostModel({1: 100, 2: 150, 4: 250, 8: 450, 16: 850, 32: 1650}, first_ms=5000)
+    got = batchsize.pick(m.run, 32, budget_s=1.0, round_s=0.3, clock=m.clock)
+    assert set(got.images_per_s) == {1, 2, 4}
 
 
 def test_setting_accepts_auto_and_integers(monkeypatch: pytest.MonkeyPatch):

@@ -169,7 +169,7 @@ def test_cpu_float_models_run_one_frozen_graph_per_batch_size():
     assert bucketed._plan(11) == [(0, 8, 8), (8, 3, 4)]  # 3 padded to 4
     assert all(len(graphs[s].generated) > before[s] for s in (4, 8))
     assert all(len(graphs[s].generated) == before[s] for s in (1, 2))
-    assert torch.float32 in graphs[8]._dtypes and _frozen(graphs[8].generated)
+    assert _frozen(graphs[8].generated)  # the float32 graphs too
 
     dropped = [weakref.ref(m) for s in (4, 8) for m in graphs[s].generated]
     kept = [weakref.ref(m) for s in (1, 2) for m in graphs[s].generated]
@@ -188,6 +188,31 @@ def test_cpu_float_models_run_one_frozen_graph_per_batch_size():
     served = auto.models[plan.name]
     assert isinstance(served, worker.Bucketed)
     assert max(served.sizes) == auto.batch_sizes[plan.name]  # nothing above it is kept
+    assert all(_frozen(served._graphs[size].generated) for size in served.sizes)
+
+
+def test_a_graph_failing_while_the_batch_size_is_measured_leaves_eager(monkeypatch):
+    """With auto batch sizes, the measurement compiles the sizes it times; if one fails, the
+    model is served (and reported, and measured again) as eager, its graphs dropped."""
+    from app.engine import worker
+
+    run = worker._Graph.__call__
+
+    def fails_at_2(self: worker._Graph, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 2:
+            raise RuntimeError("a compiled kernel failed")
+        return run(self, x)
+
+    monkeypatch.setattr(worker._Graph, "__call__", fails_at_2)
+    spec = build_catalog().get("cifar10_resnet20")  # random weights: only the path matters
+    plan = spec.load_plan(None)
+    runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 1, 8, [], auto_batch=True))
+    assert runner.load(plan) == "eager"
+    assert runner.backends[plan.name] == "eager"
+    assert not isinstance(runner.models[plan.name], worker.Bucketed)
+    assert runner.batch_sizes[plan.name] in (1, 2, 4, 8)
+    x = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    assert runner.forward(plan.name, x).shape == (3, 10)
 
 
 def test_defaults_follow_the_hardware():

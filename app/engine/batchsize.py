@@ -2,12 +2,14 @@
 (``IMGCLS_MAX_BATCH_SIZE=auto``).
 
 The best size depends on the model, the device and the CPU (a 2-core AMD EPYC without AMX runs
-resnet50 fastest at batch 8, not at the old default of 32), so it is measured, not configured.
+resnet50 fastest at batch 4 to 16 by run and build, not at the old default of 32), so it is
+measured, not configured.
 Powers of two from 1 up to a cap are timed; the search stops once throughput falls below the
 best so far, or when the time budget is spent. A larger size must beat a smaller one by
 ``MIN_GAIN`` to be chosen: within noise, the smaller batch wins (lower latency, same throughput).
 The first pass at each size is not timed and does not count against the budget: on the CPU it
-compiles that size's graph (worker.Bucketed), and sizes past the peak are never compiled.
+compiles that size's graph (worker.Bucketed), and no size beyond the first one past the peak
+is compiled.
 """
 
 from __future__ import annotations

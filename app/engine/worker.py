@@ -242,18 +242,30 @@ class Runner:
             self.models[plan.name] = eager
             self._warm_up(plan)
         self.backends[plan.name] = backend
-        if self.cfg.auto_batch:
-            best = self.batch_sizes[plan.name] = self._measure_batch(plan)
-            model = self.models[plan.name]
-            if isinstance(model, Bucketed):  # batches close at ``best``: larger graphs idle
-                model.keep(best)
-                if model.fell_back:  # a size compiled while measuring failed
-                    model.release()
-                    self.models[plan.name] = eager
-                    self.backends[plan.name] = "eager"
-        if self.cfg.jpeg_on_device:
-            self._pick_jpeg_decoder(plan)
+        try:
+            if self.cfg.auto_batch:
+                self._settle_batch(plan, eager)
+            if self.cfg.jpeg_on_device:
+                self._pick_jpeg_decoder(plan)
+        except Exception:  # the model itself failed: nothing of it stays
+            self.unload(plan.name)
+            raise
         return self.backends[plan.name]
+
+    def _settle_batch(self, plan: LoadPlan, eager: nn.Module) -> None:
+        """Measure the batch size (``_measure_batch``); a ``Bucketed`` model then keeps only the
+        graphs it needs (batches close at that size). If a graph compiled while measuring failed,
+        the model is served eager from then on, and measured again as such."""
+        best = self.batch_sizes[plan.name] = self._measure_batch(plan)
+        model = self.models[plan.name]
+        if not isinstance(model, Bucketed):
+            return
+        model.keep(best)
+        if model.fell_back:
+            model.release()
+            self.models[plan.name] = eager
+            self.backends[plan.name] = "eager"
+            self.batch_sizes[plan.name] = self._measure_batch(plan)
 
     def _pick_jpeg_decoder(self, plan: LoadPlan) -> None:
         """Which decoder takes this model's plain JPEGs, per upload size: torchvision's (nvjpeg
@@ -452,13 +464,14 @@ class Bucketed(nn.Module):
 
     Why fixed sizes: oneDNN's convolutions compiled for one batch size, on weights packed for
     it, ran much faster than one dynamic graph (resnet50 on a 2-core AMD EPYC, same script:
-    int8 95 vs 55 images/s at batch 8; bf16 48.4 vs 43.7 at batch 8 and 40.4 vs 25.8 at
-    batch 1). The price is memory: each size's graph holds its own packed copy of the weights,
-    so the sizes above the batch size a model settles on are dropped (``keep``).
+    int8 95 vs 55 images/s at batch 8; bf16 48.5 vs 43.8 at batch 8 and 40.4 vs 25.7 at
+    batch 1; docs/PERFORMANCE.md). The price is memory: each size's graph holds its own packed
+    copy of the weights, so the sizes above the batch size a model settles on are dropped
+    (``keep``).
 
     Every batch is copied into a tensor made here, so that the compiled graphs always see the
     same kind of tensor (one made in inference mode): a guard on the tensor's kind failing
-    would recompile outside the warm-up, without freezing, at a fifth of the speed."""
+    would recompile while serving (frozen, but seconds long)."""
 
     def __init__(self, model: nn.Module, sizes: tuple[int, ...], fallback: nn.Module) -> None:
         super().__init__()
@@ -496,6 +509,7 @@ class Bucketed(nn.Module):
         except Exception as exc:
             log.warning("a compiled graph failed, serving eager from now on: %s", exc)
             self.fell_back = True
+            self.release()  # the graphs (and their copies of the weights) serve no more
             return self.fallback(x)
 
     def _plan(self, n: int) -> list[tuple[int, int, int]]:
@@ -525,28 +539,27 @@ class _Graph:
     would keep them for the process's life: ~115 MB per reload of resnet50:int8). fullgraph: a
     graph break would make code objects that are not its own; it fails instead.
 
-    It compiles on the first call with each input dtype, with freezing on (``_frozen``): uint8
-    pixels in the warm-up, and float32 (already normalised: /v2's PIXELS) on the first such
-    batch, where it compiles during that batch (seconds), as the dynamic graph did. Only the
-    worker's main thread calls it."""
+    Every call runs with freezing on (``_frozen``; ~25 µs) and notes the modules inductor made,
+    so that any compile is frozen and freed with the graph: uint8 pixels compile in the warm-up
+    (or in the batch-size measurement), float32 (already normalised: /v2's PIXELS) on the first
+    such batch of each size, during that batch (seconds, as the dynamic graph's recompile did),
+    and another copy of the weights. One caller at a time (the worker's main thread; Ray runs
+    one batch at a time)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._code = _own_code_run(model)
         self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
         self.generated: list[Any] = []  # inductor's modules made for this graph (see release)
-        self._dtypes: set[torch.dtype] = set()  # compiled for these input dtypes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in self._dtypes:
-            return self._compiled(x)
         known = len(_inductor_modules())
-        try:  # compiles: frozen, and what inductor made for it noted
+        try:
             with _frozen():
-                out = self._compiled(x)
+                return self._compiled(x)
         finally:
-            self.generated += _inductor_modules()[known:]
-        self._dtypes.add(x.dtype)
-        return out
+            made = _inductor_modules()
+            if len(made) > known:  # it compiled
+                self.generated += made[known:]
 
     def release(self) -> None:
         """Drop this graph: dynamo's cache entries for its code, and the modules inductor
@@ -564,7 +577,6 @@ class _Graph:
         except Exception as exc:  # torch internals: at worst memory stays, the worker lives
             log.warning("could not free a compiled graph: %s", exc)
         self.generated = []
-        self._dtypes = set()
 
 
 def _static_graphs(device: torch.device) -> bool:
