@@ -261,8 +261,7 @@ class Runner:
         if not isinstance(model, Bucketed):
             return
         model.keep(best)
-        if model.fell_back:
-            model.release()
+        if model.fell_back:  # its graphs were dropped when it fell back (Bucketed.forward)
             self.models[plan.name] = eager
             self.backends[plan.name] = "eager"
             self.batch_sizes[plan.name] = self._measure_batch(plan)
