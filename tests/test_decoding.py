@@ -241,7 +241,11 @@ def tensor_decode_guard(device: str) -> str:
 def test_tensor_decoder_on_the_hostile_corpus():
     """Everything from the hostile corpus that passes the header check, sent down the tensor
     (nvjpeg) path as if it were a plain JPEG: each fails alone with a 4xx or decodes; the
-    process lives on and the next batch decodes."""
+    process lives on and the next batch decodes (tests/test_gpu.py: the same through nvjpeg)."""
+    tensor_decoder_hostile_corpus("cpu")
+
+
+def tensor_decoder_hostile_corpus(device: str) -> None:
     spec = build_catalog().get(MODEL)
     passing: list[tuple[str, int, bytes]] = []
     for name, (status, data) in HOSTILE.items():
@@ -251,8 +255,8 @@ def test_tensor_decoder_on_the_hostile_corpus():
             continue
         passing.append((name, status, data))
     assert passing, "no case of the hostile corpus passes the header check: nothing tested"
-    decoder = _tensor_decoder()
-    # one by one through the CPU's tensor decoder (the pool's threads)...
+    decoder = _tensor_decoder(device)
+    # one by one through the tensor decoder (on the CPU, the pool's threads)...
     for name, status, data in passing:
         try:
             decoder._torchvision(data, spec.transform)
@@ -260,10 +264,10 @@ def test_tensor_decoder_on_the_hostile_corpus():
             assert _status(exc)[0] == status, (name, _status(exc))
         else:
             pytest.fail(f"{name}: decoded, where the service answers {status}")
-    # ... and together through nvjpeg's batch path, here on the CPU
+    # ... and together through nvjpeg's batch path (the same code on the CPU)
     tensor, _, _ = decoder._tensor_jpegs([data for _, _, data in passing], spec.transform)
     leftover = [i for i, px in enumerate(tensor) if px is None]
-    out = Decoder(2, 10**8, "cpu", False).prepare(
+    out = Decoder(2, 10**8, device, False).prepare(
         [Encoded(passing[i][2], True) for i in leftover], spec.transform
     )  # what nvjpeg refused goes to Pillow: each fails alone with its 4xx, or decodes
     assert len(out.rows) + len(out.errors) == len(leftover)

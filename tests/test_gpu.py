@@ -1,4 +1,5 @@
-"""GPU paths: CUDA workers over HTTP, the fp16 accuracy guard, and CUDA out-of-memory handling.
+"""GPU paths: CUDA workers over HTTP, the fp16 and nvjpeg accuracy guards, the hostile corpus
+through nvjpeg, and CUDA out-of-memory handling.
 
 These need an NVIDIA GPU; they are skipped (with that reason) elsewhere, so CPU-only runs of the
 suite do not count them. bench/gpu.sh runs them on a GPU machine.
@@ -128,6 +129,14 @@ def test_nvjpeg_decode_guard():
     from tests.test_decoding import tensor_decode_guard
 
     tensor_decode_guard("cuda:0")
+
+
+def test_nvjpeg_on_the_hostile_corpus():
+    """The hostile corpus through nvjpeg, one by one and as one batch: each case fails alone
+    with the service's 4xx for it, or decodes; the next batch decodes."""
+    from tests.test_decoding import tensor_decoder_hostile_corpus
+
+    tensor_decoder_hostile_corpus("cuda:0")
 
 
 def test_cuda_oom_splits_the_batch():
