@@ -28,6 +28,6 @@ export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
     $PYTHON -c "import fastapi, uvicorn, pydantic, multipart, grpc, app.main; print('app imports: ok')" \
         || exit 1
     PACKED="$OUT/gpu-results.tgz"
-    OUT=bench-results/gpu PACK="$PACKED" BUDGET_S=${BUDGET_S:-500} bash bench/gpu.sh
+    OUT=bench-results/gpu PACK="$PACKED" BUDGET_S=${BUDGET_S:-540} bash bench/gpu.sh
     date -u
 } 2>&1 | tee "$OUT/run.log"
