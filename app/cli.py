@@ -70,7 +70,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import signal
+
     from app.benchmarks.harness import run_bench
+
+    # The servers run in sessions of their own (so that they can be stopped whole): stopped by
+    # SIGTERM (a time limit), the benchmark unwinds and stops them instead of leaving them up.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     run_bench(
         model=args.model,

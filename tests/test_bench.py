@@ -171,3 +171,51 @@ def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys, monkeypatc
     assert (tmp_path / "bench-cifar10_resnet20-cpu.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "service_vs_naive" in out and "OpenVINO" in out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie no one reaps counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@needs_shared(IMAGES)
+def test_a_bench_stopped_by_sigterm_stops_its_server(tmp_path):
+    """bench/gpu.sh stops a step at its time limit with SIGTERM. The servers run in sessions of
+    their own, out of reach of that signal: the benchmark stops them as it exits."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import ROOT, children
+
+    env = {**os.environ, "IMGCLS_BENCH_IMAGES": str(IMAGES), "PYTHONUNBUFFERED": "1"}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "bench", "--model", "cifar10_resnet20",
+         "--precision", "fp32", "--servers", "imgcls", "--concurrency", "1", "--duration", "300",
+         "--warmup", "0.5", "--batch-sizes", "1", "--model-seconds", "0.2",
+         "--image-sets", "small", "--no-openvino", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert bench.stdout is not None
+        for line in bench.stdout:  # the model-only part, then the server
+            if line.startswith("== imgcls: starting"):
+                break
+        deadline = time.monotonic() + 60
+        while not children(bench.pid):
+            assert time.monotonic() < deadline, "the benchmark started no server"
+            time.sleep(0.1)
+        servers = children(bench.pid)
+        time.sleep(1.0)  # starting up (or serving): either way it must go with the benchmark
+        bench.send_signal(signal.SIGTERM)
+        code = bench.wait(90)
+        assert not [pid for pid in servers if _alive(pid)], "a server outlived the benchmark"
+        assert code == 128 + signal.SIGTERM  # it unwound (exit status of a SIGTERM handler)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()

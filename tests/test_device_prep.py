@@ -1,6 +1,8 @@
 """The GPU run's preparation (bench/device): the device machine's Python lacks the service's web
-stack, which travels as wheels. An import the device cannot satisfy stops the whole run there
-(it did once: FastAPI 0.165 needs opentelemetry-api), so it is checked here, where it is cheap."""
+stack, which travels as wheels, and an import the device cannot satisfy stops the whole run there
+(it did once). Here, where it is cheap: every package that app/ and the tests the device runs
+import directly is carried or on the device. Their own requirements are resolved by pip and
+checked by bench/device/prepare.sh (``packages.check``, tested below on made-up wheels)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,34 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench" / "device"))
 import packages
 
+# What bench/gpu.sh runs on the device besides app/: these test files and what they import.
+DEVICE_TESTS = ["tests/test_gpu.py", "tests/test_soak.py", "tests/conftest.py"]
+# Imported there inside fixtures the device's tests do not use: the browser (page tests only).
+UNUSED_THERE = {"playwright"}
+
+
+def _sources() -> list[Path]:
+    """app/, and the device's test files with the modules of tests/ they import, transitively."""
+    files = list((ROOT / "app").rglob("*.py"))
+    todo = [ROOT / f for f in DEVICE_TESTS]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.exists():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "tests":
+                todo += [ROOT / "tests" / f"{alias.name}.py" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests."):
+                todo.append(ROOT / f"{str(node.module).replace('.', '/')}.py")
+    return files + sorted(seen)
+
 
 def _imported_distributions() -> dict[str, set[str]]:
-    """Every third-party distribution that a module of app/ imports, with the modules that do."""
+    """Every third-party distribution imported by those files, with the files that do."""
     tops: dict[str, set[str]] = {}
-    for path in (ROOT / "app").rglob("*.py"):
+    for path in _sources():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -31,7 +56,7 @@ def _imported_distributions() -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top != "app" and top not in sys.stdlib_module_names:
+                if top not in ("app", "tests") and top not in sys.stdlib_module_names:
                     tops.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     by_dist: dict[str, set[str]] = {}
     where = metadata.packages_distributions()
@@ -49,20 +74,20 @@ def _imported_distributions() -> dict[str, set[str]]:
 
 
 def test_every_package_the_app_imports_is_carried_or_on_the_device():
-    covered = {
-        canonicalize_name(n)
-        for n in [*packages.CARRIED, *packages.CARRIED_ALONE, *packages.NOT_CARRIED]
-    } | packages.DEVICE_HAS
+    covered = (
+        {
+            canonicalize_name(n)
+            for n in [*packages.CARRIED, *packages.CARRIED_ALONE, *packages.NOT_CARRIED]
+        }
+        | packages.DEVICE_HAS
+        | UNUSED_THERE
+    )
     imported = _imported_distributions()
-    assert "fastapi" in imported and "torch" in imported  # the scan sees the app's imports
+    # the scan sees the app's imports and the device tests' (httpx: conftest; pytest: test files)
+    assert {"fastapi", "torch", "httpx", "pytest"} <= set(imported)
+    assert any(f.startswith("tests/test_decoding") for f in imported["torch"])  # via test_gpu
     missing = {d: sorted(f) for d, f in imported.items() if d not in covered}
-    assert not missing, f"imported by app/ but neither carried to the device nor there: {missing}"
-
-
-def test_pins_are_the_versions_tested_here():
-    for pin in packages.pins():
-        name, version = pin.split("==")
-        assert metadata.version(name) == version
+    assert not missing, f"imported but neither carried to the device nor there: {missing}"
 
 
 def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:

@@ -95,18 +95,21 @@ def start_server(
         start_new_session=True,
     )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"server {args} exited with {proc.returncode}: {err[-2000:]}")
-        try:
-            if httpx.get(health, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise TimeoutError(f"server {args} not healthy after {timeout:.0f}s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"server {args} exited with {proc.returncode}: {err[-2000:]}")
+            try:
+                if httpx.get(health, timeout=2).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server {args} not healthy after {timeout:.0f}s")
+    except BaseException:  # not healthy, or the benchmark itself is stopping (SIGTERM, ^C)
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

@@ -2,8 +2,9 @@
 # Prepare, on this (CPU) machine, everything the GPU run (bench/device/run.sh) needs on the
 # device machine, whose Python 3.12 has torch, torchvision, numpy, Pillow and matplotlib but not
 # the service's web stack (FastAPI, Starlette, pydantic, uvicorn, python-multipart, ...):
-#   - .whl/      the wheels for Python 3.12 / manylinux x86-64 of every package the app imports
-#                that the device lacks, at the versions tested here (this venv's), with their
+#   - .whl/      the wheels for Python 3.12 / manylinux x86-64 of the packages the app imports
+#                that the device lacks or has at other versions, at the versions tested here
+#                (this venv's, dependencies included: pip freeze is the constraint), with their
 #                whole dependency closure as pip resolves it (an import that failed there once:
 #                FastAPI 0.165 needs opentelemetry-api);
 #   - .devdata/  a copy of ../shared/data (the CIFAR-10 ResNets, test sample and photos), which
@@ -27,17 +28,19 @@ mapfile -t PINS < <($PY bench/device/packages.py pins)
 echo "device wheels: resolving ${PINS[*]}"
 rm -rf "$WHL" && mkdir -p "$WHL"
 report=$(mktemp)
+constraints=$(mktemp)
+$PY -m pip freeze --exclude-editable --disable-pip-version-check | grep -v "^-e \|@ file:" > "$constraints"
 $PY -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed \
     --target /tmp/imgcls-device-resolve "${TARGET[@]}" "${PLATFORMS[@]}" --report "$report" \
-    "${PINS[@]}"
+    -c "$constraints" "${PINS[@]}"
 mapfile -t CLOSURE < <($PY bench/device/packages.py closure "$report")
-rm -f "$report"
+rm -f "$report" "$constraints"
 echo "device wheels: downloading ${#CLOSURE[@]}: ${CLOSURE[*]}"
 $PY -m pip download --quiet --disable-pip-version-check --no-deps "${TARGET[@]}" \
     "${PLATFORMS[@]}" -d "$WHL" "${CLOSURE[@]}"
 # captum (explanations) without its requirements: torch, numpy, matplotlib, tqdm are there.
-$PY -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-    -d "$WHL" $($PY bench/device/packages.py alone)
+$PY -m pip download --quiet --disable-pip-version-check --no-deps "${TARGET[@]}" \
+    "${PLATFORMS[@]}" -d "$WHL" $($PY bench/device/packages.py alone)
 
 # They install together for Python 3.12 (into a throwaway folder; nothing runs them here).
 rm -rf /tmp/imgcls-device-site

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The GPU run on the device machine, prepared by bench/device/prepare.sh: with the device tool,
 #   run(command="bash bench/device/run.sh", carry=[".whl", ".devdata"], timeout_s=590)
-# Installs the carried wheels (the web stack the device's Python 3.12 lacks) into /tmp/site,
+# Installs the carried wheels (the web stack the device's Python 3.12 lacks, and the versions
+# tested here of the packages it has at other versions) into /tmp/site, first on PYTHONPATH;
 # points the tests and benchmarks at the carried shared data, and runs bench/gpu.sh inside a
-# budget that leaves time to hand the results back. What comes back under $OUT: run.log and
+# budget (BUDGET_S, 555 s from the start) that leaves time to hand the results back. What comes back under $OUT: run.log and
 # gpu-results.tgz (every JSON, PNG and log of the run, packed after each step).
 # On a machine without Python 3.12 (a dry run on the CPU) the wheels are not installed and the
 # local environment is used: PYTHON=.venv/bin/python OUT=/tmp/dry bash bench/device/run.sh
 set -uo pipefail
+# The whole call's budget, wheel installation included: 555 s of a 590 s command, the rest for a
+# step's kill grace (10 s) and packing.
+export DEADLINE_EPOCH=$(($(date +%s) + ${BUDGET_S:-555}))
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench-results/device}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -28,6 +32,9 @@ export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
     $PYTHON -c "import fastapi, uvicorn, pydantic, multipart, grpc, app.main; print('app imports: ok')" \
         || exit 1
     PACKED="$OUT/gpu-results.tgz"
-    OUT=bench-results/gpu PACK="$PACKED" BUDGET_S=${BUDGET_S:-540} bash bench/gpu.sh
+    rm -rf bench-results/gpu  # a warm machine keeps ignored files: no earlier run's results
+    OUT=bench-results/gpu PACK="$PACKED" bash bench/gpu.sh
+    status=$?
     date -u
+    exit $status
 } 2>&1 | tee "$OUT/run.log"
