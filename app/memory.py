@@ -4,12 +4,15 @@ glibc's malloc keeps freed memory in its arenas for reuse, and after a large fre
 mmap threshold (up to 32 MB), so the next large buffers come from the arenas too: after a few
 40-megapixel decodes the API process and a worker each kept about 460 MB they no longer used
 (issue 16). ``malloc_trim(0)`` returns the free pages of every arena. It takes milliseconds, so it
-runs only after a buffer of ``TRIM_AFTER_BYTES`` or more was released, and one caller at a time
-(others skip: the trim in progress covers them). Elsewhere than glibc it does nothing.
+runs only after a buffer of ``TRIM_AFTER_BYTES`` or more was released, one caller at a time
+(others skip: the trim in progress covers them), and never on an event loop's thread, which it
+would stall for every connection (a thread of its own runs it there). Elsewhere than glibc it
+does nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import threading
@@ -51,6 +54,13 @@ def trim() -> bool:
 
 
 def after_large_buffer(nbytes: int) -> None:
-    """Call after dropping a buffer of ``nbytes``: trims when it was a large one."""
-    if nbytes >= TRIM_AFTER_BYTES:
+    """Call after dropping a buffer of ``nbytes``: trims when it was a large one; called on an
+    event loop, on a thread of its own, and returns at once."""
+    if nbytes < TRIM_AFTER_BYTES:
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a worker's or the decode pool's thread: trim here
         trim()
+        return
+    threading.Thread(target=trim, name="imgcls-heap-trim", daemon=True).start()

@@ -334,3 +334,45 @@ def test_png_text_chunks_cannot_steer_the_resize(client, chunks: dict[str, str])
         assert c.status_code == 200, c.text  # decoded in the worker
         answers[name] = (r.json()["results"][0]["predictions"], c.json()["predictions"])
     assert answers["chunks"] == answers["plain"]
+
+
+def test_heap_trim_after_a_large_body_runs_off_the_event_loop():
+    """``malloc_trim`` takes milliseconds; after a large body (the ASGI size guard, the gRPC
+    door) it runs on a thread of its own, not on the loop that serves every connection. Seen
+    through a profiler hook on each thread (nothing replaced: the real trim runs)."""
+    import asyncio
+    import sys
+
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def hook(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "call" and frame.f_code is memory.trim.__code__:
+            with lock:
+                calls.append(threading.current_thread().name)
+
+    async def on_the_loop() -> str:
+        sys.setprofile(hook)
+        try:
+            memory.after_large_buffer(memory.TRIM_AFTER_BYTES)
+        finally:
+            sys.setprofile(None)
+        return threading.current_thread().name
+
+    threading.setprofile(hook)  # threads started from here on
+    try:
+        loop_thread = asyncio.run(on_the_loop())
+        for t in threading.enumerate():
+            if t.name == "imgcls-heap-trim":
+                t.join(10)
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    assert calls == ["imgcls-heap-trim"], (calls, loop_thread)
+    # off a loop (a decode thread), the caller trims itself; small buffers trim nowhere
+    sys.setprofile(hook)
+    try:
+        memory.after_large_buffer(memory.TRIM_AFTER_BYTES)
+        memory.after_large_buffer(memory.TRIM_AFTER_BYTES - 1)
+    finally:
+        sys.setprofile(None)
+    assert calls == ["imgcls-heap-trim", threading.current_thread().name]
