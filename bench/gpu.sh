@@ -9,9 +9,10 @@
 #   3. resnet18: model-only, and the service with ImageNet-size uploads; vgg16: model-only.
 # Each step has its own time limit, cut to what is left of the budget; a step that cannot have
 # 30 s is skipped and says so (the limits add up to more than the budget: where the first steps
-# use all of theirs, vgg16 is the one skipped). A step stopped at its limit stops its servers. Results (JSON, PNG, logs) go to $OUT (default bench-results/gpu);
-# with PACK=FILE.tgz the folder is packed into FILE after every step, so that a run cut short
-# still hands back what it measured (the device tool returns at most 8 files).
+# use all of theirs, vgg16 is the one skipped). A step stopped at its limit stops its servers.
+# Results (JSON, PNG, logs) go to $OUT (default bench-results/gpu); with PACK=FILE.tgz the folder
+# is packed into FILE after every step, so that a run cut short still hands back what it measured
+# (the device tool returns at most 8 files). Exits non-zero if a step failed or was skipped.
 #   OUT=bench-results/gpu bash bench/gpu.sh        (on the device: bash bench/device/run.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,8 @@ step() {
         return
     fi
     echo "== $name (limit ${limit} s, $((END - SECONDS)) s left)"
-    timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v "Warning\|warn(" | tee "$OUT/$name.log"
+    timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v "Warning\|warn(" \
+        | tee "$OUT/$name.log"
     local status=${PIPESTATUS[0]}
     echo "== $name: exit $status after $((SECONDS - ${T0:-0})) s in all"
     [ "$status" -eq 0 ] || FAILED=$((FAILED + 1))

@@ -4,8 +4,9 @@
 # Installs the carried wheels (the web stack the device's Python 3.12 lacks, and the versions
 # tested here of the packages it has at other versions) into /tmp/site, first on PYTHONPATH;
 # points the tests and benchmarks at the carried shared data, and runs bench/gpu.sh inside a
-# budget (BUDGET_S, 555 s from the start) that leaves time to hand the results back. What comes back under $OUT: run.log and
-# gpu-results.tgz (every JSON, PNG and log of the run, packed after each step).
+# budget (BUDGET_S, 555 s from the start) that leaves time to hand the results back. What comes
+# back under $OUT: run.log and gpu-results.tgz (every JSON, PNG and log of the run, packed after
+# each step).
 # On a machine without Python 3.12 (a dry run on the CPU) the wheels are not installed and the
 # local environment is used: PYTHON=.venv/bin/python OUT=/tmp/dry bash bench/device/run.sh
 set -uo pipefail
