@@ -63,4 +63,5 @@ def after_large_buffer(nbytes: int) -> None:
     except RuntimeError:  # a worker's or the decode pool's thread: trim here
         trim()
         return
-    threading.Thread(target=trim, name="imgcls-heap-trim", daemon=True).start()
+    if not _lock.locked():  # a trim in progress covers this buffer too
+        threading.Thread(target=trim, name="imgcls-heap-trim", daemon=True).start()

@@ -175,6 +175,19 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
+def running(pids: list[int]) -> list[str]:
+    """Those of ``pids`` still alive (zombies awaiting their reaper do not count), with names."""
+    alive = []
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            alive.append(f"{p} {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}")
+    return alive
+
+
 def save_resnet18(path: Path, num_classes: int = 1000, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = get_model_builder("resnet18")(weights=None, num_classes=num_classes).eval()

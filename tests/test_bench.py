@@ -173,15 +173,6 @@ def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys, monkeypatc
     assert "service_vs_naive" in out and "OpenVINO" in out
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie no one reaps counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @needs_shared(IMAGES)
 def test_a_bench_stopped_by_sigterm_stops_its_server(tmp_path):
     """bench/gpu.sh stops a step at its time limit with SIGTERM. The servers run in sessions of
@@ -190,7 +181,7 @@ def test_a_bench_stopped_by_sigterm_stops_its_server(tmp_path):
     import signal
     import subprocess
 
-    from tests.conftest import ROOT, children
+    from tests.conftest import ROOT, children, running
 
     env = {**os.environ, "IMGCLS_BENCH_IMAGES": str(IMAGES), "PYTHONUNBUFFERED": "1"}
     bench = subprocess.Popen(
@@ -213,7 +204,7 @@ def test_a_bench_stopped_by_sigterm_stops_its_server(tmp_path):
         time.sleep(1.0)  # starting up (or serving): either way it must go with the benchmark
         bench.send_signal(signal.SIGTERM)
         code = bench.wait(90)
-        assert not [pid for pid in servers if _alive(pid)], "a server outlived the benchmark"
+        assert not running(servers), "a server outlived the benchmark"
         assert code == 128 + signal.SIGTERM  # it unwound (exit status of a SIGTERM handler)
     finally:
         if bench.poll() is None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests import images
-from tests.conftest import ROOT, children, free_port, run_service
+from tests.conftest import ROOT, children, free_port, run_service, running
 
 PNG = images.encode(images.photo((64, 64)), "PNG")
 
@@ -191,28 +191,15 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         assert all(e["status"] == 200 and e["model"] == "cifar10_plain110" for e in requests)
         assert all(len(e["request_id"]) == 32 and e["latency_ms"] > 0 for e in requests)
         deadline = time.monotonic() + 10  # the multiprocessing resource tracker exits last
-        while _running(workers) and time.monotonic() < deadline:
+        while running(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(workers), f"left running: {_running(workers)}"
+        assert not running(workers), f"left running: {running(workers)}"
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/healthz", timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _running(pids: list[int]) -> list[str]:
-    """Those of ``pids`` still alive (zombies awaiting their reaper do not count), with names."""
-    alive = []
-    for p in pids:
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-            alive.append(f"{p} {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}")
-    return alive
 
 
 def test_api_key_and_cors(tmp_path: Path):

@@ -50,12 +50,8 @@ NOT_CARRIED = {"torchao", "openvino", "nncf", "litserve", "ray", "grpcio-tools"}
 CARRIED_ALONE = ["captum"]
 
 
-def _version(name: str) -> str:
-    return metadata.version(name)
-
-
 def pins() -> list[str]:
-    return [f"{name}=={_version(name)}" for name in CARRIED]
+    return [f"{name}=={metadata.version(name)}" for name in CARRIED]
 
 
 def closure(report_path: str) -> list[str]:
@@ -113,7 +109,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "pins":
         print("\n".join(pins()))
     elif argv[0] == "alone":
-        print("\n".join(f"{name}=={_version(name)}" for name in CARRIED_ALONE))
+        print("\n".join(f"{name}=={metadata.version(name)}" for name in CARRIED_ALONE))
     elif argv[0] == "closure":
         print("\n".join(closure(argv[1])))
     elif argv[0] == "check":
