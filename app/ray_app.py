@@ -64,7 +64,8 @@ class Backbone:
         )
         self.runner = Runner(
             WorkerConfig(0, self.device, fast.precision, fast.channels_last, fast.compile,
-                         self.settings.threads_per_worker, self.settings.batch_cap)
+                         self.settings.threads_per_worker, self.settings.batch_cap,
+                         cpp_wrapper=self.settings.cpp_wrapper)
         )  # fmt: skip
         self.backend = self.runner.load(self.spec.load_plan(str(path) if path else None))
         self.precision = fast.precision

@@ -152,6 +152,7 @@ class Service(InferenceCore):
                         max_pixels=self.settings.max_pixels,
                         jpeg_on_device=self.decode_in_worker,  # timed per size at load
                         jpeg_draft=self.settings.jpeg_draft,
+                        cpp_wrapper=self.settings.cpp_wrapper,
                     )
                 )  # fmt: skip
         return configs

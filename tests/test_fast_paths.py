@@ -245,3 +245,57 @@ def test_default_path_over_http_says_what_ran(tmp_path: Path):
         assert body["backend"] == ("inductor" if expected.compile else "eager")
         entry = httpx.get(f"{svc.url}/models/cifar10_resnet20").json()
         assert (entry["precision"], entry["backend"]) == (body["precision"], body["backend"])
+
+
+def _cpp_wrapped(generated: list) -> bool:
+    """The generated code calls its kernels from compiled C++ (inductor's cpp_wrapper)."""
+    calls = [module for module in generated if hasattr(module, "call")]
+    return bool(calls) and all(hasattr(module, "cpp_wrapper_src") for module in calls)
+
+
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
+def test_cpp_wrapper_runs_the_same_graphs_from_cpp(data):
+    """IMGCLS_CPP_WRAPPER: every batch size's graph calls its kernels from compiled C++ (and
+    only then), the graphs answer as the Python-wrapped ones do on real CIFAR-10 images (the
+    same kernels run), and unloading frees the generated code with its copy of the weights."""
+    x, _ = data
+    x = x[:120]
+    model = "cifar10_resnet20"
+    plan = build_catalog().get(model).load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[model]))
+    precision = "bf16" if cpu_has_bf16() else "fp32"  # the default compiled path here
+    out: dict[bool, torch.Tensor] = {}
+    for cpp in (False, True):
+        cfg = WorkerConfig(0, "cpu", precision, True, True, 2, 8, [], cpp_wrapper=cpp)
+        runner = Runner(cfg)
+        assert runner.load(plan) == "inductor"
+        bucketed = runner.models[model]
+        graphs = bucketed._graphs.values()
+        assert all(_cpp_wrapped(g.generated) == cpp for g in graphs), f"cpp_wrapper={cpp}"
+        pieces, start, sizes = [], 0, itertools.cycle((8, 5, 3, 2, 1))
+        while start < len(x):
+            n = next(sizes)
+            pieces.append(runner.forward(model, x[start : start + n]))
+            start += n
+        assert runner.backends[model] == "inductor" and not bucketed.fell_back
+        out[cpp] = torch.cat(pieces)
+        generated = [weakref.ref(m) for m in bucketed.generated]
+        del bucketed, graphs
+        runner.unload(model)
+        gc.collect()
+        assert [ref() for ref in generated] == [None] * len(generated)
+    assert torch.equal(out[True].argmax(1), out[False].argmax(1))
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-3)
+
+
+def test_cpp_wrapper_setting_reaches_the_workers(monkeypatch):
+    """Off by default (it makes compiling 1.5-2x as long); IMGCLS_CPP_WRAPPER=1 turns it on in
+    every worker's configuration."""
+    from app.service import Service
+    from app.settings import Settings
+
+    monkeypatch.setenv("IMGCLS_MODELS", "cifar10_resnet20")
+    monkeypatch.setenv("IMGCLS_DEVICE", "cpu")
+    assert [c.cpp_wrapper for c in Service(Settings())._configs([])] == [False]
+    monkeypatch.setenv("IMGCLS_CPP_WRAPPER", "1")
+    monkeypatch.setenv("IMGCLS_WORKERS_PER_DEVICE", "2")
+    assert [c.cpp_wrapper for c in Service(Settings())._configs([])] == [True, True]

@@ -432,3 +432,27 @@ def test_calibrated_int8_over_http(tmp_path: Path):
     assert r.json()["precision"] == entry["precision"] == "int8"
     assert r.json()["backend"] == entry["backend"] == "inductor"
     assert entry["acc1"] is None  # the float model's figure is not claimed for int8
+
+
+def test_compiled_int8_with_the_cpp_wrapper_answers_as_the_python_one(tmp_path: Path):
+    """IMGCLS_CPP_WRAPPER on an int8 model: its graphs call oneDNN's int8 kernels from compiled
+    C++, and answer as the Python-wrapped graphs do (the same kernels run)."""
+    from tests.test_fast_paths import _cpp_wrapped
+
+    spec = build_catalog().get("resnet18:int8")
+    file = tmp_path / spec.weights_file
+    _published_resnet18(file)
+    plan = spec.load_plan(str(file))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    out = {}
+    for cpp in (False, True):
+        runner = Runner(WorkerConfig(0, "cpu", "fp32", False, True, 2, 2, [], cpp_wrapper=cpp))
+        assert runner.load(plan) == "inductor"
+        bucketed = runner.models[plan.name]
+        assert isinstance(bucketed, Bucketed) and bucketed.sizes == (1, 2)
+        assert all(_cpp_wrapped(g.generated) == cpp for g in bucketed._graphs.values())
+        out[cpp] = runner.forward(plan.name, x)  # as 2 + 1: both graphs
+        assert not bucketed.fell_back
+    assert torch.equal(out[True].argmax(1), out[False].argmax(1))
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-4)

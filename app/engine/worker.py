@@ -53,6 +53,8 @@ class WorkerConfig:
     jpeg_on_device: bool = False
     jpeg_draft: bool = False  # Pillow decodes JPEGs at a reduced DCT scale (IMGCLS_JPEG_DRAFT)
     auto_batch: bool = False  # time batch sizes up to warmup_batch at load (IMGCLS_MAX_BATCH_SIZE)
+    # CPU graphs call their kernels from compiled C++, not Python (IMGCLS_CPP_WRAPPER; see _Graph)
+    cpp_wrapper: bool = False
 
 
 HEARTBEAT_S = 1.0
@@ -221,10 +223,13 @@ class Runner:
             compiled: nn.Module | None = None
             try:
                 if precision == "int8":
-                    compiled, graphs = _inductor_int8(plan, eager, self.cfg.warmup_batch)
+                    compiled, graphs = _inductor_int8(
+                        plan, eager, self.cfg.warmup_batch, self.cfg.cpp_wrapper
+                    )
                 elif _static_graphs(self.device):
                     sizes = batch_buckets(self.cfg.warmup_batch)
-                    compiled, graphs = Bucketed(eager, sizes, eager), len(sizes)
+                    bucketed = Bucketed(eager, sizes, eager, self.cfg.cpp_wrapper)
+                    compiled, graphs = bucketed, len(sizes)
                 else:
                     compiled, graphs = cast(nn.Module, torch.compile(eager, dynamic=True)), 2
                 _allow_compiled_graphs(graphs)
@@ -472,13 +477,19 @@ class Bucketed(nn.Module):
     same kind of tensor (one made in inference mode): a guard on the tensor's kind failing
     would recompile while serving (frozen, but seconds long)."""
 
-    def __init__(self, model: nn.Module, sizes: tuple[int, ...], fallback: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sizes: tuple[int, ...],
+        fallback: nn.Module,
+        cpp_wrapper: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.sizes = sizes
         self.fallback = fallback
         self.fell_back = False
-        self._graphs = {size: _Graph(model) for size in sizes}
+        self._graphs = {size: _Graph(model, cpp_wrapper) for size in sizes}
 
     @property
     def generated(self) -> list[Any]:
@@ -543,17 +554,26 @@ class _Graph:
     (or in the batch-size measurement), float32 (already normalised: /v2's PIXELS) on the first
     such batch of each size, during that batch (seconds, as the dynamic graph's recompile did),
     and another copy of the weights. One caller at a time (the worker's main thread; Ray runs
-    one batch at a time)."""
+    one batch at a time).
 
-    def __init__(self, model: nn.Module) -> None:
+    ``cpp_wrapper`` (IMGCLS_CPP_WRAPPER): inductor writes the code that calls the graph's
+    kernels (oneDNN's ~50 convolutions of a resnet50, its own fused loops) as C++ compiled with
+    them, instead of Python. The same kernels run; what goes is Python's cost per call:
+    resnet50 at batch 8 on a 2-core AMD EPYC (bench/cpp_wrapper.py, both graphs in one process
+    called in turn), bf16 1.6-3.4% and int8 0.9-4.7% less time per batch (seven runs
+    in all), for a compile 1.7x (bf16) to 2.2x (int8) as long. Off by default for that
+    reason (docs/PERFORMANCE.md)."""
+
+    def __init__(self, model: nn.Module, cpp_wrapper: bool = False) -> None:
         self._code = _own_code_run(model)
         self._compiled = torch.compile(self._code, dynamic=False, fullgraph=True)
+        self._cpp_wrapper = cpp_wrapper
         self.generated: list[Any] = []  # inductor's modules made for this graph (see release)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         known = len(_inductor_modules())
         try:
-            with _frozen():
+            with _frozen(self._cpp_wrapper):
                 return self._compiled(x)
         finally:
             made = _inductor_modules()
@@ -613,7 +633,9 @@ def batch_buckets(largest: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.Module, int]:
+def _inductor_int8(
+    plan: LoadPlan, eager: nn.Module, largest: int, cpp_wrapper: bool = False
+) -> tuple[nn.Module, int]:
     """The int8 model as a PT2E graph (published weights: rebuilt here; calibrated: as it was
     calibrated), compiled by inductor for each batch size in ``batch_buckets(largest)``;
     returns it and the number of graphs.
@@ -631,16 +653,16 @@ def _inductor_int8(plan: LoadPlan, eager: nn.Module, largest: int) -> tuple[nn.M
         graph = quantize.published_pt2e(plan.arch, eager.model, plan.input_size)
     model = NormalizingModel(graph, pre.mean, pre.std, torch.float32, True)
     sizes = batch_buckets(largest)
-    return Bucketed(model, sizes, eager), len(sizes)
+    return Bucketed(model, sizes, eager, cpp_wrapper), len(sizes)
 
 
-def _frozen() -> Any:
+def _frozen(cpp_wrapper: bool = False) -> Any:
     """Inductor's freezing (weights as constants, pre-packed for oneDNN) while a ``Bucketed``
     graph compiles: PT2E's int8 convolutions are lowered to oneDNN only on frozen weights
     (without it resnet50 int8 ran 19 images/s), and float convolutions run on weights packed
     once instead of at every call. It takes effect only while dynamo traces, hence around each
-    graph's compiling call (``_Graph``)."""
-    return torch._inductor.config.patch(freezing=True)
+    graph's compiling call (``_Graph``); so does ``cpp_wrapper`` (see ``_Graph``)."""
+    return torch._inductor.config.patch(freezing=True, cpp_wrapper=cpp_wrapper)
 
 
 def _no_silent_eager() -> Any:
