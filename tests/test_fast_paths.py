@@ -288,11 +288,13 @@ def test_cpp_wrapper_runs_the_same_graphs_from_cpp(data):
 
 
 def test_cpp_wrapper_setting_reaches_the_workers(monkeypatch):
-    """Off by default (it makes compiling 1.5-2x as long); IMGCLS_CPP_WRAPPER=1 turns it on in
+    """Off by default (it makes compiling 1.6-2.3x as long); IMGCLS_CPP_WRAPPER=1 turns it on in
     every worker's configuration."""
     from app.service import Service
     from app.settings import Settings
 
+    monkeypatch.delenv("IMGCLS_CPP_WRAPPER", raising=False)
+    monkeypatch.delenv("IMGCLS_WORKERS_PER_DEVICE", raising=False)
     monkeypatch.setenv("IMGCLS_MODELS", "cifar10_resnet20")
     monkeypatch.setenv("IMGCLS_DEVICE", "cpu")
     assert [c.cpp_wrapper for c in Service(Settings())._configs([])] == [False]

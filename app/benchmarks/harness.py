@@ -29,6 +29,7 @@ from app.benchmarks.loadgen import run_load
 from app.catalog import build_catalog
 from app.engine import fastpath
 from app.engine.worker import Runner, WorkerConfig
+from app.settings import Settings
 
 
 def machine() -> dict[str, Any]:
@@ -57,11 +58,13 @@ def machine() -> dict[str, Any]:
 def model_only(
     model: str, device: str, precision: str, batch_sizes: list[int], seconds: float = 5.0
 ) -> dict[str, Any]:
-    """Throughput per batch size and batch-1 latency of the same Runner the workers use."""
+    """Throughput per batch size and batch-1 latency of the same Runner the workers use (with
+    IMGCLS_CPP_WRAPPER as the servers it is compared with get it)."""
     spec = build_catalog().get(model)
     fast = fastpath.resolve(precision, None, None, device)
     cfg = WorkerConfig(0, device, fast.precision, fast.channels_last, fast.compile,
-                       os.cpu_count(), max(batch_sizes), [])  # fmt: skip
+                       os.cpu_count(), max(batch_sizes), [],
+                       cpp_wrapper=Settings().cpp_wrapper)  # fmt: skip
     runner = Runner(cfg)
     t0 = time.perf_counter()
     backend = runner.load(spec.load_plan(None))

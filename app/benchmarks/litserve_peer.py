@@ -18,6 +18,7 @@ from PIL import Image
 from app.catalog import build_catalog
 from app.engine import fastpath
 from app.engine.worker import Runner, WorkerConfig
+from app.settings import Settings
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -42,6 +43,7 @@ class ClassifierAPI(ls.LitAPI):
             None,
             self.max_batch_size,
             [],
+            cpp_wrapper=Settings().cpp_wrapper,  # as imgcls's servers in the same run
         )
         self.runner = Runner(cfg)
         self.runner.load(self.spec.load_plan(None))

@@ -560,9 +560,9 @@ class _Graph:
     kernels (oneDNN's ~50 convolutions of a resnet50, its own fused loops) as C++ compiled with
     them, instead of Python. The same kernels run; what goes is Python's cost per call:
     resnet50 at batch 8 on a 2-core AMD EPYC (bench/cpp_wrapper.py, both graphs in one process
-    called in turn), bf16 1.6-3.4% and int8 0.9-4.7% less time per batch (seven runs
-    in all), for a compile 1.7x (bf16) to 2.2x (int8) as long. Off by default for that
-    reason (docs/PERFORMANCE.md)."""
+    called in turn), bf16 1.6-3.4% and int8 0.9-4.7% less time per batch (nine runs in all),
+    1-7 ms of the 6-15 ms a pass spends outside oneDNN's convolutions, for a load and compile
+    1.6-2.3x as long. Off by default for that reason (docs/PERFORMANCE.md)."""
 
     def __init__(self, model: nn.Module, cpp_wrapper: bool = False) -> None:
         self._code = _own_code_run(model)
@@ -661,8 +661,11 @@ def _frozen(cpp_wrapper: bool = False) -> Any:
     graph compiles: PT2E's int8 convolutions are lowered to oneDNN only on frozen weights
     (without it resnet50 int8 ran 19 images/s), and float convolutions run on weights packed
     once instead of at every call. It takes effect only while dynamo traces, hence around each
-    graph's compiling call (``_Graph``); so does ``cpp_wrapper`` (see ``_Graph``)."""
-    return torch._inductor.config.patch(freezing=True, cpp_wrapper=cpp_wrapper)
+    graph's compiling call (``_Graph``); so does ``cpp_wrapper`` (see ``_Graph``; when off,
+    torch's own default stands: TORCHINDUCTOR_CPP_WRAPPER)."""
+    if cpp_wrapper:
+        return torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
+    return torch._inductor.config.patch(freezing=True)
 
 
 def _no_silent_eager() -> Any:
