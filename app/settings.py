@@ -182,6 +182,13 @@ class Settings(BaseSettings):
     oip_max_request_mb: float = Field(
         64.0, gt=0, description="largest /v2 infer request (REST body or gRPC message), in MB"
     )
+    grpc_max_concurrent_rpcs: int | None = Field(
+        None,
+        ge=1,
+        description="gRPC calls served at once; beyond, RESOURCE_EXHAUSTED before the call is "
+        "handled, so the messages held stay under this times oip_max_request_mb (default: no "
+        "limit)",
+    )
 
     @property
     def max_inflight_bytes(self) -> int:

@@ -609,6 +609,51 @@ def test_page_model_list_follows_load_and_unload(oip, browser):
         context.close()
 
 
+def test_grpc_calls_beyond_the_concurrency_cap_are_refused_at_once(model_dir: Path):
+    """IMGCLS_GRPC_MAX_CONCURRENT_RPCS: with 2 calls held (each waits 200 ms for its batch to
+    fill), the others of 12 sent at once are refused with RESOURCE_EXHAUSTED before any
+    handler runs; the ones served answer, and the server serves again afterwards."""
+    import asyncio
+
+    import grpc
+
+    from app.oip.generated import grpc_predict_v2_pb2 as pb
+    from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    require_shared(CIFAR_WEIGHTS / CIFAR_FILES[CIFAR])
+    port = free_port()
+    pixels = np.zeros((1, 3, 32, 32), dtype=np.float32).tobytes()
+    request = pb.ModelInferRequest(
+        model_name=CIFAR,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="FP32",
+                                                      shape=[1, 3, 32, 32])],
+        raw_input_contents=[pixels],
+    )  # fmt: skip
+
+    async def infer(stub: pb_grpc.GRPCInferenceServiceStub) -> grpc.StatusCode:
+        try:
+            response = await stub.ModelInfer(request, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        assert response.outputs[0].name == "PROBABILITIES"
+        return grpc.StatusCode.OK
+
+    async def burst(n: int) -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return list(await asyncio.gather(*(infer(stub) for _ in range(n))))
+
+    with run_service(
+        models=CIFAR, weights_dir=model_dir, grpc_port=port, grpc_host="127.0.0.1",
+        grpc_max_concurrent_rpcs=2, max_batch_size=8, max_batch_wait_ms=200,
+    ):  # fmt: skip
+        codes = asyncio.run(burst(12))
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert 1 <= codes.count(grpc.StatusCode.OK) < 12, codes
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
+        assert asyncio.run(burst(1)) == [grpc.StatusCode.OK]  # and it serves again
+
+
 # ---- gRPC, in a process without imgcls's protobuf names --------------------------------------
 def test_grpc_with_tritonclient(oip):
     env = {

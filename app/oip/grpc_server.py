@@ -6,8 +6,11 @@ exceptions become gRPC status codes from the same mapping as the REST door's sta
 When IMGCLS_API_KEY is set, every call but ServerLive/ServerReady needs the metadata
 ``authorization: Bearer <key>`` (the scheme in any case, as over HTTP). A ModelInfer message
 takes its size from the HTTP door's budget of request bodies in flight (IMGCLS_MAX_INFLIGHT_MB)
-for the length of the call: beyond it, UNAVAILABLE with ``retry-after``. A call the client
-cancels (grpc cancels its handler) is counted as 499, as an HTTP client gone mid-request is.
+for the length of the call: beyond it, UNAVAILABLE with ``retry-after``. That budget is taken
+once a message has arrived; IMGCLS_GRPC_MAX_CONCURRENT_RPCS bounds the calls (and so the
+messages) held at once: beyond it, grpc answers RESOURCE_EXHAUSTED before any handler runs.
+A call the client cancels (grpc cancels its handler) is counted as 499, as an HTTP client gone
+mid-request is.
 """
 
 from __future__ import annotations
@@ -225,6 +228,7 @@ async def start_grpc(
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not a shared port
         ],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         Servicer(DataPlane(service), metrics, budget), server
