@@ -65,10 +65,11 @@ class Backbone:
         self.runner = Runner(
             WorkerConfig(0, self.device, fast.precision, fast.channels_last, fast.compile,
                          self.settings.threads_per_worker, self.settings.batch_cap,
-                         cpp_wrapper=self.settings.cpp_wrapper)
+                         cpp_wrapper=self.settings.cpp_wrapper,
+                         runtime=self.settings.cpu_runtime)
         )  # fmt: skip
         self.backend = self.runner.load(self.spec.load_plan(str(path) if path else None))
-        self.precision = fast.precision
+        self.precision = self.runner.precisions[self.spec.name]  # what ran (OpenVINO: its own)
         batcher: Any = self.predict_batch  # the @serve.batch wrapper
         batcher.set_max_batch_size(self.settings.batch_cap)
         batcher.set_batch_wait_timeout_s(self.settings.max_batch_wait_ms / 1000.0)

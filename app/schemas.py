@@ -110,7 +110,9 @@ class ClassifyResponse(BaseModel):
     weights: str = Field(description='weights enum name, checkpoint file, or "random"')
     device: str
     precision: str = Field(description="numeric precision the model ran in: fp32, bf16 or fp16")
-    backend: str = Field(description="eager, or inductor (torch.compile)")
+    backend: str = Field(
+        description="eager, inductor (torch.compile), or openvino (IMGCLS_CPU_RUNTIME)"
+    )
     predictions: list[ClassScore]
     latency_ms: Latency
     batch_size: int = Field(description="size of the batch this image actually ran in")

@@ -153,6 +153,7 @@ class Service(InferenceCore):
                         jpeg_on_device=self.decode_in_worker,  # timed per size at load
                         jpeg_draft=self.settings.jpeg_draft,
                         cpp_wrapper=self.settings.cpp_wrapper,
+                        runtime=self.settings.cpu_runtime,
                     )
                 )  # fmt: skip
         return configs

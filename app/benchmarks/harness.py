@@ -56,15 +56,23 @@ def machine() -> dict[str, Any]:
 
 
 def model_only(
-    model: str, device: str, precision: str, batch_sizes: list[int], seconds: float = 5.0
+    model: str,
+    device: str,
+    precision: str,
+    batch_sizes: list[int],
+    seconds: float = 5.0,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Throughput per batch size and batch-1 latency of the same Runner the workers use (with
-    IMGCLS_CPP_WRAPPER as the servers it is compared with get it)."""
+    IMGCLS_CPP_WRAPPER and IMGCLS_CPU_RUNTIME as the servers it is compared with get them;
+    ``runtime`` overrides the latter)."""
     spec = build_catalog().get(model)
     fast = fastpath.resolve(precision, None, None, device)
+    settings = Settings()
     cfg = WorkerConfig(0, device, fast.precision, fast.channels_last, fast.compile,
                        os.cpu_count(), max(batch_sizes), [],
-                       cpp_wrapper=Settings().cpp_wrapper)  # fmt: skip
+                       cpp_wrapper=settings.cpp_wrapper,
+                       runtime=runtime or settings.cpu_runtime)  # fmt: skip
     runner = Runner(cfg)
     t0 = time.perf_counter()
     backend = runner.load(spec.load_plan(None))
@@ -98,8 +106,10 @@ def model_only(
         torch.cuda.empty_cache()
     return {
         "precision": precision,
-        # int8: channels-last only when compiled (the PT2E graph, for oneDNN)
-        "channels_last": fast.channels_last if precision != "int8" else backend == "inductor",
+        # int8: channels-last only when compiled (the PT2E graph, for oneDNN); OpenVINO picks
+        # its own layouts
+        "channels_last": backend != "openvino"
+        and (fast.channels_last if precision != "int8" else backend == "inductor"),
         "backend": backend,
         "load_and_warmup_s": round(load_s, 1),
         "images_per_s_by_batch": per_batch,

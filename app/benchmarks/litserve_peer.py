@@ -43,7 +43,9 @@ class ClassifierAPI(ls.LitAPI):
             None,
             self.max_batch_size,
             [],
-            cpp_wrapper=Settings().cpp_wrapper,  # as imgcls's servers in the same run
+            # as imgcls's servers in the same run
+            cpp_wrapper=Settings().cpp_wrapper,
+            runtime=Settings().cpu_runtime,
         )
         self.runner = Runner(cfg)
         self.runner.load(self.spec.load_plan(None))

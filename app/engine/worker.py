@@ -55,6 +55,8 @@ class WorkerConfig:
     auto_batch: bool = False  # time batch sizes up to warmup_batch at load (IMGCLS_MAX_BATCH_SIZE)
     # CPU graphs call their kernels from compiled C++, not Python (IMGCLS_CPP_WRAPPER; see _Graph)
     cpp_wrapper: bool = False
+    # what runs the models on a CPU worker: torch, or OpenVINO's CPU plugin (app/engine/openvino)
+    runtime: str = "torch"
 
 
 HEARTBEAT_S = 1.0
@@ -206,12 +208,12 @@ class Runner:
 
     def load(self, plan: LoadPlan) -> str:
         """Build, load and warm up one model; returns the backend that will run it."""
-        previous = self.models.pop(plan.name, None)
-        if isinstance(previous, Bucketed):  # reloaded in place: free the old graphs first
-            previous.release()
+        _release(self.models.pop(plan.name, None))  # reloaded in place: the old graphs go first
         self.preprocess[plan.name] = plan.preprocess
         self.plans[plan.name] = plan
         self.explainers.pop(plan.name, None)
+        if self.cfg.runtime == "openvino" and self.device.type == "cpu" and self._openvino(plan):
+            return self._finish_load(plan)
         precision = plan_precision(plan, self.cfg)
         eager = _build(plan, self.cfg)
         self.precisions[plan.name] = precision
@@ -247,9 +249,31 @@ class Runner:
             self.models[plan.name] = eager
             self._warm_up(plan)
         self.backends[plan.name] = backend
+        return self._finish_load(plan)
+
+    def _openvino(self, plan: LoadPlan) -> bool:
+        """Serve ``plan`` on OpenVINO's CPU plugin (IMGCLS_CPU_RUNTIME=openvino); False, with
+        the reason logged, where it cannot be converted or fails its warm-up: torch serves it."""
+        from app.engine import openvino
+
+        try:
+            model, precision = openvino.build(plan, self.cfg)
+            self.models[plan.name] = model
+            self.precisions[plan.name] = precision
+            self._warm_up(plan)
+        except Exception as exc:
+            log.warning("OpenVINO cannot serve %s, serving it with torch: %s", plan.name, exc)
+            self.models.pop(plan.name, None)
+            self.precisions.pop(plan.name, None)
+            return False
+        self.backends[plan.name] = "openvino"
+        return True
+
+    def _finish_load(self, plan: LoadPlan) -> str:
+        """After the model is built and warm: its batch size (auto) and JPEG decoders."""
         try:
             if self.cfg.auto_batch:
-                self._settle_batch(plan, eager)
+                self._settle_batch(plan)
             if self.cfg.jpeg_on_device:
                 self._pick_jpeg_decoder(plan)
         except Exception:  # the model itself failed: nothing of it stays
@@ -257,7 +281,7 @@ class Runner:
             raise
         return self.backends[plan.name]
 
-    def _settle_batch(self, plan: LoadPlan, eager: nn.Module) -> None:
+    def _settle_batch(self, plan: LoadPlan) -> None:
         """Measure the batch size (``_measure_batch``); a ``Bucketed`` model then keeps only the
         graphs it needs (batches close at that size). If a graph compiled while measuring failed,
         the model is served eager from then on, and measured again as such."""
@@ -267,7 +291,7 @@ class Runner:
             return
         model.keep(best)
         if model.fell_back:  # its graphs were dropped when it fell back (Bucketed.forward)
-            self.models[plan.name] = eager
+            self.models[plan.name] = model.fallback
             self.backends[plan.name] = "eager"
             self.batch_sizes[plan.name] = self._measure_batch(plan)
 
@@ -305,10 +329,7 @@ class Runner:
 
     def unload(self, name: str) -> None:
         """Drop a model and give its memory back (the device's cache too)."""
-        model = self.models.pop(name, None)
-        if isinstance(model, Bucketed):
-            model.release()
-        del model
+        _release(self.models.pop(name, None))
         self.backends.pop(name, None)
         self.precisions.pop(name, None)
         self.batch_sizes.pop(name, None)
@@ -411,6 +432,15 @@ class Runner:
             else:
                 x = batch
             return model(x).cpu()
+
+
+def _release(model: nn.Module | None) -> None:
+    """Free what a served model holds outside its parameters: compiled graphs (``Bucketed``)
+    or OpenVINO's compiled models."""
+    from app.engine.openvino import OpenVINOModel
+
+    if isinstance(model, Bucketed | OpenVINOModel):
+        model.release()
 
 
 # Graphs compiled in this process's life, by every Runner, for unloaded models too: dynamo's

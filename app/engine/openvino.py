@@ -1,0 +1,138 @@
+"""OpenVINO's CPU plugin as the runtime of a CPU worker's models (IMGCLS_CPU_RUNTIME=openvino).
+
+The same model the torch runtime would serve, with the same input handling in front
+(``NormalizingModel``: uint8 pixels in, normalised inside, softmax out), is converted by
+``openvino.convert_model`` and compiled by the CPU plugin:
+
+- float models: converted from fp32 and compiled with the worker's precision as OpenVINO's
+  ``INFERENCE_PRECISION_HINT`` (bf16 where the plugin lists BF16 among this CPU's
+  capabilities, else f32), so the precision reported is the one that ran;
+- int8 with torchvision's published weights: the quantized model itself is converted (its
+  quantize, int8 convolution and dequantize ops become OpenVINO's), the float parts at the
+  worker's precision as above;
+- int8 calibrated on the user's images (IMGCLS_INT8_CALIBRATION): calibrated with FX (eager
+  torch.ao ops, which OpenVINO converts; PT2E's exported graph does not trace), then converted.
+
+One compiled model per input kind takes every batch size (a dynamic batch dimension: as fast
+as a static one here, resnet50 bf16 at batch 8 on a 2-core AMD EPYC 51 vs 49-51 images/s),
+under the LATENCY hint with one stream on the worker's threads: the worker runs one batch at a
+time. Already-normalised float input (/v2's FP32 PIXELS) gets a model of its own, converted on
+the first such batch from the same torch model, which is kept for it (as the torch runtime
+keeps its eager model beside the compiled graphs). Explanations (Grad-CAM) keep running in
+torch, on the fp32 model the worker builds for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from app.engine.plan import LoadPlan
+    from app.engine.worker import WorkerConfig
+
+log = logging.getLogger("imgcls.openvino")
+
+# imgcls's precision names -> OpenVINO's INFERENCE_PRECISION_HINT
+_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def available() -> bool:
+    """Whether the openvino package can be imported here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+def float_precision(wanted: str) -> str:
+    """The precision OpenVINO runs a worker's float layers in: ``wanted`` (fp32 or bf16) where
+    the CPU plugin has kernels for it, else fp32."""
+    if wanted == "bf16" and "BF16" not in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return "fp32"
+    return "fp32" if wanted not in _HINTS else wanted
+
+
+def build(plan: LoadPlan, cfg: WorkerConfig) -> tuple[OpenVINOModel, str]:
+    """``plan`` converted and compiled for OpenVINO's CPU plugin; returns it and the precision
+    it runs in (int8, bf16 or fp32). Raises where OpenVINO cannot convert the model."""
+    from app.engine import worker
+
+    precision = worker.plan_precision(plan, cfg)
+    floats = float_precision(cfg.precision)
+    # fp32 weights in the usual layout: OpenVINO picks its own layout and casts (the hint);
+    # calibrated int8 through FX (compile off), whose eager ops OpenVINO converts.
+    source = worker._build(
+        plan, dataclasses.replace(cfg, precision="fp32", channels_last=False, compile=False)
+    )
+    model = OpenVINOModel(source, plan.input_size, floats, cfg.threads or torch.get_num_threads())
+    return model, ("int8" if precision == "int8" else floats)
+
+
+class OpenVINOModel(nn.Module):
+    """A model compiled by OpenVINO's CPU plugin, called like the torch model it came from:
+    uint8 pixels (N, 3, S, S), or already-normalised float32 images, in; softmax probabilities
+    (float32, N x classes) out. ``source`` is the torch model (``NormalizingModel``) converted:
+    for uint8 input at load, for float input on the first such batch. One caller at a time
+    (the worker's main thread)."""
+
+    def __init__(self, source: nn.Module, input_size: int, precision: str, threads: int) -> None:
+        super().__init__()
+        self.source = source
+        self.input_size = input_size
+        self.precision = precision  # of the float layers: fp32 or bf16
+        self.threads = threads
+        self._requests: dict[torch.dtype, Any] = {}
+        self._lock = threading.Lock()
+        self._request(torch.uint8)  # converted and compiled now, at load
+
+    def _request(self, dtype: torch.dtype) -> Any:
+        request = self._requests.get(dtype)
+        if request is None:
+            with self._lock:
+                request = self._requests.get(dtype)
+                if request is None:
+                    request = self._requests[dtype] = self._compile(dtype)
+        return request
+
+    def _compile(self, dtype: torch.dtype) -> Any:
+        import openvino as ov
+
+        size = self.input_size
+        example = torch.zeros(1, 3, size, size, dtype=dtype)
+        with torch.inference_mode(False), torch.no_grad():  # traced, even inside a batch
+            converted = ov.convert_model(self.source, example_input=example)
+        converted.reshape([-1, 3, size, size])  # any batch size
+        config = {
+            "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": self.threads,
+        }
+        compiled = _core().compile_model(converted, "CPU", config)
+        return compiled.create_infer_request()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            x = x.to(torch.float32)
+        request = self._request(x.dtype)
+        out = request.infer({0: x.contiguous().numpy()})[0]
+        return torch.from_numpy(out.copy())  # the request's buffer is reused by the next batch
+
+    def release(self) -> None:
+        """Drop the compiled models (on unload)."""
+        self._requests.clear()
