@@ -3,6 +3,8 @@
 #   docker build -t imgcls .
 #   docker build -t imgcls:cpu --build-arg VARIANT=cpu .
 #   docker build --build-arg BAKE_MODELS="resnet50 vgg16" .   # weights baked in at build time
+#   docker build -t imgcls:cpu-openvino --build-arg VARIANT=cpu --build-arg EXTRAS=openvino .
+#     (pyproject's extras: openvino, for IMGCLS_CPU_RUNTIME=openvino)
 ARG VARIANT=cuda
 
 # ---- bases: the same OS and Python for building and running -------------------------------
@@ -23,16 +25,19 @@ RUN apt-get update \
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS build
 ARG VARIANT
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY app ./app
 # CPU-only images take torch's CPU wheels (a fraction of the size); CUDA images the default ones.
+# ".[EXTRAS]" is this project (its dependencies pinned in pyproject.toml), not a PyPI package.
+# hadolint ignore=DL3013
 RUN if [ "$VARIANT" = "cpu" ]; then \
         pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1; \
     fi \
-    && pip install .
+    && pip install ".${EXTRAS:+[$EXTRAS]}"
 
 # ---- runtime --------------------------------------------------------------------------------
 # hadolint ignore=DL3006

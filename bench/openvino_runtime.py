@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def measure(kind: str, model: str, precision: str, runtime: str, args: Any) -> d
 
 def http(model: str, precision: str, runtime: str, uploads: dict[str, list[bytes]], args: Any):
     name = "imgcls-int8" if precision == "int8" else "imgcls"
-    cmd, env, health, upload = _servers(model, "cpu", "auto", args.batch, 1)[name]
+    served = "auto" if precision == "int8" else precision  # int8: the model variant's own
+    cmd, env, health, upload = _servers(model, "cpu", served, args.batch, 1)[name]
     port = free_port()
     t0 = time.perf_counter()
     proc = start_server(
@@ -106,7 +108,8 @@ def main() -> None:
     uploads = {s: image_set(s) for s in args.image_sets.split(",")} if not args.no_http else {}
     result: dict[str, Any] = {
         "model": args.model, "machine": machine(), "batch": args.batch,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "by_precision": {},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "by_precision": {},
     }  # fmt: skip
     for i, precision in enumerate(args.precisions.split(",")):
         entry: dict[str, Any] = {"model_only": {r: [] for r in RUNTIMES}}
@@ -119,8 +122,8 @@ def main() -> None:
                       f"{out.get('best_images_per_s', out.get('error'))} images/s "
                       f"({out.get('backend')}, {out.get('precision')})", flush=True)  # fmt: skip
         entry["openvino_alone"] = measure("peer", args.model, precision, "-", args)
-        print(f"== {precision} OpenVINO alone: "
-              f"{entry['openvino_alone'].get('best_images_per_s')} images/s", flush=True)  # fmt: skip
+        alone = entry["openvino_alone"].get("best_images_per_s")
+        print(f"== {precision} OpenVINO alone: {alone} images/s", flush=True)
         summary: dict[str, Any] = {}
         for runtime in RUNTIMES:
             figures = [

@@ -10,12 +10,17 @@ torch instead.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import io
 import itertools
+import json
 import sys
+import weakref
 from pathlib import Path
 
 import httpx
 import numpy as np
+import openvino as ov
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +28,6 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.catalog import build_catalog
-from app.engine import openvino
 from app.engine.openvino import OpenVINOModel
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
@@ -80,16 +84,26 @@ def test_openvino_float_paths_pass_the_accuracy_guard(data, model):
     for precision in ("fp32", "bf16"):
         runner = _runner(precision)
         assert runner.load(plan) == "openvino"
-        assert isinstance(runner.models[model], OpenVINOModel)
-        assert runner.precisions[model] == openvino.float_precision(precision)
+        served = runner.models[model]
+        assert isinstance(served, OpenVINOModel)
+        compiled = served._requests[torch.uint8].get_compiled_model()
+        ran = compiled.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO compiled
+        assert runner.precisions[model] == {ov.Type.f32: "fp32", ov.Type.bf16: "bf16"}[ran]
+        if precision == "fp32":
+            assert ran == ov.Type.f32
+        elif "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            assert ran == ov.Type.bf16
+        del served, compiled
         got = _forward_in_odd_batches(runner, model, x)
         assert got.shape == ref.shape
         np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)
         if runner.precisions[model] == "fp32":
             np.testing.assert_allclose(got, ref, atol=1e-4)
         guard.check(f"{model} openvino {precision}", got.argmax(1), ref.argmax(1), y)
+        gone = weakref.ref(runner.models[model])
         runner.unload(model)
-        assert model not in runner.models
+        gc.collect()
+        assert model not in runner.models and gone() is None  # nothing keeps it
 
 
 @needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
@@ -142,12 +156,15 @@ def test_openvino_runs_torchvisions_int8_model_as_torch_does(tmp_path: Path):
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+@needs_shared(CIFAR_WEIGHTS)
 def test_float_input_gets_a_model_of_its_own():
     """Already-normalised float32 images (/v2's FP32 PIXELS) run through a second converted
-    model, made on the first such batch, and answer as the same pixels sent as uint8."""
+    model, made on the first such batch from the same weights, and answer as the same pixels
+    sent as uint8. A reload in place frees the first model and both of its compiled ones."""
     spec = build_catalog().get(R20)
+    plan = spec.load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[R20]))
     runner = _runner("fp32")
-    runner.load(spec.load_plan(None))
+    runner.load(plan)
     model = runner.models[R20]
     assert isinstance(model, OpenVINOModel)
     assert set(model._requests) == {torch.uint8}  # only the uint8 model, made at load
@@ -156,6 +173,11 @@ def test_float_input_gets_a_model_of_its_own():
     as_floats = runner.forward(R20, normalize(x, pre.mean, pre.std))
     assert set(model._requests) == {torch.uint8, torch.float32}
     np.testing.assert_allclose(as_floats.numpy(), runner.forward(R20, x).numpy(), atol=1e-5)
+    first = weakref.ref(model)
+    del model
+    assert runner.load(plan) == "openvino"  # in place
+    gc.collect()
+    assert first() is None and runner.models[R20] is not None
 
 
 class _Bessel(nn.Module):
@@ -189,9 +211,11 @@ def test_the_setting_names_the_package_when_openvino_is_missing(monkeypatch):
     assert Settings(cpu_runtime="openvino").cpu_runtime == "openvino"
     with pytest.raises(ValidationError, match="cpu_runtime"):
         Settings(cpu_runtime="onnx")
-    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     with pytest.raises(ValidationError, match=r"pip install 'imgcls\[openvino\]'"):
         Settings(cpu_runtime="openvino")
+    # a GPU host never runs a CPU worker: the setting does nothing there, and needs nothing
+    assert Settings(cpu_runtime="openvino", device="cuda").cpu_runtime == "openvino"
 
 
 @needs_shared(CIFAR_WEIGHTS)
@@ -201,15 +225,34 @@ def test_openvino_serves_over_http_and_explains_in_torch(tmp_path: Path):
     file = CIFAR_FILES[R20]
     (weights_dir / file).symlink_to(CIFAR_WEIGHTS / file)
     cat = shared_image("chelsea.png")
-    with run_service(models=R20, weights_dir=weights_dir, cpu_runtime="openvino") as svc:
+    spec = build_catalog().get(R20)
+    x = spec.transform(Image.open(io.BytesIO(cat)).convert("RGB")).numpy()[None]  # normalised
+    head = json.dumps(
+        {"inputs": [{"name": "PIXELS", "shape": list(x.shape), "datatype": "FP32",
+                     "parameters": {"binary_data_size": x.nbytes}}]}
+    ).encode()  # fmt: skip
+    with run_service(
+        models=R20, weights_dir=weights_dir, cpu_runtime="openvino", max_batch_size="auto"
+    ) as svc:
         r = httpx.post(f"{svc.url}/classify", files={"file": ("c.png", cat)}, timeout=60)
         assert r.status_code == 200, r.text
         entry = httpx.get(f"{svc.url}/models/{R20}").json()
         e = httpx.post(f"{svc.url}/explain", files={"file": ("c.png", cat)}, timeout=60)
         assert e.status_code == 200, e.text
+        v2 = httpx.post(
+            f"{svc.url}/v2/models/{R20}/infer",
+            content=head + x.astype("<f4").tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(head))},
+            timeout=60,
+        )
+        assert v2.status_code == 200, v2.text
     body = r.json()
     assert body["backend"] == entry["backend"] == "openvino"
     assert body["precision"] == entry["precision"] == "fp32"
+    assert entry["batch_size"] in (1, 2, 4, 8, 16, 32)  # measured at load (auto), on OpenVINO
+    probs = v2.json()["outputs"][0]["data"]  # the float model, made on this first FP32 batch
+    assert len(probs) == 10
+    assert spec.labels[int(np.argmax(probs))] == "cat"
     assert body["predictions"][0]["label"] == "cat"  # the pretrained net's answer for Chelsea
     assert e.json()["target"]["label"] == "cat"  # Grad-CAM in torch, on the same weights
     with run_service(models=R20, weights_dir=weights_dir) as svc:  # torch's answer

@@ -34,6 +34,7 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.spec = build_catalog().get(self.model_name)
         fast = fastpath.resolve(self.precision, None, None, device)
+        settings = Settings()
         cfg = WorkerConfig(
             0,
             device,
@@ -44,8 +45,8 @@ class ClassifierAPI(ls.LitAPI):
             self.max_batch_size,
             [],
             # as imgcls's servers in the same run
-            cpp_wrapper=Settings().cpp_wrapper,
-            runtime=Settings().cpu_runtime,
+            cpp_wrapper=settings.cpp_wrapper,
+            runtime=settings.cpu_runtime,
         )
         self.runner = Runner(cfg)
         self.runner.load(self.spec.load_plan(None))

@@ -14,7 +14,8 @@ The same model the torch runtime would serve, with the same input handling in fr
   torch.ao ops, which OpenVINO converts; PT2E's exported graph does not trace), then converted.
 
 One compiled model per input kind takes every batch size (a dynamic batch dimension: as fast
-as a static one here, resnet50 bf16 at batch 8 on a 2-core AMD EPYC 51 vs 49-51 images/s),
+as a static one in a one-off comparison, resnet50 bf16 at batch 8 on a 2-core AMD EPYC,
+three pairs: 51.3 / 51.2 / 51.4 against 48.6 / 49.6 / 51.3 images/s),
 under the LATENCY hint with one stream on the worker's threads: the worker runs one batch at a
 time. Already-normalised float input (/v2's FP32 PIXELS) gets a model of its own, converted on
 the first such batch from the same torch model, which is kept for it (as the torch runtime
@@ -43,15 +44,6 @@ log = logging.getLogger("imgcls.openvino")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-def available() -> bool:
-    """Whether the openvino package can be imported here."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=1)
 def _core() -> Any:
     import openvino as ov
@@ -67,34 +59,36 @@ def float_precision(wanted: str) -> str:
     return "fp32" if wanted not in _HINTS else wanted
 
 
-def build(plan: LoadPlan, cfg: WorkerConfig) -> tuple[OpenVINOModel, str]:
-    """``plan`` converted and compiled for OpenVINO's CPU plugin; returns it and the precision
-    it runs in (int8, bf16 or fp32). Raises where OpenVINO cannot convert the model."""
+def source(plan: LoadPlan, cfg: WorkerConfig) -> tuple[nn.Module, str]:
+    """The torch model OpenVINO converts for ``plan``, and the precision its float layers will
+    run in (bf16 or fp32): fp32 weights in the usual layout (OpenVINO picks its own layout, and
+    casts by the hint); a calibrated int8 model through FX (compile off), whose eager ops
+    OpenVINO converts. Its errors (a checkpoint that does not load, calibration) are the
+    model's own."""
     from app.engine import worker
 
-    precision = worker.plan_precision(plan, cfg)
-    floats = float_precision(cfg.precision)
-    # fp32 weights in the usual layout: OpenVINO picks its own layout and casts (the hint);
-    # calibrated int8 through FX (compile off), whose eager ops OpenVINO converts.
-    source = worker._build(
+    model = worker._build(
         plan, dataclasses.replace(cfg, precision="fp32", channels_last=False, compile=False)
     )
-    model = OpenVINOModel(source, plan.input_size, floats, cfg.threads or torch.get_num_threads())
-    return model, ("int8" if precision == "int8" else floats)
+    return model, float_precision(cfg.precision)
 
 
 class OpenVINOModel(nn.Module):
     """A model compiled by OpenVINO's CPU plugin, called like the torch model it came from:
     uint8 pixels (N, 3, S, S), or already-normalised float32 images, in; softmax probabilities
     (float32, N x classes) out. ``source`` is the torch model (``NormalizingModel``) converted:
-    for uint8 input at load, for float input on the first such batch. One caller at a time
-    (the worker's main thread)."""
+    for uint8 input here, at load (this raises where OpenVINO cannot convert or compile it);
+    for float input on the first such batch, converted and compiled during it (seconds, as
+    torch's compiled graphs do for float input). ``source`` is kept for that: resnet50's fp32
+    weights, ~100 MB, where the torch runtime keeps its eager model and a frozen copy of the
+    weights per batch size. ``precision``: of the float layers, fp32 or bf16. One caller at a
+    time (the worker's main thread)."""
 
     def __init__(self, source: nn.Module, input_size: int, precision: str, threads: int) -> None:
         super().__init__()
         self.source = source
         self.input_size = input_size
-        self.precision = precision  # of the float layers: fp32 or bf16
+        self.precision = precision
         self.threads = threads
         self._requests: dict[torch.dtype, Any] = {}
         self._lock = threading.Lock()
@@ -122,6 +116,9 @@ class OpenVINOModel(nn.Module):
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": self.threads,
+            # several CPU workers each pinning "their" threads would pin them to the same cores
+            # (none knows of the others); torch's threads are not pinned either
+            "ENABLE_CPU_PINNING": False,
         }
         compiled = _core().compile_model(converted, "CPU", config)
         return compiled.create_infer_request()
@@ -130,8 +127,8 @@ class OpenVINOModel(nn.Module):
         if x.dtype != torch.uint8:
             x = x.to(torch.float32)
         request = self._request(x.dtype)
-        out = request.infer({0: x.contiguous().numpy()})[0]
-        return torch.from_numpy(out.copy())  # the request's buffer is reused by the next batch
+        out = request.infer({0: x.contiguous().numpy()})  # outputs copied out (share_outputs)
+        return torch.from_numpy(out[0])
 
     def release(self) -> None:
         """Drop the compiled models (on unload)."""

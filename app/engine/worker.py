@@ -256,8 +256,11 @@ class Runner:
         the reason logged, where it cannot be converted or fails its warm-up: torch serves it."""
         from app.engine import openvino
 
+        source, floats = openvino.source(plan, self.cfg)  # its errors are the model's own
+        threads = self.cfg.threads or torch.get_num_threads()
+        precision = "int8" if plan_precision(plan, self.cfg) == "int8" else floats
         try:
-            model, precision = openvino.build(plan, self.cfg)
+            model = openvino.OpenVINOModel(source, plan.input_size, floats, threads)
             self.models[plan.name] = model
             self.precisions[plan.name] = precision
             self._warm_up(plan)
