@@ -25,7 +25,7 @@ from torchvision.models.quantization import resnet18 as quantizable_resnet18
 from torchvision.models.quantization import resnet50 as quantizable_resnet50
 
 from app import weights
-from app.catalog import build_catalog
+from app.catalog import ModelSpec, build_catalog
 from app.engine import quantize, worker
 from app.engine.checkpoint import WeightsError
 from app.engine.decoding import decode_pixels
@@ -376,14 +376,11 @@ def _split(tmp_path: Path) -> tuple[Path, list[tuple[Path, str]]]:
     return folder, evaluate
 
 
-@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
-@pytest.mark.parametrize("compiled", [False, True], ids=["fx-eager", "pt2e-inductor"])
-@pytest.mark.parametrize("model", list(CIFAR_FILES))
-def test_calibrated_int8_guard(tmp_path: Path, model: str, compiled: bool):
-    """Calibrated on 500 real CIFAR-10 test images, evaluated on the other 500: top-1 agrees with
-    fp32 on >= 98% and the number correct moves by at most 5 of the 500. Both ways a calibrated
-    model is served: with compile off, FX's eager kernels; with it on, the PT2E graph compiled
-    by inductor for batch sizes 1-16 (the 500 images run as 31 x 16 + 4)."""
+def calibrated_case(
+    tmp_path: Path, model: str
+) -> tuple[ModelSpec, str, torch.Tensor, np.ndarray, np.ndarray]:
+    """``model:int8`` calibrated on half of the CIFAR sample (``_split``), its checkpoint, the
+    other 500 images (uint8 pixels), their labels, and fp32 eager's top-1 on them."""
     folder, evaluate = _split(tmp_path)
     assert len(evaluate) == 500 and len(list(folder.rglob("*.jpg"))) == 500
     catalog = build_catalog()
@@ -394,7 +391,18 @@ def test_calibrated_int8_guard(tmp_path: Path, model: str, compiled: bool):
     checkpoint = str(CIFAR_WEIGHTS / CIFAR_FILES[model])
     reference = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 2, []))
     reference.load(fp32.load_plan(checkpoint))
-    ref = reference.forward(model, x).argmax(1).numpy()
+    return int8, checkpoint, x, y, reference.forward(model, x).argmax(1).numpy()
+
+
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
+@pytest.mark.parametrize("compiled", [False, True], ids=["fx-eager", "pt2e-inductor"])
+@pytest.mark.parametrize("model", list(CIFAR_FILES))
+def test_calibrated_int8_guard(tmp_path: Path, model: str, compiled: bool):
+    """Calibrated on 500 real CIFAR-10 test images, evaluated on the other 500: top-1 agrees with
+    fp32 on >= 98% and the number correct moves by at most 5 of the 500. Both ways a calibrated
+    model is served: with compile off, FX's eager kernels; with it on, the PT2E graph compiled
+    by inductor for batch sizes 1-16 (the 500 images run as 31 x 16 + 4)."""
+    int8, checkpoint, x, y, ref = calibrated_case(tmp_path, model)
     runner = Runner(WorkerConfig(0, "cpu", "fp32", False, compiled, 2, 16, []))
     assert runner.load(int8.load_plan(checkpoint)) == ("inductor" if compiled else "eager")
     assert runner.precisions == {int8.name: "int8"}

@@ -42,7 +42,7 @@ from tests.conftest import (
     run_service,
     shared_image,
 )
-from tests.test_int8 import INT8_MIN_AGREEMENT, _published_resnet18, _split
+from tests.test_int8 import INT8_MIN_AGREEMENT, _published_resnet18, calibrated_case
 
 R20 = "cifar10_resnet20"
 
@@ -112,16 +112,7 @@ def test_openvino_calibrated_int8_guard(tmp_path: Path, model: str):
     """Calibrated on 500 real CIFAR-10 test images (torch.ao's observers), converted to
     OpenVINO's int8 and evaluated on the other 500: top-1 agrees with fp32 on >= 98% and the
     number correct moves by at most 5 of the 500, the bound torch's int8 paths are held to."""
-    folder, evaluate = _split(tmp_path)
-    catalog = build_catalog()
-    catalog.int8_calibration = folder
-    fp32, int8 = catalog.get(model), catalog.get(f"{model}:int8")
-    x = torch.stack([fp32.transform.pixels(Image.open(p).convert("RGB")) for p, _ in evaluate])
-    y = np.array([fp32.labels.index(label) for _, label in evaluate])
-    checkpoint = str(CIFAR_WEIGHTS / CIFAR_FILES[model])
-    reference = _runner("fp32", runtime="torch")
-    reference.load(fp32.load_plan(checkpoint))
-    ref = reference.forward(model, x).argmax(1).numpy()
+    int8, checkpoint, x, y, ref = calibrated_case(tmp_path, model)
     runner = _runner("bf16")
     assert runner.load(int8.load_plan(checkpoint)) == "openvino"
     assert runner.precisions == {int8.name: "int8"}
