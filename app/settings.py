@@ -56,9 +56,9 @@ class Settings(BaseSettings):
         "torch",
         description="what runs the models on CPU workers: torch (eager or torch.compile), or "
         "OpenVINO's CPU plugin (pip install 'imgcls[openvino]'; resnet50 on a 2-core AMD EPYC, "
-        "one run: int8 1.15x torch's images/s model-only and 1.13x over HTTP, bf16 1.0x and "
-        "1.09x); a model OpenVINO cannot convert is served by torch, and explanations run in "
-        "torch either way",
+        "two runs: int8 1.15-1.17x torch's images/s model-only and 1.13-1.16x over HTTP, bf16 "
+        "1.00-1.09x and 1.09-1.10x); a model OpenVINO cannot convert is served by torch, and "
+        "explanations run in torch either way",
     )
 
     decode: Literal["api", "worker"] = Field(
