@@ -25,18 +25,13 @@ torch, on the fp32 model the worker builds for them.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from app.engine.plan import LoadPlan
-    from app.engine.worker import WorkerConfig
 
 log = logging.getLogger("imgcls.openvino")
 
@@ -57,20 +52,6 @@ def float_precision(wanted: str) -> str:
     if wanted == "bf16" and "BF16" not in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         return "fp32"
     return "fp32" if wanted not in _HINTS else wanted
-
-
-def source(plan: LoadPlan, cfg: WorkerConfig) -> tuple[nn.Module, str]:
-    """The torch model OpenVINO converts for ``plan``, and the precision its float layers will
-    run in (bf16 or fp32): fp32 weights in the usual layout (OpenVINO picks its own layout, and
-    casts by the hint); a calibrated int8 model through FX (compile off), whose eager ops
-    OpenVINO converts. Its errors (a checkpoint that does not load, calibration) are the
-    model's own."""
-    from app.engine import worker
-
-    model = worker._build(
-        plan, dataclasses.replace(cfg, precision="fp32", channels_last=False, compile=False)
-    )
-    return model, float_precision(cfg.precision)
 
 
 class OpenVINOModel(nn.Module):

@@ -10,6 +10,7 @@ go back as arrays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -256,7 +257,14 @@ class Runner:
         the reason logged, where it cannot be converted or fails its warm-up: torch serves it."""
         from app.engine import openvino
 
-        source, floats = openvino.source(plan, self.cfg)  # its errors are the model's own
+        # fp32 weights in the usual layout: OpenVINO picks its own layout, and casts by the
+        # hint; a calibrated int8 model through FX (compile off), whose eager ops it converts.
+        # This model's errors (a checkpoint that does not load, calibration) are its own.
+        source = _build(
+            plan,
+            dataclasses.replace(self.cfg, precision="fp32", channels_last=False, compile=False),
+        )
+        floats = openvino.float_precision(self.cfg.precision)
         threads = self.cfg.threads or torch.get_num_threads()
         precision = "int8" if plan_precision(plan, self.cfg) == "int8" else floats
         try:
