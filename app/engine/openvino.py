@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from typing import Any
 
 import torch
@@ -72,17 +71,12 @@ class OpenVINOModel(nn.Module):
         self.precision = precision
         self.threads = threads
         self._requests: dict[torch.dtype, Any] = {}
-        self._lock = threading.Lock()
         self._request(torch.uint8)  # converted and compiled now, at load
 
     def _request(self, dtype: torch.dtype) -> Any:
-        request = self._requests.get(dtype)
-        if request is None:
-            with self._lock:
-                request = self._requests.get(dtype)
-                if request is None:
-                    request = self._requests[dtype] = self._compile(dtype)
-        return request
+        if dtype not in self._requests:  # one caller at a time: no lock
+            self._requests[dtype] = self._compile(dtype)
+        return self._requests[dtype]
 
     def _compile(self, dtype: torch.dtype) -> Any:
         import openvino as ov
