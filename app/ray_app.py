@@ -23,7 +23,6 @@ from app.api import errors as api_errors
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
 from app.core import InferenceCore, ServedModel, parse_models
-from app.engine import fastpath
 from app.engine.batcher import ImageResult
 from app.engine.decoding import Item
 from app.engine.pool import ExplainResult
@@ -59,24 +58,23 @@ class Backbone:
         )
         self.weights_label = weights_mod.weights_label(self.spec, path)
         self.device = _device(self.settings)
-        fast = fastpath.resolve(
-            self.settings.precision, self.settings.channels_last, self.settings.compile, self.device
-        )
+        # Uploads are decoded in the ingress; with IMGCLS_MAX_BATCH_SIZE=auto the replica times
+        # batch sizes at load, as the service's workers do, and batches close at its pick.
         self.runner = Runner(
-            WorkerConfig(0, self.device, fast.precision, fast.channels_last, fast.compile,
-                         self.settings.threads_per_worker, self.settings.batch_cap,
-                         cpp_wrapper=self.settings.cpp_wrapper,
-                         runtime=self.settings.cpu_runtime)
-        )  # fmt: skip
+            WorkerConfig.from_settings(
+                self.settings, self.device, threads=self.settings.threads_per_worker
+            )
+        )
         self.backend = self.runner.load(self.spec.load_plan(str(path) if path else None))
         self.precision = self.runner.precisions[self.spec.name]  # what ran (OpenVINO: its own)
         batcher: Any = self.predict_batch  # the @serve.batch wrapper
-        batcher.set_max_batch_size(self.settings.batch_cap)
+        self.batch_size = self.runner.batch_sizes.get(self.spec.name, self.settings.batch_cap)
+        batcher.set_max_batch_size(self.batch_size)
         batcher.set_batch_wait_timeout_s(self.settings.max_batch_wait_ms / 1000.0)
 
     def info(self) -> dict[str, Any]:
-        return {"weights": self.weights_label, "device": self.device,
-                "precision": self.precision, "backend": self.backend}  # fmt: skip
+        return {"weights": self.weights_label, "device": self.device, "precision": self.precision,
+                "backend": self.backend, "batch_size": self.batch_size}  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, items: list[tuple[torch.Tensor, float]]) -> list[ImageResult]:

@@ -65,10 +65,8 @@ class Service(InferenceCore):
         for name in settings.model_names:
             self.served[name] = ServedModel(self.catalog.get(name))  # unknown names stop startup
         self.devices = resolve_devices(settings.device)
-        self.paths = {  # raises for impossible combinations (fp16 on a CPU) before serving
-            d: fastpath.resolve(settings.precision, settings.channels_last, settings.compile, d)
-            for d in self.devices
-        }
+        for d in self.devices:  # raises for impossible combinations (fp16 on a CPU) before serving
+            fastpath.resolve(settings.precision, settings.channels_last, settings.compile, d)
         self.decode_in_worker = settings.decode == "worker"
         self.pool: WorkerPool | None = None
         self.batchers: dict[str, ModelBatcher] = {}
@@ -140,20 +138,11 @@ class Service(InferenceCore):
             1, (os.cpu_count() or 1) // max(1, cpu_workers)
         )
         for device in self.devices:
-            fast = self.paths[device]
             for _ in range(per_device):
                 configs.append(
-                    WorkerConfig(
-                        worker_id=len(configs), device=device, precision=fast.precision,
-                        channels_last=fast.channels_last, compile=fast.compile,
-                        threads=threads if device == "cpu" else None,
-                        warmup_batch=self.settings.batch_cap, plans=plans,
-                        auto_batch=self.settings.max_batch_size == "auto",
-                        max_pixels=self.settings.max_pixels,
-                        jpeg_on_device=self.decode_in_worker,  # timed per size at load
-                        jpeg_draft=self.settings.jpeg_draft,
-                        cpp_wrapper=self.settings.cpp_wrapper,
-                        runtime=self.settings.cpu_runtime,
+                    WorkerConfig.from_settings(
+                        self.settings, device, worker_id=len(configs), threads=threads,
+                        plans=plans, decode_in_worker=self.decode_in_worker,
                     )
                 )  # fmt: skip
         return configs

@@ -287,17 +287,54 @@ def test_cpp_wrapper_runs_the_same_graphs_from_cpp(data):
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-3)
 
 
-def test_cpp_wrapper_setting_reaches_the_workers(monkeypatch):
-    """Off by default (it makes compiling 1.6-2.3x as long); IMGCLS_CPP_WRAPPER=1 turns it on in
-    every worker's configuration."""
+RUNNER_SETTINGS = {  # the settings a worker's Runner runs by, each away from its default
+    "IMGCLS_PRECISION": "fp32",
+    "IMGCLS_CHANNELS_LAST": "1",
+    "IMGCLS_COMPILE": "1",
+    "IMGCLS_CPP_WRAPPER": "1",
+    "IMGCLS_CPU_RUNTIME": "openvino",
+    "IMGCLS_DECODE": "api",
+    "IMGCLS_JPEG_DRAFT": "0",
+    "IMGCLS_MAX_BATCH_SIZE": "8",
+    "IMGCLS_MAX_PIXELS": "1000000",
+    "IMGCLS_THREADS_PER_WORKER": "1",
+    "IMGCLS_WORKERS_PER_DEVICE": "2",
+}
+
+
+def test_every_runner_setting_reaches_every_worker(monkeypatch):
+    """The settings a worker runs by reach each of the service's worker configurations, from
+    one place (``WorkerConfig.from_settings``, which Ray's replicas, the bench's model-only and
+    LitServe's peer use too). IMGCLS_CPP_WRAPPER is off by default (it makes compiling 1.6-2.3x
+    as long)."""
     from app.service import Service
     from app.settings import Settings
 
-    monkeypatch.delenv("IMGCLS_CPP_WRAPPER", raising=False)
-    monkeypatch.delenv("IMGCLS_WORKERS_PER_DEVICE", raising=False)
+    for var in RUNNER_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("IMGCLS_MODELS", "cifar10_resnet20")
     monkeypatch.setenv("IMGCLS_DEVICE", "cpu")
-    assert [c.cpp_wrapper for c in Service(Settings())._configs([])] == [False]
-    monkeypatch.setenv("IMGCLS_CPP_WRAPPER", "1")
-    monkeypatch.setenv("IMGCLS_WORKERS_PER_DEVICE", "2")
-    assert [c.cpp_wrapper for c in Service(Settings())._configs([])] == [True, True]
+    (default,) = Service(Settings())._configs([])
+    bf16 = cpu_has_bf16()
+    assert (default.precision, default.compile) == (("bf16", True) if bf16 else ("fp32", False))
+    assert not default.cpp_wrapper and default.runtime == "torch"
+    assert default.jpeg_on_device and default.jpeg_draft and default.auto_batch
+    assert (default.warmup_batch, default.max_pixels) == (32, 40_000_000)
+
+    for var, value in RUNNER_SETTINGS.items():
+        monkeypatch.setenv(var, value)
+    settings = Settings()
+    configs = Service(settings)._configs([])
+    assert [c.worker_id for c in configs] == [0, 1]
+    for c in configs:
+        assert (c.device, c.precision, c.channels_last, c.compile) == ("cpu", "fp32", True, True)
+        assert c.cpp_wrapper and c.runtime == "openvino"
+        assert not c.jpeg_on_device and not c.jpeg_draft and not c.auto_batch
+        assert (c.warmup_batch, c.max_pixels, c.threads) == (8, 1_000_000, 1)
+    assert WorkerConfig.from_settings(settings, "cpu", worker_id=1, threads=1) == configs[1]
+    # the bench's model-only: its own precision and largest batch, every size kept
+    bench = WorkerConfig.from_settings(
+        settings, "cpu", auto_batch=False, precision="bf16", warmup_batch=64
+    )
+    assert (bench.precision, bench.warmup_batch, bench.auto_batch) == ("bf16", 64, False)
+    assert bench.runtime == "openvino" and bench.cpp_wrapper

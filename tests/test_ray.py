@@ -90,3 +90,7 @@ def test_ray_errors_and_models(ray_url):
         models["cifar10_resnet20"]["status"] == "ready"
         and models["resnet50"]["status"] == "not-loaded"
     )
+    # IMGCLS_MAX_BATCH_SIZE=auto (the default): each replica timed batch sizes at load, as the
+    # service's workers do, and its batches close at the size it picked
+    for name in MODELS.split(","):
+        assert models[name]["batch_size"] in (1, 2, 4, 8, 16, 32), models[name]

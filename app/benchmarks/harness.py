@@ -67,12 +67,16 @@ def model_only(
     IMGCLS_CPP_WRAPPER and IMGCLS_CPU_RUNTIME as the servers it is compared with get them;
     ``runtime`` overrides the latter)."""
     spec = build_catalog().get(model)
-    fast = fastpath.resolve(precision, None, None, device)
     settings = Settings()
-    cfg = WorkerConfig(0, device, fast.precision, fast.channels_last, fast.compile,
-                       os.cpu_count(), max(batch_sizes), [],
-                       cpp_wrapper=settings.cpp_wrapper,
-                       runtime=runtime or settings.cpu_runtime)  # fmt: skip
+    # The engine's own fast path (compiled where it compiles), whatever IMGCLS_COMPILE the
+    # servers run with (bench/gpu.sh serves eager); every batch size timed keeps its graph.
+    update: dict[str, Any] = {"compile": None, "channels_last": None}
+    if runtime:
+        update["cpu_runtime"] = runtime
+    cfg = WorkerConfig.from_settings(
+        settings.model_copy(update=update), device, threads=os.cpu_count(), auto_batch=False,
+        precision=precision, warmup_batch=max(batch_sizes),
+    )  # fmt: skip
     runner = Runner(cfg)
     t0 = time.perf_counter()
     backend = runner.load(spec.load_plan(None))
@@ -109,7 +113,7 @@ def model_only(
         # int8: channels-last only when compiled (the PT2E graph, for oneDNN); OpenVINO picks
         # its own layouts
         "channels_last": backend != "openvino"
-        and (fast.channels_last if precision != "int8" else backend == "inductor"),
+        and (cfg.channels_last if precision != "int8" else backend == "inductor"),
         "backend": backend,
         "load_and_warmup_s": round(load_s, 1),
         "images_per_s_by_batch": per_batch,

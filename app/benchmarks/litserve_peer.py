@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from app.catalog import build_catalog
-from app.engine import fastpath
 from app.engine.worker import Runner, WorkerConfig
 from app.settings import Settings
 
@@ -33,21 +32,12 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         self.spec = build_catalog().get(self.model_name)
-        fast = fastpath.resolve(self.precision, None, None, device)
-        settings = Settings()
-        cfg = WorkerConfig(
-            0,
-            device,
-            fast.precision,
-            fast.channels_last,
-            fast.compile,
-            None,
-            self.max_batch_size,
-            [],
-            # as imgcls's servers in the same run
-            cpp_wrapper=settings.cpp_wrapper,
-            runtime=settings.cpu_runtime,
-        )
+        # the settings of imgcls's servers in the same run; LitServe forms batches up to its own
+        # max_batch_size, so every size keeps its graph
+        cfg = WorkerConfig.from_settings(
+            Settings(), device, auto_batch=False, precision=self.precision,
+            warmup_batch=self.max_batch_size,
+        )  # fmt: skip
         self.runner = Runner(cfg)
         self.runner.load(self.spec.load_plan(None))
 

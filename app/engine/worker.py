@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from app.engine import fastpath
 from app.engine.checkpoint import load_into
 from app.engine.decoding import Decoder, Encoded, Prepared
 from app.engine.plan import LoadPlan
@@ -33,6 +34,7 @@ from app.preprocess import normalize
 
 if TYPE_CHECKING:
     from app.preprocess import Preprocess
+    from app.settings import Settings
 
 log = logging.getLogger("imgcls.worker")
 
@@ -58,6 +60,47 @@ class WorkerConfig:
     cpp_wrapper: bool = False
     # what runs the models on a CPU worker: torch, or OpenVINO's CPU plugin (app/engine/openvino)
     runtime: str = "torch"
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        device: str,
+        *,
+        worker_id: int = 0,
+        threads: int | None = None,
+        plans: list[LoadPlan] | None = None,
+        decode_in_worker: bool = False,
+        auto_batch: bool | None = None,
+        precision: str | None = None,
+        warmup_batch: int | None = None,
+    ) -> WorkerConfig:
+        """A worker's configuration from the service's settings, the one place where every
+        setting a Runner runs by is read: the pool's workers, Ray's replicas, the bench's
+        model-only and LitServe's peer all build theirs here, so a new setting reaches each.
+        ``decode_in_worker``: uploads reach this worker encoded (IMGCLS_DECODE=worker), and its
+        tensor decoder is timed against Pillow per size at load. ``auto_batch`` (default: the
+        setting) times batch sizes at load and keeps the best; ``precision`` and
+        ``warmup_batch`` (the largest batch) replace the settings' where given."""
+        fast = fastpath.resolve(
+            precision or settings.precision, settings.channels_last, settings.compile, device
+        )
+        return cls(
+            worker_id=worker_id,
+            device=device,
+            precision=fast.precision,
+            channels_last=fast.channels_last,
+            compile=fast.compile,
+            threads=threads if device == "cpu" else None,
+            warmup_batch=warmup_batch or settings.batch_cap,
+            plans=list(plans or []),
+            max_pixels=settings.max_pixels,
+            jpeg_on_device=decode_in_worker,
+            jpeg_draft=settings.jpeg_draft,
+            auto_batch=settings.max_batch_size == "auto" if auto_batch is None else auto_batch,
+            cpp_wrapper=settings.cpp_wrapper,
+            runtime=settings.cpu_runtime,
+        )
 
 
 HEARTBEAT_S = 1.0
