@@ -3,7 +3,8 @@
 The header is read first and the pixel count checked before any pixel is decoded, so a
 decompression bomb is never expanded. Before that, a cheap walk over the file's structure refuses
 files whose *work* is out of proportion to their size (a progressive JPEG with thousands of scans,
-hundreds of thousands of PNG chunks or GIF blocks), and every decode runs under a time budget.
+hundreds of thousands of PNG chunks or GIF blocks, millions of TIFF strips), and every decode runs
+under a time budget. Only the accepted formats' parsers ever see an upload.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import IO, cast
+from typing import IO, Literal, cast
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+# The only Pillow plugins that may open an upload (MPO opens through JPEG's). Any other would
+# parse it first, in Python, and some parse a whole file before it could be refused: EPS reads
+# 20 MB line by line for 20 s.
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -39,6 +44,12 @@ MAX_JPEG_SEGMENTS = 1000  # markers with a length (APPn, DQT, DHT, SOS, COM, ...
 MAX_PNG_CHUNKS = 20_000  # a 20 MB PNG written in libpng's 8 KB IDAT chunks has 2,560
 MAX_PNG_ANCILLARY = 1000  # chunks other than IDAT
 MAX_GIF_BLOCKS = 10_000  # extension blocks and their sub-blocks before the first image
+# Pillow turns each of a TIFF's strip or tile offsets into a Python object as it opens the file
+# (~2 us and ~300 bytes each): 2.4 million one-row strips in a 19 MB file took 5 s and 750 MB
+# before the image could be refused. A 40-megapixel image at the widest accepted aspect ratio
+# (50:1) in one-row strips, planes stored apart, has 134,000; tiles of 256x256 a few hundred.
+MAX_TIFF_VALUES = 150_000  # numbers in one tag of the first image's directory
+MAX_TIFF_TAGS = 1000  # entries in that directory
 # Wall-clock budget of one decode: checked each time Pillow pulls a block of compressed data
 # (READ_BLOCK bytes), so a decode that overruns stops within a block's worth of work. A
 # 40-megapixel JPEG decodes in 0.3-0.6 s on a 2-core EPYC; the budget leaves room for a busy host.
@@ -203,6 +214,42 @@ def _check_gif(data: BytesLike) -> None:
                 break
 
 
+# TIFF field types whose values Pillow unpacks into Python numbers, one object each (bytes and
+# text stay one object): SHORT, LONG, RATIONAL, SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE, IFD,
+# LONG8, SLONG8, IFD8
+_TIFF_NUMBERS = {3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18}
+
+
+def _check_tiff(data: BytesLike) -> None:
+    """The first image file directory (the one Pillow opens): how many tags, and how many
+    numbers each holds (strip and tile offsets above all)."""
+    order: Literal["little", "big"] = "little" if bytes(data[:2]) == b"II" else "big"
+
+    def num(pos: int, size: int) -> int:
+        return int.from_bytes(data[pos : pos + size], order)
+
+    big = num(2, 2) == 43  # BigTIFF: 8-byte counts and offsets
+    ifd = num(8, 8) if big else num(4, 4)
+    width, entry = (8, 20) if big else (2, 12)
+    if ifd + width > len(data):
+        return  # corrupt: Pillow will say so
+    tags = num(ifd, width)
+    if tags > MAX_TIFF_TAGS:
+        raise ImageBudgetError(f"the TIFF has {tags:,} tags in its image directory; refused unread")
+    pos = ifd + width
+    for _ in range(tags):
+        if pos + entry > len(data):
+            return
+        tag, kind = num(pos, 2), num(pos + 2, 2)
+        count = num(pos + 4, 8 if big else 4)
+        if kind in _TIFF_NUMBERS and count > MAX_TIFF_VALUES:
+            raise ImageBudgetError(
+                f"the TIFF's tag {tag} holds {count:,} values (more than {MAX_TIFF_VALUES:,}: "
+                "strips or tiles far beyond what an image needs); refused unread"
+            )
+        pos += entry
+
+
 def check_structure(data: BytesLike) -> None:
     """Refuse, from a walk over the file's markers, chunks or blocks (no pixel decoded, no
     entropy-coded data interpreted), a file whose decode would cost far more than its size
@@ -214,6 +261,8 @@ def check_structure(data: BytesLike) -> None:
         _check_png(data)
     elif head[:4] == b"GIF8":
         _check_gif(data)
+    elif head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _check_tiff(data)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -271,13 +320,14 @@ def _open(data: BytesLike, max_pixels: int) -> tuple[Image.Image, _Source]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             source = _Source(data)
-            img = Image.open(cast(IO[bytes], source))
+            img = Image.open(cast(IO[bytes], source), formats=OPEN_FORMATS)
             img.format  # noqa: B018 - the header is parsed by open()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image dimensions are too large: {exc}") from None
-    except UnidentifiedImageError:
+    except UnidentifiedImageError:  # no accepted format's plugin recognised it
         raise ImageError(
-            f"the upload is not a readable image; accepted formats: {ACCEPTED_DESCRIPTION}"
+            "the upload is not a readable image in an accepted format; accepted formats: "
+            f"{ACCEPTED_DESCRIPTION}"
         ) from None
     except Exception as exc:  # Pillow raises a variety of errors on malformed headers
         raise ImageError(f"the image header cannot be read: {exc}") from None

@@ -94,3 +94,37 @@ def gif_block_flood(blocks: int = 100_000) -> bytes:
     gif = encode(Image.new("P", (10, 10)), "GIF")
     first_image = gif.index(b",")
     return gif[:first_image] + b"\x21\xfe\x00" * blocks + gif[first_image:]
+
+
+def tiff_strips(width: int, height: int, shared: bool = False) -> bytes:
+    """An uncompressed greyscale TIFF (little-endian) in one-row strips: ``height`` strip offsets.
+    ``shared``: every strip points at the same row of data, so the file stays small however many
+    strips it declares (~8 bytes each)."""
+    entries = 9
+    ifd = 8
+    data = ifd + 2 + 12 * entries + 4
+    rows = 1 if shared else height
+    offsets = data + width * rows
+    counts = offsets + 4 * height
+
+    def tag(code: int, kind: int, count: int, value: int) -> bytes:
+        return struct.pack("<HHII", code, kind, count, value)
+
+    fields = [
+        (256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),  # uncompressed
+        (262, 3, 1, 1), (273, 4, height, offsets), (277, 3, 1, 1), (278, 4, 1, 1),
+        (279, 4, height, counts),
+    ]  # fmt: skip
+    directory = struct.pack("<H", entries) + b"".join(tag(*f) for f in fields) + bytes(4)
+    pixels = bytes(i % 251 for i in range(width * rows))
+    starts = [data + (0 if shared else r * width) for r in range(height)]
+    return (
+        b"II*\x00" + struct.pack("<I", ifd) + directory + pixels
+        + struct.pack(f"<{height}I", *starts) + struct.pack(f"<{height}I", *[width] * height)
+    )  # fmt: skip
+
+
+def eps(size: int) -> bytes:
+    """An Encapsulated PostScript file of about ``size`` bytes (a header, then text lines)."""
+    head = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    return head + (b"a" * 100 + b"\n") * (size // 101)

@@ -127,6 +127,54 @@ def test_structure_budgets_refuse_amplifying_files_and_pass_ordinary_ones():
         imaging.decode(ok, 40_000_000)
 
 
+def test_only_the_accepted_formats_parsers_see_an_upload(monkeypatch, client):
+    """Pillow's EPS plugin reads a whole file, line by line in Python, when it opens one (20 s
+    for 20 MB): an upload is never offered to a plugin for a format the service refuses anyway.
+    Each such plugin here fails the test if it is asked."""
+    from PIL import EpsImagePlugin, PpmImagePlugin, PsdImagePlugin
+
+    asked: list[str] = []
+
+    def refuse(plugin: str):
+        def _open(self: object) -> None:
+            asked.append(plugin)
+            raise AssertionError(f"the {plugin} plugin parsed an upload")
+
+        return _open
+
+    for cls in (EpsImagePlugin.EpsImageFile, PpmImagePlugin.PpmImageFile,
+                PsdImagePlugin.PsdImageFile):  # fmt: skip
+        monkeypatch.setattr(cls, "_open", refuse(cls.format))
+    uploads = {
+        "EPS": images.eps(2_000_000),
+        "PPM": images.encode(images.photo(), "PPM"),
+        "PSD": b"8BPS\x00\x01" + bytes(40),
+    }
+    for data in uploads.values():
+        with pytest.raises(imaging.ImageError, match="not a readable image in an accepted format"):
+            imaging.probe(data, 40_000_000)
+    assert asked == []
+    r = client.post("/classify", files={"file": ("x.eps", uploads["EPS"])})
+    assert r.status_code == 400 and "accepted format" in r.json()["detail"], r.text
+
+
+def test_tiff_strip_flood_is_refused_unread_and_ordinary_strips_pass(client):
+    """A 1.6 MB TIFF declaring 200,000 one-row strips (all pointing at the same row) is refused
+    from its directory, before Pillow builds an object per strip (2.4 million took 5 s and
+    750 MB); a TIFF in 2,000 one-row strips is an ordinary image."""
+    flood = images.tiff_strips(16, 200_000, shared=True)
+    assert len(flood) < 2_000_000
+    with pytest.raises(imaging.ImageBudgetError, match="tag 273 holds 200,000 values"):
+        imaging.probe(flood, 40_000_000)
+    r = client.post("/classify", files={"file": ("x.tif", flood)})
+    assert r.status_code == 400 and "refused unread" in r.json()["detail"], r.text
+    ordinary = images.tiff_strips(300, 2000)
+    image = imaging.decode(ordinary, 40_000_000)
+    assert image.size == (300, 2000) and image.getpixel((5, 0)) == (5, 5, 5)
+    r = client.post("/classify", files={"file": ("x.tif", ordinary)})
+    assert r.status_code == 200, r.text
+
+
 def test_decode_time_budget_stops_a_long_decode():
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 255, (2000, 3000, 3), dtype=np.uint8))
