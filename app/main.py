@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="imgcls", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
+    app.state.oip_parses = asyncio.Semaphore(oip_rest.OIP_PARSES)  # /v2 infer JSON, see there
     api_errors.install(app)
     app.include_router(inference.router)
     app.include_router(explain.router)

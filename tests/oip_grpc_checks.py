@@ -282,6 +282,18 @@ def test_error_codes(stub, auth):
     assert (
         status_of(lambda: stub.ModelInfer(request, metadata=md)) == grpc.StatusCode.INVALID_ARGUMENT
     )
+    # typed contents: counted against the shape before any is read, then range-checked
+    request = tpb.ModelInferRequest(model_name=CIFAR)
+    t = request.inputs.add(name="PIXELS", datatype="UINT8", shape=[4])
+    t.contents.uint_contents.extend([1, 2, 300, 4])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not fit UINT8" in info.value.details()
+    t.contents.uint_contents.append(5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=md)
+    assert "holds 4 elements but the data has 5" in info.value.details()
     meta = tpb.ModelMetadataRequest(name="nope")
     assert status_of(lambda: stub.ModelMetadata(meta, metadata=md)) == grpc.StatusCode.NOT_FOUND
     assert status_of(lambda: stub.ModelMetadata(meta)) == grpc.StatusCode.UNAUTHENTICATED

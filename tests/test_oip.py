@@ -8,6 +8,7 @@ exercised here with tritonclient.http and httpx; gRPC with tritonclient.grpc in 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -315,6 +316,14 @@ BAD_REQUESTS = {
         "IMAGE[1]: ",
     ),
     "too-many": ({"inputs": [_image([b64(tiny_png())] * (MAX_QUEUE + 1))]}, "IMGCLS_MAX_QUEUE"),
+    "ragged": (
+        {"inputs": [{**_pixels([1, 3, 32, 32]), "data": [[0] * 3071, [0]]}]},
+        "ragged data: lists of 3071 and 1 elements",
+    ),
+    "mixed-nesting": (
+        {"inputs": [{**_pixels([1, 3, 32, 32]), "data": [[0] * 3071, 0]}]},
+        "mixes lists and values",
+    ),
 }
 
 
@@ -357,6 +366,66 @@ def test_malformed_bodies(oip):
     r = post(good + blob, len(good))  # the same server still answers
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/json")  # no binary output asked
+
+
+def test_nested_data_as_its_shape_and_an_empty_outputs_list(oip):
+    """JSON data nested as its shape answers as the same data flat; ``"outputs": []`` asks for
+    every output, as gRPC reads an empty list."""
+    x = np.linspace(-2, 2, 2 * 3 * 32 * 32, dtype=np.float32).reshape(2, 3, 32, 32)
+    answers = []
+    for data, outputs in ((x.ravel().tolist(), None), (x.tolist(), []), (x.tolist(), None)):
+        doc: dict = {"inputs": [{"name": "PIXELS", "shape": [2, 3, 32, 32], "datatype": "FP32",
+                                 "data": data}]}  # fmt: skip
+        if outputs is not None:
+            doc["outputs"] = outputs
+        r = post_infer(oip, doc)
+        assert r.status_code == 200, r.text
+        (out,) = r.json()["outputs"]
+        assert out["name"] == "PROBABILITIES" and out["shape"] == [2, 10]
+        answers.append(out["data"])
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_json_past_its_value_cap_is_413_before_it_is_parsed(oip):
+    """Each JSON value costs ~35 bytes as a Python object while it is parsed: more than
+    codec.MAX_JSON_VALUES are refused from a count of commas, and the answer says to send such
+    tensors as binary data."""
+    from app.oip.codec import MAX_JSON_VALUES
+
+    n = MAX_JSON_VALUES + 1
+    body = (
+        b'{"inputs":[{"name":"PIXELS","shape":[%d],"datatype":"FP32","data":[' % n
+        + b"0," * (n - 1) + b"0]}]}"
+    )  # fmt: skip
+    r = httpx.post(f"{oip.url}/v2/models/{CIFAR}/infer", content=body, headers=auth(), timeout=60)
+    assert r.status_code == 413, r.text
+    assert f"more than {MAX_JSON_VALUES:,} values" in r.json()["error"]
+    assert "binary_data_size" in r.json()["error"]
+
+
+def test_large_json_is_parsed_off_the_event_loop(oip, monkeypatch):
+    """A JSON part over codec.PARSE_INLINE_BYTES is read on a thread (pydantic then the values),
+    a small one on the event loop, where a thread hop would cost more than the parse."""
+    from app.oip import codec
+
+    parse = codec.decode_request
+    on_loop: list[bool] = []
+
+    def recording(*args: object, **kw: object):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return parse(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(codec, "decode_request", recording)
+    small = {"inputs": [_pixels([1, 3, 32, 32])]}  # ~9 KB of JSON
+    large = {"inputs": [{**_pixels([8, 3, 32, 32]), "data": [0.125] * (8 * 3 * 32 * 32)}]}
+    for doc in (small, large):
+        r = post_infer(oip, doc)
+        assert r.status_code == 200, r.text
+    assert on_loop == [True, False]
 
 
 def test_non_finite_pixels_are_refused(oip):

@@ -50,6 +50,13 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 DATATYPES = (*DTYPES, "BYTES")
 MAX_DIMS = 8  # deeper shapes are refused before any element is counted
+# Values in a request's JSON part (counted as its commas, before parsing): each becomes a Python
+# object (~35 bytes) while the JSON is read, 20x its text. 2**21 holds 13 images of 3x224x224;
+# larger tensors belong in the binary part (binary_data_size), as tritonclient sends them.
+MAX_JSON_VALUES = 2**21
+# A request (JSON part, or gRPC message) up to this size is read on the event loop; a larger one
+# on a thread: a thread hop costs more than reading a small one.
+PARSE_INLINE_BYTES = 64 * 1024
 
 _LENGTH = struct.Struct("<I")
 
@@ -169,6 +176,26 @@ def tensor_from_list(
         raise ProtocolError(f"{name}: a value does not fit {datatype}: {exc}") from None
 
 
+def tensor_from_typed(
+    name: str, datatype: str, shape: list[int], values: Sequence[Any]
+) -> TensorData:
+    """An input's elements from gRPC's typed contents, whose element types protobuf has
+    checked: counted against the shape before any is converted, then read into an array
+    without a list of Python numbers in between."""
+    count = element_count(shape)
+    if len(values) != count:
+        raise ProtocolError(
+            f"{name}: shape {shape} holds {count} elements but the data has {len(values)}"
+        )
+    if datatype == "BYTES":
+        return list(values)
+    dtype = _dtype(name, datatype)
+    try:
+        return np.fromiter(values, dtype=dtype, count=count)
+    except (OverflowError, ValueError) as exc:
+        raise ProtocolError(f"{name}: a value does not fit {datatype}: {exc}") from None
+
+
 def _dtype(name: str, datatype: str) -> np.dtype[Any]:
     dtype = DTYPES.get(datatype)
     if dtype is None:
@@ -185,24 +212,50 @@ def _kind_name(datatype: str) -> str:
 
 
 def _flatten(name: str, data: list[Any]) -> list[Any]:
-    """Nested JSON arrays in row-major order, as one list."""
+    """JSON data in row-major order as one list: flat, or nested as a regular array (every list
+    at one depth as long as the others, scalars only at the innermost level; the shape's count
+    is checked by the caller). Ragged data is refused, not run as if it were flat."""
+    if not any(isinstance(v, list) for v in data):
+        return data
     flat: list[Any] = []
-    stack: list[tuple[list[Any], int, int]] = [(data, 0, 1)]  # list, next index, depth
-    while stack:
-        items, start, depth = stack.pop()
-        for i in range(start, len(items)):
-            v = items[i]
-            if isinstance(v, list):
-                if depth >= MAX_DIMS:
-                    raise ProtocolError(f"{name}: data is nested deeper than {MAX_DIMS} levels")
-                stack.append((items, i + 1, depth))
-                stack.append((v, 0, depth + 1))
-                break
-            flat.append(v)
+    lengths: list[int] = []  # per depth, the length every list there must have
+
+    def walk(items: list[Any], depth: int) -> None:
+        if depth == len(lengths):
+            if depth >= MAX_DIMS:
+                raise ProtocolError(f"{name}: data is nested deeper than {MAX_DIMS} levels")
+            lengths.append(len(items))
+        elif len(items) != lengths[depth]:
+            raise ProtocolError(
+                f"{name}: ragged data: lists of {lengths[depth]} and {len(items)} elements at "
+                f"depth {depth + 1}"
+            )
+        nested = [isinstance(v, list) for v in items]
+        if any(nested) and not all(nested):
+            raise ProtocolError(f"{name}: data mixes lists and values at depth {depth + 1}")
+        if not items or not nested[0]:
+            if depth + 1 < len(lengths):  # a sibling went deeper
+                raise ProtocolError(f"{name}: ragged data: values at depth {depth + 1}")
+            flat.extend(items)
+            return
+        if depth + 1 == len(lengths) and flat:  # deeper than a sibling that held values
+            raise ProtocolError(f"{name}: ragged data: lists at depth {depth + 2}")
+        for v in items:
+            walk(v, depth + 1)
+
+    walk(data, 0)
     return flat
 
 
 # ---- requests ---------------------------------------------------------------------------------
+def json_part_size(body: bytes | bytearray, header_length: str | None) -> int:
+    """How many bytes of a REST infer request are JSON (the rest is binary tensor data)."""
+    try:
+        return min(len(body), int(header_length)) if header_length is not None else len(body)
+    except ValueError:
+        return 0  # decode_request refuses it
+
+
 def decode_request(
     body: bytes | bytearray, header_length: str | None, model: str, version: str | None
 ) -> InferRequest:
@@ -224,6 +277,13 @@ def decode_request(
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}={n} does not fit the body of {len(body):,} bytes")
         head, rest = bytes(view[:n]), view[n:]
+    if head.count(b",") >= MAX_JSON_VALUES:
+        raise ProtocolError(
+            f"the request's JSON holds more than {MAX_JSON_VALUES:,} values; send tensors this "
+            "large as binary data (the parameter binary_data_size and "
+            f"{HEADER_LENGTH})",
+            413,
+        )
     try:
         doc = InferenceRequestBody.model_validate_json(head)
     except ValidationError as exc:
@@ -263,7 +323,7 @@ def decode_request(
     if type(binary_default) is not bool:
         raise ProtocolError("parameter binary_data_output must be true or false")
     outputs = None
-    if doc.outputs is not None:
+    if doc.outputs:  # none named, or an empty list: every output (as gRPC reads it)
         outputs = [_requested(o.name, o.parameters or {}, binary_default) for o in doc.outputs]
     return InferRequest(
         model=model,

@@ -50,8 +50,9 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         if raw:
             data = codec.tensor_from_raw(t.name, t.datatype, shape, raw[i])
         elif t.datatype in CONTENTS:
-            values = list(getattr(t.contents, CONTENTS[t.datatype]))
-            data = codec.tensor_from_list(t.name, t.datatype, shape, values)
+            data = codec.tensor_from_typed(
+                t.name, t.datatype, shape, getattr(t.contents, CONTENTS[t.datatype])
+            )
         else:
             raise ProtocolError(f"{t.name}: {t.datatype!r} data must come in raw_input_contents")
         inputs.append(InputTensor(t.name, t.datatype, shape, data))

@@ -29,6 +29,7 @@ import grpc
 from app import memory
 from app.limits import InflightBudget
 from app.observability import CLIENT_CLOSED, Metrics, access_log
+from app.oip import codec
 from app.oip import grpc_codec as conv
 from app.oip.dataplane import DataPlane
 from app.oip.failures import ProtocolError, answer
@@ -151,11 +152,15 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         # grpc has received the whole message by now: the reservation bounds how many such
         # messages are held (and their images decoded) at once, with the HTTP door's bodies.
-        size = request.ByteSize() if self.budget is not None else 0
+        size = request.ByteSize()
         if self.budget is not None and not self.budget.reserve(size):
             raise ProtocolError(self.budget.refusal(), 503, retry_after=1)
         try:
-            answer = await self.plane.infer(conv.infer_request(request))
+            if size <= codec.PARSE_INLINE_BYTES:
+                infer_request = conv.infer_request(request)
+            else:  # typed contents are read element by element: off the event loop
+                infer_request = await asyncio.to_thread(conv.infer_request, request)
+            answer = await self.plane.infer(infer_request)
             return conv.infer_response(answer)
         finally:
             if self.budget is not None:

@@ -7,6 +7,7 @@ client gone mid-body and the body limits, which the middlewares answer (499, 408
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -39,6 +40,9 @@ from app.oip.schemas import (
 from app.upload import read_body
 
 SMALL_BODY = 64 * 1024  # repository requests: a few parameters at most
+# Infer requests whose JSON is larger than codec.PARSE_INLINE_BYTES are parsed on a thread,
+# OIP_PARSES at a time (create_app's app.state.oip_parses).
+OIP_PARSES = 2
 
 
 def error_response(request: Request, exc: BaseException) -> JSONResponse:
@@ -281,7 +285,14 @@ async def _infer(
         raise ProtocolError(
             f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413
         ) from None
-    answer = await plane.infer(codec.decode_request(body, length, name, version))
+    if codec.json_part_size(body, length) <= codec.PARSE_INLINE_BYTES:
+        infer_request = codec.decode_request(body, length, name, version)
+    else:  # off the event loop, and few at once: parsing JSON takes ~20x its size in memory
+        async with request.app.state.oip_parses:
+            infer_request = await asyncio.to_thread(
+                codec.decode_request, body, length, name, version
+            )
+    answer = await plane.infer(infer_request)
     content, headers = codec.encode_response(answer)
     return Response(content, headers=headers)
 
