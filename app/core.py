@@ -241,6 +241,15 @@ class InferenceCore(ABC):
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout_s
 
+    @staticmethod
+    async def _by(deadline: float, step: Awaitable[T], what: str) -> T:
+        """``step`` (checking or decoding uploads, on threads that may be busy), cut off at the
+        request's deadline, which runs from when its body was read: 504, not a late answer."""
+        try:
+            return await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"{what} did not finish within the request's deadline") from None
+
     async def decode(self, data: imaging.BytesLike, specs: Sequence[ModelSpec]) -> Pixels:
         """Decode once and resize once per distinct geometry, in one trip to a thread (decoding
         and resizing release the GIL)."""
@@ -259,16 +268,16 @@ class InferenceCore(ABC):
     async def classify(
         self, upload: imaging.BytesLike, model: str | None, top_k: int, request_id: str
     ) -> ClassifyResponse:
-        started = time.perf_counter()
+        started, deadline = time.perf_counter(), self.deadline()
         served = self.servable(model or self.default_model)
         spec = served.spec
         if self.decode_in_worker:
-            encoded = await self.encoded(upload)
-            result = await self.run(spec.name, encoded, self.deadline())
+            encoded = await self._by(deadline, self.encoded(upload), "checking the upload")
+            result = await self.run(spec.name, encoded, deadline)
             decode_ms, preprocess_ms = result.decode_ms or 0.0, result.preprocess_ms or 0.0
         else:
-            pixels = await self.decode(upload, [spec])
-            result = await self.run(spec.name, pixels.of(spec), self.deadline())
+            pixels = await self._by(deadline, self.decode(upload, [spec]), "decoding the upload")
+            result = await self.run(spec.name, pixels.of(spec), deadline)
             decode_ms, preprocess_ms = pixels.decode_ms, pixels.preprocess_ms
         return classify_result(
             spec, served.weights_label, result, top_k, decode_ms=decode_ms,
@@ -294,13 +303,13 @@ class InferenceCore(ABC):
         request_id: str,
     ) -> ExplainResponse:
         """Where ``model`` looked in ``upload`` for ``target`` (top1 or a class index)."""
-        started = time.perf_counter()
+        started, deadline = time.perf_counter(), self.deadline()
         check_method(method)
         spec = self.servable(model or self.default_model).spec
         check_explainable(spec)
         index = parse_target(target, spec)
-        pixels = await self.decode(upload, [spec])
-        result, queue_ms = await self._explain_one(spec, pixels.of(spec), index, self.deadline())
+        pixels = await self._by(deadline, self.decode(upload, [spec]), "decoding the upload")
+        result, queue_ms = await self._explain_one(spec, pixels.of(spec), index, deadline)
         return explain_result(
             spec, method, result, heatmap=heatmap, decode_ms=pixels.decode_ms,
             preprocess_ms=pixels.preprocess_ms, queue_ms=queue_ms, started=started,
@@ -315,13 +324,13 @@ class InferenceCore(ABC):
         request_id: str,
         explain: str | None = None,
     ) -> CompareResponse:
-        started = time.perf_counter()
+        started, deadline = time.perf_counter(), self.deadline()
         served = [self.servable(n) for n in parse_models(models, self.ready_models())]
         if not served:
             raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)
         # Decoded here once, whatever IMGCLS_DECODE says: the models share the pixels.
-        pixels = await self.decode(upload, [s.spec for s in served])
-        deadline = self.deadline()
+        specs = [s.spec for s in served]
+        pixels = await self._by(deadline, self.decode(upload, specs), "decoding the upload")
 
         async def timed(s: ServedModel) -> tuple[ImageResult, float]:
             result = await self.run(s.spec.name, pixels.of(s.spec), deadline)
@@ -392,7 +401,10 @@ class InferenceCore(ABC):
             except Exception as exc:
                 raise ElementError(i, exc) from exc
 
-        payloads = await gather_fail_fast([prepare(i, x) for i, x in enumerate(items)])
+        payloads = await self._by(
+            deadline, gather_fail_fast([prepare(i, x) for i, x in enumerate(items)]),
+            "checking the images",
+        )  # fmt: skip
         self.admit(name, len(payloads))  # again: the queue may have filled while they decoded
 
         async def one(i: int, payload: Item) -> ImageResult:

@@ -217,3 +217,44 @@ def test_odd_valid_uploads_over_http(client, name):
     }[name]()
     r = post(client, data, name=name, model=MODEL)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/classify", "/compare", "/v2"])
+def test_checking_and_decoding_count_against_the_request_deadline(client, service, monkeypatch,
+                                                                  path):  # fmt: skip
+    """An upload's check (decoding in the worker) or decode (in the API: /compare) runs on a
+    thread that may be busy; the request's deadline covers it: 504 at the deadline instead of an
+    answer long after it. Here the check and decode take 3 s against a 0.5 s deadline."""
+    import time
+
+    from app import core, imaging
+
+    probe, pixels = imaging.probe, core._pixels
+
+    def slow_probe(*args):
+        time.sleep(3)
+        return probe(*args)
+
+    def slow_pixels(*args):
+        time.sleep(3)
+        return pixels(*args)
+
+    monkeypatch.setattr(imaging, "probe", slow_probe)
+    monkeypatch.setattr(core, "_pixels", slow_pixels)
+    monkeypatch.setattr(service.settings, "request_timeout_s", 0.5)
+    data = images.encode(images.photo(), "PNG")
+    t0 = time.monotonic()
+    if path == "/v2":
+        import base64
+
+        doc = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                           "data": [base64.b64encode(data).decode()]}]}  # fmt: skip
+        r = client.post("/v2/models/resnet18/infer", json=doc)
+        detail = r.json()["error"]
+    else:
+        r = client.post(path, files={"file": ("x.png", data)})
+        detail = r.json()["detail"]
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 504, r.text
+    assert "within the request's deadline" in detail
+    assert elapsed < 2.5  # answered at the deadline, not after the 3 s step
