@@ -428,6 +428,50 @@ def test_large_json_is_parsed_off_the_event_loop(oip, monkeypatch):
     assert on_loop == [True, False]
 
 
+def test_pixels_that_overflow_inside_the_model_are_400_and_it_still_serves(tmp_path: Path):
+    """Normalised pixels within the accepted range can still overflow inside a model at its
+    precision (fp16, CUDA's default, tops out at 65,504): the output is not finite, and that is
+    the client's values, 400, not a server fault. Here a real resnet18 whose classifier weights
+    are scaled by 1e36 overflows in fp32 on values of ±1e4, and answers ordinary images."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(2)
+    model = resnet18(num_classes=3).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e36)
+        model.fc.bias.zero_()
+    torch.save(model.state_dict(), tmp_path / "loud3.pt")
+    (tmp_path / "loud3.txt").write_text("a\nb\nc\n")
+    (tmp_path / "models.toml").write_text(
+        '[models.loud3]\narch = "resnet18"\nweights = "loud3.pt"\nlabels = "loud3.txt"\n'
+        "preprocess = { resize = 32 }\n"
+    )
+    with run_service(
+        models="loud3", weights_dir=tmp_path, model_config_file=tmp_path / "models.toml"
+    ) as svc:
+        x = np.zeros((1, 3, 32, 32), dtype="<f4")
+        x[0, :, ::2], x[0, :, 1::2] = 1e4, -1e4
+
+        def infer(pixels: np.ndarray) -> httpx.Response:
+            head = json.dumps({"inputs": [{"name": "PIXELS", "shape": list(pixels.shape),
+                                           "datatype": "FP32",
+                                           "parameters": {"binary_data_size": pixels.nbytes}}]}
+                              ).encode()  # fmt: skip
+            return httpx.post(
+                f"{svc.url}/v2/models/loud3/infer", content=head + pixels.tobytes(),
+                headers={"Inference-Header-Content-Length": str(len(head))}, timeout=60,
+            )  # fmt: skip
+
+        r = infer(x)
+        assert r.status_code == 400, r.text
+        assert "overflows on these pixel values" in r.json()["error"]
+        assert infer(np.zeros_like(x)).status_code == 200
+        r = httpx.post(f"{svc.url}/classify", params={"model": "loud3"},
+                       files={"file": ("c.png", shared_image("chelsea.png"))}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+
+
 def test_non_finite_pixels_are_refused(oip):
     x = np.zeros((1, 3, 32, 32), dtype="<f4")
     x[0, 1, 2, 3] = np.nan

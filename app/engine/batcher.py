@@ -259,7 +259,7 @@ class ModelBatcher:
             if item.future.done():
                 continue
             if not finite[row]:
-                item.future.set_exception(BatchFailedError(f"{self.name} gave non-finite output"))
+                item.future.set_exception(self._non_finite(item.payload, result.precision))
                 continue
             item.future.set_result(
                 ImageResult(
@@ -274,6 +274,18 @@ class ModelBatcher:
                     preprocess_ms=preprocess_ms[k] if preprocess_ms else None,
                 )
             )
+
+    def _non_finite(self, payload: Item, precision: str) -> Exception:
+        """Non-finite output. From pixel values the client normalised (finite, within
+        core.MAX_NORMALISED), the values overflowed inside the model at its precision (fp16's
+        largest number is 65,504): the client's values are out of range, 400. From pixels the
+        service prepared, the model itself is broken: a server fault."""
+        if isinstance(payload, torch.Tensor) and payload.is_floating_point():
+            return ImageError(
+                f"{self.name} at {precision} overflows on these pixel values (its output is not "
+                "finite); send values normalised as the model's preset does (within a few units)"
+            )
+        return BatchFailedError(f"{self.name} gave non-finite output")
 
 
 def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
