@@ -58,6 +58,25 @@ def test_failing_batch_fails_only_itself_and_worker_keeps_serving():
     asyncio.run(scenario())
 
 
+def test_model_status_follows_the_backend_that_answered():
+    """A compiled model whose graph fails at run time is served eager from then on
+    (``worker.Bucketed``): its answers say "eager", and the model's state, which /models
+    reports, follows the answers instead of keeping what the load reported. Here the state says
+    "inductor" as after such a load, and a real batch from the (eager) worker corrects it."""
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            assert pool.model_status("cifar10_plain20").backend == "eager"
+            pool.workers[0].models["cifar10_plain20"].backend = "inductor"
+            slot = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
+            assert slot is not None
+            result = await pool.submit(slot, "cifar10_plain20", _pixels(2))
+            assert result.backend == "eager"
+            assert pool.model_status("cifar10_plain20").backend == "eager"
+
+    asyncio.run(scenario())
+
+
 def test_second_slot_only_for_a_full_batch():
     """A busy worker takes a second batch only when it is full (prefetch); a partial batch
     waits for the worker to be free, so that it can still grow."""

@@ -112,6 +112,7 @@ class Inflight:
     future: asyncio.Future[Any]  # BatchResult, or ExplainResult for an explain job
     sent_at: float | None = None  # monotonic; None while reserved but not yet sent
     limit_s: float | None = None  # the watchdog's limit for this job (explains: longer)
+    model: str | None = None  # the model of a batch, once sent
 
 
 @dataclass
@@ -299,6 +300,11 @@ class WorkerPool:
             _, batch_id, probs, start, ms, (precision, backend, memory), items = msg
             w.device_memory = memory
             entry = self._finished(w, batch_id)
+            # What ran: a compiled model that failed at run time runs eager from then on, and
+            # /models says so as its answers do.
+            st = w.models.get(entry.model) if entry is not None and entry.model else None
+            if st is not None and backend:
+                st.backend = backend
             # The slot first: the batcher sends the next batch before this one's answers are built.
             self._dispatch()
             if entry is not None and not entry.future.done():
@@ -562,7 +568,7 @@ class WorkerPool:
             return res.future
         try:
             w.inbox.put(("batch", res.batch_id, name, batch))
-            entry.sent_at = time.monotonic()
+            entry.sent_at, entry.model = time.monotonic(), name
         except Exception as exc:
             w.inflight.pop(res.batch_id, None)
             if not res.future.done():
