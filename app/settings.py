@@ -203,6 +203,14 @@ class Settings(BaseSettings):
     oip_max_request_mb: float = Field(
         64.0, gt=0, description="largest /v2 infer request (REST body or gRPC message), in MB"
     )
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description="explicit: the model repository's load and unload (REST /v2/repository/models"
+        "/NAME/load|unload, gRPC RepositoryModelLoad|Unload) start and stop models at run time, "
+        "as Triton's --model-control-mode=explicit; none: they answer 403, and the models served "
+        "are IMGCLS_MODELS (a client cannot make the service download weights or take it out of "
+        "readiness)",
+    )
     grpc_max_concurrent_rpcs: int | None = Field(
         None,
         ge=1,

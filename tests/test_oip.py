@@ -74,6 +74,7 @@ def oip(model_dir: Path):
         max_queue=MAX_QUEUE,
         max_upload_mb=2,
         max_inflight_mb=8,  # tests/oip_grpc_checks.py fills it to refuse a gRPC call
+        model_control="explicit",  # the repository's load and unload (off by default)
     ) as running:
         yield running
 
@@ -547,6 +548,23 @@ def test_retry_after_and_status_mapping(caplog):
 
 
 # ---- model repository --------------------------------------------------------------------------
+def test_load_and_unload_are_off_unless_model_control_is_explicit(client, service):
+    """By default (IMGCLS_MODEL_CONTROL=none, as Triton's default mode) no client can load a
+    model, which may download weights and takes /readyz to 503 while it loads or if it fails,
+    nor unload one: 403 naming the setting. The index stays readable; readiness is untouched."""
+    assert service.settings.model_control == "none"
+    before = client.get("/readyz").status_code
+    for action, name in (("load", "vgg16"), ("unload", "cifar10_resnet20")):
+        r = client.post(f"/v2/repository/models/{name}/{action}")
+        assert r.status_code == 403, r.text
+        assert "IMGCLS_MODEL_CONTROL=explicit" in r.json()["error"]
+    r = client.post("/v2/repository/index")
+    assert r.status_code == 200
+    states = {e["name"]: e["state"] for e in r.json()}
+    assert states["vgg16"] == "UNAVAILABLE" and states["cifar10_resnet20"] == "READY"
+    assert client.get("/readyz").status_code == before == 200
+
+
 def test_repository_index(oip, http):
     index = {m["name"]: m for m in http.get_model_repository_index(headers=auth())}
     assert index[CIFAR]["state"] == "READY" and index[R18]["state"] == "READY"

@@ -169,9 +169,19 @@ class DataPlane:
         ]
         return [r for r in rows if r.state == "READY"] if ready_only else rows
 
+    def _check_control(self, action: str) -> None:
+        if self.service.settings.model_control != "explicit":
+            raise ProtocolError(
+                f"{action} models is off on this server; start it with "
+                "IMGCLS_MODEL_CONTROL=explicit to control the repository over the API",
+                403,
+            )
+
     async def load(self, name: str) -> None:
         """Start ``name`` on the workers; returns once it is ready (503 with the reason when it
-        failed, or is still loading after IMGCLS_WORKER_STARTUP_TIMEOUT_S)."""
+        failed, or is still loading after IMGCLS_WORKER_STARTUP_TIMEOUT_S). 403 unless
+        IMGCLS_MODEL_CONTROL=explicit."""
+        self._check_control("loading")
         status = await self.service.load(name)  # UnknownModelError: 404
         if status.status != "ready":
             raise ModelNotReadyError(
@@ -182,7 +192,9 @@ class DataPlane:
 
     async def unload(self, name: str) -> None:
         """Stop admitting requests for ``name`` (404), let its queue drain, then free it on the
-        workers. Unloading a catalog model that is not loaded is a no-op, as in Triton."""
+        workers. Unloading a catalog model that is not loaded is a no-op, as in Triton. 403
+        unless IMGCLS_MODEL_CONTROL=explicit."""
+        self._check_control("unloading")
         await self.service.unload(name)  # UnknownModelError: 404
 
 

@@ -105,6 +105,7 @@ HeaderLength = Annotated[
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     what = {
         400: "bad tensors, parameters or body (the message names the element)",
+        403: "loading and unloading models is off (IMGCLS_MODEL_CONTROL=none, the default)",
         404: "unknown model or version",
         413: "request, image or image count over the limits",
         415: "unsupported Content-Encoding",
@@ -314,7 +315,7 @@ async def repository_index(request: Request, plane: Plane) -> list[RepositoryInd
 @router.post(
     "/repository/models/{name}/load",
     response_model=LoadResponse,
-    responses=_errors(400, 404, 413, 503),
+    responses=_errors(400, 403, 404, 413, 503),
     openapi_extra=_json_body(RepositoryModelRequest, required=False),
     summary="Load a model on the workers; answers once it is ready or has failed",
 )
@@ -327,7 +328,7 @@ async def repository_load(name: Name, request: Request, plane: Plane) -> LoadRes
 @router.post(
     "/repository/models/{name}/unload",
     response_model=UnloadResponse,
-    responses=_errors(400, 404, 413, 503),
+    responses=_errors(400, 403, 404, 413, 503),
     openapi_extra=_json_body(RepositoryModelRequest, required=False),
     summary="Drain a model's queue, then free it on the workers",
 )
