@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from abc import ABC, abstractmethod
@@ -166,16 +167,40 @@ class ExplainGate:
             )
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[GateSlot]:
+        """A place among the running explanations. An explanation whose client stopped waiting
+        (its deadline passed) still runs on its worker: ``GateSlot.hold_until`` keeps the place
+        taken until it ends, so explanations never run more than ``concurrency`` at once."""
         self.check()
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         self.count += 1
         try:
-            async with self._sem:
-                yield
-        finally:
+            await self._sem.acquire()
+        except BaseException:
             self.count -= 1
+            raise
+        held = GateSlot()
+        try:
+            yield held
+        finally:
+            if held.job is not None and not held.job.done():
+                held.job.add_done_callback(lambda _job: self._release())
+            else:
+                self._release()
+
+    def _release(self) -> None:
+        assert self._sem is not None
+        self._sem.release()
+        self.count -= 1
+
+
+@dataclasses.dataclass
+class GateSlot:
+    job: asyncio.Future[Any] | None = None  # the worker's job, while it outlives its request
+
+    def hold_until(self, job: asyncio.Future[Any] | None) -> None:
+        self.job = job
 
 
 class InferenceCore(ABC):
@@ -199,9 +224,15 @@ class InferenceCore(ABC):
         return self.servable(name)
 
     async def run_explain(
-        self, name: str, pixels: torch.Tensor, target: int | None, deadline: float
+        self,
+        name: str,
+        pixels: torch.Tensor,
+        target: int | None,
+        deadline: float,
+        slot: GateSlot | None = None,
     ) -> ExplainResult:
-        """Grad-CAM of uint8 pixels (3, S, S) through ``name`` for ``target`` (None: top-1)."""
+        """Grad-CAM of uint8 pixels (3, S, S) through ``name`` for ``target`` (None: top-1).
+        ``slot``: the explain gate's place, held until the worker's job ends."""
         raise NotAvailableError("explanations are not available on this backend")
 
     @property
@@ -289,8 +320,8 @@ class InferenceCore(ABC):
     ) -> tuple[ExplainResult, float]:
         """Through the explain gate; returns the result and its queue time (ms)."""
         waited = time.monotonic()
-        async with self.explain_gate.slot():
-            result = await self.run_explain(spec.name, pixels, target, deadline)
+        async with self.explain_gate.slot() as slot:
+            result = await self.run_explain(spec.name, pixels, target, deadline, slot)
         return result, max(0.0, result.start - waited) * 1000.0
 
     async def explain(

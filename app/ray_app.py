@@ -22,7 +22,7 @@ from app import weights as weights_mod
 from app.api import errors as api_errors
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
-from app.core import InferenceCore, ServedModel, parse_models
+from app.core import GateSlot, InferenceCore, ServedModel, parse_models
 from app.engine.batcher import ImageResult
 from app.engine.decoding import Item
 from app.engine.pool import ExplainResult
@@ -136,7 +136,12 @@ class RayCore(InferenceCore):
         return result
 
     async def run_explain(
-        self, name: str, pixels: torch.Tensor, target: int | None, deadline: float
+        self,
+        name: str,
+        pixels: torch.Tensor,
+        target: int | None,
+        deadline: float,
+        slot: GateSlot | None = None,
     ) -> ExplainResult:
         raise NotAvailableError("explanations are not available on Ray Serve; use imgcls serve")
 

@@ -20,7 +20,7 @@ import torch
 from app import weights as weights_mod
 from app.catalog import Catalog
 from app.catalog.custom import catalog_for
-from app.core import InferenceCore, ServedModel
+from app.core import GateSlot, InferenceCore, ServedModel
 from app.engine import fastpath
 from app.engine.batcher import ImageResult, ModelBatcher
 from app.engine.decoding import Item
@@ -365,7 +365,12 @@ class Service(InferenceCore):
             ) from None
 
     async def run_explain(
-        self, name: str, pixels: torch.Tensor, target: int | None, deadline: float
+        self,
+        name: str,
+        pixels: torch.Tensor,
+        target: int | None,
+        deadline: float,
+        slot: GateSlot | None = None,
     ) -> ExplainResult:
         """An explain job in a worker slot booked like a batch's (FIFO with the batchers), so
         explanations and batches share the slot limits, the watchdog and crash handling."""
@@ -378,8 +383,12 @@ class Service(InferenceCore):
         if res is None:
             raise TimeoutError(f"no worker for {name} came free within the request deadline")
         fut = self.pool.submit_explain(res, name, pixels.unsqueeze(0), target)
+        if slot is not None:  # a client that stops waiting does not stop the worker
+            slot.hold_until(fut)
         try:
-            return await asyncio.wait_for(fut, max(0.001, deadline - time.monotonic()))
+            return await asyncio.wait_for(
+                asyncio.shield(fut), max(0.001, deadline - time.monotonic())
+            )
         except TimeoutError:
             raise TimeoutError(
                 f"no explanation from {name} within IMGCLS_REQUEST_TIMEOUT_S="

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import math
+import time
 
 import httpx
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests import images
 from tests.conftest import CIFAR_SAMPLE, needs_shared, run_service, shared_image
 
 pytestmark = needs_shared
@@ -140,6 +142,33 @@ def test_openapi_documents_explain(client) -> None:
 
 
 # ---- the explain queue ----------------------------------------------------------------------
+
+
+def test_an_explanation_past_its_deadline_keeps_its_place_until_it_ends() -> None:
+    """Its client gets 504 at the deadline, but the explanation runs on in its worker: its place
+    among IMGCLS_EXPLAIN_CONCURRENCY stays taken until it ends, so the next explanation is
+    refused (503) instead of joining it on the workers; once it ends, explanations are admitted
+    again. vgg16 (random weights) takes 0.25 s or more per Grad-CAM on a 2-core CPU, against a
+    deadline of 0.1 s (a small photo: its decode takes a fraction of it)."""
+    photo = images.encode(images.photo(), "PNG")
+    with run_service(
+        models="vgg16", allow_random_weights=True, explain_concurrency=1, explain_queue=0,
+        request_timeout_s=0.1,
+    ) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:  # fmt: skip
+
+        def explain() -> httpx.Response:
+            return c.post("/explain", params={"model": "vgg16"}, files={"file": ("a", photo)})
+
+        first = explain()
+        assert first.status_code == 504, first.text
+        second = explain()  # at once: the first still runs
+        assert second.status_code == 503, second.text
+        assert "IMGCLS_EXPLAIN_QUEUE" in second.json()["detail"]
+        deadline = time.monotonic() + 60
+        while (r := explain()).status_code == 503:  # admitted once the first has ended
+            assert time.monotonic() < deadline, "the place was never given back"
+            time.sleep(0.5)
+        assert r.status_code == 504, r.text  # admitted; it too outlives its deadline
 
 
 def test_full_explain_queue_is_503_while_classification_answers() -> None:
