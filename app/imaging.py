@@ -47,9 +47,13 @@ MAX_GIF_BLOCKS = 10_000  # extension blocks and their sub-blocks before the firs
 # Pillow turns each of a TIFF's strip or tile offsets into a Python object as it opens the file
 # (~2 us and ~300 bytes each): 2.4 million one-row strips in a 19 MB file took 5 s and 750 MB
 # before the image could be refused. A 40-megapixel image at the widest accepted aspect ratio
-# (50:1) in one-row strips, planes stored apart, has 134,000; tiles of 256x256 a few hundred.
+# (50:1) in one-row strips, planes stored apart, has 134,000; in tiles of 256x256, a few hundred
+# (in 16x16 tiles, the smallest TIFF allows, 156,000: refused).
 MAX_TIFF_VALUES = 150_000  # numbers in one tag of the first image's directory
 MAX_TIFF_TAGS = 1000  # entries in that directory
+# StripOffsets, StripByteCounts, TileOffsets, TileByteCounts: one tile object each, whatever
+# their field type (BYTE offsets too: one strip per byte of the file)
+_TIFF_LAYOUT_TAGS = {273, 279, 324, 325}
 # Wall-clock budget of one decode: checked each time Pillow pulls a block of compressed data
 # (READ_BLOCK bytes), so a decode that overruns stops within a block's worth of work. A
 # 40-megapixel JPEG decodes in 0.3-0.6 s on a 2-core EPYC; the budget leaves room for a busy host.
@@ -214,10 +218,10 @@ def _check_gif(data: BytesLike) -> None:
                 break
 
 
-# TIFF field types whose values Pillow unpacks into Python numbers, one object each (bytes and
-# text stay one object): SHORT, LONG, RATIONAL, SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE, IFD,
-# LONG8, SLONG8, IFD8
-_TIFF_NUMBERS = {3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18}
+# TIFF field types whose values Pillow unpacks into Python numbers, one object each (BYTE,
+# UNDEFINED and ASCII stay one bytes object: large XMP or Photoshop blocks are ordinary):
+# SBYTE, SHORT, LONG, RATIONAL, SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE, IFD, LONG8, SLONG8, IFD8
+_TIFF_NUMBERS = {3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16, 17, 18}
 
 
 def _check_tiff(data: BytesLike) -> None:
@@ -242,7 +246,7 @@ def _check_tiff(data: BytesLike) -> None:
             return
         tag, kind = num(pos, 2), num(pos + 2, 2)
         count = num(pos + 4, 8 if big else 4)
-        if kind in _TIFF_NUMBERS and count > MAX_TIFF_VALUES:
+        if (kind in _TIFF_NUMBERS or tag in _TIFF_LAYOUT_TAGS) and count > MAX_TIFF_VALUES:
             raise ImageBudgetError(
                 f"the TIFF's tag {tag} holds {count:,} values (more than {MAX_TIFF_VALUES:,}: "
                 "strips or tiles far beyond what an image needs); refused unread"

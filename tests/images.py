@@ -96,27 +96,31 @@ def gif_block_flood(blocks: int = 100_000) -> bytes:
     return gif[:first_image] + b"\x21\xfe\x00" * blocks + gif[first_image:]
 
 
-def tiff_strips(width: int, height: int, shared: bool = False) -> bytes:
+def tiff_strips(width: int, height: int, shared: bool = False, kind: int = 4) -> bytes:
     """An uncompressed greyscale TIFF (little-endian) in one-row strips: ``height`` strip offsets.
     ``shared``: every strip points at the same row of data, so the file stays small however many
-    strips it declares (~8 bytes each)."""
+    strips it declares. ``kind``: the field type of the offsets and byte counts, LONG (4 bytes
+    each) or BYTE (1: one byte each, every strip at offset 0; a flood, not an image)."""
+    size = {4: 4, 1: 1}[kind]
     entries = 9
     ifd = 8
     data = ifd + 2 + 12 * entries + 4
     rows = 1 if shared else height
     offsets = data + width * rows
-    counts = offsets + 4 * height
+    counts = offsets + size * height
 
     def tag(code: int, kind: int, count: int, value: int) -> bytes:
         return struct.pack("<HHII", code, kind, count, value)
 
     fields = [
         (256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),  # uncompressed
-        (262, 3, 1, 1), (273, 4, height, offsets), (277, 3, 1, 1), (278, 4, 1, 1),
-        (279, 4, height, counts),
+        (262, 3, 1, 1), (273, kind, height, offsets), (277, 3, 1, 1), (278, 4, 1, 1),
+        (279, kind, height, counts),
     ]  # fmt: skip
     directory = struct.pack("<H", entries) + b"".join(tag(*f) for f in fields) + bytes(4)
     pixels = bytes(i % 251 for i in range(width * rows))
+    if kind == 1:
+        return b"II*\x00" + struct.pack("<I", ifd) + directory + pixels + bytes(height) * 2
     starts = [data + (0 if shared else r * width) for r in range(height)]
     return (
         b"II*\x00" + struct.pack("<I", ifd) + directory + pixels

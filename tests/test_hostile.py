@@ -166,6 +166,9 @@ def test_tiff_strip_flood_is_refused_unread_and_ordinary_strips_pass(client):
     assert len(flood) < 2_000_000
     with pytest.raises(imaging.ImageBudgetError, match="tag 273 holds 200,000 values"):
         imaging.probe(flood, 40_000_000)
+    # offsets of one byte each (BYTE fields): one strip per byte of the file, refused alike
+    with pytest.raises(imaging.ImageBudgetError, match="tag 273 holds 1,000,000 values"):
+        imaging.probe(images.tiff_strips(1, 1_000_000, shared=True, kind=1), 40_000_000)
     r = client.post("/classify", files={"file": ("x.tif", flood)})
     assert r.status_code == 400 and "refused unread" in r.json()["detail"], r.text
     ordinary = images.tiff_strips(300, 2000)
