@@ -273,7 +273,7 @@ class InferenceCore(ABC):
         return time.monotonic() + self.settings.request_timeout_s
 
     @staticmethod
-    async def _by(deadline: float, step: Awaitable[T], what: str) -> T:
+    async def by_deadline(deadline: float, step: Awaitable[T], what: str) -> T:
         """``step`` (checking or decoding uploads, on threads that may be busy), cut off at the
         request's deadline, which runs from when its body was read: 504, not a late answer."""
         try:
@@ -303,11 +303,13 @@ class InferenceCore(ABC):
         served = self.servable(model or self.default_model)
         spec = served.spec
         if self.decode_in_worker:
-            encoded = await self._by(deadline, self.encoded(upload), "checking the upload")
+            encoded = await self.by_deadline(deadline, self.encoded(upload), "checking the upload")
             result = await self.run(spec.name, encoded, deadline)
             decode_ms, preprocess_ms = result.decode_ms or 0.0, result.preprocess_ms or 0.0
         else:
-            pixels = await self._by(deadline, self.decode(upload, [spec]), "decoding the upload")
+            pixels = await self.by_deadline(
+                deadline, self.decode(upload, [spec]), "decoding the upload"
+            )
             result = await self.run(spec.name, pixels.of(spec), deadline)
             decode_ms, preprocess_ms = pixels.decode_ms, pixels.preprocess_ms
         return classify_result(
@@ -339,7 +341,9 @@ class InferenceCore(ABC):
         spec = self.servable(model or self.default_model).spec
         check_explainable(spec)
         index = parse_target(target, spec)
-        pixels = await self._by(deadline, self.decode(upload, [spec]), "decoding the upload")
+        pixels = await self.by_deadline(
+            deadline, self.decode(upload, [spec]), "decoding the upload"
+        )
         result, queue_ms = await self._explain_one(spec, pixels.of(spec), index, deadline)
         return explain_result(
             spec, method, result, heatmap=heatmap, decode_ms=pixels.decode_ms,
@@ -361,7 +365,7 @@ class InferenceCore(ABC):
             raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)
         # Decoded here once, whatever IMGCLS_DECODE says: the models share the pixels.
         specs = [s.spec for s in served]
-        pixels = await self._by(deadline, self.decode(upload, specs), "decoding the upload")
+        pixels = await self.by_deadline(deadline, self.decode(upload, specs), "decoding the upload")
 
         async def timed(s: ServedModel) -> tuple[ImageResult, float]:
             result = await self.run(s.spec.name, pixels.of(s.spec), deadline)
@@ -432,7 +436,7 @@ class InferenceCore(ABC):
             except Exception as exc:
                 raise ElementError(i, exc) from exc
 
-        payloads = await self._by(
+        payloads = await self.by_deadline(
             deadline, gather_fail_fast([prepare(i, x) for i, x in enumerate(items)]),
             "checking the images",
         )  # fmt: skip

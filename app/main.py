@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # /v2 infer JSON parsed at once (see app/oip/rest.py), on the loop that serves the app
+        app.state.oip_parses = asyncio.Semaphore(oip_rest.OIP_PARSES)
         await service.start()
         grpc_server = None
         try:
@@ -61,7 +63,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="imgcls", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
-    app.state.oip_parses = asyncio.Semaphore(oip_rest.OIP_PARSES)  # /v2 infer JSON, see there
     api_errors.install(app)
     app.include_router(inference.router)
     app.include_router(explain.router)

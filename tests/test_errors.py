@@ -219,17 +219,19 @@ def test_odd_valid_uploads_over_http(client, name):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("path", ["/classify", "/compare", "/v2"])
+@pytest.mark.parametrize("path", ["/classify", "/compare", "/v2", "/v2-large"])
 def test_checking_and_decoding_count_against_the_request_deadline(client, service, monkeypatch,
                                                                   path):  # fmt: skip
     """An upload's check (decoding in the worker) or decode (in the API: /compare) runs on a
     thread that may be busy; the request's deadline covers it: 504 at the deadline instead of an
-    answer long after it. Here the check and decode take 3 s against a 0.5 s deadline."""
+    answer long after it; for /v2, reading a large request's JSON (on a thread) counts too.
+    Here each of those steps takes 3 s against a 0.5 s deadline."""
     import time
 
     from app import core, imaging
+    from app.oip import codec
 
-    probe, pixels = imaging.probe, core._pixels
+    probe, pixels, parse = imaging.probe, core._pixels, codec.decode_request
 
     def slow_probe(*args):
         time.sleep(3)
@@ -239,16 +241,24 @@ def test_checking_and_decoding_count_against_the_request_deadline(client, servic
         time.sleep(3)
         return pixels(*args)
 
+    def slow_parse(*args):
+        time.sleep(3)
+        return parse(*args)
+
+    if path == "/v2-large":  # a small one is read on the event loop: nothing to wait for
+        monkeypatch.setattr(codec, "decode_request", slow_parse)
     monkeypatch.setattr(imaging, "probe", slow_probe)
     monkeypatch.setattr(core, "_pixels", slow_pixels)
     monkeypatch.setattr(service.settings, "request_timeout_s", 0.5)
     data = images.encode(images.photo(), "PNG")
     t0 = time.monotonic()
-    if path == "/v2":
+    if path.startswith("/v2"):
         import base64
 
-        doc = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
-                           "data": [base64.b64encode(data).decode()]}]}  # fmt: skip
+        # "/v2-large": a JSON part over codec.PARSE_INLINE_BYTES, read on a thread
+        filler = {"parameters": {"note": "x" * 70_000}} if path == "/v2-large" else {}
+        doc = {**filler, "inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                                     "data": [base64.b64encode(data).decode()]}]}  # fmt: skip
         r = client.post("/v2/models/resnet18/infer", json=doc)
         detail = r.json()["error"]
     else:

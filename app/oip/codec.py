@@ -11,11 +11,12 @@ tritonclient serialises them. The gRPC door uses the same raw forms for ``raw_in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import struct
-from collections.abc import Sequence
-from typing import Annotated, Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,6 +30,8 @@ from app.oip.types import (
     OutputRequest,
     TensorData,
 )
+
+T = TypeVar("T")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
@@ -248,6 +251,29 @@ def _flatten(name: str, data: list[Any]) -> list[Any]:
 
 
 # ---- requests ---------------------------------------------------------------------------------
+async def off_the_loop(gate: asyncio.Semaphore | None, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a thread, holding ``gate`` (if any) until the thread is done: a caller
+    that stops waiting (its deadline, a client gone) does not stop the thread, and the gate's
+    place (the memory a parse takes) is given back only when the thread gives it back."""
+    if gate is not None:
+        await gate.acquire()
+    try:
+        job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    except BaseException:
+        if gate is not None:
+            gate.release()
+        raise
+
+    def done(f: asyncio.Future[T]) -> None:
+        if gate is not None:
+            gate.release()
+        if not f.cancelled():
+            f.exception()  # retrieved: no warning when nobody waits for it any more
+
+    job.add_done_callback(done)
+    return await asyncio.shield(job)
+
+
 def json_part_size(body: bytes | bytearray, header_length: str | None) -> int:
     """How many bytes of a REST infer request are JSON (the rest is binary tensor data)."""
     try:

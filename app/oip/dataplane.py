@@ -115,7 +115,8 @@ class DataPlane:
         return self.service.servable(name).spec
 
     # ---- inference ---------------------------------------------------------------------------
-    async def infer(self, req: InferRequest) -> InferResponse:
+    async def infer(self, req: InferRequest, deadline: float | None = None) -> InferResponse:
+        """``deadline`` (monotonic): the request's, taken before its body was parsed."""
         spec = self.check_servable(req.model, req.version)
         tensor = _one_input(req.inputs, spec)
         wanted = _outputs(req)
@@ -128,7 +129,7 @@ class DataPlane:
                 413,
             )
         try:
-            results = await self.service.infer(spec.name, items)
+            results = await self.service.infer(spec.name, items, deadline)
         except ElementError as exc:
             why = failure(exc.cause)
             if why.internal:

@@ -156,12 +156,16 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         size = request.ByteSize()
         if self.budget is not None and not self.budget.reserve(size):
             raise ProtocolError(self.budget.refusal(), 503, retry_after=1)
+        deadline = self.plane.service.deadline()
         try:
             if size <= codec.PARSE_INLINE_BYTES:
                 infer_request = conv.infer_request(request)
             else:  # typed contents are read element by element: off the event loop
-                infer_request = await asyncio.to_thread(conv.infer_request, request)
-            answer = await self.plane.infer(infer_request)
+                read = codec.off_the_loop(None, conv.infer_request, request)
+                infer_request = await self.plane.service.by_deadline(
+                    deadline, read, "reading the request"
+                )
+            answer = await self.plane.infer(infer_request, deadline)
             return conv.infer_response(answer)
         finally:
             if self.budget is not None:

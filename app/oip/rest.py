@@ -7,7 +7,6 @@ client gone mid-body and the body limits, which the middlewares answer (499, 408
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -286,14 +285,15 @@ async def _infer(
         raise ProtocolError(
             f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413
         ) from None
+    deadline = plane.service.deadline()  # the parse counts, and so does waiting for it
     if codec.json_part_size(body, length) <= codec.PARSE_INLINE_BYTES:
         infer_request = codec.decode_request(body, length, name, version)
     else:  # off the event loop, and few at once: parsing JSON takes ~20x its size in memory
-        async with request.app.state.oip_parses:
-            infer_request = await asyncio.to_thread(
-                codec.decode_request, body, length, name, version
-            )
-    answer = await plane.infer(infer_request)
+        parse = codec.off_the_loop(
+            request.app.state.oip_parses, codec.decode_request, body, length, name, version
+        )
+        infer_request = await plane.service.by_deadline(deadline, parse, "reading the request")
+    answer = await plane.infer(infer_request, deadline)
     content, headers = codec.encode_response(answer)
     return Response(content, headers=headers)
 
