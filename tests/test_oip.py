@@ -433,7 +433,8 @@ def test_pixels_that_overflow_inside_the_model_are_400_and_it_still_serves(tmp_p
     """Normalised pixels within the accepted range can still overflow inside a model at its
     precision (fp16, CUDA's default, tops out at 65,504): the output is not finite, and that is
     the client's values, 400, not a server fault. Here a real resnet18 whose classifier weights
-    are scaled by 1e36 overflows in fp32 on values of ±1e4, and answers ordinary images."""
+    are scaled by 1e36 overflows in fp32 on values of ±1e4, and answers ordinary images; one
+    whose classifier bias is NaN fails on any input, which stays a server fault."""
     import torch
     from torchvision.models import resnet18
 
@@ -443,24 +444,30 @@ def test_pixels_that_overflow_inside_the_model_are_400_and_it_still_serves(tmp_p
         model.fc.weight.mul_(1e36)
         model.fc.bias.zero_()
     torch.save(model.state_dict(), tmp_path / "loud3.pt")
-    (tmp_path / "loud3.txt").write_text("a\nb\nc\n")
+    with torch.no_grad():  # a broken model: NaN out of any input
+        model.fc.bias.fill_(float("nan"))
+    torch.save(model.state_dict(), tmp_path / "broken3.pt")
+    (tmp_path / "abc.txt").write_text("a\nb\nc\n")
     (tmp_path / "models.toml").write_text(
-        '[models.loud3]\narch = "resnet18"\nweights = "loud3.pt"\nlabels = "loud3.txt"\n'
-        "preprocess = { resize = 32 }\n"
+        "".join(
+            f'[models.{name}]\narch = "resnet18"\nweights = "{name}.pt"\nlabels = "abc.txt"\n'
+            "preprocess = { resize = 32 }\n"
+            for name in ("loud3", "broken3")
+        )
     )
     with run_service(
-        models="loud3", weights_dir=tmp_path, model_config_file=tmp_path / "models.toml"
+        models="loud3,broken3", weights_dir=tmp_path, model_config_file=tmp_path / "models.toml"
     ) as svc:
         x = np.zeros((1, 3, 32, 32), dtype="<f4")
         x[0, :, ::2], x[0, :, 1::2] = 1e4, -1e4
 
-        def infer(pixels: np.ndarray) -> httpx.Response:
+        def infer(pixels: np.ndarray, model: str = "loud3") -> httpx.Response:
             head = json.dumps({"inputs": [{"name": "PIXELS", "shape": list(pixels.shape),
                                            "datatype": "FP32",
                                            "parameters": {"binary_data_size": pixels.nbytes}}]}
                               ).encode()  # fmt: skip
             return httpx.post(
-                f"{svc.url}/v2/models/loud3/infer", content=head + pixels.tobytes(),
+                f"{svc.url}/v2/models/{model}/infer", content=head + pixels.tobytes(),
                 headers={"Inference-Header-Content-Length": str(len(head))}, timeout=60,
             )  # fmt: skip
 
@@ -471,6 +478,9 @@ def test_pixels_that_overflow_inside_the_model_are_400_and_it_still_serves(tmp_p
         r = httpx.post(f"{svc.url}/classify", params={"model": "loud3"},
                        files={"file": ("c.png", shared_image("chelsea.png"))}, timeout=60)  # fmt: skip
         assert r.status_code == 200, r.text
+        # NaN from values in a preset's range is the model's fault, not the client's: 500
+        r = infer(np.zeros_like(x), "broken3")
+        assert r.status_code == 500 and "inference failed on the server" in r.json()["error"]
 
 
 def test_non_finite_pixels_are_refused(oip):

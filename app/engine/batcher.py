@@ -38,6 +38,11 @@ from app.imaging import ImageError, ImageTooLargeError
 log = logging.getLogger("imgcls.batcher")
 
 
+# |value| of a normalised pixel past which a model's overflow is put down to the input (presets
+# give values within about ±3)
+PLAUSIBLE_NORMALISED = 10.0
+
+
 class QueueFullError(RuntimeError):
     """The model's queue is at its bound; the client should retry later (HTTP 503)."""
 
@@ -276,11 +281,16 @@ class ModelBatcher:
             )
 
     def _non_finite(self, payload: Item, precision: str) -> Exception:
-        """Non-finite output. From pixel values the client normalised (finite, within
-        core.MAX_NORMALISED), the values overflowed inside the model at its precision (fp16's
-        largest number is 65,504): the client's values are out of range, 400. From pixels the
-        service prepared, the model itself is broken: a server fault."""
-        if isinstance(payload, torch.Tensor) and payload.is_floating_point():
+        """Non-finite output. From pixel values the client normalised far beyond what a preset
+        gives (within about ±3; finite, within core.MAX_NORMALISED), the values overflowed
+        inside the model at its precision (fp16's largest number is 65,504): the client's
+        values, 400. Otherwise (pixels the service prepared, or values in the usual range) the
+        model itself is broken: a server fault."""
+        if (
+            isinstance(payload, torch.Tensor)
+            and payload.is_floating_point()
+            and float(payload.abs().max()) > PLAUSIBLE_NORMALISED
+        ):
             return ImageError(
                 f"{self.name} at {precision} overflows on these pixel values (its output is not "
                 "finite); send values normalised as the model's preset does (within a few units)"
