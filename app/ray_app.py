@@ -68,7 +68,11 @@ class Backbone:
         self.backend = self.runner.load(self.spec.load_plan(str(path) if path else None))
         self.precision = self.runner.precisions[self.spec.name]  # what ran (OpenVINO: its own)
         batcher: Any = self.predict_batch  # the @serve.batch wrapper
-        self.batch_size = self.runner.batch_sizes.get(self.spec.name, self.settings.batch_cap)
+        self.batch_size = (
+            self.runner.batch_sizes[self.spec.name]  # measured at load
+            if self.settings.max_batch_size == "auto"
+            else self.settings.batch_cap
+        )
         batcher.set_max_batch_size(self.batch_size)
         batcher.set_batch_wait_timeout_s(self.settings.max_batch_wait_ms / 1000.0)
 

@@ -161,6 +161,7 @@ def test_an_explanation_past_its_deadline_keeps_its_place_until_it_ends() -> Non
 
         first = explain()
         assert first.status_code == 504, first.text
+        assert "no explanation from vgg16" in first.json()["detail"]  # sent to its worker
         second = explain()  # at once: the first still runs
         assert second.status_code == 503, second.text
         assert "IMGCLS_EXPLAIN_QUEUE" in second.json()["detail"]
@@ -168,7 +169,8 @@ def test_an_explanation_past_its_deadline_keeps_its_place_until_it_ends() -> Non
         while (r := explain()).status_code == 503:  # admitted once the first has ended
             assert time.monotonic() < deadline, "the place was never given back"
             time.sleep(0.5)
-        assert r.status_code == 504, r.text  # admitted; it too outlives its deadline
+        assert r.status_code == 504, r.text  # admitted, sent, and it too outlives its deadline
+        assert "no explanation from vgg16" in r.json()["detail"]
 
 
 def test_full_explain_queue_is_503_while_classification_answers() -> None:
