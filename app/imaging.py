@@ -20,7 +20,6 @@ from typing import IO, Literal, cast
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 # The only Pillow plugins that may open an upload (MPO opens through JPEG's). Any other would
 # parse it first, in Python, and some parse a whole file before it could be refused: EPS reads
@@ -336,10 +335,6 @@ def _open(data: BytesLike, max_pixels: int) -> tuple[Image.Image, _Source]:
     except Exception as exc:  # Pillow raises a variety of errors on malformed headers
         raise ImageError(f"the image header cannot be read: {exc}") from None
 
-    if img.format not in ACCEPTED_FORMATS:
-        raise ImageError(
-            f"image format {img.format} is not accepted; accepted formats: {ACCEPTED_DESCRIPTION}"
-        )
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(f"image has invalid dimensions {width}x{height}")
