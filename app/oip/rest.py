@@ -40,7 +40,7 @@ from app.upload import read_body
 
 SMALL_BODY = 64 * 1024  # repository requests: a few parameters at most
 # Infer requests whose JSON is larger than codec.PARSE_INLINE_BYTES are parsed on a thread,
-# OIP_PARSES at a time (create_app's app.state.oip_parses).
+# OIP_PARSES at a time (app.state.oip_parses, made in create_app's lifespan).
 OIP_PARSES = 2
 
 
