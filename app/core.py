@@ -276,8 +276,9 @@ class InferenceCore(ABC):
     async def by_deadline(deadline: float, step: Awaitable[T], what: str) -> T:
         """``step`` (checking or decoding uploads, on threads that may be busy), cut off at the
         request's deadline, which runs from when its body was read: 504, not a late answer."""
-        try:
-            return await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+        try:  # a timeout scope: no task of its own per request, as wait_for would make
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await step
         except TimeoutError:
             raise TimeoutError(f"{what} did not finish within the request's deadline") from None
 
