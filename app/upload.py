@@ -98,11 +98,13 @@ def _parse_multipart(body: bytearray, boundary: bytes, file_limit: int) -> Uploa
     spans: list[tuple[int, int]] = []
     copied: bytearray | None = None
     size = 0
+    in_part = False  # a part has begun and not ended: a body cut off ends inside one
 
     def on_part_begin() -> None:
-        nonlocal headers, copied, size
+        nonlocal headers, copied, size, in_part
         if len(parts) >= MAX_PARTS:
             raise UploadError(f"the multipart form has more than {MAX_PARTS} parts")
+        in_part = True
         headers = {}
         spans.clear()
         copied, size = None, 0
@@ -137,6 +139,8 @@ def _parse_multipart(body: bytearray, boundary: bytes, file_limit: int) -> Uploa
         copied.extend(b[start:end])
 
     def on_part_end() -> None:
+        nonlocal in_part
+        in_part = False
         data: BytesLike
         if copied is not None:
             data = copied
@@ -166,6 +170,11 @@ def _parse_multipart(body: bytearray, boundary: bytes, file_limit: int) -> Uploa
         raise
     except Exception as exc:  # FormParserError, MultipartParseError, a boundary too long, ...
         raise UploadError(f"malformed multipart body: {clip(str(exc))}") from None
+    if in_part:
+        raise UploadError(
+            "the multipart body ends inside a part, before its closing boundary "
+            "(a truncated upload?)"
+        )
 
     for part_headers, payload in parts:
         disposition = part_headers.get(b"content-disposition", b"")

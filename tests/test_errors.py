@@ -122,6 +122,24 @@ def test_malformed_multipart_400(client):
     assert_error(r, 400, "malformed multipart body")
 
 
+@pytest.mark.parametrize("cut", ["in the data", "before the closing boundary", "in the headers"])
+def test_truncated_multipart_400(client, cut):
+    """A form cut off before its closing boundary is a truncated upload (400), not a form
+    without a file (422): the image may look whole to a decoder that stops early."""
+    data = images.encode(images.photo(), "PNG")
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+    whole = head + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b--\r\n"
+    body = {
+        "in the data": whole[: len(head) + 40 + len(data) // 2],
+        "before the closing boundary": whole[: -len(b"\r\n--b--\r\n")],
+        "in the headers": head,
+    }[cut]
+    r = client.post(
+        "/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert_error(r, 400, "ends inside a part")
+
+
 def test_non_utf8_filename_is_fine(client):
     data = images.encode(images.photo(), "PNG")
     body = (
