@@ -1,4 +1,5 @@
-"""imgcls on Ray Serve: the same /classify, /compare and /models contract past one machine.
+"""imgcls on Ray Serve: the same /classify, /compare, /explain and /models contract past one
+machine.
 
 One deployment per backbone, batched by ``@serve.batch`` and running the same engine (the
 worker's Runner: precision, channels_last, compile), with replicas that take ``num_gpus`` and
@@ -27,9 +28,9 @@ from app.engine.batcher import ImageResult
 from app.engine.decoding import Item
 from app.engine.pool import ExplainResult
 from app.engine.worker import Runner, WorkerConfig
-from app.errors import ModelNotServedError, NotAvailableError
+from app.errors import ModelNotServedError
 from app.middleware import RequestIdMiddleware
-from app.schemas import ClassifyResponse, CompareResponse, ModelsResponse
+from app.schemas import ClassifyResponse, CompareResponse, ExplainResponse, ModelsResponse
 from app.settings import Settings
 from app.upload import read_upload
 
@@ -79,6 +80,19 @@ class Backbone:
     def info(self) -> dict[str, Any]:
         return {"weights": self.weights_label, "device": self.device, "precision": self.precision,
                 "backend": self.backend, "batch_size": self.batch_size}  # fmt: skip
+
+    async def explain(self, pixels: torch.Tensor, target: int | None) -> ExplainResult:
+        """Grad-CAM of uint8 pixels (3, S, S) on the replica's fp32 eager copy of the model (built
+        on the first explanation, as in the service's workers)."""
+        t0 = time.perf_counter()
+        heatmaps, targets, scores, overlays = await asyncio.to_thread(
+            self.runner.explain, self.spec.name, pixels.unsqueeze(0), target
+        )
+        ms = (time.perf_counter() - t0) * 1000.0
+        # ``start`` is this replica's clock; the ingress puts it on its own (another node's
+        # monotonic clock means nothing there)
+        return ExplainResult(heatmaps, targets, scores, overlays, time.monotonic() - ms / 1000,
+                             ms, self.device)  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, items: list[tuple[torch.Tensor, float]]) -> list[ImageResult]:
@@ -147,7 +161,28 @@ class RayCore(InferenceCore):
         deadline: float,
         slot: GateSlot | None = None,
     ) -> ExplainResult:
-        raise NotAvailableError("explanations are not available on Ray Serve; use imgcls serve")
+        """Grad-CAM on one of ``name``'s replicas. ``slot``: the ingress's explain gate place,
+        held until the replica's job ends, not when the client stops waiting."""
+        sent = time.monotonic()
+
+        async def call() -> ExplainResult:
+            result: ExplainResult = await self.backbones[name].explain.remote(pixels, target)
+            # queued from the ingress's view: everything but the replica's own Grad-CAM time
+            result.start = max(sent, time.monotonic() - result.explain_ms / 1000)
+            return result
+
+        job = asyncio.ensure_future(call())
+        if slot is not None:
+            slot.hold_until(job)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(job), max(0.001, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise TimeoutError(
+                f"no explanation from {name} within IMGCLS_REQUEST_TIMEOUT_S="
+                f"{self.settings.request_timeout_s:g}s"
+            ) from None
 
 
 api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")
@@ -177,13 +212,41 @@ class Ingress:
 
     @api.post("/compare", response_model=CompareResponse)
     async def compare(
-        self, request: Request, models: str | None = None, top_k: TopK = 5
+        self,
+        request: Request,
+        models: str | None = None,
+        top_k: TopK = 5,
+        explain: Annotated[str | None, Query(max_length=32)] = None,
     ) -> CompareResponse:
-        for name in parse_models(models, self.core.ready_models()):
+        names = parse_models(models, self.core.ready_models())
+        for name in names:
             self.core.admit(name)
+        if explain is not None:
+            for name in names:
+                self.core.admit_explain(name, explain)
+            self.core.explain_gate.check(len(names))
         await self.core.refresh()
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
-        return await self.core.compare(upload.data, models, top_k, request.state.request_id)
+        return await self.core.compare(
+            upload.data, models, top_k, request.state.request_id, explain=explain
+        )
+
+    @api.post("/explain", response_model=ExplainResponse, response_model_exclude_none=True)
+    async def explain(
+        self,
+        request: Request,
+        model: Annotated[str | None, Query(max_length=128)] = None,
+        method: Annotated[str, Query(max_length=32)] = "gradcam",
+        target: Annotated[str, Query(max_length=16)] = "top1",
+        heatmap: bool = True,
+    ) -> ExplainResponse:
+        name = model or self.core.default_model
+        self.core.admit_explain(name, method, target)
+        await self.core.refresh()
+        upload = await read_upload(request, self.core.settings.max_upload_bytes)
+        return await self.core.explain(
+            upload.data, name, method, target, heatmap, request.state.request_id
+        )
 
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:

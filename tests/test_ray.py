@@ -4,6 +4,7 @@ instance on 127.0.0.1 and checked against the single-process service for the sam
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import CIFAR_WEIGHTS, free_port, needs_shared, shared_image
@@ -76,6 +77,34 @@ def test_ray_compare_matches_the_service(ray_url, client):
     (a,), (b,) = theirs["agreement"]["pairwise"], ours["agreement"]["pairwise"]
     assert a["top1_same"] == b["top1_same"] and a["topk_overlap"] == b["topk_overlap"]
     assert a["js_divergence"] == pytest.approx(b["js_divergence"], abs=1e-4)
+
+
+def test_ray_explain_matches_the_service(ray_url, client):
+    data = shared_image("chelsea.png")
+    model = MODELS.split(",")[1]
+    params = {"model": model, "target": "3"}
+    ours, theirs = _both(ray_url, client, "/explain", params, data)
+    assert theirs["target"]["index"] == ours["target"]["index"] == 3
+    assert theirs["target"]["score"] == pytest.approx(ours["target"]["score"], abs=1e-4)
+    a, b = np.array(theirs["heatmap"]["values"]), np.array(ours["heatmap"]["values"])
+    assert a.shape == b.shape == (32, 32) and a.max() > 0.5
+    assert np.abs(a - b).max() <= 2e-3  # the same fp32 Grad-CAM, rounded to 3 decimals
+    assert theirs["overlay"].startswith("data:image/png;base64,")
+    assert set(theirs["latency_ms"]) == set(ours["latency_ms"])
+    assert 0 <= theirs["latency_ms"]["queue"] <= theirs["latency_ms"]["total"]
+
+    ours, theirs = _both(
+        ray_url, client, "/compare", {"models": MODELS, "explain": "gradcam"}, data
+    )
+    (sim,) = theirs["agreement"]["heatmap_similarity"]
+    assert sim["pearson"] == pytest.approx(ours["agreement"]["heatmap_similarity"][0]["pearson"],
+                                           abs=1e-3)  # fmt: skip
+    for r in theirs["results"]:
+        assert r["explanation"]["target"]["index"] == r["predictions"][0]["index"]
+
+    r = httpx.post(f"{ray_url}/explain", params={"model": model, "target": "10"},
+                   files={"file": ("c.png", data)})  # fmt: skip
+    assert r.status_code == 422 and "class" in r.json()["detail"], r.text
 
 
 def test_ray_errors_and_models(ray_url):
