@@ -14,6 +14,7 @@ here cover the CIFAR nets and custom checkpoints.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Triple = tuple[float, float, float]
 
 
-def _triple(values: Sequence[Any], what: str) -> Triple:
-    if len(values) != 3:
-        raise ValueError(f"{what} needs three values (R, G, B)")
+MAX_SIDE = 4096  # a model input side a config may ask for (ImageNet models take 224-600)
+
+
+def _triple(values: Any, what: str) -> Triple:
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) != 3:
+        raise ValueError(f"{what} needs three numbers (R, G, B)")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise ValueError(f"{what} needs three numbers (R, G, B), got {values!r}")
     a, b, c = (float(v) for v in values)
+    if not all(math.isfinite(v) for v in (a, b, c)):
+        raise ValueError(f"{what} values must be finite, got {values!r}")
     return (a, b, c)
+
+
+def _side(value: Any, what: str) -> int:
+    """A whole number of pixels in 1..MAX_SIDE (TOML's 32.7 or true is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+        raise ValueError(f"{what} must be a whole number of pixels, 1 to {MAX_SIDE}; got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -192,16 +207,20 @@ def table_preset(table: Mapping[str, Any]) -> Preprocess:
     mean = _triple(table.get("mean", IMAGENET_MEAN), "mean")
     std = _triple(table.get("std", IMAGENET_STD), "std")
     if min(std) <= 0:
-        raise ValueError("mean and std need three values each, std > 0")
+        raise ValueError("std values must be > 0")
     resize = table["resize"]
     if "crop" in table:
-        return Preprocess(int(resize), int(table["crop"]), mean, std, interp)
-    if isinstance(resize, int):
-        size = (resize, resize)
-    else:
+        short, crop = _side(resize, "resize (with crop)"), _side(table["crop"], "crop")
+        if crop > short:
+            raise ValueError(f"crop ({crop}) must not be larger than resize ({short})")
+        return Preprocess(short, crop, mean, std, interp)
+    if isinstance(resize, list | tuple):
         if len(resize) != 2:
             raise ValueError("resize needs one value or two ([h, w])")
-        size = (int(resize[0]), int(resize[1]))
+        size = (_side(resize[0], "resize"), _side(resize[1], "resize"))
+    else:
+        side = _side(resize, "resize")
+        size = (side, side)
     if size[0] != size[1]:
         raise ValueError(f"the output must be square, got resize {size[0]}x{size[1]}")
     return Preprocess(size, None, mean, std, interp)

@@ -63,6 +63,7 @@ def ckpt(tmp_path: Path) -> Path:
     return tmp_path / "m.pt"
 
 
+ENTRY = '[models.x]\narch = "resnet18"\nweights = "m.pt"\nlabels = "three.txt"\n'
 BAD_CASES = {
     "missing weights file": (
         '[models.x]\narch = "resnet18"\nweights = "nope.pt"\nlabels = "three.txt"\n',
@@ -85,7 +86,7 @@ BAD_CASES = {
         "keys do not match",
     ),
     "unknown preprocess": (
-        '[models.x]\narch = "resnet18"\nweights = "m.pt"\nlabels = "three.txt"\npreprocess = "x"\n',
+        ENTRY + 'preprocess = "x"\n',
         "preprocess must be",
     ),
     "unknown key": (
@@ -97,6 +98,46 @@ BAD_CASES = {
         "taken by a built-in",
     ),
     "not toml": ("[models.x\n", "not valid TOML"),
+    "leading dot name": (
+        '[models.".."]\narch = "resnet18"\nweights = "m.pt"\nlabels = "three.txt"\n',
+        "starts with a letter, digit or _",
+    ),
+    "leading dash name": (
+        '[models.-x]\narch = "resnet18"\nweights = "m.pt"\nlabels = "three.txt"\n',
+        "starts with a letter, digit or _",
+    ),
+    "preprocess nan std": (
+        ENTRY + "preprocess = {resize = 32, std = [0.2, 0.2, nan]}\n",
+        "std values must be finite",
+    ),
+    "preprocess inf mean": (
+        ENTRY + "preprocess = {resize = 32, mean = [inf, 0.4, 0.4]}\n",
+        "mean values must be finite",
+    ),
+    "preprocess text std": (
+        ENTRY + 'preprocess = {resize = 32, std = "0.2"}\n',
+        "std needs three numbers",
+    ),
+    "preprocess crop over resize": (
+        ENTRY + "preprocess = {resize = 32, crop = 64}\n",
+        "crop (64) must not be larger than resize (32)",
+    ),
+    "preprocess resize true": (
+        ENTRY + "preprocess = {resize = true}\n",
+        "resize must be a whole number of pixels",
+    ),
+    "preprocess resize zero": (
+        ENTRY + "preprocess = {resize = 0}\n",
+        "resize must be a whole number of pixels",
+    ),
+    "preprocess resize fraction": (
+        ENTRY + "preprocess = {resize = 32.7}\n",
+        "resize must be a whole number of pixels",
+    ),
+    "preprocess resize list of text": (
+        ENTRY + 'preprocess = {resize = ["a", "b"]}\n',
+        "resize must be a whole number of pixels",
+    ),
 }
 
 

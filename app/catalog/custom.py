@@ -167,8 +167,12 @@ def load_model_config(path: Path, reserved: set[str]) -> list[ModelSpec]:
         raise ModelConfigError(f"{where}: no [models.NAME] tables")
     specs = []
     for name, entry in models.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
-            raise ModelConfigError(f"{where}: [models.{name}]: name must be letters, digits, _ . -")
+        # a path segment on every route (/models/NAME, /v2/models/NAME): no leading . or -
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}", name):
+            raise ModelConfigError(
+                f"{where}: [models.{name}]: a name is 1-64 letters, digits, _ . - and starts "
+                "with a letter, digit or _"
+            )
         if name in reserved:
             raise ModelConfigError(f"{where}: [models.{name}]: name is taken by a built-in model")
         if not isinstance(entry, dict):
