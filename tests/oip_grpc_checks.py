@@ -294,6 +294,31 @@ def test_error_codes(stub, auth):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request, metadata=md)
     assert "holds 4 elements but the data has 5" in info.value.details()
+    # what the client sent is quoted cut short (a 20 KB quote overflows grpc's metadata limit
+    # and comes back RESOURCE_EXHAUSTED), and the fields REST's schema bounds are bounded here
+    long = "x" * 20_000
+    for call in (
+        infer(CIFAR, long[:200], "BYTES", [1], [good]),  # within the limit, quoted cut
+        infer(CIFAR, "IMAGE", long[:1000], [1], [good]),
+        infer(long[:200], "IMAGE", "BYTES", [1], [good]),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        assert "x" * 121 not in info.value.details(), info.value.details()[:300]
+    for field in ("id", "model_version"):
+        request = infer_ok(good)
+        setattr(request, field, long)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, metadata=md)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field} is 20,000 characters long; at most 256" in info.value.details()
+    request = infer_ok(good)
+    request.inputs[0].name = long
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "an input's name is 20,000 characters long" in info.value.details()
     meta = tpb.ModelMetadataRequest(name="nope")
     assert status_of(lambda: stub.ModelMetadata(meta, metadata=md)) == grpc.StatusCode.NOT_FOUND
     assert status_of(lambda: stub.ModelMetadata(meta)) == grpc.StatusCode.UNAUTHENTICATED

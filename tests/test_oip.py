@@ -311,6 +311,10 @@ BAD_REQUESTS = {
     ),
     "no-inputs": ({"inputs": []}, "invalid inference request"),
     "datatype": ({"inputs": [_image(["x"], datatype="STRING")]}, "unknown or unsupported datatype"),
+    "long-datatype": (  # quoted cut to 120 characters
+        {"inputs": [_image(["x"], datatype="S" * 5000)]},
+        "unknown or unsupported datatype 'SSSS",
+    ),
     "bad-base64": ({"inputs": [_image(["!!"])]}, "IMAGE[0]: not valid base64"),
     "undecodable": (
         {"inputs": [_image([b64(tiny_png()), b64(b"GIF89a no image here")])]},
@@ -334,6 +338,7 @@ def test_bad_requests_answer_400_naming_the_problem(oip, case):
     r = post_infer(oip, doc)
     assert r.status_code == (413 if case == "too-many" else 400), r.text
     assert fragment in r.json()["error"]
+    assert len(r.json()["error"]) < 400  # what the client sent is quoted cut short
 
 
 def test_malformed_bodies(oip):

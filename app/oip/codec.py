@@ -30,6 +30,7 @@ from app.oip.types import (
     OutputRequest,
     TensorData,
 )
+from app.text import clip
 
 T = TypeVar("T")
 
@@ -124,19 +125,21 @@ def deserialize_bytes(blob: bytes | memoryview, name: str, count: int) -> list[m
     pos = 0
     while pos < len(view):
         if len(out) == count:
-            raise ProtocolError(f"{name}: the binary data holds more than {count} elements")
+            raise ProtocolError(f"{clip(name)}: the binary data holds more than {count} elements")
         if pos + 4 > len(view):
-            raise ProtocolError(f"{name}[{len(out)}]: truncated 4-byte length prefix")
+            raise ProtocolError(f"{clip(name)}[{len(out)}]: truncated 4-byte length prefix")
         (n,) = _LENGTH.unpack_from(view, pos)
         pos += 4
         if pos + n > len(view):
             raise ProtocolError(
-                f"{name}[{len(out)}]: says {n:,} bytes but only {len(view) - pos:,} remain"
+                f"{clip(name)}[{len(out)}]: says {n:,} bytes but only {len(view) - pos:,} remain"
             )
         out.append(view[pos : pos + n])
         pos += n
     if len(out) != count:
-        raise ProtocolError(f"{name}: shape holds {count} elements but the data has {len(out)}")
+        raise ProtocolError(
+            f"{clip(name)}: shape holds {count} elements but the data has {len(out)}"
+        )
     return out
 
 
@@ -150,7 +153,7 @@ def tensor_from_raw(
     dtype = _dtype(name, datatype)
     if len(raw) != count * dtype.itemsize:
         raise ProtocolError(
-            f"{name}: {datatype} shape {shape} needs {count * dtype.itemsize:,} bytes, "
+            f"{clip(name)}: {datatype} shape {shape} needs {count * dtype.itemsize:,} bytes, "
             f"got {len(raw):,}"
         )
     return np.frombuffer(raw, dtype=dtype)
@@ -163,20 +166,20 @@ def tensor_from_list(
     count = element_count(shape)
     if len(values) != count:
         raise ProtocolError(
-            f"{name}: shape {shape} holds {count} elements but the data has {len(values)}"
+            f"{clip(name)}: shape {shape} holds {count} elements but the data has {len(values)}"
         )
     if datatype == "BYTES":
         if not all(isinstance(v, bytes) for v in values):
-            raise ProtocolError(f"{name}: BYTES elements must be strings")
+            raise ProtocolError(f"{clip(name)}: BYTES elements must be strings")
         return list(values)
     dtype = _dtype(name, datatype)
     kinds = (bool,) if datatype == "BOOL" else (int, float) if dtype.kind == "f" else (int,)
     if not all(type(v) in kinds for v in values):
-        raise ProtocolError(f"{name}: {datatype} elements must be {_kind_name(datatype)}")
+        raise ProtocolError(f"{clip(name)}: {datatype} elements must be {_kind_name(datatype)}")
     try:
         return np.asarray(values, dtype=dtype)
     except (OverflowError, ValueError) as exc:
-        raise ProtocolError(f"{name}: a value does not fit {datatype}: {exc}") from None
+        raise ProtocolError(f"{clip(name)}: a value does not fit {datatype}: {exc}") from None
 
 
 def tensor_from_typed(
@@ -188,7 +191,7 @@ def tensor_from_typed(
     count = element_count(shape)
     if len(values) != count:
         raise ProtocolError(
-            f"{name}: shape {shape} holds {count} elements but the data has {len(values)}"
+            f"{clip(name)}: shape {shape} holds {count} elements but the data has {len(values)}"
         )
     if datatype == "BYTES":
         return list(values)
@@ -196,14 +199,15 @@ def tensor_from_typed(
     try:
         return np.fromiter(values, dtype=dtype, count=count)
     except (OverflowError, ValueError) as exc:
-        raise ProtocolError(f"{name}: a value does not fit {datatype}: {exc}") from None
+        raise ProtocolError(f"{clip(name)}: a value does not fit {datatype}: {exc}") from None
 
 
 def _dtype(name: str, datatype: str) -> np.dtype[Any]:
     dtype = DTYPES.get(datatype)
     if dtype is None:
         raise ProtocolError(
-            f"{name}: unknown or unsupported datatype {datatype!r}; one of {', '.join(DATATYPES)}"
+            f"{clip(name)}: unknown or unsupported datatype {clip(datatype)!r}; "
+            f"one of {', '.join(DATATYPES)}"
         )
     return dtype
 
@@ -226,23 +230,23 @@ def _flatten(name: str, data: list[Any]) -> list[Any]:
     def walk(items: list[Any], depth: int) -> None:
         if depth == len(lengths):
             if depth >= MAX_DIMS:
-                raise ProtocolError(f"{name}: data is nested deeper than {MAX_DIMS} levels")
+                raise ProtocolError(f"{clip(name)}: data is nested deeper than {MAX_DIMS} levels")
             lengths.append(len(items))
         elif len(items) != lengths[depth]:
             raise ProtocolError(
-                f"{name}: ragged data: lists of {lengths[depth]} and {len(items)} elements at "
-                f"depth {depth + 1}"
+                f"{clip(name)}: ragged data: lists of {lengths[depth]} and {len(items)} elements "
+                f"at depth {depth + 1}"
             )
         nested = [isinstance(v, list) for v in items]
         if any(nested) and not all(nested):
-            raise ProtocolError(f"{name}: data mixes lists and values at depth {depth + 1}")
+            raise ProtocolError(f"{clip(name)}: data mixes lists and values at depth {depth + 1}")
         if not items or not nested[0]:
             if depth + 1 < len(lengths):  # a sibling went deeper
-                raise ProtocolError(f"{name}: ragged data: values at depth {depth + 1}")
+                raise ProtocolError(f"{clip(name)}: ragged data: values at depth {depth + 1}")
             flat.extend(items)
             return
         if depth + 1 == len(lengths) and flat:  # deeper than a sibling that held values
-            raise ProtocolError(f"{name}: ragged data: lists at depth {depth + 2}")
+            raise ProtocolError(f"{clip(name)}: ragged data: lists at depth {depth + 2}")
         for v in items:
             walk(v, depth + 1)
 
@@ -319,17 +323,19 @@ def decode_request(
     names: set[str] = set()
     for t in doc.inputs:
         if t.name in names:
-            raise ProtocolError(f"input {t.name!r} appears twice")
+            raise ProtocolError(f"input {clip(t.name)!r} appears twice")
         names.add(t.name)
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0:
-                raise ProtocolError(f"{t.name}: binary_data_size must be a non-negative integer")
+                raise ProtocolError(
+                    f"{clip(t.name)}: binary_data_size must be a non-negative integer"
+                )
             if t.data is not None:
-                raise ProtocolError(f"{t.name}: has both 'data' and binary_data_size")
+                raise ProtocolError(f"{clip(t.name)}: has both 'data' and binary_data_size")
             if offset + size > len(rest):
                 raise ProtocolError(
-                    f"{t.name}: binary_data_size={size:,} runs past the end of the body "
+                    f"{clip(t.name)}: binary_data_size={size:,} runs past the end of the body "
                     f"({len(rest) - offset:,} binary bytes left)"
                 )
             data = tensor_from_raw(t.name, t.datatype, t.shape, rest[offset : offset + size])
@@ -338,7 +344,7 @@ def decode_request(
         elif t.data is not None:
             inputs.append(_json_input(t))
         else:
-            raise ProtocolError(f"{t.name}: no 'data' and no binary_data_size")
+            raise ProtocolError(f"{clip(t.name)}: no 'data' and no binary_data_size")
     if offset != len(rest):
         raise ProtocolError(
             f"the body has {len(rest) - offset:,} binary bytes that no input's binary_data_size "
@@ -366,7 +372,7 @@ def _json_input(t: _Tensor) -> InputTensor:
     flat = _flatten(t.name, t.data)
     if t.datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
-            raise ProtocolError(f"{t.name}: BYTES elements in JSON must be strings")
+            raise ProtocolError(f"{clip(t.name)}: BYTES elements in JSON must be strings")
         data = tensor_from_list(t.name, "BYTES", t.shape, [v.encode() for v in flat])
         return InputTensor(t.name, t.datatype, t.shape, data, text=True)
     return InputTensor(
@@ -377,10 +383,12 @@ def _json_input(t: _Tensor) -> InputTensor:
 def _requested(name: str, params: dict[str, Any], binary_default: bool) -> OutputRequest:
     k = params.get("classification", 0)
     if type(k) is not int or k < 0:
-        raise ProtocolError(f"{name}: classification must be a positive integer (top-k), got {k!r}")
+        raise ProtocolError(
+            f"{clip(name)}: classification must be a positive integer (top-k), got {clip(repr(k))}"
+        )
     binary = params.get("binary_data", binary_default)
     if type(binary) is not bool:
-        raise ProtocolError(f"{name}: binary_data must be true or false")
+        raise ProtocolError(f"{clip(name)}: binary_data must be true or false")
     return OutputRequest(name, k, binary)
 
 

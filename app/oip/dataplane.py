@@ -34,6 +34,7 @@ from app.imaging import BytesLike
 from app.oip.failures import ProtocolError, failure
 from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, OutputTensor
 from app.service import Service
+from app.text import clip
 
 log = logging.getLogger("imgcls.oip")
 
@@ -87,7 +88,8 @@ class DataPlane:
         spec = self.service.catalog.get(name)
         if version not in (None, "", VERSION):
             raise ProtocolError(
-                f"model {name!r} has no version {version!r}; its versions: {VERSION}", 404
+                f"model {clip(name)!r} has no version {clip(version)!r}; its versions: {VERSION}",
+                404,
             )
         return spec
 
@@ -124,7 +126,7 @@ class DataPlane:
         limit = self.service.settings.max_queue
         if len(items) > limit:
             raise ProtocolError(
-                f"{tensor.name}: {len(items)} images is more than the model's queue holds "
+                f"{clip(tensor.name)}: {len(items)} images is more than the model's queue holds "
                 f"(IMGCLS_MAX_QUEUE={limit}); send them in smaller requests",
                 413,
             )
@@ -135,7 +137,7 @@ class DataPlane:
             if why.internal:
                 raise  # a server fault: the door logs it and answers the generic message
             raise ProtocolError(
-                f"{tensor.name}[{exc.index}]: {why.message}", why.status, why.retry_after
+                f"{clip(tensor.name)}[{exc.index}]: {why.message}", why.status, why.retry_after
             ) from exc
         probs = np.stack([r.probs for r in results]).astype(np.float32, copy=False)
         outputs = [_output(o, probs, spec) for o in wanted]
@@ -186,7 +188,7 @@ class DataPlane:
         status = await self.service.load(name)  # UnknownModelError: 404
         if status.status != "ready":
             raise ModelNotReadyError(
-                f"model {name!r} did not load: {status.status}"
+                f"model {clip(name)!r} did not load: {status.status}"
                 + (f" ({status.reason})" if status.reason else ""),
                 retry_after=5 if status.status == "loading" else 30,
             )
@@ -205,18 +207,18 @@ def _one_input(inputs: Sequence[InputTensor], spec: ModelSpec) -> InputTensor:
     expected = f"{IMAGE} (BYTES [-1]) or {PIXELS} (FP32 [-1, 3, {side}, {side}])"
     unknown = [t.name for t in inputs if t.name not in (IMAGE, PIXELS)]
     if unknown:
-        raise ProtocolError(f"unknown input {unknown[0]!r}; {spec.name} takes {expected}")
+        raise ProtocolError(f"unknown input {clip(unknown[0])!r}; {spec.name} takes {expected}")
     if len(inputs) != 1:
         raise ProtocolError(f"send one input: {expected}, not both")
     t = inputs[0]
     if t.name == IMAGE:
         if t.datatype != "BYTES":
-            raise ProtocolError(f"{IMAGE} must be BYTES, got {t.datatype}")
+            raise ProtocolError(f"{IMAGE} must be BYTES, got {clip(t.datatype)}")
         if len(t.shape) != 1 or t.shape[0] < 1:
             raise ProtocolError(f"{IMAGE} must have shape [N] with N >= 1, got {t.shape}")
         return t
     if t.datatype != "FP32":
-        raise ProtocolError(f"{PIXELS} must be FP32, got {t.datatype}")
+        raise ProtocolError(f"{PIXELS} must be FP32, got {clip(t.datatype)}")
     if len(t.shape) != 4 or t.shape[0] < 1 or t.shape[1:] != [3, side, side]:
         raise ProtocolError(
             f"{PIXELS} for {spec.name} must have shape [N, 3, {side}, {side}] with N >= 1, "
@@ -231,7 +233,9 @@ def _outputs(req: InferRequest) -> list[OutputRequest]:
     names = [o.name for o in req.outputs]
     for n in names:
         if n != PROBABILITIES:
-            raise ProtocolError(f"unknown output {n!r}; the model's output is {PROBABILITIES}")
+            raise ProtocolError(
+                f"unknown output {clip(n)!r}; the model's output is {PROBABILITIES}"
+            )
     if len(names) > 1:
         raise ProtocolError(f"output {PROBABILITIES} is requested more than once")
     return list(req.outputs)

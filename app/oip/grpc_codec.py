@@ -12,6 +12,7 @@ from app.oip.dataplane import ModelMetadata, RepositoryEntry
 from app.oip.failures import ProtocolError
 from app.oip.generated import grpc_predict_v2_pb2 as pb
 from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest
+from app.text import clip
 
 # Where InferTensorContents keeps each datatype's elements (FP16 travels raw only).
 CONTENTS = {
@@ -35,7 +36,28 @@ def parameter(p: pb.InferParameter) -> Any:
     return None if which is None else getattr(p, which)
 
 
+# The limits REST's schema puts on the same fields (app/oip/codec.py): protobuf has none.
+MAX_NAME = 256
+MAX_TENSORS = 16
+
+
+def _bounded(what: str, value: str, limit: int = MAX_NAME) -> str:
+    if len(value) > limit:
+        raise ProtocolError(f"{what} is {len(value):,} characters long; at most {limit}")
+    return value
+
+
 def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+    _bounded("model_name", msg.model_name)
+    _bounded("model_version", msg.model_version)
+    _bounded("id", msg.id)
+    if len(msg.inputs) > MAX_TENSORS or len(msg.outputs) > MAX_TENSORS:
+        raise ProtocolError(f"at most {MAX_TENSORS} inputs and {MAX_TENSORS} outputs")
+    for t in msg.inputs:
+        _bounded("an input's name", t.name)
+        _bounded(f"{clip(t.name)}: datatype", t.datatype, 16)
+    for o in msg.outputs:
+        _bounded("an output's name", o.name)
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise ProtocolError(
@@ -46,7 +68,7 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
     for i, t in enumerate(msg.inputs):
         shape = list(t.shape)
         if len(shape) > codec.MAX_DIMS or any(d < 0 for d in shape):
-            raise ProtocolError(f"{t.name}: invalid shape {shape}")
+            raise ProtocolError(f"{clip(t.name)}: invalid shape {shape}")
         if raw:
             data = codec.tensor_from_raw(t.name, t.datatype, shape, raw[i])
         elif t.datatype in CONTENTS:
@@ -54,7 +76,9 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
                 t.name, t.datatype, shape, getattr(t.contents, CONTENTS[t.datatype])
             )
         else:
-            raise ProtocolError(f"{t.name}: {t.datatype!r} data must come in raw_input_contents")
+            raise ProtocolError(
+                f"{clip(t.name)}: {clip(t.datatype)!r} data must come in raw_input_contents"
+            )
         inputs.append(InputTensor(t.name, t.datatype, shape, data))
     outputs = [OutputRequest(o.name, _classification(o)) for o in msg.outputs] or None
     return InferRequest(msg.model_name, msg.model_version or None, msg.id or None, inputs, outputs)
@@ -65,7 +89,9 @@ def _classification(o: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
         return 0
     k = parameter(o.parameters["classification"])
     if type(k) is not int or k < 0:
-        raise ProtocolError(f"{o.name}: classification must be a positive integer, got {k!r}")
+        raise ProtocolError(
+            f"{clip(o.name)}: classification must be a positive integer, got {clip(repr(k))}"
+        )
     return k
 
 
