@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -15,9 +19,51 @@ def _serve(args: argparse.Namespace) -> int:
     from app.settings import Settings
 
     settings = Settings()
+    _check_startup(settings)
     # Header timeout and size cap, keep-alive, graceful shutdown: one place (app/limits.py).
     uvicorn.run("app.main:app", host=args.host, port=args.port, **server_options(settings))
     return 0
+
+
+def _check_startup(settings: Settings) -> None:
+    """Every name in IMGCLS_MODELS is in the catalog (and IMGCLS_MODEL_CONFIG reads), and
+    IMGCLS_DEVICE is there: said in one line before the server starts, not as a traceback from
+    its startup (which checks the same)."""
+    from app.catalog import UnknownModelError
+    from app.catalog.custom import catalog_for
+    from app.engine.pool import resolve_devices
+
+    try:
+        resolve_devices(settings.device)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+    catalog = catalog_for(settings.model_config_file)  # ModelConfigError is a ValueError
+    for name in settings.model_names:
+        try:
+            catalog.get(name)
+        except UnknownModelError as exc:
+            raise ValueError(f"IMGCLS_MODELS: {exc}") from None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -57,6 +103,8 @@ def _eval(args: argparse.Namespace) -> int:
     from app.evaluate import run_eval
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise ValueError("--models names no model")
     reports = run_eval(
         Path(args.data), models, args.url, args.limit, args.concurrency, Path(args.out)
     )
@@ -105,7 +153,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the HTTP service (configured by IMGCLS_* variables)")
     s.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    # PORT is read here but checked only when serve runs (argparse converts a string default
+    # when it is used): a bad PORT does not break `imgcls --help` or `imgcls weights`
+    s.add_argument("--port", type=_port, default=os.environ.get("PORT", "8000"))
     s.set_defaults(func=_serve)
 
     w = sub.add_parser("weights", help="download, verify and list checkpoints")
@@ -123,8 +173,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="one subfolder per class, named by its label")
     e.add_argument("--models", required=True, help="comma-separated model names")
     e.add_argument("--url", help="a running service (default: start one in-process)")
-    e.add_argument("--limit", type=int, help="at most N images (balanced over classes)")
-    e.add_argument("--concurrency", type=int, default=8)
+    e.add_argument("--limit", type=_positive, help="at most N images (balanced over classes)")
+    e.add_argument("--concurrency", type=_positive, default=8)
     e.add_argument("--out", default="report", help="folder for report.json/.md/.png")
     e.set_defaults(func=_eval)
 

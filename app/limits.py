@@ -338,5 +338,6 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "h11_max_incomplete_event_size": max_header_bytes,  # if the h11 parser is chosen
         "log_level": settings.log_level.lower(),
         "access_log": False,  # imgcls writes its own JSON line per request
-        "timeout_graceful_shutdown": int(settings.shutdown_grace_s),
+        # seconds as given: uvicorn waits with asyncio.wait_for (int() made 0.9 no grace at all)
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
     }

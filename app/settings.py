@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +15,10 @@ AUTO_BATCH_CAP = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMGCLS_", extra="ignore", populate_by_name=True)
+    # inf passes gt=0 and then overflows where a number of bytes or seconds is made of it
+    model_config = SettingsConfigDict(
+        env_prefix="IMGCLS_", extra="ignore", populate_by_name=True, allow_inf_nan=False
+    )
 
     models: str = Field(
         "alexnet,vgg16,resnet18,resnet50",
@@ -116,7 +120,7 @@ class Settings(BaseSettings):
 
     api_key: str | None = None
     cors_origins: str | None = None
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "json"
 
     # Connection limits and the upload budget (issue 16, issue 11 point 7): see app/limits.py.
@@ -143,11 +147,23 @@ class Settings(BaseSettings):
             raise ValueError("IMGCLS_MODELS must name at least one model")
         return v
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_stripped(cls, v: str | None) -> str | None:
+        # clients' tokens are stripped of spaces; a key with a trailing newline (from a file or
+        # a secret) could never match. Blank is no key, as unset.
+        return (v.strip() or None) if v is not None else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
     @field_validator("device")
     @classmethod
     def _device_known(cls, v: str) -> str:
         v = v.strip().lower()
-        if v in {"auto", "cpu", "cuda"} or v.startswith("cuda:"):
+        if v in {"auto", "cpu", "cuda"} or re.fullmatch(r"cuda:\d{1,3}", v):
             return v
         raise ValueError("IMGCLS_DEVICE must be auto, cpu, cuda or cuda:N")
 

@@ -117,6 +117,9 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["ready"] is True
+    for path in ("/healthz", "/readyz"):  # HEAD, as some probes and load balancers check
+        r = client.head(path)
+        assert r.status_code == 200 and not r.content, path
 
 
 def _local_probs(model: torch.nn.Module, transform, img: Image.Image) -> np.ndarray:

@@ -21,7 +21,13 @@ import torch
 from app.catalog import build_catalog
 from app.core import gather_fail_fast
 from app.engine.batcher import ImageResult, ModelBatcher
-from app.engine.pool import MAX_INFLIGHT_FULL, BatchFailedError, WorkerCrashedError, WorkerPool
+from app.engine.pool import (
+    MAX_INFLIGHT_FULL,
+    BatchFailedError,
+    ModelState,
+    WorkerCrashedError,
+    WorkerPool,
+)
 from app.engine.worker import WorkerConfig
 from tests import images
 from tests.conftest import ready_pool, run_service
@@ -305,11 +311,19 @@ def test_killed_worker_fails_inflight_fast_and_recovers(tmp_path):
             not_ready = _wait_readyz(svc.url, 503, 10)
             codes = [f.result(timeout=60) for f in futures]
         assert "cifar10_plain56" in not_ready["not_ready"][0], not_ready
+        assert "worker restarting" in not_ready["not_ready"][0], not_ready
         assert set(codes) <= {200, 503}, codes  # never a 500 or a hang
         assert 503 in codes, "the kill should have caught requests in flight"
         _wait_readyz(svc.url, 200, 120)  # the service comes back by itself
         assert pool.workers[0].pid != old_pid
         assert pool.workers[0].restarts == {"crash": 1, "watchdog": 0}
+        # a model loaded later (as pool.load records it) on the restarted worker is loading,
+        # not "worker restarting": the restart is over
+        pool.workers[0].models["later"] = ModelState()
+        try:
+            assert pool.model_status("later").reason == "loading and warming up"
+        finally:
+            del pool.workers[0].models["later"]
         assert _metric(svc.url, "imgcls_worker_restarts", reason="crash") == 1
         r = httpx.post(
             f"{svc.url}/classify", params={"model": "cifar10_plain56"},

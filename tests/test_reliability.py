@@ -205,7 +205,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
 def test_api_key_and_cors(tmp_path: Path):
     with run_service(
         models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
-        api_key="s3cret", cors_origins="https://demo.example",
+        api_key="s3cret\n", cors_origins="https://demo.example",  # read from a file: a newline
     ) as svc:  # fmt: skip
         files = {"file": ("x.png", PNG)}
         assert httpx.post(f"{svc.url}/classify", files=files).status_code == 401
@@ -219,6 +219,7 @@ def test_api_key_and_cors(tmp_path: Path):
         assert good.status_code == 200
         assert httpx.get(f"{svc.url}/healthz").status_code == 200
         assert httpx.get(f"{svc.url}/readyz").status_code == 200
+        assert httpx.head(f"{svc.url}/readyz").status_code == 200  # probes that use HEAD
         assert httpx.get(f"{svc.url}/models").status_code == 401
         pre = httpx.options(
             f"{svc.url}/classify",

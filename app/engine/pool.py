@@ -94,6 +94,7 @@ class ModelState:
     backend: str | None = None
     batch_size: int | None = None  # measured by the worker (IMGCLS_MAX_BATCH_SIZE=auto)
     jpeg_decode: dict[str, Any] | None = None  # the JPEG decoder by upload size (Decoder)
+    reloading: bool = False  # loading again in a worker that was restarted
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,14 @@ def resolve_devices(device: str) -> list[str]:
         if n == 0:
             raise RuntimeError("IMGCLS_DEVICE=cuda but no CUDA device is visible")
         return [f"cuda:{i}" for i in range(n)]
+    if device.startswith("cuda:"):  # checked here, not left to a worker that cannot start
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.removeprefix("cuda:")
+        if not index.isdigit() or int(index) >= n:
+            raise RuntimeError(
+                f"IMGCLS_DEVICE={device} but {n} CUDA device(s) are visible"
+                + (f" (cuda:0 to cuda:{n - 1})" if n else "")
+            )
     return [device]
 
 
@@ -228,7 +237,8 @@ class WorkerPool:
     def _spawn(self, w: WorkerHandle) -> None:
         w.inbox = self._ctx.Queue()
         w.outbox = self._ctx.Queue()
-        w.models = {p.name: ModelState() for p in w.plans}
+        again = sum(w.restarts.values()) > 0  # a restart, not the pool's start
+        w.models = {p.name: ModelState(reloading=again) for p in w.plans}
         cfg = replace(w.cfg, plans=list(w.plans))
         w.process = self._ctx.Process(
             target=worker_main,
@@ -654,7 +664,8 @@ class WorkerPool:
             return ModelStatus("failed", failed[0].reason)
         if not states:
             return ModelStatus("not-loaded", "not loaded on any worker")
-        restarting = any(not w.alive or sum(w.restarts.values()) for w, _ in states)
+        # a model loaded at run time on a worker that restarted long ago is just loading
+        restarting = any(not w.alive or s.reloading for w, s in states)
         return ModelStatus(
             "loading", "worker restarting" if restarting else "loading and warming up"
         )

@@ -1,0 +1,80 @@
+"""The command line refuses bad settings and arguments in one line (``imgcls: ...``, exit 2),
+before any server starts: no traceback, no server on the wrong port, no worker restarting
+forever on a device that is not there."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+
+import torch
+
+from app.limits import server_options
+from app.settings import Settings
+from tests.conftest import ROOT
+
+# A CUDA index past the last visible device: invalid on any machine, with a GPU or without.
+MISSING_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+
+# (environment, arguments, what stderr must say)
+CASES = {
+    "log level": ({"IMGCLS_LOG_LEVEL": "loud"}, ["serve"], "log_level"),
+    "infinite upload limit": ({"IMGCLS_MAX_UPLOAD_MB": "inf"}, ["serve"], "finite number"),
+    "infinite grace": ({"IMGCLS_SHUTDOWN_GRACE_S": "inf"}, ["serve"], "finite number"),
+    "infinite in-flight": ({"IMGCLS_MAX_INFLIGHT_MB": "inf"}, ["serve"], "finite number"),
+    "device text": ({"IMGCLS_DEVICE": "cuda:abc"}, ["serve"], "cuda or cuda:N"),
+    "device missing": (
+        {"IMGCLS_DEVICE": MISSING_GPU},
+        ["serve"],
+        f"IMGCLS_DEVICE={MISSING_GPU} but",
+    ),
+    "unknown model": ({"IMGCLS_MODELS": "nope"}, ["serve"], "unknown model 'nope'"),
+    "PORT text": ({"PORT": "abc"}, ["serve"], "not a port number: 'abc'"),
+    "port range": ({}, ["serve", "--port", "99999"], "a port is 0 to 65535"),
+    "eval concurrency": (
+        {},
+        ["eval", "--data", ".", "--models", "resnet18", "--concurrency", "0"],
+        "--concurrency: must be at least 1",
+    ),
+    "eval limit": (
+        {},
+        ["eval", "--data", ".", "--models", "resnet18", "--limit", "0"],
+        "--limit: must be at least 1",
+    ),
+    "eval no models": ({}, ["eval", "--data", ".", "--models", ","], "--models names no model"),
+}
+
+
+def _run(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
+    # grpc off and a free-ish port: should a case wrongly start a server, it cannot collide
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGCLS_") and k != "PORT"}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**clean, "IMGCLS_GRPC_PORT": "0", **env},
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_bad_settings_and_arguments_exit_2_in_one_line():
+    with cf.ThreadPoolExecutor(4) as ex:
+        runs = {name: ex.submit(_run, env, args) for name, (env, args, _) in CASES.items()}
+        results = {name: f.result() for name, f in runs.items()}
+    for name, r in results.items():
+        said = CASES[name][2]
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        assert said in r.stderr, (name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+
+
+def test_a_bad_port_in_the_environment_does_not_break_other_commands():
+    r = _run({"PORT": "abc"}, ["--help"])
+    assert r.returncode == 0 and "serve" in r.stdout, r.stderr
+
+
+def test_grace_keeps_fractions_of_a_second():
+    """uvicorn waits for in-flight work with asyncio.wait_for: 0.9 s is 0.9 s (int() made it no
+    grace at all)."""
+    assert server_options(Settings(shutdown_grace_s=0.9))["timeout_graceful_shutdown"] == 0.9
+    assert Settings(log_level="DEBUG").log_level == "debug"
