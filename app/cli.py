@@ -38,7 +38,8 @@ def _check_startup(settings: Settings) -> None:
     except RuntimeError as exc:
         raise ValueError(str(exc)) from None
 
-    catalog = catalog_for(settings.model_config_file)  # ModelConfigError is a ValueError
+    # ModelConfigError is a ValueError; NAME:int8 resolves as the service resolves it
+    catalog = catalog_for(settings.model_config_file, settings.int8_calibration)
     for name in settings.model_names:
         try:
             catalog.get(name)

@@ -47,7 +47,9 @@ def _triple(values: Any, what: str) -> Triple:
 
 
 def _side(value: Any, what: str) -> int:
-    """A whole number of pixels in 1..MAX_SIDE (TOML's 32.7 or true is not one)."""
+    """A whole number of pixels in 1..MAX_SIDE (TOML's 256.0 is one; 32.7 or true is not)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
         raise ValueError(f"{what} must be a whole number of pixels, 1 to {MAX_SIDE}; got {value!r}")
     return value

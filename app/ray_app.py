@@ -49,7 +49,9 @@ class Backbone:
 
     def __init__(self, name: str, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
-        self.spec: ModelSpec = catalog_for(self.settings.model_config_file).get(name)
+        self.spec: ModelSpec = catalog_for(
+            self.settings.model_config_file, self.settings.int8_calibration
+        ).get(name)
         path = weights_mod.resolve(
             self.spec,
             self.settings.weights_dir,
@@ -76,6 +78,7 @@ class Backbone:
         )
         batcher.set_max_batch_size(self.batch_size)
         batcher.set_batch_wait_timeout_s(self.settings.max_batch_wait_ms / 1000.0)
+        self.explaining = asyncio.Lock()
 
     def info(self) -> dict[str, Any]:
         return {"weights": self.weights_label, "device": self.device, "precision": self.precision,
@@ -84,11 +87,12 @@ class Backbone:
     async def explain(self, pixels: torch.Tensor, target: int | None) -> ExplainResult:
         """Grad-CAM of uint8 pixels (3, S, S) on the replica's fp32 eager copy of the model (built
         on the first explanation, as in the service's workers)."""
-        t0 = time.perf_counter()
-        heatmaps, targets, scores, overlays = await asyncio.to_thread(
-            self.runner.explain, self.spec.name, pixels.unsqueeze(0), target
-        )
-        ms = (time.perf_counter() - t0) * 1000.0
+        async with self.explaining:  # Captum hooks the one fp32 copy: one job at a time
+            t0 = time.perf_counter()
+            heatmaps, targets, scores, overlays = await asyncio.to_thread(
+                self.runner.explain, self.spec.name, pixels.unsqueeze(0), target
+            )
+            ms = (time.perf_counter() - t0) * 1000.0
         # ``start`` is this replica's clock; the ingress puts it on its own (another node's
         # monotonic clock means nothing there)
         return ExplainResult(heatmaps, targets, scores, overlays, time.monotonic() - ms / 1000,
@@ -125,7 +129,7 @@ class RayCore(InferenceCore):
 
     def __init__(self, backbones: dict[str, DeploymentHandle], settings: Settings) -> None:
         self.settings = settings
-        self.catalog = catalog_for(settings.model_config_file)
+        self.catalog = catalog_for(settings.model_config_file, settings.int8_calibration)
         self.backbones = backbones
         self.served = {name: ServedModel(self.catalog.get(name)) for name in backbones}
         self.info: dict[str, dict[str, Any]] = {}
@@ -166,12 +170,19 @@ class RayCore(InferenceCore):
         sent = time.monotonic()
 
         async def call() -> ExplainResult:
-            result: ExplainResult = await self.backbones[name].explain.remote(pixels, target)
+            # the service's watchdog limit for one explanation: a replica that hangs gives the
+            # gate's place back after it, not never
+            result: ExplainResult = await asyncio.wait_for(
+                self.backbones[name].explain.remote(pixels, target),
+                self.settings.explain_timeout_s,
+            )
             # queued from the ingress's view: everything but the replica's own Grad-CAM time
             result.start = max(sent, time.monotonic() - result.explain_ms / 1000)
             return result
 
         job = asyncio.ensure_future(call())
+        # read by the caller, or here once nobody waits for it (no "exception never retrieved")
+        job.add_done_callback(lambda j: j.cancelled() or j.exception())
         if slot is not None:
             slot.hold_until(job)
         try:

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     @classmethod
     def _device_known(cls, v: str) -> str:
         v = v.strip().lower()
-        if v in {"auto", "cpu", "cuda"} or re.fullmatch(r"cuda:\d{1,3}", v):
+        if v in {"auto", "cpu", "cuda"} or re.fullmatch(r"cuda:[0-9]{1,3}", v):
             return v
         raise ValueError("IMGCLS_DEVICE must be auto, cpu, cuda or cuda:N")
 
@@ -217,7 +217,10 @@ class Settings(BaseSettings):
         "127.0.0.1", description="address the gRPC server listens on (0.0.0.0 in a container)"
     )
     oip_max_request_mb: float = Field(
-        64.0, gt=0, description="largest /v2 infer request (REST body or gRPC message), in MB"
+        64.0,
+        gt=0,
+        le=2047,  # gRPC takes its message limit as a C int
+        description="largest /v2 infer request (REST body or gRPC message), in MB",
     )
     model_control: Literal["none", "explicit"] = Field(
         "none",

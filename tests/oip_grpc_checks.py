@@ -312,7 +312,7 @@ def test_error_codes(stub, auth):
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(request, metadata=md)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"{field} is 20,000 characters long; at most 256" in info.value.details()
+        assert f"{field} is 20,000 characters long; at most" in info.value.details()
     request = infer_ok(good)
     request.inputs[0].name = long
     with pytest.raises(grpc.RpcError) as info:

@@ -25,6 +25,8 @@ CASES = {
     "infinite grace": ({"IMGCLS_SHUTDOWN_GRACE_S": "inf"}, ["serve"], "finite number"),
     "infinite in-flight": ({"IMGCLS_MAX_INFLIGHT_MB": "inf"}, ["serve"], "finite number"),
     "device text": ({"IMGCLS_DEVICE": "cuda:abc"}, ["serve"], "cuda or cuda:N"),
+    "device digits not ASCII": ({"IMGCLS_DEVICE": "cuda:\u0661"}, ["serve"], "cuda or cuda:N"),
+    "gRPC message over a C int": ({"IMGCLS_OIP_MAX_REQUEST_MB": "4096"}, ["serve"], "2047"),
     "device missing": (
         {"IMGCLS_DEVICE": MISSING_GPU},
         ["serve"],
@@ -71,6 +73,14 @@ def test_bad_settings_and_arguments_exit_2_in_one_line():
 def test_a_bad_port_in_the_environment_does_not_break_other_commands():
     r = _run({"PORT": "abc"}, ["--help"])
     assert r.returncode == 0 and "serve" in r.stdout, r.stderr
+
+
+def test_calibrated_int8_names_pass_the_startup_check(tmp_path):
+    """``NAME:int8`` without published int8 weights is a model once IMGCLS_INT8_CALIBRATION
+    names a folder, for the command's check as for the service."""
+    from app.cli import _check_startup
+
+    _check_startup(Settings(models="cifar10_resnet20:int8", int8_calibration=tmp_path))
 
 
 def test_grace_keeps_fractions_of_a_second():

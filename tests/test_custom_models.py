@@ -153,6 +153,13 @@ def test_bad_config_names_file_entry_and_problem(tmp_path, ckpt, case):
         assert "[models." in msg
 
 
+def test_whole_float_sizes_load(tmp_path, ckpt):
+    """TOML's 256.0 is a whole number of pixels (as ``int()`` read it before the checks)."""
+    path = _write(tmp_path, ENTRY + "preprocess = {resize = 40.0, crop = 32.0}\n")
+    (spec,) = load_model_config(path, set())
+    assert spec.input_size == 32
+
+
 def test_good_config_loads(tmp_path, ckpt):
     path = _write(
         tmp_path,

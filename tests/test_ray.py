@@ -3,6 +3,8 @@ instance on 127.0.0.1 and checked against the single-process service for the sam
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+
 import httpx
 import numpy as np
 import pytest
@@ -31,6 +33,7 @@ def ray_url(tmp_path_factory):
         app = build_app({
             "models": MODELS, "weights_dir": str(weights), "auto_download": "false",
             "device": "cpu", "precision": "fp32", "compile": "false", "max_batch_wait_ms": "2",
+            "explain_concurrency": "4",  # explanations of one model reach its replica together
         })  # fmt: skip
         serve.run(app, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -101,6 +104,15 @@ def test_ray_explain_matches_the_service(ray_url, client):
                                            abs=1e-3)  # fmt: skip
     for r in theirs["results"]:
         assert r["explanation"]["target"]["index"] == r["predictions"][0]["index"]
+
+    # several at once on one replica: one job at a time on its single fp32 copy (Captum's
+    # hooks on one module from two threads broke each other: 500s)
+    def one(_: int) -> int:
+        return httpx.post(f"{ray_url}/explain", params={"model": model}, timeout=120,
+                          files={"file": ("c.png", data)}).status_code  # fmt: skip
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(16))) == [200] * 16
 
     r = httpx.post(f"{ray_url}/explain", params={"model": model, "target": "10"},
                    files={"file": ("c.png", data)})  # fmt: skip

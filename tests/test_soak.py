@@ -202,6 +202,7 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
             assert a["threads"] <= b["threads"] + 2, (
                 f"{name} threads {b['threads']} -> {a['threads']}"
             )
+        assert set(warm) <= {200, 400, 404, 413}, warm
         assert set(codes) <= {200, 400, 404, 413}, codes
         assert children(proc.pid) == workers, "a worker was restarted during the soak"
     finally:

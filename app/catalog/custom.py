@@ -146,11 +146,17 @@ def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
     )
 
 
-def catalog_for(config: Path | None) -> Catalog:
-    """The built-in catalog plus the models declared in ``config`` (IMGCLS_MODEL_CONFIG)."""
-    if config is None:
-        return build_catalog()
-    return build_catalog(load_model_config(config, set(build_catalog().names())))
+def catalog_for(config: Path | None, int8_calibration: Path | None = None) -> Catalog:
+    """The built-in catalog plus the models declared in ``config`` (IMGCLS_MODEL_CONFIG), with
+    ``NAME:int8`` by calibration on the images in ``int8_calibration`` (IMGCLS_INT8_CALIBRATION)
+    where a model has no published int8 weights."""
+    catalog = (
+        build_catalog()
+        if config is None
+        else build_catalog(load_model_config(config, set(build_catalog().names())))
+    )
+    catalog.int8_calibration = int8_calibration
+    return catalog
 
 
 def load_model_config(path: Path, reserved: set[str]) -> list[ModelSpec]:

@@ -186,7 +186,7 @@ def resolve_devices(device: str) -> list[str]:
     if device.startswith("cuda:"):  # checked here, not left to a worker that cannot start
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = device.removeprefix("cuda:")
-        if not index.isdigit() or int(index) >= n:
+        if not (index.isascii() and index.isdigit()) or int(index) >= n:
             raise RuntimeError(
                 f"IMGCLS_DEVICE={device} but {n} CUDA device(s) are visible"
                 + (f" (cuda:0 to cuda:{n - 1})" if n else "")

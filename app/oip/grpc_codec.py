@@ -36,8 +36,10 @@ def parameter(p: pb.InferParameter) -> Any:
     return None if which is None else getattr(p, which)
 
 
-# The limits REST's schema puts on the same fields (app/oip/codec.py): protobuf has none.
+# The limits REST puts on the same fields (its schema, app/oip/codec.py, and its path pattern
+# for a model's name and version, app/oip/rest.py): protobuf has none.
 MAX_NAME = 256
+MAX_MODEL_NAME = 128
 MAX_TENSORS = 16
 
 
@@ -48,8 +50,8 @@ def _bounded(what: str, value: str, limit: int = MAX_NAME) -> str:
 
 
 def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
-    _bounded("model_name", msg.model_name)
-    _bounded("model_version", msg.model_version)
+    _bounded("model_name", msg.model_name, MAX_MODEL_NAME)
+    _bounded("model_version", msg.model_version, MAX_MODEL_NAME)
     _bounded("id", msg.id)
     if len(msg.inputs) > MAX_TENSORS or len(msg.outputs) > MAX_TENSORS:
         raise ProtocolError(f"at most {MAX_TENSORS} inputs and {MAX_TENSORS} outputs")
