@@ -282,6 +282,28 @@ class InferenceCore(ABC):
         except TimeoutError:
             raise TimeoutError(f"{what} did not finish within the request's deadline") from None
 
+    async def explain_job(
+        self,
+        name: str,
+        job: asyncio.Future[ExplainResult],
+        deadline: float,
+        slot: GateSlot | None,
+    ) -> ExplainResult:
+        """Wait for a running explain ``job`` until the request's deadline. A client that stops
+        waiting does not stop the job: it keeps its place in the explain gate (``slot``) until it
+        ends."""
+        if slot is not None:
+            slot.hold_until(job)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(job), max(0.001, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise TimeoutError(
+                f"no explanation from {name} within IMGCLS_REQUEST_TIMEOUT_S="
+                f"{self.settings.request_timeout_s:g}s"
+            ) from None
+
     async def decode(self, data: imaging.BytesLike, specs: Sequence[ModelSpec]) -> Pixels:
         """Decode once and resize once per distinct geometry, in one trip to a thread (decoding
         and resizing release the GIL)."""

@@ -183,17 +183,7 @@ class RayCore(InferenceCore):
         job = asyncio.ensure_future(call())
         # read by the caller, or here once nobody waits for it (no "exception never retrieved")
         job.add_done_callback(lambda j: j.cancelled() or j.exception())
-        if slot is not None:
-            slot.hold_until(job)
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(job), max(0.001, deadline - time.monotonic())
-            )
-        except TimeoutError:
-            raise TimeoutError(
-                f"no explanation from {name} within IMGCLS_REQUEST_TIMEOUT_S="
-                f"{self.settings.request_timeout_s:g}s"
-            ) from None
+        return await self.explain_job(name, job, deadline, slot)
 
 
 api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")

@@ -383,14 +383,4 @@ class Service(InferenceCore):
         if res is None:
             raise TimeoutError(f"no worker for {name} came free within the request deadline")
         fut = self.pool.submit_explain(res, name, pixels.unsqueeze(0), target)
-        if slot is not None:  # a client that stops waiting does not stop the worker
-            slot.hold_until(fut)
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(fut), max(0.001, deadline - time.monotonic())
-            )
-        except TimeoutError:
-            raise TimeoutError(
-                f"no explanation from {name} within IMGCLS_REQUEST_TIMEOUT_S="
-                f"{self.settings.request_timeout_s:g}s"
-            ) from None
+        return await self.explain_job(name, fut, deadline, slot)
