@@ -755,6 +755,53 @@ def test_page_model_list_follows_load_and_unload(oip, browser):
         context.close()
 
 
+def test_a_cancelled_grpc_call_keeps_its_budget_while_its_message_is_read(oip, monkeypatch):
+    """A large ModelInfer is read into tensors on a thread, which a cancelled call (client gone,
+    deadline) does not stop: the message's share of IMGCLS_MAX_INFLIGHT_MB stays taken until
+    that thread lets go of it, not only until the call ends."""
+    import threading
+
+    import grpc
+
+    from app.oip import grpc_server
+    from app.oip.generated import grpc_predict_v2_pb2 as pb
+    from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    budget = oip.app.state.upload_budget
+    release, reading = threading.Event(), threading.Event()
+    convert = grpc_server.conv.infer_request
+
+    def slow(request):  # the thread reading the message, held until the test lets it go
+        reading.set()
+        release.wait(30)
+        return convert(request)
+
+    monkeypatch.setattr(grpc_server.conv, "infer_request", slow)
+    pixels = np.zeros((8, 3, 32, 32), dtype=np.float32)  # 98 KB: read off the event loop
+    request = pb.ModelInferRequest(model_name=CIFAR)
+    t = request.inputs.add(name="PIXELS", datatype="FP32", shape=[8, 3, 32, 32])
+    t.contents.fp32_contents.extend(pixels.ravel().tolist())
+    assert budget.used == 0
+    with grpc.insecure_channel(f"127.0.0.1:{oip.settings.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer.future(request, metadata=(("authorization", f"Bearer {KEY}"),))
+        try:
+            assert reading.wait(30), "the message was never read off the loop"
+            call.cancel()
+            deadline = time.monotonic() + 10
+            while not call.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert call.cancelled()
+            time.sleep(0.5)  # the handler has seen the cancel by now (without the hold: 0 here)
+            assert budget.used >= request.ByteSize()  # the thread still holds the message
+        finally:
+            release.set()
+        deadline = time.monotonic() + 10
+        while budget.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert budget.used == 0
+
+
 def test_grpc_calls_beyond_the_concurrency_cap_are_refused_at_once(model_dir: Path):
     """IMGCLS_GRPC_MAX_CONCURRENT_RPCS: with 2 calls held (each waits 200 ms for its batch to
     fill), the others of 12 sent at once are refused with RESOURCE_EXHAUSTED before any

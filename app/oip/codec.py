@@ -255,22 +255,37 @@ def _flatten(name: str, data: list[Any]) -> list[Any]:
 
 
 # ---- requests ---------------------------------------------------------------------------------
-async def off_the_loop(gate: asyncio.Semaphore | None, fn: Callable[..., T], *args: Any) -> T:
+async def off_the_loop(
+    gate: asyncio.Semaphore | None,
+    fn: Callable[..., T],
+    *args: Any,
+    on_done: Callable[[], None] | None = None,
+) -> T:
     """``fn(*args)`` on a thread, holding ``gate`` (if any) until the thread is done: a caller
     that stops waiting (its deadline, a client gone) does not stop the thread, and the gate's
-    place (the memory a parse takes) is given back only when the thread gives it back."""
+    place (the memory a parse takes) is given back only when the thread gives it back.
+    ``on_done`` is called then too (or at once if no thread was started)."""
     if gate is not None:
-        await gate.acquire()
+        try:
+            await gate.acquire()
+        except BaseException:
+            if on_done is not None:
+                on_done()
+            raise
     try:
         job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     except BaseException:
         if gate is not None:
             gate.release()
+        if on_done is not None:
+            on_done()
         raise
 
     def done(f: asyncio.Future[T]) -> None:
         if gate is not None:
             gate.release()
+        if on_done is not None:
+            on_done()
         if not f.cancelled():
             f.exception()  # retrieved: no warning when nobody waits for it any more
 

@@ -156,21 +156,30 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         size = request.ByteSize()
         if self.budget is not None and not self.budget.reserve(size):
             raise ProtocolError(self.budget.refusal(), 503, retry_after=1)
+        # The message is held by this call and, while it reads it, by the conversion thread
+        # (which a cancelled call does not stop): the budget is given back when both let go.
+        holders = [1]
+
+        def let_go() -> None:
+            holders[0] -= 1
+            if holders[0] == 0 and self.budget is not None:
+                self.budget.release(size)
+                memory.after_large_buffer(size)
+
         deadline = self.plane.service.deadline()
         try:
             if size <= codec.PARSE_INLINE_BYTES:
                 infer_request = conv.infer_request(request)
             else:  # typed contents are read element by element: off the event loop
-                read = codec.off_the_loop(None, conv.infer_request, request)
+                holders[0] += 1
+                read = codec.off_the_loop(None, conv.infer_request, request, on_done=let_go)
                 infer_request = await self.plane.service.by_deadline(
                     deadline, read, "reading the request"
                 )
             answer = await self.plane.infer(infer_request, deadline)
             return conv.infer_response(answer)
         finally:
-            if self.budget is not None:
-                self.budget.release(size)
-                memory.after_large_buffer(size)
+            let_go()
 
     @_answers_errors
     async def RepositoryIndex(
