@@ -68,7 +68,12 @@ def _positive(text: str) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
+    import signal
+
     from app import weights
+
+    # stopped mid-download (SIGTERM), the download unwinds and removes its temporary file
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from app.catalog import UnknownModelError, build_catalog
     from app.settings import Settings
 
@@ -78,7 +83,9 @@ def _weights(args: argparse.Namespace) -> int:
     catalog = build_catalog()
     if args.action == "list":
         print(f"{'model':<24} {'status':<8} {'size':>10}  file")
-        for spec in catalog.specs():
+        # and the published int8 variants, which /models lists only when served
+        listed = [*catalog.specs(), *(catalog.get(n) for n in catalog.int8_names())]
+        for spec in listed:
             st = weights.status(spec, weights_dir)
             if st.file is None:
                 print(f"{spec.name:<24} {'-':<8} {'':>10}  (no published weights)")
@@ -93,7 +100,12 @@ def _weights(args: argparse.Namespace) -> int:
         try:
             spec = catalog.get(name)
             path = weights.pull(spec, weights_dir, mirror=mirror, progress=not args.quiet)
-            print(f"{name}: {path} (sha256 verified)")
+            checked = (
+                "sha256 verified"
+                if spec.sha256_prefix
+                else "not verified: no sha256 is published in its file name"
+            )
+            print(f"{name}: {path} ({checked})")
         except (UnknownModelError, weights.WeightsError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             failed += 1

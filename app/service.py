@@ -153,8 +153,21 @@ class Service(InferenceCore):
         finally:
             self._starting = False
 
+    def _must_download(self, served: ServedModel) -> bool:
+        path = served.spec.weights_path(self.settings.weights_dir)
+        return (
+            self.settings.auto_download
+            and bool(served.spec.weights_url)
+            and path is not None
+            and not path.is_file()
+        )
+
     async def _start_pool(self) -> None:
-        plans = [p for s in list(self.served.values()) if (p := await self._resolve(s)) is not None]
+        # The workers start with the models whose weights are here; one that must be downloaded
+        # first joins when its download ends, so a slow or stalled mirror holds back only it.
+        fetch = [s for s in self.served.values() if self._must_download(s)]
+        here = [s for s in self.served.values() if s not in fetch]
+        plans = [p for s in here if (p := await self._resolve(s)) is not None]
         self.pool = WorkerPool(
             self._configs(plans),
             worker_timeout_s=self.settings.worker_timeout_s,
@@ -164,6 +177,17 @@ class Service(InferenceCore):
         await self.pool.start()
         for plan in plans:
             self._add_batcher(plan.name)
+        for served in fetch:
+            name = served.spec.name
+            self._spawn(self._download_and_load(served), f"download-{name}", [name])
+
+    async def _download_and_load(self, served: ServedModel) -> None:
+        async with self._repository(served.spec.name):  # not beside a repository load of it
+            if (
+                served.spec.name not in self.batchers
+                and self.served.get(served.spec.name) is served
+            ):
+                await self._load_one(served)
 
     def _add_batcher(self, name: str) -> None:
         assert self.pool is not None

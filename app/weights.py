@@ -5,10 +5,17 @@ Reading a checkpoint into a model is the engine's part: app/engine/checkpoint.py
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
+import os
+import socket
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
 from app.catalog import ModelSpec
 from app.engine.checkpoint import WeightsError, load_into, read_state_dict
@@ -28,14 +35,79 @@ def source_url(spec: ModelSpec, mirror: str | None = None) -> str:
     return spec.weights_url
 
 
-def download(url: str, dest: Path, sha256_prefix: str | None, progress: bool = True) -> Path:
+# A mirror that stops sending fails the download instead of holding it (and the model) forever:
+# no byte for DOWNLOAD_STALL_S, or the whole file not in DOWNLOAD_LIMIT_S (vgg19's 548 MB at
+# ~0.3 MB/s), is a failure like any network error.
+DOWNLOAD_STALL_S = 30.0
+DOWNLOAD_LIMIT_S = 1800.0
+_CHUNK = 1 << 20
+
+
+def _partial(dest: Path) -> Path:
+    """The temporary file a download writes beside ``dest``: named by host and process, so a
+    later download can tell one left by a process that died from one still being written."""
+    return dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.partial")
+
+
+def _remove_abandoned(dest: Path) -> None:
+    """Remove temporary files of ``dest`` left by processes of this host that are gone (a
+    download killed by SIGKILL, or cut short when its process exited)."""
+    host = socket.gethostname()
+    for f in dest.parent.glob(f"{glob.escape(dest.name)}.*.partial"):
+        parts = f.name[len(dest.name) + 1 :].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        except OSError:  # alive, under another user
+            pass
+
+
+def _fetch(url: str, tmp: Path, progress: bool) -> str:
+    """Stream ``url`` into ``tmp``; the sha256 hex digest of what was written."""
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
+    with (
+        urllib.request.urlopen(request, timeout=DOWNLOAD_STALL_S) as response,
+        tmp.open("wb") as out,
+        tqdm(
+            total=int(response.headers.get("Content-Length") or 0) or None,
+            disable=not progress, unit="B", unit_scale=True, unit_divisor=1024,
+        ) as bar,
+    ):  # fmt: skip
+        while chunk := response.read1(_CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+            if time.monotonic() - started > DOWNLOAD_LIMIT_S:
+                raise TimeoutError(f"not finished after {DOWNLOAD_LIMIT_S:g} s")
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(
+    url: str, dest: Path, sha256_prefix: str | None, progress: bool = True, replace: bool = False
+) -> Path:
     """Fetch ``url`` to ``dest`` atomically, verifying the sha256 prefix when one is known.
 
-    torch.hub's helper writes to a temporary file beside ``dest``, checks the hash and only then
-    renames it into place; on any failure the temporary file is removed, so a partial or corrupted
-    file never sits where the loader looks. Re-running when ``dest`` exists does nothing.
+    The file is written to a temporary file beside ``dest``, its hash checked, and only then
+    renamed into place; on any failure (network, HTTP, a stalled or too slow server, a hash
+    mismatch) the temporary file is removed, so a partial or corrupted file never sits where the
+    loader looks. Re-running when ``dest`` exists does nothing, unless ``replace``: then a good
+    download takes the place of the file there.
     """
-    if dest.exists():
+    if dest.exists() and not replace:
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -43,22 +115,45 @@ def download(url: str, dest: Path, sha256_prefix: str | None, progress: bool = T
         raise WeightsError(
             f"cannot create the weights folder {dest.parent}: {exc}", problem="failed"
         ) from exc
+    _remove_abandoned(dest)
+    tmp = _partial(dest)
     try:
-        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256_prefix, progress=progress)
+        got = _fetch(url, tmp, progress)
+        if sha256_prefix and not got.startswith(sha256_prefix):
+            raise WeightsError(
+                f"download of {url} failed: its sha256 {got[:16]}... does not start with the "
+                f"published hash prefix {sha256_prefix}"
+            )
+        os.replace(tmp, dest)
+    except WeightsError:
+        raise
     except PermissionError as exc:
         raise WeightsError(f"cannot write {dest}: {exc}", problem="failed") from exc
-    except Exception as exc:  # network errors, HTTP errors, hash mismatch
+    except Exception as exc:  # network errors, HTTP errors, a stalled server
         raise WeightsError(f"download of {url} failed: {exc}") from exc
+    finally:  # also on KeyboardInterrupt and SystemExit (the CLI's SIGTERM)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return dest
 
 
 def pull(
     spec: ModelSpec, weights_dir: Path, mirror: str | None = None, progress: bool = True
 ) -> Path:
+    """Download ``spec``'s checkpoint unless it is there. A file already there is checked
+    against the published sha256 prefix where there is one, and downloaded again if it does not
+    match (the good download replaces it)."""
     path = spec.weights_path(weights_dir)
     if path is None:
         raise WeightsError(f"{spec.name} has no published weights to download")
-    return download(source_url(spec, mirror), path, spec.sha256_prefix, progress=progress)
+    stale = (
+        path.is_file()
+        and spec.sha256_prefix is not None
+        and not file_sha256(path).startswith(spec.sha256_prefix)
+    )
+    return download(
+        source_url(spec, mirror), path, spec.sha256_prefix, progress=progress, replace=stale
+    )
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,81 @@ def test_unreachable_server_fails_cleanly(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@contextlib.contextmanager
+def stalled_server():
+    """A server that takes connections and never answers (its backlog holds them)."""
+    import socket
+
+    sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_a_stalled_server_fails_the_download_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "DOWNLOAD_STALL_S", 0.5)
+    with stalled_server() as url, pytest.raises(weights.WeightsError, match="timed out"):
+        weights.download(f"{url}/x.pth", tmp_path / "x.pth", "abcdef12", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_files_of_dead_downloads_are_removed(tmp_path):
+    """A download killed outright leaves its temporary file; the next download of that file on
+    this host removes it if the process that wrote it is gone, and leaves a live one's."""
+    import socket
+
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"w": torch.ones(3)}, served / "m.pth")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    dest = tmp_path / "w" / "m.pth"
+    dest.parent.mkdir()
+    dead = dest.with_name(f"m.pth.{host}.{gone.pid}.partial")
+    live = dest.with_name(f"m.pth.{host}.{os.getppid()}.partial")  # pytest's parent: alive
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    with http_server(served) as url:
+        weights.download(f"{url}/m.pth", dest, None, progress=False)
+    assert dest.is_file() and not dead.exists() and live.exists()
+
+
+@needs_shared
+def test_cli_pull_repairs_a_corrupted_file_and_says_what_it_verified(tmp_path):
+    """A file already there is checked against its published hash: a corrupted one is replaced
+    by a good download. A file whose name publishes no hash is said to be unverified."""
+    dest = tmp_path / "w"
+    dest.mkdir()
+    (dest / "resnet20-12fca82f.th").write_bytes(b"junk")
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(CIFAR_WEIGHTS / "resnet20-12fca82f.th", served)
+    (served / "resnet18_fbgemm_16fa66dd.pth").write_bytes(b"any bytes at all")
+
+    def pull(name: str, url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "weights", "pull", name, "--dir", str(dest),
+             "--mirror", url, "--quiet"],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+
+    with http_server(served) as url:
+        r = pull("cifar10_resnet20", url)
+        assert r.returncode == 0 and "(sha256 verified)" in r.stdout, r.stderr
+        assert sha256(dest / "resnet20-12fca82f.th").startswith("12fca82f")
+        r = pull("resnet18:int8", url)
+        assert r.returncode == 0, r.stderr
+        assert "not verified: no sha256 is published" in r.stdout
+        assert "sha256 verified" not in r.stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "app.cli", "weights", "list", "--dir", str(dest)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert "resnet18:int8" in listing.stdout and "resnet50:int8" in listing.stdout
+
+
 @needs_shared
 def test_cli_pull_from_mirror_verifies_and_is_idempotent(tmp_path):
     """`imgcls weights pull` against a local mirror holding the real CIFAR checkpoint."""
@@ -162,6 +237,43 @@ def test_service_downloads_missing_weights_at_startup(tmp_path):
         assert (tmp_path / "resnet20-12fca82f.th").is_file()
         entry = httpx.get(f"{svc.url}/models/cifar10_resnet20").json()
         assert entry["status"] == "ready" and entry["weights"] == "resnet20-12fca82f.th"
+
+
+@needs_shared
+def test_a_stalled_mirror_holds_back_only_the_model_it_would_serve(tmp_path):
+    """A model whose weights are here serves while another's download waits on a mirror that
+    does not answer; that one fails as missing weights when the mirror lets go (here: closes)."""
+    import socket
+    import time
+
+    from tests import images
+
+    shutil.copy(CIFAR_WEIGHTS / "resnet20-12fca82f.th", tmp_path)
+    png = images.encode(images.photo(), "PNG")
+    mirror = socket.create_server(("127.0.0.1", 0), backlog=16)  # takes connections, never answers
+    try:
+        with run_service(
+            wait_ready=False, models="cifar10_resnet56,cifar10_resnet20", weights_dir=tmp_path,
+            auto_download=True, weights_mirror=f"http://127.0.0.1:{mirror.getsockname()[1]}",
+        ) as svc:  # fmt: skip
+            c = httpx.Client(base_url=svc.url, timeout=60)
+            deadline = time.monotonic() + 120
+            while c.get("/models/cifar10_resnet20").json()["status"] != "ready":
+                assert time.monotonic() < deadline, "the model with its weights here never served"
+                time.sleep(0.1)
+            ok = c.post("/classify", params={"model": "cifar10_resnet20"},
+                        files={"file": ("x.png", png)})  # fmt: skip
+            assert ok.status_code == 200, ok.text
+            assert c.get("/models/cifar10_resnet56").json()["status"] == "loading"
+            mirror.close()  # the waiting download is reset
+            while (entry := c.get("/models/cifar10_resnet56").json())["status"] == "loading":
+                assert time.monotonic() < deadline, entry
+                time.sleep(0.1)
+            assert entry["status"] == "missing-weights", entry
+            assert "download of" in entry["reason"], entry
+    finally:
+        mirror.close()
+    assert sorted(os.listdir(tmp_path)) == ["resnet20-12fca82f.th"]
 
 
 @needs_shared

@@ -321,14 +321,15 @@ class Catalog:
             elif self.int8_calibration is not None and base.precision is None:
                 spec = calibrated_int8_spec(base, self.int8_calibration)
             else:
-                raise UnknownModelError(name, [*self._specs, *self._int8_names()])
+                raise UnknownModelError(name, [*self._specs, *self.int8_names()])
             self._int8[name] = spec  # cached apart: /models lists only what is served
             return spec
         if sep and base is not None and base.source == "torchvision":
             return _variant_spec(arch, variant)
         raise UnknownModelError(name, self._specs)
 
-    def _int8_names(self) -> list[str]:
+    def int8_names(self) -> list[str]:
+        """The ``ARCH:int8`` names with torchvision's published int8 weights."""
         return [f"{a}:{INT8}" for a in INT8_PUBLISHED if a in self._specs]
 
     def specs(self) -> list[ModelSpec]:
