@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -40,6 +41,7 @@ from app.preprocess import Preprocess
 from app.responses import classify_result, compare_response, explain_result
 from app.schemas import ClassifyResponse, CompareResponse, ExplainResponse, HeatmapSimilarity
 from app.settings import Settings
+from app.text import clip
 
 T = TypeVar("T")
 
@@ -135,12 +137,10 @@ def parse_target(target: str | int | None, spec: ModelSpec) -> int | None:
     """``top1`` (or None): each image's own top-1; otherwise a class index of ``spec``."""
     if target is None or target == "top1":
         return None
-    try:
-        index = int(target)
-    except ValueError:
-        raise InvalidParameterError(
-            f"'target' must be top1 or a class index, got {target!r}"
-        ) from None
+    # ASCII digits only: int() also takes " 3 ", "+3", "1_0" and other scripts' digits
+    if isinstance(target, str) and not re.fullmatch(r"-?[0-9]{1,9}", target):
+        raise InvalidParameterError(f"'target' must be top1 or a class index, got {clip(target)!r}")
+    index = int(target)
     if not 0 <= index < spec.num_classes:
         raise InvalidParameterError(
             f"'target' {index} is not a class of {spec.name} (0..{spec.num_classes - 1})"
@@ -160,6 +160,12 @@ class ExplainGate:
         self._sem: asyncio.Semaphore | None = None  # made on the serving loop
 
     def check(self, jobs: int = 1) -> None:
+        if jobs > self.limit:  # never fits, however long the client waits: not a 503
+            raise InvalidParameterError(
+                f"explanations of {jobs} models at once need IMGCLS_EXPLAIN_CONCURRENCY + "
+                f"IMGCLS_EXPLAIN_QUEUE >= {jobs} (here {self.limit}); compare at most "
+                f"{self.limit} models with explain"
+            )
         if self.count + jobs > self.limit:
             raise ExplainQueueFullError(
                 f"too many explanations in progress ({self.count} running or waiting, "

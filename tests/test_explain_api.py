@@ -82,6 +82,10 @@ def test_target_index_is_honoured(client) -> None:
         ({"model": "cifar10_resnet56", "target": 10}, 422, "not a class"),
         ({"model": "cifar10_resnet56", "target": "cat"}, 422, "top1 or a class index"),
         ({"model": "cifar10_resnet56", "target": -1}, 422, "not a class"),
+        ({"model": "cifar10_resnet56", "target": " 3 "}, 422, "top1 or a class index"),
+        ({"model": "cifar10_resnet56", "target": "+3"}, 422, "top1 or a class index"),
+        ({"model": "cifar10_resnet56", "target": "1_0"}, 422, "top1 or a class index"),
+        ({"model": "cifar10_resnet56", "target": "\u0663"}, 422, "top1 or a class index"),
         ({"model": "no_such_net"}, 404, "no_such_net"),
     ],
 )
@@ -131,6 +135,21 @@ def test_compare_with_unknown_method_is_422(client) -> None:
         files={"file": ("c.png", shared_image("chelsea.png"))},
     )
     assert r.status_code == 422 and "unknown explanation method" in r.json()["detail"]
+
+
+def test_explanations_of_more_models_than_the_gate_holds_are_422_not_503() -> None:
+    """A /compare?explain=gradcam of more models than IMGCLS_EXPLAIN_CONCURRENCY +
+    IMGCLS_EXPLAIN_QUEUE can never be admitted: retrying (503) would never help."""
+    from app.core import ExplainGate
+    from app.errors import ExplainQueueFullError, InvalidParameterError
+
+    gate = ExplainGate(concurrency=1, queue=1)
+    gate.check(2)  # fits
+    with pytest.raises(InvalidParameterError, match="IMGCLS_EXPLAIN_QUEUE >= 3"):
+        gate.check(3)
+    gate.count = 1  # one running: two more do not fit now, but will
+    with pytest.raises(ExplainQueueFullError):
+        gate.check(2)
 
 
 def test_openapi_documents_explain(client) -> None:
