@@ -529,3 +529,27 @@ def _classify_broken(tmp_path: Path) -> None:
         assert "req-nan-1" in detail and "inference failed" in detail
         assert "non-finite" not in detail and "Error" not in detail and "Traceback" not in detail
         assert svc.service.pool.workers[0].alive  # a bad output is no reason to restart
+
+
+def test_a_ready_model_waits_for_its_worker_to_finish_loading_another(tmp_path):
+    """One worker, a model ready on it, and a second model loaded at run time: while the worker
+    builds the second (it runs nothing beside), requests for the first wait for it and are
+    answered, not refused with 503 as if no worker had the model."""
+    with run_service(
+        models="cifar10_resnet20", allow_random_weights=True, weights_dir=tmp_path,
+        model_control="explicit",
+    ) as svc:  # fmt: skip
+        pool = svc.service.pool
+        with cf.ThreadPoolExecutor(1) as ex:
+            load = ex.submit(
+                httpx.post, f"{svc.url}/v2/repository/models/resnet18/load", timeout=300
+            )
+            _wait(lambda: pool.workers[0].loading, 60, "the worker never started loading")
+            assert svc.service.status("cifar10_resnet20").status == "ready"
+            r = httpx.post(
+                f"{svc.url}/classify", params={"model": "cifar10_resnet20"},
+                files={"file": ("x.png", PNG)}, timeout=300,
+            )  # fmt: skip
+            loaded = load.result()
+        assert r.status_code == 200, r.text
+        assert loaded.status_code == 200, loaded.text

@@ -485,6 +485,17 @@ class WorkerPool:
             and st.status == "ready"
         ]
 
+    def _busy_loading(self, name: str) -> bool:
+        """A worker has ``name`` ready but is building another model (at start-up, or a load at
+        run time), which it runs nothing else beside: batches for ``name`` wait for it."""
+        return any(
+            w.alive
+            and w.loading
+            and (st := w.models.get(name)) is not None
+            and st.status == "ready"
+            for w in self.workers
+        )
+
     def poke(self) -> None:
         """Look again at the waiters (a batch became full: it may use a busy worker's second
         slot)."""
@@ -507,8 +518,14 @@ class WorkerPool:
                 continue
             ready = self.ready_workers(waiter.name)
             if not ready:
+                if self._busy_loading(waiter.name):  # it serves again when the load is done
+                    kept.append(waiter)
+                    continue
                 waiter.future.set_exception(
-                    NoReadyWorkerError(f"no worker has {waiter.name} ready (restarting?)")
+                    NoReadyWorkerError(
+                        f"no worker has {waiter.name} ready (a worker restarting, or the model "
+                        "failed or was unloaded)"
+                    )
                 )
                 continue
             limit = MAX_INFLIGHT_FULL if waiter.full() else MAX_INFLIGHT_PER_WORKER
