@@ -90,6 +90,30 @@ def test_api_error_is_shown_readably(page, tmp_path):
     page.screenshot(path=str(SCREENSHOTS / "error-api-400.png"), full_page=True)
 
 
+@needs_shared(IMAGES, CIFAR_WEIGHTS)
+def test_an_answer_for_an_earlier_picture_is_dropped(page, tmp_path):
+    """A picture chosen while an answer is on its way: that answer (for the picture before) is
+    not shown under the new one, and the buttons work for the new picture at once."""
+    held: list = []  # the /compare request, sent on only when the test lets it
+    page.route("**/compare?*", lambda route: held.append(route))
+    page.set_input_files("#file-input", str(IMAGES / "chelsea.png"))
+    _select(page, ["cifar10_resnet20", "cifar10_resnet56"])
+    page.click("#compare-btn")
+    page.wait_for_function("document.getElementById('busy').textContent.startsWith('Comparing')")
+    assert page.is_disabled("#classify-btn")  # one request at a time
+    page.set_input_files("#file-input", str(IMAGES / "coffee.png"))
+    assert page.is_enabled("#classify-btn") and page.inner_text("#busy") == ""
+    (route,) = held
+    route.continue_()
+    page.unroute("**/compare?*")
+    page.wait_for_timeout(1500)  # the held answer has come back by now, and was dropped
+    assert page.query_selector_all(".card") == []
+    _select(page, ["cifar10_resnet20"])
+    page.click("#classify-btn")
+    page.wait_for_selector(".card[data-model='cifar10_resnet20']")
+    assert len(page.query_selector_all(".card")) == 1
+
+
 def test_phone_width_and_keyboard(browser, service, tmp_path):
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
@@ -171,6 +195,16 @@ def test_page_asks_for_the_key_once_and_sends_it(browser, keyed_service):
     assert card.query_selector("li.pred") is not None
     page.screenshot(path=str(SCREENSHOTS / "keyed-classify.png"), full_page=True)
     assert sent and sent[-1] == f"Bearer {PAGE_KEY}"  # the classify call
+    # "Show where each model looks" on Classify asks /explain with the key too
+    explained: list[str | None] = []
+    page.on("request", lambda r: explained.append(r.headers.get("authorization"))
+            if "/explain" in r.url else None)  # fmt: skip
+    page.check("#explain-toggle")
+    page.click("#classify-btn")
+    page.wait_for_selector(".card[data-model='cifar10_resnet20'] img.cam-overlay")
+    assert explained == [f"Bearer {PAGE_KEY}"]
+    assert page.is_hidden("#error")
+    page.uncheck("#explain-toggle")
     # Asked once: a reload in the same tab goes straight to the models.
     page.reload()
     page.wait_for_selector("#model-groups[aria-busy=false]")

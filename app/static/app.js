@@ -19,6 +19,9 @@ const state = {
   info: { max_upload_mb: 20, max_pixels: 40000000 },
   models: {},          // name -> /models entry
   measured: {},        // name -> last measured total latency (ms)
+  seq: 0,              // the latest request; an answer to an earlier one is dropped
+  running: false,      // a request is on its way: the buttons wait for it
+  shown: "",           // the picture the results on screen belong to (Grad-CAM's original)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -109,8 +112,19 @@ function checkFile(file) {
   return null;
 }
 
+function clearResults() {
+  $("cards").replaceChildren();
+  renderAgreement(null);
+  $("random-warning").hidden = true;
+}
+
 function chooseFile(file) {
   if (!file) return;
+  // a new picture: the results on screen, and any answer still on its way, were for another
+  state.seq += 1;
+  state.running = false;
+  $("busy").textContent = "";
+  clearResults();
   const problem = checkFile(file);
   const preview = $("preview");
   if (problem) {
@@ -203,8 +217,8 @@ function selected() {
 
 function updateButtons() {
   const n = selected().length;
-  $("classify-btn").disabled = !state.file || n < 1;
-  $("compare-btn").disabled = !state.file || n < 2 || n > 8;
+  $("classify-btn").disabled = state.running || !state.file || n < 1;
+  $("compare-btn").disabled = state.running || !state.file || n < 2 || n > 8;
 }
 
 async function loadModels() {
@@ -254,7 +268,7 @@ function card(result) {
 function camFigure(result) {
   const exp = result.explanation;
   if (!exp) return null;
-  const original = el("img", { class: "cam-original", src: $("preview").src || "", alt: `${result.model}: the image` });
+  const original = el("img", { class: "cam-original", src: state.shown, alt: `${result.model}: the image` });
   const overlay = el("img", { class: "cam-overlay", src: exp.overlay, alt: `${result.model}: where it looked for ${exp.target.label}` });
   const btn = el("button", { type: "button", class: "cam", "data-showing": "overlay", "aria-pressed": "false",
     title: "Tap to switch between the heatmap and the original" }, original, overlay);
@@ -346,7 +360,10 @@ function renderChart() {
 // ---- actions -----------------------------------------------------------------------------
 async function run(kind) {
   const models = selected();
-  if (!state.file) return;
+  if (!state.file || state.running) return;
+  const token = ++state.seq;
+  const current = () => token === state.seq;  // false once another picture or request came
+  const picture = $("preview").src || "";
   const topK = Math.min(20, Math.max(1, parseInt($("top-k").value, 10) || 5));
   const form = new FormData();
   form.append("file", state.file, state.file.name);
@@ -357,26 +374,37 @@ async function run(kind) {
   if (explain && kind === "compare") params.set("explain", "gradcam");
   showError("");
   $("busy").textContent = kind === "classify" ? `Classifying with ${models[0]}…` : `Comparing ${models.length} models…`;
-  $("classify-btn").disabled = $("compare-btn").disabled = true;
+  state.running = true;
+  updateButtons();
   try {
     const response = await api(`/${kind}?${params}`, { method: "POST", body: form });
+    if (!current()) return;
     if (response.status === 401) askForKey(true);
     if (!response.ok) { showError(await apiError(response)); return; }
     const body = await response.json();
+    let explainError = "";
     if (explain && kind === "classify") {
       const params = new URLSearchParams({ model: models[0], method: "gradcam", heatmap: "false" });
-      const exp = await fetch(`/explain?${params}`, { method: "POST", body: form });
-      if (!exp.ok) { showError(await apiError(exp)); return; }
-      body.explanation = await exp.json();
+      const exp = await api(`/explain?${params}`, { method: "POST", body: form });
+      if (!current()) return;
+      if (exp.status === 401) askForKey(true);
+      if (exp.ok) body.explanation = await exp.json();
+      else explainError = await apiError(exp);  // the classification still shows
     }
+    if (!current()) return;
+    state.shown = picture;
     if (kind === "classify") renderResults([body], null);
     else renderResults(body.results, body.agreement);
+    if (explainError) showError(`No Grad-CAM: ${explainError}`);
     $("busy").textContent = "Done.";
   } catch (e) {
-    showError(`The request failed: ${e.message}`);
+    if (current()) showError(`The request failed: ${e.message}`);
   } finally {
-    if ($("busy").textContent !== "Done.") $("busy").textContent = "";
-    updateButtons();
+    if (current()) {
+      state.running = false;
+      if ($("busy").textContent !== "Done.") $("busy").textContent = "";
+      updateButtons();
+    }
   }
 }
 
