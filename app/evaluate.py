@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ModelReport:
     p95_ms: float
     p99_ms: float
     mean_batch: float
+    skipped: int = 0  # files the service refused as images (400/413): not counted
 
 
 def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
@@ -50,12 +51,22 @@ def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
 
     With ``limit``, the first images of every class in turn, so a short run stays balanced.
     """
-    classes = sorted(p for p in data.iterdir() if p.is_dir())
+    classes = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{data} has no class subfolders")
     per_class = [
-        sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes
+        sorted(
+            f
+            for f in c.iterdir()
+            # dot files: macOS's "._name.jpg" resource forks are not images
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+        )
+        for c in classes
     ]
+    if not any(per_class):
+        raise ValueError(
+            f"{data}'s class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     items: list[tuple[Path, str]] = []
     for row in range(max(len(files) for files in per_class)):
         for cls, files in zip(classes, per_class, strict=True):
@@ -75,10 +86,18 @@ def local_service(models: list[str]) -> Iterator[str]:
     """A real uvicorn server on a free 127.0.0.1 port serving ``models``; yields its URL."""
     import uvicorn
 
+    from app.catalog import UnknownModelError
+    from app.catalog.custom import catalog_for
     from app.main import create_app
     from app.settings import Settings
 
     settings = Settings(models=",".join(models), grpc_port=0)  # HTTP only: no fixed port
+    catalog = catalog_for(settings.model_config_file, settings.int8_calibration)
+    for name in settings.model_names:  # said in one line, before a server starts
+        try:
+            catalog.get(name)
+        except UnknownModelError as exc:
+            raise ValueError(str(exc)) from None
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
@@ -87,14 +106,16 @@ def local_service(models: list[str]) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, timeout=600)
+        wait_ready(url, timeout=600, models=models)
         yield url
     finally:
         server.should_exit = True
         thread.join(60)
 
 
-def wait_ready(url: str, timeout: float) -> None:
+def wait_ready(url: str, timeout: float, models: Sequence[str] = ()) -> None:
+    """Until ``/readyz`` says ready; at once (ValueError) when one of ``models`` cannot be: its
+    weights are missing or it failed to load."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -103,6 +124,10 @@ def wait_ready(url: str, timeout: float) -> None:
             if r.status_code == 200:
                 return
             last = r.text
+            for model in models:
+                entry = httpx.get(f"{url}/models/{model}", timeout=5).json()
+                if entry.get("status") in ("failed", "missing-weights"):
+                    raise ValueError(f"{model} cannot be served: {entry.get('reason')}")
         except httpx.HTTPError as exc:
             last = str(exc)
         time.sleep(0.25)
@@ -126,8 +151,12 @@ async def _run_model(
             "/classify", params={"model": model, "top_k": 5}, files={"file": (name, data)}
         )
         elapsed = (time.perf_counter() - t0) * 1000.0
+        if r.status_code in (400, 413):  # not an image the service takes: left out, counted
+            results[i] = {"skipped": f"{name}: {r.json().get('detail', r.text)}"}
+            progress.update(1)
+            return
         if r.status_code != 200:
-            raise RuntimeError(f"{model} on {name}: HTTP {r.status_code}: {r.text}")
+            raise ValueError(f"{model} on {name}: HTTP {r.status_code}: {r.text[:500]}")
         body = r.json()
         labels = [p["label"] for p in body["predictions"]]
         results[i] = {"label": label, "labels": labels, "ms": elapsed, "body": body}
@@ -146,8 +175,11 @@ async def _run_model(
 
 
 def _summarise(
-    model: str, entry: dict[str, Any], results: list[dict[str, Any]], wall_s: float
+    model: str, entry: dict[str, Any], answered: list[dict[str, Any]], wall_s: float
 ) -> ModelReport:
+    results = [r for r in answered if "skipped" not in r]
+    if not results:
+        raise ValueError(f"{model}: the service refused every image as unreadable")
     n = len(results)
     top1 = sum(r["labels"][0] == r["label"] for r in results)
     top5 = sum(r["label"] in r["labels"][:5] for r in results)
@@ -170,6 +202,7 @@ def _summarise(
         p95_ms=round(float(np.percentile(ms, 95)), 2),
         p99_ms=round(float(np.percentile(ms, 99)), 2),
         mean_batch=round(float(np.mean([r["body"]["batch_size"] for r in results])), 2),
+        skipped=len(answered) - n,
     )
 
 
@@ -182,10 +215,18 @@ async def evaluate_url(
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         entries = {}
         for model in models:
-            r = await client.get(f"/models/{model}")
+            try:
+                r = await client.get(f"/models/{model}")
+            except httpx.HTTPError as exc:
+                raise ValueError(f"cannot reach {url}: {exc}") from None
             if r.status_code != 200:
                 raise ValueError(f"{url}: model {model!r}: {r.json().get('detail', r.text)}")
             entries[model] = r.json()
+            if entries[model].get("status") != "ready":
+                raise ValueError(
+                    f"{url}: model {model!r} is {entries[model].get('status')}"
+                    f" ({entries[model].get('reason')}); serve it first"
+                )
             unknown = sorted({label for _, label in items} - set(entries[model]["labels"]))
             if unknown:
                 raise ValueError(
@@ -222,6 +263,10 @@ def write_reports(reports: list[ModelReport], out: Path, meta: dict[str, Any]) -
             f"{r.top5:.2f} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | "
             f"{r.p99_ms:.1f} | {r.device} | {r.precision} | {r.weights} |"
         )
+    for r in reports:
+        if r.skipped:
+            lines.append(f"\n{r.model}: {r.skipped} files were refused as unreadable images and "
+                         "left out of its figures.")  # fmt: skip
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(reports, out / "report.png")
     return [out / "report.json", out / "report.md", out / "report.png"]
@@ -274,6 +319,10 @@ def run_eval(
 ) -> list[ModelReport]:
     if not data.is_dir():
         raise ValueError(f"--data {data} is not a folder")
+    if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
+        raise ValueError(f"--out {out} is a file; name a folder for the reports")
+    if not models:
+        raise ValueError("--models names no model")
     with contextlib.ExitStack() as stack:
         if url is None:
             url = stack.enter_context(local_service(models))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from app.evaluate import list_images
-from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, ROOT, needs_shared
+from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, ROOT, free_port, needs_shared
 
 pytestmark = needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 
@@ -105,6 +106,8 @@ def test_imgcls_eval_without_url_starts_the_service_in_process(tmp_path):
         (data / cls).mkdir(parents=True)
         for src in sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:5]:
             (data / cls / src.name).write_bytes(src.read_bytes())
+    (data / "cat" / "._0000.jpg").write_bytes(b"\0\5\22\7")  # a macOS resource fork: ignored
+    (data / "ship" / "broken.jpg").write_bytes(b"not a picture")  # refused by the service: left out
     weights = tmp_path / "weights"
     weights.mkdir()
     (weights / "resnet20-12fca82f.th").symlink_to(CIFAR_WEIGHTS / "resnet20-12fca82f.th")
@@ -120,3 +123,45 @@ def test_imgcls_eval_without_url_starts_the_service_in_process(tmp_path):
     assert report["meta"]["url"] == "in-process service"
     (row,) = report["models"]
     assert row["images"] == 10 and row["top1"] >= 50.0  # real weights: most of these are right
+    assert row["skipped"] == 1 and "1 unreadable files left out" in r.stdout
+
+
+def test_eval_mistakes_are_one_line_not_a_traceback(service, tmp_path):
+    """What a user gets wrong (or a service that cannot answer) ends `imgcls eval` with one
+    line and exit 2, quickly: no traceback, no ten-minute wait for a model that cannot load."""
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    good = tmp_path / "good"
+    (good / "cat").mkdir(parents=True)
+    src = next(CIFAR_SAMPLE.glob("cat/*.jpg"))
+    (good / "cat" / "x.jpg").write_bytes(src.read_bytes())
+    (tmp_path / "a-file").write_text("")
+    nothing = tmp_path / "no-weights"
+    nothing.mkdir()
+    url = ["--url", service.url]
+    cases = {
+        "no images": ([*url, "--data", str(empty), "--models", "cifar10_resnet20"], "hold no images"),
+        "service down": (["--url", f"http://127.0.0.1:{free_port()}", "--data", str(good),
+                          "--models", "cifar10_resnet20"], "cannot reach"),
+        "out is a file": ([*url, "--data", str(good), "--models", "cifar10_resnet20", "--out",
+                           str(tmp_path / "a-file")], "is a file"),
+        "not served": ([*url, "--data", str(good), "--models", "vgg19"], "is not-loaded"),
+        "unknown, in-process": (["--data", str(good), "--models", "nope"], "unknown model 'nope'"),
+        "no weights, in-process": (["--data", str(good), "--models", "cifar10_resnet20"],
+                                   "cannot be served"),
+    }  # fmt: skip
+    env = {**os.environ, "IMGCLS_WEIGHTS_DIR": str(nothing), "IMGCLS_AUTO_DOWNLOAD": "0",
+           "IMGCLS_PRECISION": "fp32", "IMGCLS_COMPILE": "0", "IMGCLS_LOG_LEVEL": "warning"}  # fmt: skip
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "eval", "--out", str(tmp_path / "o"), *args],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=240,
+        )  # fmt: skip
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        runs = {name: ex.submit(run, args) for name, (args, _) in cases.items()}
+        results = {name: f.result() for name, f in runs.items()}
+    for name, r in results.items():
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        assert cases[name][1] in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-2000:])

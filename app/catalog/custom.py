@@ -91,7 +91,9 @@ def _cam_layer(value: Any, model: nn.Module) -> str:
 
 
 def _read_labels(path: Path) -> tuple[str, ...]:
-    labels = tuple(line.strip() for line in path.read_text("utf-8").splitlines() if line.strip())
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first label
+    text = path.read_text("utf-8-sig")
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not labels:
         raise ValueError(f"labels file {path} has no labels")
     if len(set(labels)) != len(labels):
