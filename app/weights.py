@@ -71,20 +71,26 @@ def _fetch(url: str, tmp: Path, progress: bool) -> str:
     digest = hashlib.sha256()
     started = time.monotonic()
     request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
+    written = 0
     with (
         urllib.request.urlopen(request, timeout=DOWNLOAD_STALL_S) as response,
         tmp.open("wb") as out,
-        tqdm(
-            total=int(response.headers.get("Content-Length") or 0) or None,
-            disable=not progress, unit="B", unit_scale=True, unit_divisor=1024,
-        ) as bar,
-    ):  # fmt: skip
-        while chunk := response.read1(_CHUNK):
-            out.write(chunk)
-            digest.update(chunk)
-            bar.update(len(chunk))
-            if time.monotonic() - started > DOWNLOAD_LIMIT_S:
-                raise TimeoutError(f"not finished after {DOWNLOAD_LIMIT_S:g} s")
+    ):
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        with tqdm(total=expected, disable=not progress, unit="B", unit_scale=True,
+                  unit_divisor=1024) as bar:  # fmt: skip
+            while chunk := response.read1(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+                if time.monotonic() - started > DOWNLOAD_LIMIT_S:
+                    raise TimeoutError(f"not finished after {DOWNLOAD_LIMIT_S:g} s")
+    # read1 ends quietly at a connection closed early: a file without a published hash would
+    # pass for whole
+    if expected is not None and written != expected:
+        raise OSError(f"the server sent {written:,} of {expected:,} bytes")
     return digest.hexdigest()
 
 

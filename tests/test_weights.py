@@ -95,6 +95,31 @@ def test_a_stalled_server_fails_the_download_and_leaves_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_body_cut_short_fails_even_without_a_hash(tmp_path):
+    """A server that closes the connection before Content-Length bytes: the file is not taken
+    for whole (a file whose name publishes no hash has nothing else to catch it)."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer_short() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+
+    thread = threading.Thread(target=answer_short, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/m.pth"
+    try:
+        with pytest.raises(weights.WeightsError, match="sent 10 of 1,000 bytes"):
+            weights.download(url, tmp_path / "m.pth", None, progress=False)
+    finally:
+        thread.join(10)
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_temporary_files_of_dead_downloads_are_removed(tmp_path):
     """A download killed outright leaves its temporary file; the next download of that file on
     this host removes it if the process that wrote it is gone, and leaves a live one's."""
