@@ -125,8 +125,10 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"{r.model:<22} top-1 {r.top1:6.2f}%  top-5 {r.top5:6.2f}%  "
             f"{r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms"
-            + (f"  ({r.skipped} unreadable files left out)" if r.skipped else "")
+            + (f"  ({r.skipped} files refused and left out)" if r.skipped else "")
         )
+        for example in r.skipped_examples:
+            print(f"    refused: {example}")
     print(f"reports written to {args.out}/report.json, report.md, report.png")
     return 0
 

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ class ModelReport:
     p95_ms: float
     p99_ms: float
     mean_batch: float
-    skipped: int = 0  # files the service refused as images (400/413): not counted
+    skipped: int = 0  # files the service refused (400 unreadable, 413 over a limit): left out
+    skipped_examples: list[str] = field(default_factory=list)  # the first few, with the reason
 
 
 def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
@@ -152,7 +153,11 @@ async def _run_model(
         )
         elapsed = (time.perf_counter() - t0) * 1000.0
         if r.status_code in (400, 413):  # not an image the service takes: left out, counted
-            results[i] = {"skipped": f"{name}: {r.json().get('detail', r.text)}"}
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:  # a proxy's own page
+                detail = r.text[:200]
+            results[i] = {"skipped": f"{name}: HTTP {r.status_code}: {detail}"}
             progress.update(1)
             return
         if r.status_code != 200:
@@ -178,8 +183,9 @@ def _summarise(
     model: str, entry: dict[str, Any], answered: list[dict[str, Any]], wall_s: float
 ) -> ModelReport:
     results = [r for r in answered if "skipped" not in r]
+    skipped = [r["skipped"] for r in answered if "skipped" in r]
     if not results:
-        raise ValueError(f"{model}: the service refused every image as unreadable")
+        raise ValueError(f"{model}: the service refused every file, e.g. {skipped[0]}")
     n = len(results)
     top1 = sum(r["labels"][0] == r["label"] for r in results)
     top5 = sum(r["label"] in r["labels"][:5] for r in results)
@@ -202,8 +208,34 @@ def _summarise(
         p95_ms=round(float(np.percentile(ms, 95)), 2),
         p99_ms=round(float(np.percentile(ms, 99)), 2),
         mean_batch=round(float(np.mean([r["body"]["batch_size"] for r in results])), 2),
-        skipped=len(answered) - n,
+        skipped=len(skipped),
+        skipped_examples=skipped[:3],
     )
+
+
+READY_WAIT_S = 600.0  # a service just started may take minutes to load and compile its models
+
+
+async def _ready_entry(client: httpx.AsyncClient, url: str, model: str) -> dict[str, Any]:
+    """``/models/{model}`` once it is ready: a model still loading (a service just started) is
+    waited for; one not served, failed or without weights ends the run (ValueError)."""
+    deadline = time.monotonic() + READY_WAIT_S
+    while True:
+        try:
+            r = await client.get(f"/models/{model}")
+        except httpx.HTTPError as exc:
+            raise ValueError(f"cannot reach {url}: {exc}") from None
+        if r.status_code != 200:
+            raise ValueError(f"{url}: model {model!r}: {r.json().get('detail', r.text)}")
+        entry: dict[str, Any] = r.json()
+        status = entry.get("status")
+        if status == "ready":
+            return entry
+        if status != "loading" or time.monotonic() > deadline:
+            raise ValueError(
+                f"{url}: model {model!r} is {status} ({entry.get('reason')}); serve it first"
+            )
+        await asyncio.sleep(0.5)
 
 
 async def evaluate_url(
@@ -215,18 +247,7 @@ async def evaluate_url(
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         entries = {}
         for model in models:
-            try:
-                r = await client.get(f"/models/{model}")
-            except httpx.HTTPError as exc:
-                raise ValueError(f"cannot reach {url}: {exc}") from None
-            if r.status_code != 200:
-                raise ValueError(f"{url}: model {model!r}: {r.json().get('detail', r.text)}")
-            entries[model] = r.json()
-            if entries[model].get("status") != "ready":
-                raise ValueError(
-                    f"{url}: model {model!r} is {entries[model].get('status')}"
-                    f" ({entries[model].get('reason')}); serve it first"
-                )
+            entries[model] = await _ready_entry(client, url, model)
             unknown = sorted({label for _, label in items} - set(entries[model]["labels"]))
             if unknown:
                 raise ValueError(
@@ -265,8 +286,8 @@ def write_reports(reports: list[ModelReport], out: Path, meta: dict[str, Any]) -
         )
     for r in reports:
         if r.skipped:
-            lines.append(f"\n{r.model}: {r.skipped} files were refused as unreadable images and "
-                         "left out of its figures.")  # fmt: skip
+            lines.append(f"\n{r.model}: {r.skipped} files were refused by the service and left "
+                         f"out of its figures, e.g. {r.skipped_examples[0]}")  # fmt: skip
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(reports, out / "report.png")
     return [out / "report.json", out / "report.md", out / "report.png"]

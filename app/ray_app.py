@@ -223,9 +223,9 @@ class Ingress:
         for name in names:
             self.core.admit(name)
         if explain is not None:
+            self.core.explain_gate.check(len(names))  # first: more than it can ever hold: 422
             for name in names:
                 self.core.admit_explain(name, explain)
-            self.core.explain_gate.check(len(names))
         await self.core.refresh()
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
         return await self.core.compare(

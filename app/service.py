@@ -9,9 +9,11 @@ done-callback, so a failure is logged with its traceback and the models it affec
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,8 @@ class Service(InferenceCore):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting = True  # until the start-up task has made the pool and batchers
+        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="imgcls-weights")
+        self._downloading: set[str] = set()  # models whose weights are being downloaded
 
     # ---- background tasks ------------------------------------------------------------------
     def _spawn(self, coro: Any, name: str, affects: list[str]) -> asyncio.Task[Any]:
@@ -105,13 +109,18 @@ class Service(InferenceCore):
         """The load plan of one model, or None (with the problem recorded) when it cannot run."""
         name = served.spec.name
         try:
-            path = await asyncio.to_thread(
-                weights_mod.resolve,
-                served.spec,
-                self.settings.weights_dir,
-                auto_download=self.settings.auto_download,
-                allow_random=self.settings.allow_random_weights,
-                mirror=self.settings.weights_mirror,
+            # on threads of their own: a download may take minutes, and the default executor's
+            # few threads decode and parse uploads
+            path = await asyncio.get_running_loop().run_in_executor(
+                self._downloads,
+                functools.partial(
+                    weights_mod.resolve,
+                    served.spec,
+                    self.settings.weights_dir,
+                    auto_download=self.settings.auto_download,
+                    allow_random=self.settings.allow_random_weights,
+                    mirror=self.settings.weights_mirror,
+                ),
             )
         except weights_mod.WeightsError as exc:
             served.problem, served.reason = exc.problem, str(exc)
@@ -182,12 +191,19 @@ class Service(InferenceCore):
             self._spawn(self._download_and_load(served), f"download-{name}", [name])
 
     async def _download_and_load(self, served: ServedModel) -> None:
-        async with self._repository(served.spec.name):  # not beside a repository load of it
-            if (
-                served.spec.name not in self.batchers
-                and self.served.get(served.spec.name) is served
-            ):
-                await self._load_one(served)
+        name = served.spec.name
+        self._downloading.add(name)
+        try:
+            # the download outside the model's lock: a repository load or unload of it meanwhile
+            # is not held for the download's length (a load downloads beside, one at a time)
+            plan = await self._resolve(served)
+        finally:
+            self._downloading.discard(name)
+        if plan is None:
+            return
+        async with self._repository(name):
+            if name not in self.batchers and self.served.get(name) is served:
+                await self._load_one(served, plan)
 
     def _add_batcher(self, name: str) -> None:
         assert self.pool is not None
@@ -210,6 +226,7 @@ class Service(InferenceCore):
             await b.stop()
         if self.pool is not None:
             await self.pool.close(grace_s=self.settings.shutdown_grace_s)
+        self._downloads.shutdown(wait=False, cancel_futures=True)
 
     # ---- models at run time (the model-repository extension) -------------------------------
     def _repository(self, name: str) -> asyncio.Lock:
@@ -240,9 +257,10 @@ class Service(InferenceCore):
             )
             return self.status(name)
 
-    async def _load_one(self, served: ServedModel) -> None:
+    async def _load_one(self, served: ServedModel, plan: LoadPlan | None = None) -> None:
+        """Resolve ``served``'s weights (unless ``plan`` says where they are) and load it."""
         assert self.pool is not None
-        plan = await self._resolve(served)
+        plan = plan or await self._resolve(served)
         if plan is None:
             return
         self.pool.load(plan)
@@ -276,6 +294,8 @@ class Service(InferenceCore):
             return ModelStatus("not-loaded", "not loaded by this service")
         if served.problem:
             return ModelStatus(served.problem, served.reason)
+        if name in self._downloading:
+            return ModelStatus("loading", "downloading weights")
         if self.pool is None or name not in self.batchers:
             return ModelStatus("loading", "resolving weights and starting workers")
         return self.pool.model_status(name)

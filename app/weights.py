@@ -9,7 +9,9 @@ import contextlib
 import glob
 import hashlib
 import os
+import secrets
 import socket
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -44,26 +46,47 @@ _CHUNK = 1 << 20
 
 
 def _partial(dest: Path) -> Path:
-    """The temporary file a download writes beside ``dest``: named by host and process, so a
-    later download can tell one left by a process that died from one still being written."""
-    return dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.partial")
+    """The temporary file a download writes beside ``dest``: named by host and process (so a
+    later download can tell one left by a process that died from one still being written), and
+    by a random part (two downloads of one file never share one)."""
+    token = secrets.token_hex(4)
+    return dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.{token}.partial")
 
 
 def _remove_abandoned(dest: Path) -> None:
-    """Remove temporary files of ``dest`` left by processes of this host that are gone (a
-    download killed by SIGKILL, or cut short when its process exited)."""
+    """Remove temporary files of ``dest`` that no download is writing: left by a process of
+    this host that is gone (a download killed by SIGKILL, or cut short when its process exited),
+    or older than any download may last (DOWNLOAD_LIMIT_S), from any host."""
     host = socket.gethostname()
+    now = time.time()
     for f in dest.parent.glob(f"{glob.escape(dest.name)}.*.partial"):
-        parts = f.name[len(dest.name) + 1 :].split(".")
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
+        # HOST.PID.TOKEN (a host name may hold dots)
+        parts = f.name[len(dest.name) + 1 : -len(".partial")].rsplit(".", 2)
         try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
+            stale = now - f.stat().st_mtime > DOWNLOAD_LIMIT_S + 60
+        except OSError:
+            continue
+        if not stale and len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                stale = True
+            except OSError:  # alive, under another user
+                pass
+        if stale:
             with contextlib.suppress(OSError):
                 f.unlink()
-        except OSError:  # alive, under another user
-            pass
+
+
+# One download of a file at a time in this process: two models that share a checkpoint
+# (resnet50 and resnet50:IMAGENET1K_V2, vgg16 and vgg16:int8) may both want it at start-up.
+_dest_locks: dict[Path, threading.Lock] = {}
+_dest_locks_guard = threading.Lock()
+
+
+def _lock_for(dest: Path) -> threading.Lock:
+    with _dest_locks_guard:
+        return _dest_locks.setdefault(dest.resolve(), threading.Lock())
 
 
 def _fetch(url: str, tmp: Path, progress: bool) -> str:
@@ -121,6 +144,13 @@ def download(
         raise WeightsError(
             f"cannot create the weights folder {dest.parent}: {exc}", problem="failed"
         ) from exc
+    with _lock_for(dest):
+        if dest.exists() and not replace:  # another thread got it while this one waited
+            return dest
+        return _download(url, dest, sha256_prefix, progress)
+
+
+def _download(url: str, dest: Path, sha256_prefix: str | None, progress: bool) -> Path:
     _remove_abandoned(dest)
     tmp = _partial(dest)
     try:

@@ -123,7 +123,8 @@ def test_imgcls_eval_without_url_starts_the_service_in_process(tmp_path):
     assert report["meta"]["url"] == "in-process service"
     (row,) = report["models"]
     assert row["images"] == 10 and row["top1"] >= 50.0  # real weights: most of these are right
-    assert row["skipped"] == 1 and "1 unreadable files left out" in r.stdout
+    assert row["skipped"] == 1 and "1 files refused and left out" in r.stdout
+    assert row["skipped_examples"][0].startswith("broken.jpg: HTTP 400:")
 
 
 def test_eval_mistakes_are_one_line_not_a_traceback(service, tmp_path):

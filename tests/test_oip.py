@@ -782,6 +782,15 @@ def test_a_cancelled_grpc_call_keeps_its_budget_while_its_message_is_read(oip, m
     t = request.inputs.add(name="PIXELS", datatype="FP32", shape=[8, 3, 32, 32])
     t.contents.fp32_contents.extend(pixels.ravel().tolist())
     assert budget.used == 0
+    cancelled = f'imgcls_requests_total{{endpoint="grpc:ModelInfer",model="{CIFAR}",status="499"}} '
+
+    def cancels() -> float:  # counted once the call's handler has ended
+        for row in httpx.get(f"{oip.url}/metrics", headers=auth()).text.splitlines():
+            if row.startswith(cancelled):
+                return float(row[len(cancelled) :])
+        return 0.0
+
+    before = cancels()
     with grpc.insecure_channel(f"127.0.0.1:{oip.settings.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         call = stub.ModelInfer.future(request, metadata=(("authorization", f"Bearer {KEY}"),))
@@ -792,7 +801,9 @@ def test_a_cancelled_grpc_call_keeps_its_budget_while_its_message_is_read(oip, m
             while not call.done() and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert call.cancelled()
-            time.sleep(0.5)  # the handler has seen the cancel by now (without the hold: 0 here)
+            while cancels() == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cancels() == before + 1  # the handler has ended
             assert budget.used >= request.ByteSize()  # the thread still holds the message
         finally:
             release.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import functools
 import hashlib
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -133,13 +135,33 @@ def test_temporary_files_of_dead_downloads_are_removed(tmp_path):
     host = socket.gethostname()
     dest = tmp_path / "w" / "m.pth"
     dest.parent.mkdir()
-    dead = dest.with_name(f"m.pth.{host}.{gone.pid}.partial")
-    live = dest.with_name(f"m.pth.{host}.{os.getppid()}.partial")  # pytest's parent: alive
-    dead.write_bytes(b"x")
-    live.write_bytes(b"x")
+    dead = dest.with_name(f"m.pth.{host}.{gone.pid}.1a2b3c4d.partial")
+    live = dest.with_name(f"m.pth.{host}.{os.getppid()}.1a2b3c4d.partial")  # pytest's parent
+    elsewhere = dest.with_name("m.pth.other.host.example.1.1a2b3c4d.partial")  # another host's
+    old = dest.with_name("m.pth.other.host.example.2.1a2b3c4d.partial")  # past any download
+    for f in (dead, live, elsewhere, old):
+        f.write_bytes(b"x")
+    long_ago = time.time() - weights.DOWNLOAD_LIMIT_S - 120
+    os.utime(old, (long_ago, long_ago))
     with http_server(served) as url:
         weights.download(f"{url}/m.pth", dest, None, progress=False)
-    assert dest.is_file() and not dead.exists() and live.exists()
+    assert dest.is_file() and not dead.exists() and not old.exists()
+    assert live.exists() and elsewhere.exists()
+
+
+def test_two_downloads_of_one_file_at_once_share_it(tmp_path):
+    """Two models that share a checkpoint (resnet50 and resnet50:IMAGENET1K_V2) may download it
+    at the same time: one download, and both get the whole, verified file."""
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"w": torch.arange(100_000.0)}, served / "m.pth")
+    prefix = sha256(served / "m.pth")[:8]
+    dest = tmp_path / "w" / "m.pth"
+    with http_server(served) as url, cf.ThreadPoolExecutor(4) as ex:
+        paths = list(ex.map(lambda _: weights.download(f"{url}/m.pth", dest, prefix,
+                                                        progress=False), range(4)))  # fmt: skip
+    assert paths == [dest] * 4 and sha256(dest).startswith(prefix)
+    assert sorted(os.listdir(dest.parent)) == ["m.pth"]
 
 
 @needs_shared
@@ -289,7 +311,8 @@ def test_a_stalled_mirror_holds_back_only_the_model_it_would_serve(tmp_path):
             ok = c.post("/classify", params={"model": "cifar10_resnet20"},
                         files={"file": ("x.png", png)})  # fmt: skip
             assert ok.status_code == 200, ok.text
-            assert c.get("/models/cifar10_resnet56").json()["status"] == "loading"
+            waiting = c.get("/models/cifar10_resnet56").json()
+            assert (waiting["status"], waiting["reason"]) == ("loading", "downloading weights")
             mirror.close()  # the waiting download is reset
             while (entry := c.get("/models/cifar10_resnet56").json())["status"] == "loading":
                 assert time.monotonic() < deadline, entry

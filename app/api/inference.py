@@ -70,8 +70,8 @@ async def compare(
     for name in names:
         service.admit(name)
     if explain is not None:
+        service.explain_gate.check(len(names))  # first: more than it can ever hold is a 422
         for name in names:
             service.admit_explain(name, explain)
-        service.explain_gate.check(len(names))
     upload = await read_upload(request, service.settings.max_upload_bytes)
     return await service.compare(upload.data, models, top_k, request_id, explain=explain)
