@@ -109,10 +109,10 @@ class Service(InferenceCore):
         """The load plan of one model, or None (with the problem recorded) when it cannot run."""
         name = served.spec.name
         try:
-            # on threads of their own: a download may take minutes, and the default executor's
-            # few threads decode and parse uploads
+            # a download on threads of its own: it may take minutes, and the default executor's
+            # few threads decode and parse uploads; weights already here resolve on those
             path = await asyncio.get_running_loop().run_in_executor(
-                self._downloads,
+                self._downloads if self._must_download(served) else None,
                 functools.partial(
                     weights_mod.resolve,
                     served.spec,

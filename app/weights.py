@@ -46,35 +46,25 @@ _CHUNK = 1 << 20
 
 
 def _partial(dest: Path) -> Path:
-    """The temporary file a download writes beside ``dest``: named by host and process (so a
-    later download can tell one left by a process that died from one still being written), and
-    by a random part (two downloads of one file never share one)."""
+    """The temporary file a download writes beside ``dest``: named by host, process and a random
+    part, so two downloads of one file never share one (and a file left behind says whose)."""
     token = secrets.token_hex(4)
     return dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.{token}.partial")
 
 
+# A download writes to its temporary file at least every DOWNLOAD_STALL_S (or fails): one left
+# untouched for longer than this is no download's, whichever host or container wrote it.
+ABANDONED_AFTER_S = DOWNLOAD_STALL_S + 60.0
+
+
 def _remove_abandoned(dest: Path) -> None:
-    """Remove temporary files of ``dest`` that no download is writing: left by a process of
-    this host that is gone (a download killed by SIGKILL, or cut short when its process exited),
-    or older than any download may last (DOWNLOAD_LIMIT_S), from any host."""
-    host = socket.gethostname()
+    """Remove temporary files of ``dest`` that no download is writing (left by a download that
+    was killed, or cut short when its process exited): those untouched for ABANDONED_AFTER_S.
+    Host names and process ids are not trusted for this: containers may share both."""
     now = time.time()
     for f in dest.parent.glob(f"{glob.escape(dest.name)}.*.partial"):
-        # HOST.PID.TOKEN (a host name may hold dots)
-        parts = f.name[len(dest.name) + 1 : -len(".partial")].rsplit(".", 2)
-        try:
-            stale = now - f.stat().st_mtime > DOWNLOAD_LIMIT_S + 60
-        except OSError:
-            continue
-        if not stale and len(parts) == 3 and parts[0] == host and parts[1].isdigit():
-            try:
-                os.kill(int(parts[1]), 0)
-            except ProcessLookupError:
-                stale = True
-            except OSError:  # alive, under another user
-                pass
-        if stale:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if now - f.stat().st_mtime > ABANDONED_AFTER_S:
                 f.unlink()
 
 
