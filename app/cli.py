@@ -6,45 +6,20 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.limits import server_options
+    from app.service import check_startup
     from app.settings import Settings
 
     settings = Settings()
-    _check_startup(settings)
+    check_startup(settings)
     # Header timeout and size cap, keep-alive, graceful shutdown: one place (app/limits.py).
     uvicorn.run("app.main:app", host=args.host, port=args.port, **server_options(settings))
     return 0
-
-
-def _check_startup(settings: Settings) -> None:
-    """Every name in IMGCLS_MODELS is in the catalog (and IMGCLS_MODEL_CONFIG reads), and
-    IMGCLS_DEVICE is there: said in one line before the server starts, not as a traceback from
-    its startup (which checks the same)."""
-    from app.catalog import UnknownModelError
-    from app.catalog.custom import catalog_for
-    from app.engine.pool import resolve_devices
-
-    try:
-        resolve_devices(settings.device)
-    except RuntimeError as exc:
-        raise ValueError(str(exc)) from None
-
-    # ModelConfigError is a ValueError; NAME:int8 resolves as the service resolves it
-    catalog = catalog_for(settings.model_config_file, settings.int8_calibration)
-    for name in settings.model_names:
-        try:
-            catalog.get(name)
-        except UnknownModelError as exc:
-            raise ValueError(f"IMGCLS_MODELS: {exc}") from None
 
 
 def _port(text: str) -> int:

@@ -87,18 +87,12 @@ def local_service(models: list[str]) -> Iterator[str]:
     """A real uvicorn server on a free 127.0.0.1 port serving ``models``; yields its URL."""
     import uvicorn
 
-    from app.catalog import UnknownModelError
-    from app.catalog.custom import catalog_for
     from app.main import create_app
+    from app.service import check_startup
     from app.settings import Settings
 
     settings = Settings(models=",".join(models), grpc_port=0)  # HTTP only: no fixed port
-    catalog = catalog_for(settings.model_config_file, settings.int8_calibration)
-    for name in settings.model_names:  # said in one line, before a server starts
-        try:
-            catalog.get(name)
-        except UnknownModelError as exc:
-            raise ValueError(str(exc)) from None
+    check_startup(settings)  # said in one line, before a server starts
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from app import weights as weights_mod
-from app.catalog import Catalog
+from app.catalog import Catalog, UnknownModelError
 from app.catalog.custom import catalog_for
 from app.core import GateSlot, InferenceCore, ServedModel
 from app.engine import fastpath
@@ -61,8 +61,11 @@ class Service(InferenceCore):
     ) -> None:
         self.settings = settings
         self.observer = observer
-        self.catalog = catalog or catalog_for(settings.model_config_file)
-        self.catalog.int8_calibration = settings.int8_calibration  # NAME:int8 by calibration
+        if catalog is None:  # NAME:int8 by calibration where IMGCLS_INT8_CALIBRATION says
+            catalog = catalog_for(settings.model_config_file, settings.int8_calibration)
+        else:
+            catalog.int8_calibration = settings.int8_calibration
+        self.catalog = catalog
         self.served: dict[str, ServedModel] = {}
         for name in settings.model_names:
             self.served[name] = ServedModel(self.catalog.get(name))  # unknown names stop startup
@@ -428,3 +431,15 @@ class Service(InferenceCore):
             raise TimeoutError(f"no worker for {name} came free within the request deadline")
         fut = self.pool.submit_explain(res, name, pixels.unsqueeze(0), target)
         return await self.explain_job(name, fut, deadline, slot)
+
+
+def check_startup(settings: Settings) -> None:
+    """What a Service checks as it is made (every IMGCLS_MODELS name in the catalog, the device
+    there, the precision possible on it), without starting it: one ValueError, for commands to
+    say in one line before a server starts rather than as a traceback from its start-up."""
+    try:
+        Service(settings)
+    except UnknownModelError as exc:
+        raise ValueError(f"IMGCLS_MODELS: {exc}") from None
+    except RuntimeError as exc:  # a device that is not there
+        raise ValueError(str(exc)) from None

@@ -78,9 +78,9 @@ def test_a_bad_port_in_the_environment_does_not_break_other_commands():
 def test_calibrated_int8_names_pass_the_startup_check(tmp_path):
     """``NAME:int8`` without published int8 weights is a model once IMGCLS_INT8_CALIBRATION
     names a folder, for the command's check as for the service."""
-    from app.cli import _check_startup
+    from app.service import check_startup
 
-    _check_startup(Settings(models="cifar10_resnet20:int8", int8_calibration=tmp_path))
+    check_startup(Settings(models="cifar10_resnet20:int8", int8_calibration=tmp_path))
 
 
 def test_grace_keeps_fractions_of_a_second():
