@@ -125,17 +125,24 @@ def test_full_queue_is_refused_before_the_body_is_read(tmp_path):
         try:
             import concurrent.futures as cf
 
+            batcher = svc.service.batchers["cifar10_plain20"]
             with cf.ThreadPoolExecutor(4) as ex:
-                held = [
-                    ex.submit(httpx.post, f"{svc.url}/classify", files={"file": ("x.png", PNG)},
-                              timeout=60)
-                    for _ in range(4)
-                ]  # fmt: skip
-                batcher = svc.service.batchers["cifar10_plain20"]
-                deadline = time.monotonic() + 30
-                while batcher.depth < 2 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert batcher.depth == 2
+                held = []
+                # One at a time: sent at once, a third could find the queue full before the
+                # batcher moved the first two to the worker, and be refused by this very check.
+                for n in range(1, 5):
+                    held.append(
+                        ex.submit(httpx.post, f"{svc.url}/classify",
+                                  files={"file": ("x.png", PNG)}, timeout=60)
+                    )  # fmt: skip
+                    deadline = time.monotonic() + 30
+                    while (
+                        batcher.depth + len(batcher._running) < n
+                        and time.monotonic() < deadline
+                        and not held[-1].done()
+                    ):
+                        time.sleep(0.01)
+                assert len(batcher._running) == 2 and batcher.depth == 2
                 port = int(svc.url.rsplit(":", 1)[1])
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                     s.sendall(
