@@ -207,9 +207,7 @@ def table_preset(table: Mapping[str, Any]) -> Preprocess:
         allowed = [m.value for m in InterpolationMode]
         raise ValueError(f"interpolation must be one of {allowed}") from None
     mean = _triple(table.get("mean", IMAGENET_MEAN), "mean")
-    std = _triple(table.get("std", IMAGENET_STD), "std")
-    if min(std) <= 0:
-        raise ValueError("std values must be > 0")
+    std = _triple(table.get("std", IMAGENET_STD), "std")  # > 0: checked by Preprocess
     resize = table["resize"]
     if "crop" in table:
         short, crop = _side(resize, "resize (with crop)"), _side(table["crop"], "crop")
