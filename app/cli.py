@@ -199,12 +199,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: Exception) -> str:
+    """A settings error as the user wrote it: ``IMGCLS_NAME: why (got 'value')``, one line
+    (pydantic's own text takes four lines per error, with a link)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    said = []
+    for e in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in e["loc"])
+        name = field if field.startswith("IMGCLS_") else f"IMGCLS_{field.upper()}"
+        got = f" (got {e['input']!r})" if isinstance(e.get("input"), str | int | float) else ""
+        said.append(f"{name}: {e['msg']}{got}")
+    return "; ".join(said)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
     except (ValueError, TimeoutError) as exc:
-        print(f"imgcls: {exc}", file=sys.stderr)
+        print(f"imgcls: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,7 @@ MISSING_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() els
 
 # (environment, arguments, what stderr must say)
 CASES = {
-    "log level": ({"IMGCLS_LOG_LEVEL": "loud"}, ["serve"], "log_level"),
+    "log level": ({"IMGCLS_LOG_LEVEL": "loud"}, ["serve"], "IMGCLS_LOG_LEVEL: Input should be"),
     "infinite upload limit": ({"IMGCLS_MAX_UPLOAD_MB": "inf"}, ["serve"], "finite number"),
     "infinite grace": ({"IMGCLS_SHUTDOWN_GRACE_S": "inf"}, ["serve"], "finite number"),
     "infinite in-flight": ({"IMGCLS_MAX_INFLIGHT_MB": "inf"}, ["serve"], "finite number"),
@@ -68,6 +68,10 @@ def test_bad_settings_and_arguments_exit_2_in_one_line():
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
         assert said in r.stderr, (name, r.stderr[-2000:])
         assert "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        # one line, after argparse's usage for an argument's error
+        *usage, last = r.stderr.strip().splitlines()
+        assert last.startswith("imgcls") and said in last, (name, r.stderr[-2000:])
+        assert all(u.startswith(("usage:", " ")) for u in usage), (name, r.stderr[-2000:])
 
 
 def test_a_bad_port_in_the_environment_does_not_break_other_commands():
