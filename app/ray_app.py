@@ -263,7 +263,7 @@ class Ingress:
             entries.append(entry)
         return ModelsResponse.model_validate({"models": entries})
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 

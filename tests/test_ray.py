@@ -135,3 +135,5 @@ def test_ray_errors_and_models(ray_url):
     # service's workers do, and its batches close at the size it picked
     for name in MODELS.split(","):
         assert models[name]["batch_size"] in (1, 2, 4, 8, 16, 32), models[name]
+    r = httpx.head(f"{ray_url}/healthz")  # HEAD, as on the service, for probes that check with it
+    assert r.status_code == 200 and not r.content
