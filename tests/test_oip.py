@@ -161,6 +161,9 @@ def test_model_metadata_and_ready_for_a_weights_variant(oip, http):
 def test_api_key_guards_all_but_health(oip):
     assert httpx.get(f"{oip.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{oip.url}/v2/health/ready").json() == {"ready": True}
+    for path in ("/v2/health/live", "/v2/health/ready"):  # HEAD, as on /healthz and /readyz
+        r = httpx.head(f"{oip.url}{path}")
+        assert r.status_code == 200 and not r.content, path
     for r in (
         httpx.get(f"{oip.url}/v2"),
         httpx.post(f"{oip.url}/v2/models/{CIFAR}/infer", json={}),
@@ -663,6 +666,7 @@ def test_a_failed_load_answers_503_and_readiness_follows(oip):
     ready = httpx.get(f"{oip.url}/readyz")
     assert ready.status_code == 503 and any("vgg16" in m for m in ready.json()["not_ready"])
     assert httpx.get(f"{oip.url}/v2/health/ready").status_code == 503
+    assert httpx.head(f"{oip.url}/v2/health/ready").status_code == 503
     r = httpx.post(f"{oip.url}/v2/repository/models/vgg16/unload", headers=auth(), timeout=60)
     assert r.status_code == 200, r.text
     assert httpx.get(f"{oip.url}/readyz").status_code == 200
@@ -753,6 +757,49 @@ def test_page_model_list_follows_load_and_unload(oip, browser):
         assert not listed()
     finally:
         context.close()
+
+
+def test_page_picks_up_a_model_that_becomes_ready_without_a_reload(oip, browser):
+    """A model still loading when the page opened is shown disabled, "loading"; the page reads
+    /models again while one is loading and enables it once ready, keeping what the user
+    checked."""
+    box = f"input[name=models][value='{TARGET}']"
+    pool = oip.service.pool
+    context = browser.new_context(extra_http_headers=auth())
+    page = context.new_page()
+    stopped: list[int] = []
+    ex = ThreadPoolExecutor(1)
+    try:
+        for w in pool.workers:  # hold the workers: the load cannot finish before the page shows it
+            os.kill(w.pid, signal.SIGSTOP)
+            stopped.append(w.pid)
+        load = ex.submit(httpx.post, f"{oip.url}/v2/repository/models/{TARGET}/load",
+                         headers=auth(), timeout=300)  # fmt: skip
+        wait_for(lambda: index_entry(oip, TARGET)["state"] == "LOADING")
+        page.goto(oip.url + "/")
+        page.wait_for_selector("#model-groups[aria-busy=false]")
+        assert page.query_selector(f"fieldset > .model-option {box}") is not None  # served
+        assert not page.is_enabled(box)
+        assert "loading" in page.inner_text(f".model-option:has({box})")
+        assert page.is_checked(f"input[name=models][value='{CIFAR}']")  # preselected
+        page.uncheck(f"input[name=models][value='{CIFAR}']")  # the user's choice, to be kept
+        assert page.is_checked(f"input[name=models][value='{R18}']")  # preselected, kept
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped.clear()
+        assert load.result().status_code == 200
+        page.wait_for_selector(f"{box}:enabled", timeout=30_000)  # no reload
+        assert "loading" not in page.inner_text(f".model-option:has({box})")
+        assert not page.is_checked(f"input[name=models][value='{CIFAR}']")
+        assert page.is_checked(f"input[name=models][value='{R18}']")
+        assert not page.is_checked(box)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        ex.shutdown(wait=True)
+        context.close()
+        httpx.post(f"{oip.url}/v2/repository/models/{TARGET}/unload", headers=auth(),
+                   timeout=300).raise_for_status()  # fmt: skip
 
 
 def test_a_cancelled_grpc_call_keeps_its_budget_while_its_message_is_read(oip, monkeypatch):

@@ -183,8 +183,10 @@ function modelOption(m) {
       el("span", { class: "meta", id: `${id}-meta`, text: meta + reason })));
 }
 
-function renderModels(models) {
+function renderModels(models, keep = null) {
+  // keep: on a refresh, the boxes the user had checked and the "not loaded" lists left open
   const groups = $("model-groups");
+  const open = new Set([...groups.querySelectorAll("details[open]")].map((d) => d.dataset.family));
   groups.replaceChildren();
   for (const [family, title] of [["cnn", "Plain CNNs"], ["resnet", "ResNets"]]) {
     const fs = el("fieldset", { class: family }, el("legend", { text: title }));
@@ -194,17 +196,19 @@ function renderModels(models) {
     if (!served.length) fs.append(el("p", { class: "muted", text: "None loaded by this service." }));
     served.forEach((m) => fs.append(modelOption(m)));
     if (others.length) {
-      const det = el("details", {}, el("summary", { class: "muted", text: `${others.length} more in the catalog, not loaded` }));
+      const det = el("details", { "data-family": family }, el("summary", { class: "muted", text: `${others.length} more in the catalog, not loaded` }));
+      if (open.has(family)) det.open = true;
       others.forEach((m) => det.append(modelOption(m)));
       fs.append(det);
     }
     groups.append(fs);
   }
   groups.setAttribute("aria-busy", "false");
-  // Preselect up to three ready models, mixing families.
+  // Preselect up to three ready models, mixing families (on a refresh: what the user checked).
   const ready = models.filter((m) => m.status === "ready");
   const pick = [...ready.filter((m) => m.family === "cnn").slice(0, 1), ...ready.filter((m) => m.family === "resnet").slice(0, 2)];
-  for (const m of (pick.length ? pick : ready.slice(0, 3))) {
+  const chosen = keep ? ready.filter((m) => keep.includes(m.name)) : (pick.length ? pick : ready.slice(0, 3));
+  for (const m of chosen) {
     const box = document.querySelector(`input[name=models][value="${CSS.escape(m.name)}"]`);
     if (box) box.checked = true;
   }
@@ -221,6 +225,11 @@ function updateButtons() {
   $("compare-btn").disabled = state.running || !state.file || n < 2 || n > 8;
 }
 
+// While a served model is loading (a service just started, weights downloading, a worker
+// restarting), the list is read again every few seconds, so that it can be picked once it is
+// ready without reloading the page.
+const REFRESH_MS = 2000;
+
 async function loadModels() {
   try {
     const [info, models] = await Promise.all([api("/info"), api("/models")]);
@@ -231,9 +240,29 @@ async function loadModels() {
     for (const m of list) state.models[m.name] = m;
     $("limits-hint").textContent = `JPEG, PNG, WebP, BMP, GIF or TIFF, up to ${state.info.max_upload_mb} MB`;
     renderModels(list);
+    if (list.some((m) => m.status === "loading")) setTimeout(refreshModels, REFRESH_MS);
   } catch (e) {
     showError(`Could not load the model list: ${e.message}`);
   }
+}
+
+async function refreshModels() {
+  let list;
+  try {
+    const r = await api("/models");
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    list = (await r.json()).models;
+  } catch (e) {  // the service restarting, say: keep what is shown and try again
+    setTimeout(refreshModels, REFRESH_MS);
+    return;
+  }
+  // what the user checked stays checked; nothing was ready to check before: preselect as at load
+  const before = Object.values(state.models).some((m) => m.status === "ready");
+  const focused = document.activeElement?.id;
+  for (const m of list) state.models[m.name] = m;
+  renderModels(list, before ? selected() : null);
+  if (focused && $(focused)) $(focused).focus();
+  if (list.some((m) => m.status === "loading")) setTimeout(refreshModels, REFRESH_MS);
 }
 
 // ---- results -----------------------------------------------------------------------------
