@@ -233,6 +233,18 @@ def test_bytes_contents_and_fp32_contents(stub, client, auth):
     assert probs.sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_messages(client, auth, algorithm):
+    """tritonclient.grpc's compression_algorithm: gRPC decompresses the message (within the
+    message limit) and the answers are the plain call's."""
+    files = photos()
+    plain = client.infer(CIFAR, [image_input(files)], headers=auth).as_numpy("PROBABILITIES")
+    packed = client.infer(
+        CIFAR, [image_input(files)], headers=auth, compression_algorithm=algorithm
+    ).as_numpy("PROBABILITIES")
+    np.testing.assert_array_equal(packed, plain)
+
+
 def test_pixels_raw_match_image(client, auth):
     sys.path.insert(0, str(ROOT))
     from app.catalog import build_catalog  # the catalog only: no protobuf names

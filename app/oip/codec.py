@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
@@ -291,6 +292,60 @@ async def off_the_loop(
 
     job.add_done_callback(done)
     return await asyncio.shield(job)
+
+
+# ---- compressed requests (Content-Encoding), as Triton takes them ------------------------------
+# tritonclient's request_compression_algorithm sends "gzip" or "deflate" (zlib); a raw deflate
+# stream, which some clients send for "deflate", is taken too.
+CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def content_coding(header: str | None) -> str | None:
+    """A request's Content-Encoding: None for none (or identity), else one of CODINGS (415 for
+    any other, or for more than one)."""
+    codings = [c.strip().lower() for c in (header or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in CODINGS:
+        raise ProtocolError(
+            f"Content-Encoding {clip(header or '')!r} is not supported: send gzip, deflate or none",
+            415,
+        )
+    return codings[0]
+
+
+def _zlib_header(data: bytes | bytearray | memoryview) -> bool:
+    return len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+
+
+def inflate(body: bytes | bytearray, coding: str, limit: int, setting: str) -> bytearray:
+    """``body`` decompressed (every member of a gzip stream), refused past ``limit`` bytes once
+    decompressed (413, naming ``setting``: a small body can hold a huge one) and when it is not
+    ``coding`` or is cut short (400)."""
+    wbits = CODINGS[coding]
+    if coding == "deflate" and not _zlib_header(body):
+        wbits = -zlib.MAX_WBITS  # raw deflate, without zlib's header
+    out = bytearray()
+    data: bytes | bytearray | memoryview = body
+    while True:
+        stream = zlib.decompressobj(wbits)
+        try:
+            out += stream.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise ProtocolError(f"the request body is not valid {coding}: {exc}") from None
+        if len(out) > limit:
+            raise ProtocolError(
+                f"the request is over {setting} ({limit:,} bytes) once decompressed", 413
+            )
+        if not stream.eof:
+            raise ProtocolError(f"the {coding} request body is cut short")
+        data = stream.unused_data.lstrip(b"\0")  # gzip may be padded with zeros
+        if not data or wbits != CODINGS["gzip"] or data[:2] != b"\x1f\x8b":
+            break  # deflate is one stream; gzip may hold more members, each with its magic
+    if data:
+        raise ProtocolError(f"{len(data):,} bytes follow the {coding} request body")
+    return out
 
 
 def json_part_size(body: bytes | bytearray, header_length: str | None) -> int:

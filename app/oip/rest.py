@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from app.errors import UploadTooLargeError
-from app.limits import BodyLimitError
+from app.limits import BodyLimitError, InflightBudget
 from app.oip import codec
 from app.oip.dataplane import DataPlane
 from app.oip.failures import ProtocolError, answer
@@ -280,9 +280,7 @@ async def _infer(
     plane: DataPlane, request: Request, name: str, version: str | None, length: str | None
 ) -> Response:
     plane.check_servable(name, version)  # 404 / 503 before the body is read
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding != "identity":
-        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; send it plain", 415)
+    coding = codec.content_coding(request.headers.get("content-encoding"))  # 415 before it too
     limit = int(plane.service.settings.oip_max_request_mb * 1024 * 1024)
     try:
         body = await read_body(request, limit)
@@ -291,6 +289,36 @@ async def _infer(
             f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413
         ) from None
     deadline = plane.service.deadline()  # the parse counts, and so does waiting for it
+    if coding is None:
+        return await _infer_body(plane, request, name, version, length, body, deadline)
+    # Compressed (tritonclient's request_compression_algorithm): decompressed on a thread, as
+    # large requests are parsed, bounded by the same limit; the bytes it adds count against
+    # IMGCLS_MAX_INFLIGHT_MB beside the compressed body the server already holds.
+    inflate = codec.off_the_loop(
+        request.app.state.oip_parses, codec.inflate, body, coding, limit,
+        "IMGCLS_OIP_MAX_REQUEST_MB",
+    )  # fmt: skip
+    plain = await plane.service.by_deadline(deadline, inflate, "decompressing the request")
+    del body
+    budget: InflightBudget = request.app.state.upload_budget
+    extra = len(plain)
+    if not budget.reserve(extra):
+        raise ProtocolError(budget.refusal(), 503, retry_after=1)
+    try:
+        return await _infer_body(plane, request, name, version, length, plain, deadline)
+    finally:
+        budget.release(extra)
+
+
+async def _infer_body(
+    plane: DataPlane,
+    request: Request,
+    name: str,
+    version: str | None,
+    length: str | None,
+    body: bytearray,
+    deadline: float,
+) -> Response:
     if codec.json_part_size(body, length) <= codec.PARSE_INLINE_BYTES:
         infer_request = codec.decode_request(body, length, name, version)
     else:  # off the event loop, and few at once: parsing JSON takes ~20x its size in memory
