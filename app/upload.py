@@ -201,6 +201,12 @@ async def read_upload(request: Request, limit: int) -> Upload:
     boundary = params.get(b"boundary")
     if not boundary:
         raise UploadError("multipart/form-data without a boundary")
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # image files are compressed already
+        raise UploadError(
+            f"Content-Encoding {clip(coding)!r} is not taken for uploads: send the form as it is",
+            status=415,
+        )
     body = await read_body(request, limit + FORM_OVERHEAD, setting_limit=limit)
     if len(body) <= _PARSE_INLINE_BYTES:
         return _parse_multipart(body, boundary, limit)

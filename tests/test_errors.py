@@ -101,6 +101,30 @@ def test_not_multipart_415(client):
     assert_error(r, 415, "multipart/form-data")
 
 
+@pytest.mark.parametrize("path", ["/classify", "/compare", "/explain"])
+def test_compressed_upload_415(client, path):
+    """A gzip'd form is refused by name (415), not read as a broken form (400): image files
+    are compressed already, and /v2 is where compressed requests go."""
+    import gzip
+
+    data = images.encode(images.photo(), "PNG")
+    boundary = "b0undary"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    assert client.post(path, content=form, headers=headers).status_code == 200
+    r = client.post(
+        path, content=gzip.compress(form), headers={**headers, "Content-Encoding": "gzip"}
+    )
+    assert_error(r, 415, "Content-Encoding 'gzip'")
+
+
 @pytest.mark.parametrize("length", [257, 300, 5000])
 def test_overlong_multipart_boundary_400(client, length):
     boundary = "b" * length
