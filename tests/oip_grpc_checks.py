@@ -157,6 +157,7 @@ def test_proto_matches_tritonclients(tmp_path: Path):
     assert {m.name for m in service.method} >= {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
         "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+        "ModelStatistics",
     }  # fmt: skip
 
 
@@ -245,6 +246,30 @@ def test_compressed_messages(client, auth, algorithm):
     np.testing.assert_array_equal(packed, plain)
 
 
+def test_statistics(client, auth):
+    """ModelStatistics (tritonclient's get_inference_statistics) counts what ModelInfer ran, as
+    the REST extension does (tests/test_oip.py checks the numbers in detail)."""
+    files = photos()
+
+    def stats(name: str = CIFAR):
+        return client.get_inference_statistics(name, headers=auth).model_stats
+
+    (before,) = stats()
+    client.infer(CIFAR, [image_input(files)], headers=auth)
+    (after,) = stats()
+    assert after.name == CIFAR and after.version == "1"
+    assert after.inference_count - before.inference_count == 3
+    done = after.inference_stats.success.count - before.inference_stats.success.count
+    assert done == 3 and after.inference_stats.compute_infer.ns > 0
+    assert sum(b.batch_size * b.compute_infer.count for b in after.batch_stats) == (
+        after.inference_count
+    )
+    assert {m.name for m in stats("")} >= {CIFAR, R18}  # no name: every loaded model
+    with pytest.raises(InferenceServerException) as info:
+        stats("nope")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_pixels_raw_match_image(client, auth):
     sys.path.insert(0, str(ROOT))
     from app.catalog import build_catalog  # the catalog only: no protobuf names
@@ -306,6 +331,14 @@ def test_error_codes(stub, auth):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request, metadata=md)
     assert "holds 4 elements but the data has 5" in info.value.details()
+    # raw BYTES: millions of images declared are refused from the shape, before the data is read
+    request = tpb.ModelInferRequest(model_name=CIFAR)
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[4_000_000])
+    request.raw_input_contents.append(b"\0" * 8)  # two empty elements
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "4000000 images is more than" in info.value.details(), info.value.details()
     # what the client sent is quoted cut short (a 20 KB quote overflows grpc's metadata limit
     # and comes back RESOURCE_EXHAUSTED), and the fields REST's schema bounds are bounded here
     long = "x" * 20_000

@@ -33,6 +33,7 @@ from app.engine.pool import (
     WorkerPool,
     fail_futures,
 )
+from app.engine.stats import ModelStats
 from app.imaging import ImageError, ImageTooLargeError
 
 log = logging.getLogger("imgcls.batcher")
@@ -95,6 +96,7 @@ class ModelBatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self.stats = ModelStats()  # Triton's statistics extension (/v2/models/NAME/stats)
 
     @property
     def max_batch_size(self) -> int:
@@ -153,11 +155,20 @@ class ModelBatcher:
         decode."""
         self.admit(1)
         fut: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(payload, fut, time.monotonic(), deadline))
+        submitted = time.monotonic()
+        fut.add_done_callback(lambda f: self._count_failure(f, submitted))
+        self._queue.append(_Item(payload, fut, submitted, deadline))
         self._arrived.set()
         if len(self._queue) == self.max_batch_size:
             self.pool.poke()  # a full batch may go to a busy worker's second slot
         return fut
+
+    def _count_failure(self, fut: asyncio.Future[ImageResult], submitted: float) -> None:
+        """Every way an image can fail (its decode, a deadline, a client gone, a failed batch,
+        the model unloaded) ends its future: counted here, once. Answers are counted where they
+        are set, with their times."""
+        if fut.cancelled() or fut.exception() is not None:
+            self.stats.image_failed(int((time.monotonic() - submitted) * 1e9))
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
@@ -246,6 +257,7 @@ class ModelBatcher:
         uniform = len(tensors) == len(payloads) and len({t.dtype for t in tensors}) == 1
         batch = _stack_shared(tensors) if uniform else payloads
         result: BatchResult = await self.pool.submit(slot, self.name, batch)
+        arrived = time.monotonic()
         n = len(items)
         rows, errors, decode_ms, preprocess_ms = result.items or (list(range(n)), {}, None, None)
         if result.probs.shape[0] != len(rows) or len(rows) + len(errors) != n:
@@ -259,6 +271,7 @@ class ModelBatcher:
             error = ImageTooLargeError if status == 413 else ImageError
             fail_futures([items[k].future], error(message))
         finite = np.isfinite(result.probs).all(axis=1) if len(rows) else np.zeros(0, bool)
+        answered: list[_Item] = []
         for row, k in enumerate(rows):
             item = items[k]
             if item.future.done():
@@ -266,6 +279,7 @@ class ModelBatcher:
             if not finite[row]:
                 item.future.set_exception(self._non_finite(item.payload, result.precision))
                 continue
+            answered.append(item)
             item.future.set_result(
                 ImageResult(
                     probs=result.probs[row],
@@ -278,6 +292,37 @@ class ModelBatcher:
                     decode_ms=decode_ms[k] if decode_ms else None,
                     preprocess_ms=preprocess_ms[k] if preprocess_ms else None,
                 )
+            )
+        self._count_batch(result, items, rows, answered, arrived, decode_ms, preprocess_ms)
+
+    def _count_batch(
+        self,
+        result: BatchResult,
+        items: list[_Item],
+        rows: list[int],
+        answered: list[_Item],
+        arrived: float,
+        decode_ms: list[float] | None,
+        preprocess_ms: list[float] | None,
+    ) -> None:
+        """The statistics of a batch and of its answered images (see stats.py)."""
+        done = time.monotonic()
+
+        def worker_ns(k: int) -> int:  # decoding and preprocessing in the worker
+            ms = (decode_ms[k] if decode_ms else 0.0) + (preprocess_ms[k] if preprocess_ms else 0.0)
+            return int(ms * 1e6)
+
+        input_ns = {id(items[k]): worker_ns(k) for k in rows}
+        infer_ns = int(result.inference_ms * 1e6)
+        output_ns = int((done - arrived) * 1e9)
+        self.stats.batch_ran(len(rows), sum(input_ns.values()), infer_ns, output_ns)
+        for item in answered:
+            self.stats.image_answered(
+                total_ns=int((done - item.submitted) * 1e9),
+                queue_ns=int(max(0.0, result.start - item.submitted) * 1e9),
+                input_ns=input_ns[id(item)],
+                infer_ns=infer_ns,
+                output_ns=output_ns,
             )
 
     def _non_finite(self, payload: Item, precision: str) -> Exception:

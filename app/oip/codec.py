@@ -356,10 +356,30 @@ def json_part_size(body: bytes | bytearray, header_length: str | None) -> int:
         return 0  # decode_request refuses it
 
 
+def too_many_images(name: str, n: int, limit: int) -> ProtocolError:
+    return ProtocolError(
+        f"{clip(name)}: {n} images is more than the model's queue holds "
+        f"(IMGCLS_MAX_QUEUE={limit}); send them in smaller requests",
+        413,
+    )
+
+
+def check_batch(name: str, shape: Sequence[int], max_batch: int | None) -> None:
+    """A tensor's first dimension (its images) within ``max_batch``, checked before its data
+    is read: a few bytes per element can declare millions of them."""
+    if max_batch is not None and shape and shape[0] > max_batch:
+        raise too_many_images(name, shape[0], max_batch)
+
+
 def decode_request(
-    body: bytes | bytearray, header_length: str | None, model: str, version: str | None
+    body: bytes | bytearray,
+    header_length: str | None,
+    model: str,
+    version: str | None,
+    max_batch: int | None = None,
 ) -> InferRequest:
     """A REST infer request: JSON alone, or JSON then binary blobs (``header_length`` bytes).
+    A tensor of more than ``max_batch`` images is refused before its data is read (413).
 
     The binary part is not copied: BYTES elements (image files) are views into ``body``, and
     only the JSON header is copied out of it to be parsed."""
@@ -368,12 +388,10 @@ def decode_request(
     if header_length is None:
         head, rest = body, view[len(view) :]
     else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise ProtocolError(
-                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
-            ) from None
+        text = header_length.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ProtocolError(f"{HEADER_LENGTH} must be a whole number, got {clip(text)!r}")
+        n = int(text)
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}={n} does not fit the body of {len(body):,} bytes")
         head, rest = bytes(view[:n]), view[n:]
@@ -395,6 +413,7 @@ def decode_request(
         if t.name in names:
             raise ProtocolError(f"input {clip(t.name)!r} appears twice")
         names.add(t.name)
+        check_batch(t.name, t.shape, max_batch)
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0:

@@ -29,8 +29,10 @@ import torch
 
 from app import __version__
 from app.catalog import ModelSpec
-from app.errors import ElementError, ModelNotReadyError
+from app.engine.stats import ModelStats
+from app.errors import ElementError, ModelNotReadyError, ModelNotServedError
 from app.imaging import BytesLike
+from app.oip import codec
 from app.oip.failures import ProtocolError, failure
 from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, OutputTensor
 from app.service import Service
@@ -39,7 +41,7 @@ from app.text import clip
 log = logging.getLogger("imgcls.oip")
 
 SERVER_NAME = "imgcls"
-EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
+EXTENSIONS = ("classification", "binary_tensor_data", "model_repository", "statistics")
 VERSION = "1"  # each catalog model is one protocol model with one version
 PLATFORM = "pytorch_torchvision"
 IMAGE, PIXELS, PROBABILITIES = "IMAGE", "PIXELS", "PROBABILITIES"
@@ -111,6 +113,22 @@ class DataPlane:
         self.spec(name, version)
         return self.service.status(name).status == "ready"  # "not-loaded" when not served
 
+    def statistics(self, name: str = "", version: str | None = None) -> list[dict[str, Any]]:
+        """Triton's ModelStatistics of ``name`` (404 unless it is loaded by this service), or,
+        with no name, of every model it loads (see engine/stats.py)."""
+        if not name:
+            names = list(self.service.served)
+        else:
+            self.spec(name, version)
+            if name not in self.service.served:
+                raise ModelNotServedError(f"model {clip(name)!r} is not loaded by this service")
+            names = [name]
+        out = []
+        for n in names:
+            batcher = self.service.batchers.get(n)  # none yet while it starts: all zero
+            out.append((batcher.stats if batcher else ModelStats()).as_dict(n, VERSION))
+        return out
+
     def check_servable(self, name: str, version: str | None = None) -> ModelSpec:
         """The model, if it can run now: before a request body is read (404, 503)."""
         self.spec(name, version)
@@ -124,12 +142,8 @@ class DataPlane:
         wanted = _outputs(req)
         items = self._items(tensor, spec)
         limit = self.service.settings.max_queue
-        if len(items) > limit:
-            raise ProtocolError(
-                f"{clip(tensor.name)}: {len(items)} images is more than the model's queue holds "
-                f"(IMGCLS_MAX_QUEUE={limit}); send them in smaller requests",
-                413,
-            )
+        if len(items) > limit:  # the doors check the shape before reading the data, too
+            raise codec.too_many_images(tensor.name, len(items), limit)
         try:
             results = await self.service.infer(spec.name, items, deadline)
         except ElementError as exc:

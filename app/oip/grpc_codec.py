@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format
+
 from app.oip import codec
 from app.oip.dataplane import ModelMetadata, RepositoryEntry
 from app.oip.failures import ProtocolError
@@ -49,7 +51,9 @@ def _bounded(what: str, value: str, limit: int = MAX_NAME) -> str:
     return value
 
 
-def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+def infer_request(msg: pb.ModelInferRequest, max_batch: int | None = None) -> InferRequest:
+    """A ModelInfer message's request; a tensor of more than ``max_batch`` images is refused
+    before its data is read."""
     _bounded("model_name", msg.model_name, MAX_MODEL_NAME)
     _bounded("model_version", msg.model_version, MAX_MODEL_NAME)
     _bounded("id", msg.id)
@@ -71,6 +75,7 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         shape = list(t.shape)
         if len(shape) > codec.MAX_DIMS or any(d < 0 for d in shape):
             raise ProtocolError(f"{clip(t.name)}: invalid shape {shape}")
+        codec.check_batch(t.name, shape, max_batch)
         if raw:
             data = codec.tensor_from_raw(t.name, t.datatype, shape, raw[i])
         elif t.datatype in CONTENTS:
@@ -126,3 +131,8 @@ def repository_index(entries: list[RepositoryEntry]) -> pb.RepositoryIndexRespon
             index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries
         ]
     )
+
+
+def model_statistics(stats: list[dict[str, Any]]) -> pb.ModelStatisticsResponse:
+    """The statistics extension's answer: the REST JSON's fields are the message's."""
+    return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())

@@ -167,12 +167,15 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 memory.after_large_buffer(size)
 
         deadline = self.plane.service.deadline()
+        max_batch = self.plane.service.settings.max_queue
         try:
             if size <= codec.PARSE_INLINE_BYTES:
-                infer_request = conv.infer_request(request)
+                infer_request = conv.infer_request(request, max_batch)
             else:  # typed contents are read element by element: off the event loop
                 holders[0] += 1
-                read = codec.off_the_loop(None, conv.infer_request, request, on_done=let_go)
+                read = codec.off_the_loop(
+                    None, conv.infer_request, request, max_batch, on_done=let_go
+                )
                 infer_request = await self.plane.service.by_deadline(
                     deadline, read, "reading the request"
                 )
@@ -200,6 +203,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    @_answers_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        return conv.model_statistics(self.plane.statistics(request.name, request.version))
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

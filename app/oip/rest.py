@@ -28,6 +28,7 @@ from app.oip.schemas import (
     LoadResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
+    ModelStatisticsResponse,
     OipError,
     ReadyResponse,
     RepositoryIndexEntry,
@@ -196,6 +197,39 @@ router.add_api_route("/health/ready", server_ready, methods=["HEAD"], include_in
 
 
 # ---- models ----------------------------------------------------------------------------------
+# ---- statistics (Triton's extension; before /models/{name}, which "stats" would match) -------
+@router.get(
+    "/models/stats",
+    response_model=ModelStatisticsResponse,
+    summary="Inference statistics of every model the server loads",
+)
+async def all_statistics(plane: Plane) -> ModelStatisticsResponse:
+    return ModelStatisticsResponse.model_validate({"model_stats": plane.statistics()})
+
+
+@router.get(
+    "/models/{name}/stats",
+    response_model=ModelStatisticsResponse,
+    responses=_errors(400, 404),
+    summary="A model's inference statistics (counted per image)",
+)
+async def model_statistics(name: Name, plane: Plane) -> ModelStatisticsResponse:
+    return ModelStatisticsResponse.model_validate({"model_stats": plane.statistics(name)})
+
+
+@router.get(
+    "/models/{name}/versions/{version}/stats",
+    response_model=ModelStatisticsResponse,
+    responses=_errors(400, 404),
+    summary="A model version's inference statistics (every model has version 1)",
+)
+async def model_version_statistics(
+    name: Name, version: Version, plane: Plane
+) -> ModelStatisticsResponse:
+    stats = plane.statistics(name, version)
+    return ModelStatisticsResponse.model_validate({"model_stats": stats})
+
+
 @router.get(
     "/models/{name}",
     response_model=ModelMetadataResponse,
@@ -319,12 +353,14 @@ async def _infer_body(
     body: bytearray,
     deadline: float,
 ) -> Response:
+    max_batch = plane.service.settings.max_queue
     if codec.json_part_size(body, length) <= codec.PARSE_INLINE_BYTES:
-        infer_request = codec.decode_request(body, length, name, version)
+        infer_request = codec.decode_request(body, length, name, version, max_batch)
     else:  # off the event loop, and few at once: parsing JSON takes ~20x its size in memory
         parse = codec.off_the_loop(
-            request.app.state.oip_parses, codec.decode_request, body, length, name, version
-        )
+            request.app.state.oip_parses, codec.decode_request, body, length, name, version,
+            max_batch,
+        )  # fmt: skip
         infer_request = await plane.service.by_deadline(deadline, parse, "reading the request")
     answer = await plane.infer(infer_request, deadline)
     content, headers = codec.encode_response(answer)

@@ -91,3 +91,43 @@ class LoadResponse(BaseModel):
 class UnloadResponse(BaseModel):
     name: str
     unload: bool
+
+
+# ---- the statistics extension (Triton's), see app/engine/stats.py -------------------------------
+class StatisticDuration(BaseModel):
+    count: int
+    ns: int = Field(description="total nanoseconds")
+
+
+class InferStatistics(BaseModel):
+    success: StatisticDuration
+    fail: StatisticDuration
+    queue: StatisticDuration
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+    cache_hit: StatisticDuration
+    cache_miss: StatisticDuration
+
+
+class InferBatchStatistics(BaseModel):
+    batch_size: int
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+
+
+class ModelStatistics(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch of the last batch (0: none)")
+    inference_count: int = Field(description="images computed")
+    execution_count: int = Field(description="batches run")
+    inference_stats: InferStatistics = Field(description="counted per image")
+    batch_stats: list[InferBatchStatistics]
+    memory_usage: list[dict[str, Any]]
+    response_stats: dict[str, Any]
+
+
+class ModelStatisticsResponse(BaseModel):
+    model_stats: list[ModelStatistics]
