@@ -579,6 +579,7 @@ def test_other_compressed_forms_and_their_errors(oip):
         (zlib.compress(body), "not valid gzip"),
         (packed[: len(packed) // 2], "cut short"),
         (packed + b"more", "follow the gzip request body"),
+        (gzip.compress(b" ") * 200_000 + packed, "more than 64 gzip members"),  # ~4 MB
     ]:
         r = post(data, "gzip")
         assert r.status_code == 400 and said in r.json()["error"], r.text

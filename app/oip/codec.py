@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app import memory
 from app.oip.failures import ProtocolError
 from app.oip.types import (
     InferRequest,
@@ -319,32 +320,48 @@ def _zlib_header(data: bytes | bytearray | memoryview) -> bool:
     return len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
 
 
+MAX_GZIP_MEMBERS = 64  # concatenated gzip streams in one body (tritonclient sends one)
+_INFLATE_CHUNK = 1 << 20  # input fed per call: what zlib copies as unused data stays small
+
+
 def inflate(body: bytes | bytearray, coding: str, limit: int, setting: str) -> bytearray:
     """``body`` decompressed (every member of a gzip stream), refused past ``limit`` bytes once
-    decompressed (413, naming ``setting``: a small body can hold a huge one) and when it is not
-    ``coding`` or is cut short (400)."""
+    decompressed (413, naming ``setting``: a small body can hold a huge one), when it is not
+    ``coding``, is cut short or is followed by other bytes (400), and past MAX_GZIP_MEMBERS.
+    The work is linear in the body and the output."""
     wbits = CODINGS[coding]
     if coding == "deflate" and not _zlib_header(body):
         wbits = -zlib.MAX_WBITS  # raw deflate, without zlib's header
+    view = memoryview(body)
     out = bytearray()
-    data: bytes | bytearray | memoryview = body
+    pos = members = 0
     while True:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise ProtocolError(f"the request body holds more than {MAX_GZIP_MEMBERS} gzip members")
         stream = zlib.decompressobj(wbits)
-        try:
-            out += stream.decompress(data, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise ProtocolError(f"the request body is not valid {coding}: {exc}") from None
-        if len(out) > limit:
-            raise ProtocolError(
-                f"the request is over {setting} ({limit:,} bytes) once decompressed", 413
-            )
+        while not stream.eof and pos < len(view):
+            end = min(pos + _INFLATE_CHUNK, len(view))
+            try:
+                out += stream.decompress(view[pos:end], limit + 1 - len(out))
+            except zlib.error as exc:
+                raise ProtocolError(f"the request body is not valid {coding}: {exc}") from None
+            if len(out) > limit:  # else the chunk was consumed whole (no unconsumed_tail)
+                held, out = len(out), bytearray()
+                memory.after_large_buffer(held)  # a bomb's output, on this thread
+                raise ProtocolError(
+                    f"the request is over {setting} ({limit:,} bytes) once decompressed", 413
+                )
+            pos = end - len(stream.unused_data)
         if not stream.eof:
             raise ProtocolError(f"the {coding} request body is cut short")
-        data = stream.unused_data.lstrip(b"\0")  # gzip may be padded with zeros
-        if not data or wbits != CODINGS["gzip"] or data[:2] != b"\x1f\x8b":
+        rest = view[pos:]
+        if rest and rest[0] == 0 and not rest.tobytes().strip(b"\0"):
+            pos = len(view)  # gzip may be padded with zeros at the end
+        if pos == len(view) or wbits != CODINGS["gzip"] or view[pos : pos + 2] != b"\x1f\x8b":
             break  # deflate is one stream; gzip may hold more members, each with its magic
-    if data:
-        raise ProtocolError(f"{len(data):,} bytes follow the {coding} request body")
+    if pos < len(view):
+        raise ProtocolError(f"{len(view) - pos:,} bytes follow the {coding} request body")
     return out
 
 

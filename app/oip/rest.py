@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from app import memory
 from app.errors import UploadTooLargeError
 from app.limits import BodyLimitError, InflightBudget
 from app.oip import codec
@@ -342,6 +343,8 @@ async def _infer(
         return await _infer_body(plane, request, name, version, length, plain, deadline)
     finally:
         budget.release(extra)
+        del plain
+        memory.after_large_buffer(extra)  # the middleware does so for the compressed body only
 
 
 async def _infer_body(
