@@ -14,7 +14,8 @@ httptools, the parser uvicorn picks, accepted a 32 MB header). Here:
   close: the partial upload is dropped); and a global budget of request-body bytes in flight
   (IMGCLS_MAX_INFLIGHT_MB), reserved from Content-Length before the body is read, or as chunks
   arrive: beyond it, 503 with Retry-After. An ``Expect: 100-continue`` client gets that answer
-  before it sends a byte of its body.
+  before it sends a byte of its body; any answer given before the body was asked for closes the
+  connection (the client does not send that body, which the server would otherwise wait for).
 - ``server_options``: the uvicorn settings, one place for ``imgcls serve`` and the tests.
 """
 
@@ -78,6 +79,12 @@ class _BodyTimeout(BodyLimitError):  # not a TimeoutError: that one is the reque
 
 class _OverBudget(BodyLimitError):
     pass
+
+
+def _closing(start: Message) -> Message:
+    """A response start with ``Connection: close`` (unless it has it already)."""
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"connection"]
+    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
@@ -162,6 +169,11 @@ class BodyLimitsMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if expects and first_wait is None:
+                    # Answered before the body was asked for: the client, still waiting for
+                    # "100 Continue", does not send it, and the server would read its next
+                    # request as this one's body. Close after this answer instead.
+                    message = _closing(message)
             await send(message)
 
         try:

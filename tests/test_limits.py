@@ -392,3 +392,49 @@ def test_over_budget_answer_has_retry_after(limited):
         budget.used = 0
     assert status == 503 and headers.get("retry-after") == "1", answer
     assert b"IMGCLS_MAX_INFLIGHT_MB" in answer
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "status"),
+    [
+        ("/classify?model=nope", "", 404),
+        ("/classify?model=" + MODEL + "&top_k=0", "", 422),
+        (f"/v2/models/{MODEL}/infer", "Content-Encoding: br\r\n", 415),
+        ("/v2/models/nope/infer", "", 404),
+        (f"/classify?model={MODEL}", "", 413),  # Content-Length over the upload limit
+    ],
+)
+def test_an_early_answer_to_expect_100_continue_closes_the_connection(limited, path, extra,
+                                                                      status):  # fmt: skip
+    """Refused before its body was asked for, a client waiting for "100 Continue" never sends
+    the body: the connection closes after the answer, or the server would read the client's
+    next request as that body (and answer it never)."""
+    length = 50 * 1024 * 1024 if status == 413 else 5000
+    sock = connect(limited.url)
+    try:
+        sock.sendall(upload_head(length, path=path, extra="Expect: 100-continue\r\n" + extra))
+        data, waited, how = read_until_closed(sock, 10)
+    finally:
+        sock.close()
+    assert status_of(data) == status and b" 100 " not in data.split(b"\r\n")[0], data[:300]
+    assert how == "closed" and b"connection: close" in data.lower(), (how, data[:300])
+    assert waited < 5
+
+
+def test_a_body_asked_for_keeps_the_connection(limited):
+    """With the body read (after "100 Continue"), the connection stays open for the next
+    request, error or not."""
+    body = b"--imgclsboundary--\r\n"  # a form without the file field: 422 after reading it
+    sock = connect(limited.url)
+    try:
+        sock.sendall(upload_head(len(body), extra="Expect: 100-continue\r\n"))
+        sock.settimeout(10)
+        assert b" 100 " in sock.recv(4096)
+        sock.sendall(body)
+        status, headers, _ = read_response(sock)
+        assert status == 422 and headers.get("connection") != "close"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, answer = read_response(sock)
+        assert status == 200 and b"ok" in answer
+    finally:
+        sock.close()
