@@ -23,7 +23,17 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ENDPOINTS = {"/classify", "/compare", "/models", "/healthz", "/readyz", "/info", "/metrics", "/"}
+ENDPOINTS = {
+    "/classify",
+    "/compare",
+    "/explain",
+    "/models",
+    "/healthz",
+    "/readyz",
+    "/info",
+    "/metrics",
+    "/",
+}
 
 
 class Metrics:

@@ -53,6 +53,10 @@ def test_explain_answers_a_heatmap_at_the_input_size_and_an_overlay(client) -> N
     assert set(lat) == {"decode", "preprocess", "queue", "explain", "total"}
     assert lat["explain"] > 0 and lat["total"] >= lat["explain"]
     assert body["request_id"] == r.headers["x-request-id"]
+    metrics = client.get("/metrics").text  # counted as explanations, not "other"
+    assert 'imgcls_requests_total{endpoint="/explain",model="cifar10_resnet56",status="200"}' in (
+        metrics
+    )
 
 
 def test_explain_at_224_px_and_without_heatmap_values(client) -> None:
