@@ -19,6 +19,7 @@ from app.api import explain, health, inference, models
 from app.limits import BodyLimitsMiddleware, InflightBudget
 from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
+from app.oip import codec
 from app.oip import rest as oip_rest
 from app.service import Service
 from app.settings import Settings
@@ -102,8 +103,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            # /v2's binary tensor data and compressed requests, from a browser too
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-Request-ID",
+                codec.HEADER_LENGTH,
+                "Content-Encoding",
+            ],
+            expose_headers=["X-Request-ID", "Retry-After", codec.HEADER_LENGTH],
         )
     app.add_middleware(AccessMiddleware, metrics=metrics, served=lambda: service.served)
     app.add_middleware(RequestIdMiddleware)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import os
 import re
@@ -226,6 +227,26 @@ def test_api_key_and_cors(tmp_path: Path):
             headers={"Origin": "https://demo.example", "Access-Control-Request-Method": "POST"},
         )
         assert pre.headers.get("access-control-allow-origin") == "https://demo.example"
+        # /v2 from a page: binary tensor data and compressed requests, and the binary answer's
+        # JSON length readable
+        pre = httpx.options(
+            f"{svc.url}/v2/models/cifar10_plain20/infer",
+            headers={"Origin": "https://demo.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers":
+                         "authorization, content-type, inference-header-content-length, "
+                         "content-encoding"},
+        )  # fmt: skip
+        assert pre.status_code == 200, pre.text
+        r = httpx.post(
+            f"{svc.url}/v2/models/cifar10_plain20/infer",
+            json={"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                              "data": [base64.b64encode(PNG).decode()]}],
+                  "parameters": {"binary_data_output": True}},
+            headers={"Authorization": "Bearer s3cret", "Origin": "https://demo.example"},
+        )  # fmt: skip
+        assert r.status_code == 200 and r.headers["inference-header-content-length"]
+        exposed = r.headers["access-control-expose-headers"].lower()
+        assert "inference-header-content-length" in exposed
         other = httpx.options(
             f"{svc.url}/classify",
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
