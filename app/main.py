@@ -17,7 +17,7 @@ from app import __version__
 from app.api import errors as api_errors
 from app.api import explain, health, inference, models
 from app.limits import BodyLimitsMiddleware, InflightBudget
-from app.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
 from app.oip import codec
 from app.oip import rest as oip_rest
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     max_body = max(
         settings.max_upload_bytes + FORM_OVERHEAD, int(settings.oip_max_request_mb * 1024 * 1024)
     )
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: the others see the request's HEAD
     app.add_middleware(
         BodyLimitsMiddleware,
         budget=budget,

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request IDs and the optional API key."""
+"""Pure ASGI middleware: request IDs, the optional API key, and HEAD wherever GET is."""
 
 from __future__ import annotations
 
@@ -68,3 +68,24 @@ class ApiKeyMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class HeadAsGetMiddleware:
+    """HEAD answered wherever GET is (RFC 9110), as GET without its body: FastAPI's routes
+    answer the methods they name, so a HEAD on /models or /metrics was 405. The headers are
+    GET's, Content-Length included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)

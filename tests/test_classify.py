@@ -122,6 +122,22 @@ def test_health_and_readiness(client):
         assert r.status_code == 200 and not r.content, path
 
 
+def test_head_wherever_get(client):
+    """HEAD is answered on every GET route (RFC 9110) with GET's status and headers and no
+    body; on a POST-only route it is 405, as GET is."""
+    name = client.get("/models").json()["models"][0]["name"]
+    for path in ("/", "/static/app.js", "/info", "/models", f"/models/{name}", "/metrics",
+                 "/v2", f"/v2/models/{name}", f"/v2/models/{name}/ready", "/v2/health/live",
+                 "/v2/health/ready", "/v2/models/stats", "/models/nope"):  # fmt: skip
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code, path
+        assert not head.content, path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        if path != "/metrics":  # counters move between the two
+            assert int(head.headers["content-length"]) == len(got.content), path
+    assert client.head("/classify").status_code == client.get("/classify").status_code == 405
+
+
 def _local_probs(model: torch.nn.Module, transform, img: Image.Image) -> np.ndarray:
     with torch.inference_mode():
         return torch.softmax(model(transform(img).unsqueeze(0)), 1)[0].numpy()

@@ -32,12 +32,6 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     )
 
 
-# HEAD too, for probes and load balancers that check with it: the same status, no body (left
-# out of the OpenAPI document, where it would repeat the GET operation)
-router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
-router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
-
-
 @router.get("/info", response_model=Info, summary="Limits and defaults, for clients and the page")
 async def info(service: ServiceDep) -> Info:
     s = service.settings

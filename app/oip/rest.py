@@ -192,11 +192,6 @@ async def server_ready(plane: Plane) -> JSONResponse:
     return JSONResponse({"ready": ready}, 200 if ready else 503)
 
 
-# HEAD too, as on /healthz and /readyz: the same status, no body, not in the OpenAPI document
-router.add_api_route("/health/live", server_live, methods=["HEAD"], include_in_schema=False)
-router.add_api_route("/health/ready", server_ready, methods=["HEAD"], include_in_schema=False)
-
-
 # ---- models ----------------------------------------------------------------------------------
 # ---- statistics (Triton's extension; before /models/{name}, which "stats" would match) -------
 @router.get(
