@@ -160,6 +160,28 @@ def test_model_metadata_and_ready_for_a_weights_variant(oip, http):
     assert r.status_code == 404 and "no version '2'" in r.json()["error"]
 
 
+def test_unrouted_v2_paths_answer_in_the_protocols_form(oip):
+    """No route (404) and no such method (405) under /v2 are {"error": ...}, as every other
+    /v2 answer; elsewhere the app's {"detail": ...}."""
+    for method, path, status in [
+        ("GET", "/v2/bogus", 404),
+        ("GET", "/v2/models/a%2Fb", 404),
+        ("POST", f"/v2/models/{CIFAR}/versions//infer", 404),
+        ("GET", f"/v2/models/{CIFAR}/infer", 405),
+        ("DELETE", "/v2/health/live", 405),
+    ]:
+        r = httpx.request(method, f"{oip.url}{path}", headers=auth())
+        assert r.status_code == status and set(r.json()) == {"error"}, (path, r.text)
+        assert r.json()["error"], path
+    r = httpx.get(f"{oip.url}/v2/models/{CIFAR}/infer", headers=auth())
+    assert r.headers["allow"] == "POST"
+    r = httpx.get(f"{oip.url}/bogus", headers=auth())
+    assert r.status_code == 404 and set(r.json()) == {"detail"}
+    r = httpx.post(f"{oip.url}/v2/repository/index", content=gzip.compress(b"{}"),
+                   headers={**auth(), "Content-Encoding": "gzip"})  # fmt: skip
+    assert r.status_code == 415 and "only infer requests" in r.json()["error"], r.text
+
+
 def test_api_key_guards_all_but_health(oip):
     assert httpx.get(f"{oip.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{oip.url}/v2/health/ready").json() == {"ready": True}

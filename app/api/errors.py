@@ -8,8 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.catalog import UnknownModelError
 from app.engine.batcher import NoWorkerError, QueueFullError
@@ -75,7 +77,21 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"detail": _clip_inputs(jsonable_encoder(exc.errors()))}, 422)
 
+    async def not_routed(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (no route) and 405 (no such method), in the protocol's form
+        under /v2, as every other /v2 answer."""
+        assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        if path == "/v2" or path.startswith("/v2/"):
+            said = {
+                404: f"no route {clip(path)!r} in the protocol",
+                405: f"{request.method} is not allowed on {clip(path)!r}",
+            }.get(exc.status_code, str(exc.detail))
+            return JSONResponse({"error": said}, exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
+
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, not_routed)
 
     for cls in HANDLED:
         app.add_exception_handler(cls, handler)

@@ -406,7 +406,10 @@ async def repository_unload(name: Name, request: Request, plane: Plane) -> Unloa
 
 
 async def _small_body(request: Request, model: type[BaseModel]) -> BaseModel | None:
-    """An optional small JSON body (empty: None), checked against ``model`` (400)."""
+    """An optional small JSON body (empty: None), checked against ``model`` (400); sent plain
+    (415 for a Content-Encoding: only infer requests may be compressed)."""
+    if codec.content_coding(request.headers.get("content-encoding")) is not None:
+        raise ProtocolError("only infer requests may be compressed: send this one plain", 415)
     try:
         body = await read_body(request, SMALL_BODY)
     except UploadTooLargeError:
