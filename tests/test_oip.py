@@ -990,10 +990,10 @@ def test_a_cancelled_grpc_call_keeps_its_budget_while_its_message_is_read(oip, m
     release, reading = threading.Event(), threading.Event()
     convert = grpc_server.conv.infer_request
 
-    def slow(request):  # the thread reading the message, held until the test lets it go
+    def slow(request, *rest):  # the thread reading the message, held until the test lets it go
         reading.set()
         release.wait(30)
-        return convert(request)
+        return convert(request, *rest)
 
     monkeypatch.setattr(grpc_server.conv, "infer_request", slow)
     pixels = np.zeros((8, 3, 32, 32), dtype=np.float32)  # 98 KB: read off the event loop
