@@ -553,3 +553,49 @@ def test_a_ready_model_waits_for_its_worker_to_finish_loading_another(tmp_path):
             loaded = load.result()
         assert r.status_code == 200, r.text
         assert loaded.status_code == 200, loaded.text
+
+
+def test_a_batch_that_cannot_be_handed_over_gives_its_slot_back(monkeypatch):
+    """A batch that fails after its worker slot was booked and before it was sent (shared
+    memory full) fails with 503 and gives the slot back: the next batches run. Before, the
+    booked slot was never freed and every later batch waited for it until its deadline."""
+    from app.engine import batcher as batcher_module
+    from app.engine.batcher import NoWorkerError
+
+    spec = build_catalog().get("cifar10_plain20")
+    cfg = WorkerConfig(0, "cpu", "fp32", False, False, 1, 4, [spec.load_plan(None)])
+    real = batcher_module._stack_shared
+    failures = [OSError(28, "No space left on device")]  # as /dev/shm full raises it
+
+    def stack(tensors):
+        if failures:
+            raise failures.pop()
+        return real(tensors)
+
+    monkeypatch.setattr(batcher_module, "_stack_shared", stack)
+    pixels = torch.zeros(3, 32, 32, dtype=torch.uint8)
+
+    async def scenario() -> None:
+        async with ready_pool([cfg], spec.name) as pool:
+            b = ModelBatcher(spec.name, pool, max_batch_size=4, max_wait_s=0.01, max_queue=64)
+            b.start()
+            try:
+                first = await asyncio.gather(
+                    b.submit(pixels, time.monotonic() + 30), return_exceptions=True
+                )
+                assert isinstance(first[0], NoWorkerError), first
+                assert "retry shortly" in str(first[0])
+                for _ in range(3):  # more batches than the worker's slots: each freed again
+                    done = await asyncio.wait_for(
+                        asyncio.gather(
+                            *[b.submit(pixels, time.monotonic() + 30) for _ in range(4)]
+                        ),
+                        30,
+                    )
+                    assert all(isinstance(r, ImageResult) for r in done)
+                assert not any(w.inflight for w in pool.workers)
+                assert b.stats.fail.count == 1 and b.stats.success.count == 12
+            finally:
+                await b.stop()
+
+    asyncio.run(scenario())

@@ -244,6 +244,7 @@ class ModelBatcher:
         try:
             await self._compute(slot, items)
         except Exception as exc:
+            self.pool.release(slot)  # a slot booked and never sent is free again (else a no-op)
             if not isinstance(exc, RuntimeError | TimeoutError):
                 log.exception("batch for %s failed in the API process", self.name)
             fail_futures((i.future for i in items), exc)
@@ -255,7 +256,15 @@ class ModelBatcher:
         # pipe: faster than one shared-memory blob, whose descriptor costs a round trip.
         tensors = [p for p in payloads if isinstance(p, torch.Tensor)]
         uniform = len(tensors) == len(payloads) and len({t.dtype for t in tensors}) == 1
-        batch = _stack_shared(tensors) if uniform else payloads
+        try:
+            batch = _stack_shared(tensors) if uniform else payloads
+        except Exception as exc:  # /dev/shm full, say: the slot goes back, or it is lost for good
+            self.pool.release(slot)
+            log.error("batch for %s could not be placed in shared memory: %s", self.name, exc)
+            raise NoWorkerError(
+                f"the server could not hand this batch to a worker ({type(exc).__name__}); "
+                "retry shortly"
+            ) from exc
         result: BatchResult = await self.pool.submit(slot, self.name, batch)
         arrived = time.monotonic()
         n = len(items)
