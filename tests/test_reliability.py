@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import os
 import re
 import signal
@@ -145,7 +146,12 @@ def test_overload_stays_bounded_and_recovers(tmp_path: Path):
         assert after < 3 * before + 0.05
 
 
-def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path, to: str):
+    """SIGTERM to the API process, or to its whole process group (Ctrl-C in a terminal,
+    systemd's default stop, ``kill -- -PGID``): accepted requests are answered, the workers
+    are stopped by the server, not killed by the signal (their batches failed with 503 and
+    they were restarted during the shutdown)."""
     port = free_port()
     env = {
         **os.environ, "IMGCLS_MODELS": "cifar10_plain110", "IMGCLS_ALLOW_RANDOM_WEIGHTS": "1",
@@ -157,6 +163,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("wb"),
+        start_new_session=True,  # a process group of its own, as under a terminal or systemd
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -175,7 +182,10 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
                 >= 16 - 2 * 2,
                 60, "the requests reached the server",
             )  # fmt: skip
-            proc.send_signal(signal.SIGTERM)
+            if to == "group":
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
             codes = [f.result()[0] for f in futures]
         assert codes == [200] * 16, codes
         # uvicorn shuts down gracefully, then re-raises the signal for its supervisor: exit status
@@ -183,6 +193,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         assert proc.wait(60) in (0, -signal.SIGTERM)
         log = (tmp_path / "server.log").read_text()
         assert "Application shutdown complete" in log
+        assert "restarting" not in log and "died" not in log, log[-3000:]
         # one JSON line per request, with request_id, model, status and latency
         import json
 
@@ -201,6 +212,36 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_workers_end_with_a_killed_server(tmp_path: Path):
+    """The API process killed outright (SIGKILL, the OOM killer): its workers end within a few
+    heartbeats instead of living on as orphans holding the models' memory."""
+    port = free_port()
+    env = {
+        **os.environ, "IMGCLS_MODELS": "cifar10_plain20", "IMGCLS_ALLOW_RANDOM_WEIGHTS": "1",
+        "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_WEIGHTS_DIR": str(tmp_path), "IMGCLS_COMPILE": "0",
+        "PORT": str(port), "IMGCLS_GRPC_PORT": "0",
+    }  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        from tests.conftest import wait_until_ready
+
+        wait_until_ready(f"http://127.0.0.1:{port}", 120)
+        workers = children(proc.pid)
+        assert workers
+        proc.kill()
+        proc.wait(10)
+        _until(lambda: not running(workers), 15, f"the workers ended: {running(workers)}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its group
 
 
 def test_api_key_and_cors(tmp_path: Path):

@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -761,10 +763,16 @@ def _no_silent_eager() -> Any:
     return config.patch(fail_on_recompile_limit_hit=True)
 
 
-def _heartbeat(outbox: Any) -> None:
+def _heartbeat(outbox: Any, parent: int) -> None:
     """Tell the pool this process is alive, whatever its main thread is doing. A process that is
-    stopped, or stuck where no Python thread runs, falls silent and the watchdog restarts it."""
+    stopped, or stuck where no Python thread runs, falls silent and the watchdog restarts it.
+
+    And end this process when the API process that started it is gone (killed with SIGKILL,
+    or by the OOM killer): the worker would otherwise live on, an orphan holding its models'
+    memory (a GPU's too), beside the workers of the service started again."""
     while True:
+        if os.getppid() != parent:
+            os._exit(1)
         outbox.put(("heartbeat", time.monotonic()))
         time.sleep(HEARTBEAT_S)
 
@@ -810,7 +818,16 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     if cfg.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(cfg.device))
         torch.backends.cudnn.benchmark = True
-    threading.Thread(target=_heartbeat, args=(outbox,), daemon=True, name="heartbeat").start()
+    # Ctrl-C in a terminal, systemd's default stop and `kill -- -PGID` signal the whole process
+    # group: the API process drains and then stops its workers itself (a worker killed by the
+    # signal failed its batches with 503 and was restarted during the shutdown).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    started_by = multiprocessing.parent_process()  # None when not started as a process
+    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
+    threading.Thread(
+        target=_heartbeat, args=(outbox, parent), daemon=True, name="heartbeat"
+    ).start()
     outbox.put(("started", os.getpid()))
     runner = Runner(cfg)
     for plan in cfg.plans:
