@@ -225,10 +225,13 @@ class Service(InferenceCore):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # IMGCLS_SHUTDOWN_GRACE_S bounds the whole: the batches at the workers, then the workers'
+        # exit (a hung one is killed when it is up, not when the watchdog would)
+        until = time.monotonic() + self.settings.shutdown_grace_s
         for b in self.batchers.values():
-            await b.stop()
+            await b.stop(within_s=max(0.0, until - time.monotonic()))
         if self.pool is not None:
-            await self.pool.close(grace_s=self.settings.shutdown_grace_s)
+            await self.pool.close(grace_s=max(0.0, until - time.monotonic()))
         self._downloads.shutdown(wait=False, cancel_futures=True)
 
     # ---- models at run time (the model-repository extension) -------------------------------
@@ -280,13 +283,19 @@ class Service(InferenceCore):
                 return
             del self.served[name]
             batcher = self.batchers.pop(name, None)
+            # the drain, and the batches at the workers, within IMGCLS_REQUEST_TIMEOUT_S; a hung
+            # worker frees the model when it answers again (or is restarted without it)
+            until = time.monotonic() + self.settings.request_timeout_s
             if batcher is not None:
                 await batcher.drain(self.settings.request_timeout_s)
-                await batcher.stop(f"model {name!r} was unloaded before this image's turn came")
+                await batcher.stop(
+                    f"model {name!r} was unloaded before this image's turn came",
+                    within_s=max(0.0, until - time.monotonic()),
+                )
             pool.unload(name)
             await pool.wait_status(
                 lambda: all(name not in w.models for w in pool.workers if w.alive),
-                time.monotonic() + 30,
+                max(until, time.monotonic() + 5),
             )
 
     # ---- status ----------------------------------------------------------------------------

@@ -298,3 +298,34 @@ def test_api_key_and_cors(tmp_path: Path):
 def test_cors_is_off_by_default(client):
     r = client.get("/models", headers={"Origin": "https://demo.example"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path):
+    """A worker that hangs with a batch (here: stopped) holds the shutdown for
+    IMGCLS_SHUTDOWN_GRACE_S, not until the watchdog's IMGCLS_WORKER_TIMEOUT_S: the server's
+    wait for in-flight requests, then the service's for the batches at the workers and their
+    exit, each within the grace; then the worker is killed."""
+    grace = 2.0
+    ex = cf.ThreadPoolExecutor(1)
+    with run_service(
+        models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
+        shutdown_grace_s=grace, worker_timeout_s=120, request_timeout_s=100,
+    ) as svc:  # fmt: skip
+        pool = svc.service.pool
+        pid = pool.workers[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            held = ex.submit(_post, svc.url, "cifar10_plain20")
+            _until(
+                lambda: any(x.sent_at for w in pool.workers for x in w.inflight.values()),
+                30, "a batch reached the worker",
+            )  # fmt: skip
+            started = time.monotonic()
+        except BaseException:
+            os.kill(pid, signal.SIGCONT)
+            raise
+    took = time.monotonic() - started
+    ex.shutdown(wait=False)
+    assert took < 2 * grace + 10, f"the shutdown took {took:.1f} s"
+    _until(lambda: not running([pid]), 10, "the hung worker was killed")
+    assert held.done()

@@ -124,14 +124,18 @@ class ModelBatcher:
         self._fail_queue(NoWorkerError(f"batching for {self.name} restarted; retry"))
         self.start()
 
-    async def stop(self, why: str = "the service is shutting down") -> None:
-        """Stop batching; what is still queued fails with NoWorkerError(``why``) (503)."""
+    async def stop(
+        self, why: str = "the service is shutting down", within_s: float | None = None
+    ) -> None:
+        """Stop batching; what is still queued fails with NoWorkerError(``why``) (503). The
+        batches at the workers are waited for, at most ``within_s``: one at a hung worker ends
+        when the pool fails it (the watchdog, or the pool closing)."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await asyncio.wait(list(self._running), timeout=within_s)
         self._fail_queue(NoWorkerError(why))
 
     async def drain(self, within_s: float) -> None:
