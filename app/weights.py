@@ -6,6 +6,7 @@ Reading a checkpoint into a model is the engine's part: app/engine/checkpoint.py
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -140,6 +141,14 @@ def download(
         return _download(url, dest, sha256_prefix, progress)
 
 
+# Errors writing the file (a read-only volume, a full disk, no permission), as opposed to the
+# network's: the model has "failed", and `imgcls weights pull` would fail the same way.
+_CANNOT_WRITE = {
+    errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EISDIR,
+    errno.ENOTDIR,
+}  # fmt: skip
+
+
 def _download(url: str, dest: Path, sha256_prefix: str | None, progress: bool) -> Path:
     _remove_abandoned(dest)
     tmp = _partial(dest)
@@ -153,8 +162,10 @@ def _download(url: str, dest: Path, sha256_prefix: str | None, progress: bool) -
         os.replace(tmp, dest)
     except WeightsError:
         raise
-    except PermissionError as exc:
-        raise WeightsError(f"cannot write {dest}: {exc}", problem="failed") from exc
+    except OSError as exc:
+        if exc.errno in _CANNOT_WRITE:  # the volume's doing: no download will help
+            raise WeightsError(f"cannot write {dest}: {exc}", problem="failed") from exc
+        raise WeightsError(f"download of {url} failed: {exc}") from exc
     except Exception as exc:  # network errors, HTTP errors, a stalled server
         raise WeightsError(f"download of {url} failed: {exc}") from exc
     finally:  # also on KeyboardInterrupt and SystemExit (the CLI's SIGTERM)

@@ -351,3 +351,31 @@ def test_missing_weights_are_reported_and_others_still_serve(tmp_path):
         )
         assert ok.status_code == 200
     assert os.listdir(tmp_path) == ["resnet20-12fca82f.th"]
+
+
+@pytest.mark.parametrize(
+    ("error", "problem"),
+    [
+        (OSError(30, "Read-only file system"), "failed"),  # a read-only volume (root too)
+        (OSError(28, "No space left on device"), "failed"),
+        (PermissionError(13, "Permission denied"), "failed"),
+        (ConnectionResetError(104, "Connection reset by peer"), "missing-weights"),
+        (OSError("the server sent 10 of 20 bytes"), "missing-weights"),
+    ],
+)
+def test_what_the_volume_refuses_is_failed_and_the_network_missing(tmp_path, monkeypatch,
+                                                                    error, problem):  # fmt: skip
+    """Writing the file fails on this machine's volume (read-only, full, no permission): the
+    model is `failed`, which no download or `weights pull` can mend. A network error leaves it
+    `missing-weights`, to fetch again. (The errors are raised where the file is written: a
+    read-only mount or a full disk cannot be made here without privileges.)"""
+    from app import weights
+
+    def fetch(url, tmp, progress):
+        raise error
+
+    monkeypatch.setattr(weights, "_fetch", fetch)
+    with pytest.raises(weights.WeightsError) as info:
+        weights.download("http://127.0.0.1:9/x.pth", tmp_path / "x.pth", None, progress=False)
+    assert info.value.problem == problem, info.value
+    assert ("cannot write" in str(info.value)) == (problem == "failed")
