@@ -147,6 +147,19 @@ class Settings(BaseSettings):
             raise ValueError("IMGCLS_MODELS must name at least one model")
         return v
 
+    @field_validator("model_config_file", "int8_calibration", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, v: object) -> object:
+        # `IMGCLS_MODEL_CONFIG=` (a compose file's empty default) means none, not the folder "."
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("weights_dir", mode="before")
+    @classmethod
+    def _weights_dir_named(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must name a folder (empty, it would be the working directory)")
+        return v
+
     @field_validator("api_key")
     @classmethod
     def _key_stripped(cls, v: str | None) -> str | None:

@@ -46,6 +46,8 @@ CASES = {
         "--limit: must be at least 1",
     ),
     "eval no models": ({}, ["eval", "--data", ".", "--models", ","], "--models names no model"),
+    "model config a folder": ({"IMGCLS_MODEL_CONFIG": "app"}, ["serve"], "cannot be read"),
+    "weights folder empty": ({"IMGCLS_WEIGHTS_DIR": ""}, ["serve"], "IMGCLS_WEIGHTS_DIR: Value"),
 }
 
 
@@ -85,6 +87,13 @@ def test_calibrated_int8_names_pass_the_startup_check(tmp_path):
     from app.service import check_startup
 
     check_startup(Settings(models="cifar10_resnet20:int8", int8_calibration=tmp_path))
+
+
+def test_an_empty_path_setting_is_unset():
+    """``IMGCLS_MODEL_CONFIG=`` (as a compose file's empty default writes it) is no config, not
+    the working directory read as one; the same for the calibration folder."""
+    s = Settings(model_config_file="", int8_calibration=" ")
+    assert s.model_config_file is None and s.int8_calibration is None
 
 
 def test_grace_keeps_fractions_of_a_second():

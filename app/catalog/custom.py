@@ -168,6 +168,8 @@ def load_model_config(path: Path, reserved: set[str]) -> list[ModelSpec]:
         doc = tomllib.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise ModelConfigError(f"{where}: file does not exist") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise ModelConfigError(f"{where}: cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ModelConfigError(f"{where}: not valid TOML: {exc}") from None
     models = doc.get("models")
