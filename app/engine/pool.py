@@ -124,6 +124,7 @@ class WorkerHandle:
     process: Any = None
     inbox: Any = None
     outbox: Any = None
+    reader: threading.Thread | None = None  # the thread reading outbox
     pid: int | None = None
     inflight: dict[int, Inflight] = field(default_factory=dict)
     models: dict[str, ModelState] = field(default_factory=dict)
@@ -249,9 +250,10 @@ class WorkerPool:
         w.process.start()
         w.alive, w.started, w.kill_reason, w.pid = True, False, None, w.process.pid
         w.spawned_at = w.heartbeat = time.monotonic()
-        threading.Thread(
+        w.reader = threading.Thread(
             target=self._read, args=(w, w.process, w.outbox), daemon=True, name="pool-reader"
-        ).start()
+        )
+        w.reader.start()
 
     async def close(self, grace_s: float = 10.0) -> None:
         self._closed = True
@@ -272,6 +274,12 @@ class WorkerPool:
                 w.process.kill()
                 await asyncio.to_thread(w.process.join, 5)
             self._fail_inflight(w, WorkerCrashedError("the service is shutting down"))
+            # the queues' locks and semaphores go now, not at exit, when the resource tracker
+            # would warn of "leaked semaphore objects" at every stop
+            self._release_process(w)
+            if w.reader is not None:  # it ends as its queue closes: then nothing holds them
+                await asyncio.to_thread(w.reader.join, 1)
+            w.inbox = w.outbox = w.process = w.reader = None
         fail_futures((x.future for x in self._waiters), NoReadyWorkerError("shutting down"))
         self._waiters.clear()
 
@@ -369,6 +377,8 @@ class WorkerPool:
         if process is not w.process:
             return
         w.alive = False
+        if self._closed:  # close() has stopped the worker and released its process
+            return
         code = process.exitcode
         reason = w.kill_reason or "crash"
         what = (
