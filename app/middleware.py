@@ -50,7 +50,7 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
-            or scope["path"] in OPEN_PATHS
+            or (scope["path"].rstrip("/") or "/") in OPEN_PATHS  # "/healthz/" redirects there
             or scope["path"].startswith("/static/")
         ):
             await self.app(scope, receive, send)

@@ -185,6 +185,8 @@ def test_unrouted_v2_paths_answer_in_the_protocols_form(oip):
 def test_api_key_guards_all_but_health(oip):
     assert httpx.get(f"{oip.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{oip.url}/v2/health/ready").json() == {"ready": True}
+    for path in ("/v2/health/live/", "/healthz/"):  # a trailing slash: redirected, not 401
+        assert httpx.get(f"{oip.url}{path}", follow_redirects=True).status_code == 200, path
     for path in ("/v2/health/live", "/v2/health/ready"):  # HEAD, as on /healthz and /readyz
         r = httpx.head(f"{oip.url}{path}")
         assert r.status_code == 200 and not r.content, path
