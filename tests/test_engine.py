@@ -599,3 +599,41 @@ def test_a_batch_that_cannot_be_handed_over_gives_its_slot_back(monkeypatch):
                 await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_process_that_exits_without_closing_its_pool_does_not_hang(tmp_path):
+    """Workers ignore SIGTERM (the API process stops them). A process that exits without
+    closing its pool (a second Ctrl-C skips the lifespan shutdown) must still exit: at exit its
+    workers are killed, before multiprocessing's exit hook would SIGTERM them and wait
+    forever."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, running
+
+    code = (
+        "import asyncio, time\n"
+        "from app.catalog import build_catalog\n"
+        "from app.engine.pool import WorkerPool\n"
+        "from app.engine.worker import WorkerConfig\n"
+        "spec = build_catalog().get('cifar10_plain20')\n"
+        "cfg = WorkerConfig(0, 'cpu', 'fp32', False, False, 1, 1, [spec.load_plan(None)])\n"
+        "async def main():\n"
+        "    pool = WorkerPool([cfg])\n"
+        "    await pool.start()\n"
+        "    while not pool.workers[0].started:\n"
+        "        await asyncio.sleep(0.05)\n"
+        "    print(pool.workers[0].pid, flush=True)\n"
+        "asyncio.run(main())\n"  # returns with the pool open
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "IMGCLS_WEIGHTS_DIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        pid = int(proc.stdout.readline())
+        assert proc.wait(30) == 0
+        _wait(lambda: not running([pid]), 10, "the worker ended")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

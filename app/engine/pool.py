@@ -18,6 +18,7 @@ step that finds it, so no two batchers can book one slot.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import itertools
@@ -234,6 +235,16 @@ class WorkerPool:
             self._spawn(w)
         self._watchdog = asyncio.create_task(self._watch(), name="pool-watchdog")
         self._watchdog.add_done_callback(_log_task_death)
+        # Workers ignore SIGTERM (the API process stops them: close()). A process that exits
+        # without closing its pool (a second Ctrl-C skips the lifespan shutdown) kills them
+        # here, before multiprocessing's exit hook, which would SIGTERM them and wait forever.
+        atexit.register(self._kill_left)
+
+    def _kill_left(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                if _is_alive(w.process):
+                    w.process.kill()
 
     def _spawn(self, w: WorkerHandle) -> None:
         w.inbox = self._ctx.Queue()
@@ -257,6 +268,7 @@ class WorkerPool:
 
     async def close(self, grace_s: float = 10.0) -> None:
         self._closed = True
+        atexit.unregister(self._kill_left)
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
@@ -275,10 +287,11 @@ class WorkerPool:
                 await asyncio.to_thread(w.process.join, 5)
             self._fail_inflight(w, WorkerCrashedError("the service is shutting down"))
             # the queues' locks and semaphores go now, not at exit, when the resource tracker
-            # would warn of "leaked semaphore objects" at every stop
+            # would warn of "leaked semaphore objects" at every stop; the reader first (it ends
+            # within a poll of the dead process), so no read is in progress on a closed queue
+            if w.reader is not None:
+                await asyncio.to_thread(w.reader.join, 2)
             self._release_process(w)
-            if w.reader is not None:  # it ends as its queue closes: then nothing holds them
-                await asyncio.to_thread(w.reader.join, 1)
             w.inbox = w.outbox = w.process = w.reader = None
         fail_futures((x.future for x in self._waiters), NoReadyWorkerError("shutting down"))
         self._waiters.clear()
