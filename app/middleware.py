@@ -59,11 +59,16 @@ class ApiKeyMiddleware:
         given = token.strip().encode("latin-1")  # the raw header bytes (Starlette decoded them)
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.expected):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            headers = {"WWW-Authenticate": "Bearer"}
+            if "100-continue" in Headers(scope=scope).get("expect", "").lower():
+                # the client waits for "100 Continue" and never sends its body: close, or the
+                # server reads its next request as that body (limits.BodyLimitsMiddleware)
+                headers["Connection"] = "close"
             response = JSONResponse(
                 # the Open Inference Protocol's error form under /v2, the app's elsewhere
                 {"error" if scope["path"].startswith("/v2") else "detail": message},
                 status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
+                headers=headers,
             )
             await response(scope, receive, send)
             return
@@ -88,4 +93,10 @@ class HeadAsGetMiddleware:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, without_body)
+        inner = {**scope, "method": "GET"}  # uvicorn reads the outer one's HEAD: no body sent
+        try:
+            await self.app(inner, receive, without_body)
+        finally:  # what routing found, for the access log and /metrics outside
+            for key in ("route", "path_params", "endpoint"):
+                if key in inner:
+                    scope[key] = inner[key]

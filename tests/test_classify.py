@@ -137,6 +137,15 @@ def test_head_wherever_get(client):
             assert int(head.headers["content-length"]) == len(got.content), path
     assert client.head("/classify").status_code == client.get("/classify").status_code == 405
 
+    def ready_count() -> float:  # HEAD is counted under its route, as GET is
+        line = f'imgcls_requests_total{{endpoint="/v2/models/{{name}}/ready",model="{name}",'
+        found = [x for x in client.get("/metrics").text.splitlines() if x.startswith(line)]
+        return sum(float(x.rsplit(" ", 1)[1]) for x in found)
+
+    before = ready_count()
+    client.head(f"/v2/models/{name}/ready")
+    assert ready_count() == before + 1
+
 
 def _local_probs(model: torch.nn.Module, transform, img: Image.Image) -> np.ndarray:
     with torch.inference_mode():

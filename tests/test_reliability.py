@@ -20,6 +20,7 @@ import pytest
 
 from tests import images
 from tests.conftest import ROOT, children, free_port, run_service, running
+from tests.rawhttp import connect, read_until_closed, status_of
 
 PNG = images.encode(images.photo((64, 64)), "PNG")
 
@@ -264,6 +265,15 @@ def test_api_key_and_cors(tmp_path: Path):
         assert httpx.get(f"{svc.url}/readyz").status_code == 200
         assert httpx.head(f"{svc.url}/readyz").status_code == 200  # probes that use HEAD
         assert httpx.get(f"{svc.url}/models").status_code == 401
+        # refused before the body was asked for, an Expect: 100-continue client is answered
+        # and the connection closed (it does not send the body the server would wait for)
+        with connect(svc.url) as sock:
+            sock.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n"
+            )
+            data, waited, how = read_until_closed(sock, 10)
+        assert status_of(data) == 401 and how == "closed" and waited < 3, (how, waited, data[:300])
         pre = httpx.options(
             f"{svc.url}/classify",
             headers={"Origin": "https://demo.example", "Access-Control-Request-Method": "POST"},
