@@ -208,10 +208,13 @@ def _one_line(exc: Exception) -> str:
         return str(exc)
     said = []
     for e in exc.errors(include_url=False):
+        if e["type"] == "value_error":  # our validators' own words name the variable
+            said.append(str(e.get("ctx", {}).get("error", e["msg"])))
+            continue
         field = ".".join(str(part) for part in e["loc"])
         name = field if field.startswith("IMGCLS_") else f"IMGCLS_{field.upper()}"
         got = f" (got {e['input']!r})" if isinstance(e.get("input"), str | int | float) else ""
-        said.append(f"{name}: {e['msg']}{got}")
+        said.append(f"{name}: {e['msg']}{got}" if field else f"{e['msg']}{got}")
     return "; ".join(said)
 
 

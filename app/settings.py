@@ -157,7 +157,9 @@ class Settings(BaseSettings):
     @classmethod
     def _weights_dir_named(cls, v: object) -> object:
         if isinstance(v, str) and not v.strip():
-            raise ValueError("must name a folder (empty, it would be the working directory)")
+            raise ValueError(
+                "IMGCLS_WEIGHTS_DIR must name a folder (empty, it is the working directory)"
+            )
         return v
 
     @field_validator("api_key")

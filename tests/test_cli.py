@@ -24,7 +24,7 @@ CASES = {
     "infinite upload limit": ({"IMGCLS_MAX_UPLOAD_MB": "inf"}, ["serve"], "finite number"),
     "infinite grace": ({"IMGCLS_SHUTDOWN_GRACE_S": "inf"}, ["serve"], "finite number"),
     "infinite in-flight": ({"IMGCLS_MAX_INFLIGHT_MB": "inf"}, ["serve"], "finite number"),
-    "device text": ({"IMGCLS_DEVICE": "cuda:abc"}, ["serve"], "cuda or cuda:N"),
+    "device text": ({"IMGCLS_DEVICE": "cuda:abc"}, ["serve"], "imgcls: IMGCLS_DEVICE must be"),
     "device digits not ASCII": ({"IMGCLS_DEVICE": "cuda:\u0661"}, ["serve"], "cuda or cuda:N"),
     "gRPC message over a C int": ({"IMGCLS_OIP_MAX_REQUEST_MB": "4096"}, ["serve"], "2047"),
     "device missing": (
@@ -47,7 +47,16 @@ CASES = {
     ),
     "eval no models": ({}, ["eval", "--data", ".", "--models", ","], "--models names no model"),
     "model config a folder": ({"IMGCLS_MODEL_CONFIG": "app"}, ["serve"], "cannot be read"),
-    "weights folder empty": ({"IMGCLS_WEIGHTS_DIR": ""}, ["serve"], "IMGCLS_WEIGHTS_DIR: Value"),
+    "default model not served": (
+        {"IMGCLS_DEFAULT_MODEL": "nope"},
+        ["serve"],
+        "imgcls: IMGCLS_DEFAULT_MODEL='nope' is not in IMGCLS_MODELS",
+    ),
+    "weights folder empty": (
+        {"IMGCLS_WEIGHTS_DIR": ""},
+        ["serve"],
+        "imgcls: IMGCLS_WEIGHTS_DIR must",
+    ),
 }
 
 
