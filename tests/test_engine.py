@@ -564,7 +564,7 @@ def test_a_batch_that_cannot_be_handed_over_gives_its_slot_back(monkeypatch):
 
     spec = build_catalog().get("cifar10_plain20")
     cfg = WorkerConfig(0, "cpu", "fp32", False, False, 1, 4, [spec.load_plan(None)])
-    real = batcher_module._stack_shared
+    real = batcher_module.stack_shared
     failures = [OSError(28, "No space left on device")]  # as /dev/shm full raises it
 
     def stack(tensors):
@@ -572,7 +572,7 @@ def test_a_batch_that_cannot_be_handed_over_gives_its_slot_back(monkeypatch):
             raise failures.pop()
         return real(tensors)
 
-    monkeypatch.setattr(batcher_module, "_stack_shared", stack)
+    monkeypatch.setattr(batcher_module, "stack_shared", stack)
     pixels = torch.zeros(3, 32, 32, dtype=torch.uint8)
 
     async def scenario() -> None:

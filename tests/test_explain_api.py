@@ -340,3 +340,36 @@ def test_maps_do_not_survive_model_randomisation_over_http(tmp_path) -> None:
     mean = float(np.mean(rhos))
     print(f"\nrandomisation over HTTP, {len(files)} images: mean Spearman {mean:.3f}")
     assert len(rhos) == 200 and mean < 0.3
+
+
+def test_an_explain_job_that_cannot_be_handed_over_is_503_and_frees_its_slot(monkeypatch) -> None:
+    """As a batch: an explain job whose pixels cannot be placed in shared memory (/dev/shm
+    full) is a 503 and gives its worker slot back; the next explanations run. (Before, the
+    queue's feeder thread moved them there, and a failure lost the job silently until the
+    watchdog killed the worker.)"""
+    from app import service as service_module
+
+    real = service_module.stack_shared
+    failures = [OSError(28, "No space left on device")]
+
+    def stack(tensors):
+        if failures:
+            raise failures.pop()
+        return real(tensors)
+
+    monkeypatch.setattr(service_module, "stack_shared", stack)
+    photo = images.encode(images.photo(), "PNG")
+    with run_service(
+        models="cifar10_plain20", allow_random_weights=True, request_timeout_s=30
+    ) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:  # fmt: skip
+
+        def explain() -> httpx.Response:
+            return c.post("/explain", params={"model": "cifar10_plain20"},
+                          files={"file": ("a", photo)})  # fmt: skip
+
+        first = explain()
+        assert first.status_code == 503 and "retry shortly" in first.json()["detail"], first.text
+        assert first.headers["retry-after"]
+        for _ in range(3):  # more than the worker's two slots: each one freed again
+            assert explain().status_code == 200
+        assert not any(w.inflight for w in svc.service.pool.workers)

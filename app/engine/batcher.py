@@ -261,7 +261,7 @@ class ModelBatcher:
         tensors = [p for p in payloads if isinstance(p, torch.Tensor)]
         uniform = len(tensors) == len(payloads) and len({t.dtype for t in tensors}) == 1
         try:
-            batch = _stack_shared(tensors) if uniform else payloads
+            batch = stack_shared(tensors) if uniform else payloads
         except Exception as exc:  # /dev/shm full, say: the slot goes back, or it is lost for good
             self.pool.release(slot)
             log.error("batch for %s could not be placed in shared memory: %s", self.name, exc)
@@ -356,7 +356,7 @@ class ModelBatcher:
         return BatchFailedError(f"{self.name} gave non-finite output")
 
 
-def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack into one tensor placed in shared memory, so the worker maps it instead of copying."""
     first = tensors[0]
     out = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
