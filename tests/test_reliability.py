@@ -195,7 +195,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path, to: str):
         log = (tmp_path / "server.log").read_text()
         assert "Application shutdown complete" in log
         assert "restarting" not in log and "died" not in log, log[-3000:]
-        assert "leaked semaphore" not in log and "Traceback" not in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
         # one JSON line per request, with request_id, model, status and latency
         import json
 
