@@ -24,7 +24,7 @@ from app.catalog import Catalog, UnknownModelError
 from app.catalog.custom import catalog_for
 from app.core import GateSlot, InferenceCore, ServedModel
 from app.engine import fastpath
-from app.engine.batcher import ImageResult, ModelBatcher, NoWorkerError, stack_shared
+from app.engine.batcher import ImageResult, ModelBatcher, place_shared
 from app.engine.decoding import Item
 from app.engine.observer import EngineObserver
 from app.engine.plan import LoadPlan
@@ -438,16 +438,7 @@ class Service(InferenceCore):
             raise ModelNotReadyError(str(exc), retry_after=2) from exc
         if res is None:
             raise TimeoutError(f"no worker for {name} came free within the request deadline")
-        try:  # in shared memory here, as batches are: not in the queue's feeder thread, where a
-            # failure (/dev/shm full) would lose the job silently until the watchdog
-            shared = stack_shared([pixels])
-        except Exception as exc:
-            self.pool.release(res)
-            log.error("explain job for %s could not be placed in shared memory: %s", name, exc)
-            raise NoWorkerError(
-                f"the server could not hand this job to a worker ({type(exc).__name__}); "
-                "retry shortly"
-            ) from exc
+        shared = place_shared(self.pool, res, [pixels], f"the explain job for {name}")
         fut = self.pool.submit_explain(res, name, shared, target)
         return await self.explain_job(name, fut, deadline, slot)
 

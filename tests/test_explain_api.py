@@ -347,9 +347,9 @@ def test_an_explain_job_that_cannot_be_handed_over_is_503_and_frees_its_slot(mon
     full) is a 503 and gives its worker slot back; the next explanations run. (Before, the
     queue's feeder thread moved them there, and a failure lost the job silently until the
     watchdog killed the worker.)"""
-    from app import service as service_module
+    from app.engine import batcher as batcher_module
 
-    real = service_module.stack_shared
+    real = batcher_module.stack_shared
     failures = [OSError(28, "No space left on device")]
 
     def stack(tensors):
@@ -357,7 +357,7 @@ def test_an_explain_job_that_cannot_be_handed_over_is_503_and_frees_its_slot(mon
             raise failures.pop()
         return real(tensors)
 
-    monkeypatch.setattr(service_module, "stack_shared", stack)
+    monkeypatch.setattr(batcher_module, "stack_shared", stack)
     photo = images.encode(images.photo(), "PNG")
     with run_service(
         models="cifar10_plain20", allow_random_weights=True, request_timeout_s=30

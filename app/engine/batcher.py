@@ -260,15 +260,11 @@ class ModelBatcher:
         # pipe: faster than one shared-memory blob, whose descriptor costs a round trip.
         tensors = [p for p in payloads if isinstance(p, torch.Tensor)]
         uniform = len(tensors) == len(payloads) and len({t.dtype for t in tensors}) == 1
-        try:
-            batch = stack_shared(tensors) if uniform else payloads
-        except Exception as exc:  # /dev/shm full, say: the slot goes back, or it is lost for good
-            self.pool.release(slot)
-            log.error("batch for %s could not be placed in shared memory: %s", self.name, exc)
-            raise NoWorkerError(
-                f"the server could not hand this batch to a worker ({type(exc).__name__}); "
-                "retry shortly"
-            ) from exc
+        batch = (
+            place_shared(self.pool, slot, tensors, f"the batch for {self.name}")
+            if uniform
+            else payloads
+        )
         result: BatchResult = await self.pool.submit(slot, self.name, batch)
         arrived = time.monotonic()
         n = len(items)
@@ -354,6 +350,22 @@ class ModelBatcher:
                 "finite); send values normalised as the model's preset does (within a few units)"
             )
         return BatchFailedError(f"{self.name} gave non-finite output")
+
+
+def place_shared(
+    pool: WorkerPool, slot: Reservation, tensors: list[torch.Tensor], what: str
+) -> torch.Tensor:
+    """``tensors`` stacked in shared memory for ``slot``'s worker, before the job is sent (in
+    the queue's feeder thread a failure would lose it silently). On a failure (/dev/shm full)
+    the slot goes back, or it is lost for good, and the job is a 503 (NoWorkerError)."""
+    try:
+        return stack_shared(tensors)
+    except Exception as exc:
+        pool.release(slot)
+        log.error("%s could not be placed in shared memory: %s", what, exc)
+        raise NoWorkerError(
+            f"the server could not hand {what} to a worker ({type(exc).__name__}); retry shortly"
+        ) from exc
 
 
 def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
