@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import multiprocessing as mp
 import time
@@ -165,7 +166,14 @@ async def _clients(
 
 
 def _proc(args: tuple[Any, ...]) -> tuple[list[float], list[int], int]:
-    return asyncio.run(_clients(*args))
+    # The generator's own full collections (up to ~0.2 s in a process that has imported torch)
+    # would stop all its clients at once and read as the server's tail: frozen for the run.
+    gc.collect()
+    gc.freeze()
+    try:
+        return asyncio.run(_clients(*args))
+    finally:
+        gc.unfreeze()
 
 
 def run_load(

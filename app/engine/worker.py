@@ -32,6 +32,7 @@ from app.engine import fastpath
 from app.engine.checkpoint import load_into
 from app.engine.decoding import Decoder, Encoded, Prepared
 from app.engine.plan import LoadPlan
+from app.memory import collect, settle
 from app.preprocess import normalize
 
 if TYPE_CHECKING:
@@ -392,9 +393,7 @@ class Runner:
         self.preprocess.pop(name, None)
         self.plans.pop(name, None)
         self.explainers.pop(name, None)
-        import gc
-
-        gc.collect()
+        collect()  # the frozen objects too (memory.settle, at load)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -606,6 +605,7 @@ class Bucketed(nn.Module):
             log.warning("a compiled graph failed, serving eager from now on: %s", exc)
             self.fell_back = True
             self.release()  # the graphs (and their copies of the weights) serve no more
+            collect()  # frozen at load with the rest (memory.settle): reclaimed now
             return self.fallback(x)
 
     def _plan(self, n: int) -> list[tuple[int, int, int]]:
@@ -782,8 +782,10 @@ def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> Non
     try:
         backend = runner.load(plan)
     except Exception as exc:
+        settle()
         outbox.put(("status", plan.name, "failed", f"{type(exc).__name__}: {exc}", None))
         return
+    settle()  # no full collection walks the compiled model's objects while it serves
     info = {
         "precision": runner.precisions[plan.name],
         "backend": backend,
