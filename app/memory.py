@@ -69,11 +69,12 @@ def after_large_buffer(nbytes: int) -> None:
 
 
 def settle() -> None:
-    """After start-up, or after a model is loaded or unloaded: collect the garbage once, then move
-    every object left into the collector's permanent generation (``gc.freeze``).
+    """After the API process has started, or after a worker has loaded a model: collect the
+    garbage once, then move every object left into the collector's permanent generation
+    (``gc.freeze``).
 
-    A process that has imported torch, and a worker that has compiled a model, hold a million or
-    more objects that live as long as it does. Objects of requests in flight survive the young
+    A process that has imported torch and FastAPI holds ~400,000 objects that live as long as it
+    does, a worker that has compiled a model more. Objects of requests in flight survive the young
     generations' collections, so every ~10 s under load Python ran a full collection that walked
     all of them: 160-200 ms in the API process with its event loop stopped, 300 ms in a worker
     after compiling; both cohorts of clients then waited (resnet50 on 2 cores with AMX, 32
@@ -85,8 +86,8 @@ def settle() -> None:
 
 
 def collect() -> None:
-    """A full collection that reaches the frozen objects too (a model was dropped: its compiled
-    graphs hold cycles); they are frozen again after it if they were."""
+    """A full collection that reaches the frozen objects too (a model was dropped: what it held
+    may sit in reference cycles); they are frozen again after it if they were."""
     frozen = gc.get_freeze_count() > 0
     gc.unfreeze()
     gc.collect()
