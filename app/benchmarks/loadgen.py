@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import json
 import multiprocessing as mp
 import time
@@ -17,6 +16,8 @@ from typing import Any
 from urllib.parse import urlencode, urlparse
 
 import numpy as np
+
+from app import memory
 
 
 @dataclass
@@ -168,12 +169,11 @@ async def _clients(
 def _proc(args: tuple[Any, ...]) -> tuple[list[float], list[int], int]:
     # The generator's own full collections (up to ~0.2 s in a process that has imported torch)
     # would stop all its clients at once and read as the server's tail: frozen for the run.
-    gc.collect()
-    gc.freeze()
+    memory.settle()
     try:
         return asyncio.run(_clients(*args))
     finally:
-        gc.unfreeze()
+        memory.unsettle()
 
 
 def run_load(
