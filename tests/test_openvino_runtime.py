@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.catalog import build_catalog
-from app.engine.openvino import OpenVINOModel
+from app.engine.openvino import SPLIT_FROM, OpenVINOModel
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from app.preprocess import normalize
@@ -56,8 +56,9 @@ def data() -> tuple[torch.Tensor, np.ndarray]:
     return x, y
 
 
-def _runner(precision: str, runtime: str = "openvino", **kw: object) -> Runner:
-    return Runner(WorkerConfig(0, "cpu", precision, False, False, 2, 16, [], runtime=runtime, **kw))  # type: ignore[arg-type]
+def _runner(precision: str, runtime: str = "openvino", threads: int = 2, **kw: object) -> Runner:
+    config = WorkerConfig(0, "cpu", precision, False, False, threads, 16, [], runtime=runtime, **kw)  # type: ignore[arg-type]
+    return Runner(config)
 
 
 def _forward_in_odd_batches(runner: Runner, name: str, x: torch.Tensor) -> np.ndarray:
@@ -86,7 +87,7 @@ def test_openvino_float_paths_pass_the_accuracy_guard(data, model):
         assert runner.load(plan) == "openvino"
         served = runner.models[model]
         assert isinstance(served, OpenVINOModel)
-        compiled = served._requests[torch.uint8].get_compiled_model()
+        compiled = served._requests[torch.uint8].whole.get_compiled_model()
         ran = compiled.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO compiled
         assert runner.precisions[model] == {ov.Type.f32: "fp32", ov.Type.bf16: "bf16"}[ran]
         if precision == "fp32":
@@ -169,6 +170,44 @@ def test_float_input_gets_a_model_of_its_own():
     assert runner.load(plan) == "openvino"  # in place
     gc.collect()
     assert first() is None and runner.models[R20] is not None
+
+
+@needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
+def test_large_batches_run_in_halves_on_two_streams(data):
+    """A worker of two threads compiles a second model of two one-thread streams: a batch of
+    SPLIT_FROM images or more runs there as two halves at once (the second half's output is
+    its own size) and answers as the one-stream model does, in order; smaller batches run on
+    the one stream. A worker of one thread compiles no second model."""
+    x, _ = data
+    plan = build_catalog().get(R20).load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[R20]))
+    runner = _runner("fp32")
+    assert runner.load(plan) == "openvino"
+    model = runner.models[R20]
+    assert isinstance(model, OpenVINOModel)
+    compiled = model._requests[torch.uint8]
+    assert len(compiled.halves) == 2
+    assert compiled.whole.get_compiled_model().get_property("NUM_STREAMS") == 1
+    assert compiled.halves[0].get_compiled_model().get_property("NUM_STREAMS") == 2
+    for n in (SPLIT_FROM, SPLIT_FROM + 1, 64):
+        batch = x[:n]
+        got = runner.forward(R20, batch).numpy()
+        assert compiled.halves[1].get_output_tensor(0).shape[0] == n // 2  # ran in halves
+        whole = compiled.whole.infer({0: batch.numpy()})[0]
+        np.testing.assert_allclose(got, whole, atol=1e-5)
+        assert (got.argmax(1) == whole.argmax(1)).all()
+    small = x[: SPLIT_FROM - 1]
+    before = compiled.halves[0].get_output_tensor(0).shape[0]
+    runner.forward(R20, small)
+    assert compiled.whole.get_output_tensor(0).shape[0] == SPLIT_FROM - 1
+    assert compiled.halves[0].get_output_tensor(0).shape[0] == before  # not run
+    one = _runner("fp32", threads=1)
+    assert one.load(plan) == "openvino"
+    single = one.models[R20]
+    assert isinstance(single, OpenVINOModel)
+    assert single._requests[torch.uint8].halves == []
+    np.testing.assert_allclose(
+        one.forward(R20, x[:64]).numpy(), runner.forward(R20, x[:64]).numpy(), atol=1e-5
+    )
 
 
 class _Bessel(nn.Module):

@@ -13,22 +13,29 @@ The same model the torch runtime would serve, with the same input handling in fr
 - int8 calibrated on the user's images (IMGCLS_INT8_CALIBRATION): calibrated with FX (eager
   torch.ao ops, which OpenVINO converts; PT2E's exported graph does not trace), then converted.
 
-One compiled model per input kind takes every batch size (a dynamic batch dimension: as fast
-as a static one in a one-off comparison, resnet50 bf16 at batch 8 on a 2-core AMD EPYC,
-three pairs: 51.3 / 51.2 / 51.4 against 48.6 / 49.6 / 51.3 images/s),
-under the LATENCY hint with one stream on the worker's threads: the worker runs one batch at a
-time. Already-normalised float input (/v2's FP32 PIXELS) gets a model of its own, converted on
-the first such batch from the same torch model, which is kept for it (as the torch runtime
-keeps its eager model beside the compiled graphs). Explanations (Grad-CAM) keep running in
-torch, on the fp32 model the worker builds for them.
+Each input kind is compiled twice, both taking every batch size (a dynamic batch dimension:
+as fast as a static one in a one-off comparison, resnet50 bf16 at batch 8 on a 2-core AMD EPYC,
+three pairs: 51.3 / 51.2 / 51.4 against 48.6 / 49.6 / 51.3 images/s): once under the LATENCY
+hint, one stream on all the worker's threads, for small batches; and, where the worker has two
+threads or more, once as two streams sharing them (OpenVINO's THROUGHPUT layout), over which a
+batch of ``SPLIT_FROM`` images or more is split in two halves run at once. The worker still runs
+one batch at a time; the split is inside it. On a 2-core Xeon with AMX, resnet50 bf16, the
+split ran batches of 8-32 8-10% faster than one stream of two threads, while single images ran
+38% slower on one thread (docs/PERFORMANCE.md); the second compiled model costs its weights
+again (resnet50 bf16 ~115 MB, vgg16 ~470 MB). Already-normalised float input (/v2's FP32
+PIXELS) gets models of its own, converted on the first such batch from the same torch model,
+which is kept for it (as the torch runtime keeps its eager model beside the compiled graphs).
+Explanations (Grad-CAM) keep running in torch, on the fp32 model the worker builds for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +43,20 @@ log = logging.getLogger("imgcls.openvino")
 
 # imgcls's precision names -> OpenVINO's INFERENCE_PRECISION_HINT
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+# batches of this many images or more are split over two streams (where there are two threads):
+# on a 2-core Xeon with AMX, resnet50 bf16, a batch of 4 ran as fast either way, 3 (2 + 1) 26%
+# slower split, 6 13% faster
+SPLIT_FROM = 6
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """One input kind's compiled models: ``whole``, the infer request of the one-stream model;
+    ``halves``, the two infer requests of the two-stream one (empty with one thread)."""
+
+    whole: Any
+    halves: list[Any]
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,15 +91,15 @@ class OpenVINOModel(nn.Module):
         self.input_size = input_size
         self.precision = precision
         self.threads = threads
-        self._requests: dict[torch.dtype, Any] = {}
+        self._requests: dict[torch.dtype, _Compiled] = {}
         self._request(torch.uint8)  # converted and compiled now, at load
 
-    def _request(self, dtype: torch.dtype) -> Any:
+    def _request(self, dtype: torch.dtype) -> _Compiled:
         if dtype not in self._requests:  # one caller at a time: no lock
             self._requests[dtype] = self._compile(dtype)
         return self._requests[dtype]
 
-    def _compile(self, dtype: torch.dtype) -> Any:
+    def _compile(self, dtype: torch.dtype) -> _Compiled:
         import openvino as ov
 
         size = self.input_size
@@ -86,25 +107,55 @@ class OpenVINOModel(nn.Module):
         with torch.inference_mode(False), torch.no_grad():  # traced, even inside a batch
             converted = ov.convert_model(self.source, example_input=example)
         converted.reshape([-1, 3, size, size])  # any batch size
-        config = {
-            "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
-            "INFERENCE_NUM_THREADS": self.threads,
-            # several CPU workers each pinning "their" threads would pin them to the same cores
-            # (none knows of the others); torch's threads are not pinned either
-            "ENABLE_CPU_PINNING": False,
-        }
-        compiled = _core().compile_model(converted, "CPU", config)
-        return compiled.create_infer_request()
+
+        def compiled(streams: int) -> Any:
+            config = {
+                "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
+                "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+                "NUM_STREAMS": streams,
+                "INFERENCE_NUM_THREADS": self.threads,  # shared by the streams
+                # several CPU workers each pinning "their" threads would pin them to the same
+                # cores (none knows of the others); torch's threads are not pinned either
+                "ENABLE_CPU_PINNING": False,
+            }
+            return _core().compile_model(converted, "CPU", config)
+
+        whole = compiled(1).create_infer_request()
+        if self.threads < 2:
+            return _Compiled(whole, [])
+        split = compiled(2)
+        return _Compiled(whole, [split.create_infer_request() for _ in range(2)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             x = x.to(torch.float32)
-        request = self._request(x.dtype)
-        out = request.infer({0: x.contiguous().numpy()})  # outputs copied out (share_outputs)
+        compiled = self._request(x.dtype)
+        pixels = x.contiguous().numpy()
+        if compiled.halves and len(pixels) >= SPLIT_FROM:
+            return torch.from_numpy(_in_halves(compiled.halves, pixels))
+        out = compiled.whole.infer({0: pixels})  # outputs copied out (share_outputs)
         return torch.from_numpy(out[0])
 
     def release(self) -> None:
         """Drop the compiled models (on unload)."""
         self._requests.clear()
+
+
+def _in_halves(requests: list[Any], pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` split over ``requests`` (one per stream), run at once; their outputs joined
+    in order. Every started request is waited for before an error is raised, so that none is
+    still running into its input when the next batch comes."""
+    started, errors = [], []
+    try:
+        for request, part in zip(requests, np.array_split(pixels, len(requests)), strict=True):
+            request.start_async({0: part})  # input copied into the request
+            started.append(request)
+    finally:
+        for request in started:
+            try:
+                request.wait()
+            except Exception as exc:  # the first is raised below
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+    return np.concatenate([request.get_output_tensor(0).data for request in requests])
