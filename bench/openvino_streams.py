@@ -1,8 +1,11 @@
-"""OpenVINO's CPU plugin inside a worker: one stream on the worker's two threads (what
-IMGCLS_CPU_RUNTIME=openvino compiles) against the same batch split over two one-thread streams
-(two infer requests of one compiled model, as OpenVINO's THROUGHPUT hint runs), resnet50, at
-batch 8 and batch 1, in alternating blocks within one process. Prints images/s per block and
-writes them as JSON. Not a default yet (docs/PERFORMANCE.md, the AMX section).
+"""OpenVINO's CPU plugin inside a worker: one stream on the worker's two threads against the
+same batch split over two one-thread streams (two infer requests of one compiled model, as
+OpenVINO's THROUGHPUT hint runs), resnet50, per batch size, in alternating blocks within one
+process. IMGCLS_CPU_RUNTIME=openvino compiles both and splits batches of
+``app.engine.openvino.SPLIT_FROM`` images or more; this measures where the split pays.
+``--graph imgcls`` (the default) converts the model as imgcls does (``NormalizingModel``: uint8
+pixels in, softmax out); ``--graph plain`` torchvision's model alone, float input. Prints
+images/s per block and writes them as JSON (docs/PERFORMANCE.md, the AMX section).
 
     .venv/bin/python bench/openvino_streams.py --precision bf16 --out streams.json
 """
@@ -18,6 +21,8 @@ import openvino as ov
 import torch
 from torchvision.models import resnet50
 
+from app.engine.worker import NormalizingModel
+
 HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -25,10 +30,20 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--precision", choices=sorted(HINTS), default="bf16")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batches", default="1,3,4,6,8,16,32")
+    p.add_argument("--graph", choices=["imgcls", "plain"], default="imgcls")
     p.add_argument("--out", default="openvino-streams.json")
     args = p.parse_args()
     core = ov.Core()
-    model = ov.convert_model(resnet50().eval(), example_input=torch.zeros(1, 3, 224, 224))
+    torch.manual_seed(0)
+    if args.graph == "imgcls":
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        net = NormalizingModel(resnet50().eval(), mean, std, torch.float32, False).eval()
+        example = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+    else:
+        net, example = resnet50().eval(), torch.zeros(1, 3, 224, 224)
+    with torch.no_grad():
+        model = ov.convert_model(net, example_input=example)
     model.reshape([-1, 3, 224, 224])
 
     def compiled(streams: int) -> list:
@@ -59,12 +74,20 @@ def main() -> None:
         return np.concatenate(outs)
 
     runs = {"one stream, 2 threads": run_one, "two streams, 1 thread each": run_two}
-    result: dict[str, object] = {"precision": args.precision, "openvino": ov.__version__}
-    for batch in (8, 1):
-        x = np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)
+    result: dict[str, object] = {
+        "precision": args.precision,
+        "graph": args.graph,
+        "openvino": ov.__version__,
+    }
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        if args.graph == "imgcls":
+            x = rng.integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
+        else:
+            x = rng.random((batch, 3, 224, 224), dtype=np.float32)
         diff = float(np.abs(run_one(x) - run_two(x)).max())
         rates: dict[str, list[float]] = {name: [] for name in runs}
-        passes = 10 if batch > 1 else 30
+        passes = max(10, 80 // batch)
         for rnd in range(args.rounds):
             order = list(runs.items()) if rnd % 2 == 0 else list(reversed(runs.items()))
             for name, fn in order:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.catalog import build_catalog
-from app.engine.openvino import SPLIT_FROM, OpenVINOModel
+from app.engine.openvino import OpenVINOModel, in_halves
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from app.preprocess import normalize
@@ -173,11 +173,13 @@ def test_float_input_gets_a_model_of_its_own():
 
 
 @needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
-def test_large_batches_run_in_halves_on_two_streams(data):
-    """A worker of two threads compiles a second model of two one-thread streams: a batch of
-    SPLIT_FROM images or more runs there as two halves at once (the second half's output is
-    its own size) and answers as the one-stream model does, in order; smaller batches run on
-    the one stream. A worker of one thread compiles no second model."""
+def test_batches_run_in_halves_on_two_streams(data):
+    """A worker of two threads compiles a second model of two one-thread streams: a batch whose
+    halves are near equal runs there as two halves at once (the second half's output is its
+    own size) and answers as the one-stream model does, in order; a single image and batches
+    of 3 or 5 (2 + 1, 3 + 2) run on the one stream. A worker of one thread compiles no second
+    model."""
+    assert [n for n in range(1, 12) if in_halves(n)] == [2, 4, 6, 7, 8, 9, 10, 11]
     x, _ = data
     plan = build_catalog().get(R20).load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[R20]))
     runner = _runner("fp32")
@@ -188,18 +190,18 @@ def test_large_batches_run_in_halves_on_two_streams(data):
     assert len(compiled.halves) == 2
     assert compiled.whole.get_compiled_model().get_property("NUM_STREAMS") == 1
     assert compiled.halves[0].get_compiled_model().get_property("NUM_STREAMS") == 2
-    for n in (SPLIT_FROM, SPLIT_FROM + 1, 64):
+    for n in (2, 7, 64):
         batch = x[:n]
         got = runner.forward(R20, batch).numpy()
         assert compiled.halves[1].get_output_tensor(0).shape[0] == n // 2  # ran in halves
         whole = compiled.whole.infer({0: batch.numpy()})[0]
         np.testing.assert_allclose(got, whole, atol=1e-5)
         assert (got.argmax(1) == whole.argmax(1)).all()
-    small = x[: SPLIT_FROM - 1]
-    before = compiled.halves[0].get_output_tensor(0).shape[0]
-    runner.forward(R20, small)
-    assert compiled.whole.get_output_tensor(0).shape[0] == SPLIT_FROM - 1
-    assert compiled.halves[0].get_output_tensor(0).shape[0] == before  # not run
+    for n in (1, 3, 5):
+        before = compiled.halves[0].get_output_tensor(0).shape[0]
+        runner.forward(R20, x[:n])
+        assert compiled.whole.get_output_tensor(0).shape[0] == n
+        assert compiled.halves[0].get_output_tensor(0).shape[0] == before  # not run
     one = _runner("fp32", threads=1)
     assert one.load(plan) == "openvino"
     single = one.models[R20]

@@ -16,13 +16,13 @@ The same model the torch runtime would serve, with the same input handling in fr
 Each input kind is compiled twice, both taking every batch size (a dynamic batch dimension:
 as fast as a static one in a one-off comparison, resnet50 bf16 at batch 8 on a 2-core AMD EPYC,
 three pairs: 51.3 / 51.2 / 51.4 against 48.6 / 49.6 / 51.3 images/s): once under the LATENCY
-hint, one stream on all the worker's threads, for small batches; and, where the worker has two
-threads or more, once as two streams sharing them (OpenVINO's THROUGHPUT layout), over which a
-batch of ``SPLIT_FROM`` images or more is split in two halves run at once. The worker still runs
+hint, one stream on all the worker's threads; and, where the worker has two threads or more,
+once as two streams sharing them (OpenVINO's THROUGHPUT layout), over which a batch is split in
+two halves run at once where the halves are near equal (``in_halves``). The worker still runs
 one batch at a time; the split is inside it. On a 2-core Xeon with AMX, resnet50 bf16, the
-split ran batches of 8-32 8-10% faster than one stream of two threads, while single images ran
-38% slower on one thread (docs/PERFORMANCE.md); the second compiled model costs its weights
-again (resnet50 bf16 ~115 MB, vgg16 ~470 MB). Already-normalised float input (/v2's FP32
+split ran batches of 8-32 12-24% faster than one stream of two threads, while a single image
+would run 41% slower on one thread (docs/PERFORMANCE.md); the second compiled model costs its
+weights again (resnet50 bf16 ~115 MB, vgg16 ~470 MB). Already-normalised float input (/v2's FP32
 PIXELS) gets models of its own, converted on the first such batch from the same torch model,
 which is kept for it (as the torch runtime keeps its eager model beside the compiled graphs).
 Explanations (Grad-CAM) keep running in torch, on the fp32 model the worker builds for them.
@@ -44,10 +44,14 @@ log = logging.getLogger("imgcls.openvino")
 # imgcls's precision names -> OpenVINO's INFERENCE_PRECISION_HINT
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
-# batches of this many images or more are split over two streams (where there are two threads):
-# on a 2-core Xeon with AMX, resnet50 bf16, a batch of 4 ran as fast either way, 3 (2 + 1) 26%
-# slower split, 6 13% faster
-SPLIT_FROM = 6
+
+def in_halves(n: int) -> bool:
+    """Whether a batch of ``n`` images runs split over two streams (where the worker has two
+    threads): where the larger half is at most 4/7 of the batch, as two halves run only as fast
+    as the larger one on its one thread. On a 2-core Xeon with AMX, resnet50 bf16
+    (bench/openvino_streams.py): 2, 4, 6, 8, 16 and 32 images ran 8-24% faster split, 3 (2 + 1)
+    20% and 5 (3 + 2) 3% slower."""
+    return n >= 2 and 7 * ((n + 1) // 2) <= 4 * n
 
 
 @dataclasses.dataclass
@@ -131,7 +135,7 @@ class OpenVINOModel(nn.Module):
             x = x.to(torch.float32)
         compiled = self._request(x.dtype)
         pixels = x.contiguous().numpy()
-        if compiled.halves and len(pixels) >= SPLIT_FROM:
+        if compiled.halves and in_halves(len(pixels)):
             return torch.from_numpy(_in_halves(compiled.halves, pixels))
         out = compiled.whole.infer({0: pixels})  # outputs copied out (share_outputs)
         return torch.from_numpy(out[0])
