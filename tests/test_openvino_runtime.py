@@ -177,8 +177,8 @@ def test_batches_run_in_halves_on_two_streams(data):
     """A worker of two threads compiles a second model of two one-thread streams: a batch whose
     halves are near equal runs there as two halves at once (the second half's output is its
     own size) and answers as the one-stream model does, in order; a single image and batches
-    of 3 or 5 (2 + 1, 3 + 2) run on the one stream. A worker of one thread compiles no second
-    model."""
+    of 3 or 5 (2 + 1, 3 + 2) run on the one stream. A batch that fails (a wrong image size)
+    fails alone on either path. A worker of one thread compiles no second model."""
     assert [n for n in range(1, 12) if in_halves(n)] == [2, 4, 6, 7, 8, 9, 10, 11]
     x, _ = data
     plan = build_catalog().get(R20).load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[R20]))
@@ -190,6 +190,7 @@ def test_batches_run_in_halves_on_two_streams(data):
     assert len(compiled.halves) == 2
     assert compiled.whole.get_compiled_model().get_property("NUM_STREAMS") == 1
     assert compiled.halves[0].get_compiled_model().get_property("NUM_STREAMS") == 2
+    first = runner.forward(R20, x[:4]).numpy()
     for n in (2, 7, 64):
         batch = x[:n]
         got = runner.forward(R20, batch).numpy()
@@ -202,6 +203,10 @@ def test_batches_run_in_halves_on_two_streams(data):
         runner.forward(R20, x[:n])
         assert compiled.whole.get_output_tensor(0).shape[0] == n
         assert compiled.halves[0].get_output_tensor(0).shape[0] == before  # not run
+    for n in (1, 4):  # a batch that fails fails alone, on either path: the next one runs
+        with pytest.raises(RuntimeError):
+            runner.forward(R20, torch.zeros(n, 3, 33, 33, dtype=torch.uint8))
+        np.testing.assert_allclose(runner.forward(R20, x[:n]).numpy(), first[:n], atol=1e-5)
     one = _runner("fp32", threads=1)
     assert one.load(plan) == "openvino"
     single = one.models[R20]
