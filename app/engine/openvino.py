@@ -136,7 +136,7 @@ class OpenVINOModel(nn.Module):
         compiled = self._request(x.dtype)
         pixels = x.contiguous().numpy()
         if compiled.halves and in_halves(len(pixels)):
-            return torch.from_numpy(_in_halves(compiled.halves, pixels))
+            return torch.from_numpy(_run_in_halves(compiled.halves, pixels))
         out = compiled.whole.infer({0: pixels})  # outputs copied out (share_outputs)
         return torch.from_numpy(out[0])
 
@@ -145,7 +145,7 @@ class OpenVINOModel(nn.Module):
         self._requests.clear()
 
 
-def _in_halves(requests: list[Any], pixels: np.ndarray) -> np.ndarray:
+def _run_in_halves(requests: list[Any], pixels: np.ndarray) -> np.ndarray:
     """``pixels`` split over ``requests`` (one per stream), run at once; their outputs joined
     in order. Every started request is waited for before an error is raised, so that none is
     still running into its input when the next batch comes."""
