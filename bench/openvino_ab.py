@@ -14,29 +14,21 @@ resnet50 with random weights, per batch size; prints the medians and writes ever
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
-from collections.abc import Callable
 
 import numpy as np
 import openvino as ov
 import torch
 from torchvision.models import resnet50
 
-from app.benchmarks.openvino_peer import best_precision
+from app.benchmarks.openvino_peer import best_precision, queue_rate, throughput_queue
 from app.engine.openvino import OpenVINOModel
 from app.engine.worker import NormalizingModel
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def rate(run: Callable[[], int], seconds: float) -> float:
-    """Images/s of ``run`` (one call returns the images it finished) over ``seconds``."""
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        n += run()
-    return n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -61,36 +53,20 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         static = graph.clone()
         static.reshape([batch, 3, 224, 224])
-        config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "THROUGHPUT"}
-        compiled = core.compile_model(static, "CPU", config)
-        queue = ov.AsyncInferQueue(
-            compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        )
+        queue = throughput_queue(core, static, HINTS[precision])
         x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-        pixels = x.numpy()
 
-        def alone(queue: ov.AsyncInferQueue = queue, pixels: np.ndarray = pixels) -> float:
-            for _ in range(len(queue)):  # every request once
-                queue.start_async({0: pixels})
-            queue.wait_all()
-
-            def one() -> int:
-                queue.start_async({0: pixels})  # blocks while every request is busy
-                return len(pixels)
-
-            got = rate(one, args.seconds)
-            queue.wait_all()
-            return got
+        alone = functools.partial(queue_rate, queue, x.numpy(), args.seconds)
 
         def imgcls(x: torch.Tensor = x) -> float:
+            """Images/s of imgcls's model on ``x``, one batch at a time, after one warm-up."""
             with torch.inference_mode():
                 mine(x)
-
-                def one() -> int:
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < args.seconds:
                     mine(x)
-                    return len(x)
-
-                return rate(one, args.seconds)
+                    n += len(x)
+            return n / (time.perf_counter() - start)
 
         rates: dict[str, list[float]] = {"imgcls": [], "openvino": []}
         for rnd in range(args.rounds):
@@ -107,7 +83,7 @@ def main() -> None:
             "median": medians,
             "ratio": round(ratio, 3),
         }
-        del queue, compiled
+        del alone, queue
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
