@@ -14,6 +14,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Literal, cast
 
@@ -97,14 +98,14 @@ class _Source(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise ImageBudgetError(
                 f"decoding the image took longer than its {self.budget_s:g} s budget"
             )
 
     def read(self, size: int | None = -1) -> bytes:
-        self._check()
+        self.check()
         end = (
             len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
         )
@@ -268,31 +269,89 @@ def check_structure(data: BytesLike) -> None:
         _check_tiff(data)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+# rows of pixels converted at a time by ``_to_rgb``: a quarter of a megapixel, so that a conversion's
+# temporaries stay a few MB whatever the image's size
+STRIP_PIXELS = 1 << 18
+_GREY_INT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_ALPHA = {"RGBA", "LA", "PA", "La", "RGBa"}
+
+
+def _to_rgb(img: Image.Image, check: Callable[[], None] = lambda: None) -> Image.Image:
+    """``img`` as RGB: deep grey scaled to 8 bits, float grey stretched over its range,
+    transparency composited on white. Where that takes more than Pillow's own convert, it runs
+    strip by strip (``_by_strips``): a 5 KB palette PNG with a transparent colour or a 90 KB
+    16-bit PNG at the pixel limit used to take 0.8-1.3 GB at once (float64 arrays, RGBA copies
+    of the whole image); it now takes the source and the RGB result, as a plain RGB PNG does.
+    ``check`` runs between strips (the decode budget's clock)."""
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+    if mode in _GREY_INT:
         # 16-bit (or 32-bit integer) grey: scale to 8 bits rather than clip at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        top = cast(tuple[float, float], img.getextrema())[1]
+        peak = 65535.0 if mode.startswith("I;16") or top > 255 else 255.0
+
+        def grey(part: Image.Image) -> Image.Image:
+            arr = np.asarray(part, dtype=np.float64)
+            return _grey_rgb(np.clip(np.rint(arr * (255.0 / peak)), 0, 255))
+
+        return _by_strips(img, grey, check)
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        lo, hi = _float_range(img, check)
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        arr = np.nan_to_num((arr - lo) * scale).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in {"RGBA", "LA", "PA", "La", "RGBa"}:
-        # Composite transparency on white, as a viewer shows it.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+
+        def stretch(part: Image.Image) -> Image.Image:
+            arr = np.asarray(part, dtype=np.float64)
+            return _grey_rgb(np.nan_to_num((arr - lo) * scale))
+
+        return _by_strips(img, stretch, check)
+    if mode in _ALPHA or (mode == "P" and "transparency" in img.info):
+        return _by_strips(img, _on_white, check)
     return img.convert("RGB")
+
+
+def _grey_rgb(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
+
+
+def _on_white(part: Image.Image) -> Image.Image:
+    """Transparency composited on white, as a viewer shows it."""
+    rgba = part.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    """``img``'s rows, ~STRIP_PIXELS at a time: (top row, a copy of the strip, same mode,
+    palette and info)."""
+    width, height = img.size
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield top, img.crop((0, top, width, min(height, top + rows)))
+
+
+def _by_strips(
+    img: Image.Image, convert: Callable[[Image.Image], Image.Image], check: Callable[[], None]
+) -> Image.Image:
+    """``convert`` (a strip of ``img`` -> the strip in RGB) over ``img``, one strip at a time."""
+    out = Image.new("RGB", img.size)
+    for top, part in _strips(img):
+        check()
+        out.paste(convert(part), (0, top))
+    return out
+
+
+def _float_range(img: Image.Image, check: Callable[[], None]) -> tuple[float, float]:
+    """The smallest and largest value of a float image, NaN left out (NaN when all are)."""
+    lo, hi = np.nan, np.nan
+    for _, part in _strips(img):
+        check()
+        arr = np.asarray(part, dtype=np.float64)
+        lo, hi = (
+            np.fmin(lo, np.fmin.reduce(arr, axis=None)),
+            np.fmax(hi, np.fmax.reduce(arr, axis=None)),
+        )
+    return float(lo), float(hi)
 
 
 @dataclass(frozen=True)
@@ -465,7 +524,7 @@ def decode(
             orientation = img.getexif().get(0x0112, 1) if drafted else 1
             scaled_size = img.size
             ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright image
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(img, source.check)
             for key in SCALE_KEYS:  # ours only: a PNG's text chunks also land in ``info``
                 rgb.info.pop(key, None)
             if drafted:  # the size a full decode would have had, and where it lies, upright

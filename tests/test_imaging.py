@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from app import imaging
 from app.imaging import ImageError, ImageTooLargeError, decode
 from tests import images
+from tests.conftest import ROOT
 
 LIMIT = 40_000_000
 
@@ -114,3 +119,109 @@ def test_extreme_aspect_ratios_are_refused(size):
 @pytest.mark.parametrize("size", [(1, 1), (1, 40), (2, 100), (64, 1)])
 def test_tiny_images_are_fine(size):
     assert decode(images.encode(Image.new("RGB", size), "PNG"), LIMIT).size == size
+
+
+def _conversion_cases(h: int, w: int) -> dict[str, tuple[bytes, np.ndarray]]:
+    """Uploads whose pixels need more than Pillow's convert to become RGB, each with the RGB
+    pixels the whole image gives by the reference arithmetic (grey scaled or stretched to 8 bits,
+    transparency composited on white)."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    deep = rng.integers(0, 65536, (h, w)).astype(np.uint16)
+    grey = np.clip(np.rint(deep * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    cases["I;16"] = (images.encode(Image.fromarray(deep), "PNG"), grey)
+    ints = rng.integers(-1000, 100_000, (h, w)).astype(np.int32)
+    grey = np.clip(np.rint(ints * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    cases["I"] = (images.encode(Image.fromarray(ints, "I"), "TIFF"), grey)
+    floats = rng.normal(size=(h, w)).astype(np.float32)
+    floats[1, 2] = floats[h - 1, w - 1] = np.nan
+    lo, hi = np.nanmin(floats.astype(np.float64)), np.nanmax(floats.astype(np.float64))
+    grey = np.nan_to_num((floats.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    cases["F"] = (images.encode(Image.fromarray(floats, "F"), "TIFF"), grey)
+
+    def on_white(img: Image.Image) -> np.ndarray:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, img.convert("RGBA")).convert("RGB"))
+
+    palette = Image.fromarray(rng.integers(0, 256, (h, w)).astype(np.uint8), "L").convert("P")
+    palette.putpalette(rng.integers(0, 256, 768).astype(np.uint8).tobytes())
+    alpha = bytes(rng.integers(0, 256, 256).astype(np.uint8))
+    palette.info["transparency"] = alpha
+    cases["P+tRNS"] = (images.encode(palette, "PNG", transparency=alpha), on_white(palette))
+    for mode, bands in (("LA", 2), ("RGBA", 4)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, bands)).astype(np.uint8), mode)
+        cases[mode] = (images.encode(img, "PNG"), on_white(img))
+    for key, (data, want) in cases.items():
+        if want.ndim == 2:
+            cases[key] = (data, np.repeat(want[..., None], 3, axis=2))
+    return cases
+
+
+@pytest.mark.parametrize("case", ["I;16", "I", "F", "P+tRNS", "LA", "RGBA"])
+def test_deep_float_and_transparent_images_convert_strip_by_strip_as_a_whole(case, monkeypatch):
+    """These conversions run a strip of rows at a time (bounded memory); the strips, here 5 rows
+    of 53 pixels and a last one of 2, give the pixels the whole image gives."""
+    monkeypatch.setattr(imaging, "STRIP_PIXELS", 5 * 53)
+    data, want = _conversion_cases(37, 53)[case]
+    got = np.asarray(decode(data, LIMIT))
+    assert got.shape == want.shape and (got == want).all()
+
+
+def test_a_conversion_stops_when_its_budget_runs_out(monkeypatch):
+    """The decode budget's clock is read between strips: an overrun stops the conversion."""
+    monkeypatch.setattr(imaging, "STRIP_PIXELS", 53)
+    img = Image.fromarray(np.zeros((37, 53), dtype=np.uint16))
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise imaging.ImageBudgetError("over budget")
+
+    with pytest.raises(imaging.ImageBudgetError):
+        imaging._to_rgb(img, check)
+    assert len(calls) == 3
+
+
+# bytes per pixel Pillow holds a decoded image of each mode in
+_STORED = {"RGB": 4, "I;16": 2, "F": 4, "P+tRNS": 1, "LA": 4, "RGBA": 4}
+
+_PEAK = """
+import re, sys
+from app.imaging import decode
+data = open(sys.argv[1], "rb").read()
+status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read())[1])
+before = status("VmRSS")
+img = decode(data, 40_000_000)
+print(img.size, (status("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("case", list(_STORED))
+def test_small_uploads_decode_in_the_memory_of_their_pixels(case, tmp_path):
+    """A 5 KB palette PNG with a transparent colour, or a 16-bit grey PNG, at 16 megapixels used
+    to peak at 5-8 times its RGB pixels (float64 arrays, RGBA copies and composites of the
+    whole image: ~1 GB at the 40-megapixel limit). Decoding now peaks at the decoded source plus
+    its RGB result, as a plain RGB PNG does (+64 MB for a strip's temporaries and the
+    interpreter), in a process of its own."""
+    side = 4000
+    upload = {
+        "RGB": lambda: images.encode(Image.new("RGB", (side, side), (10, 200, 30)), "PNG"),
+        "I;16": lambda: images.encode(Image.fromarray(np.full((side, side), 40000, np.uint16)), "PNG"),
+        "F": lambda: images.encode(Image.new("F", (side, side), 0.5), "TIFF", compression="tiff_adobe_deflate"),
+        "P+tRNS": lambda: images.encode(Image.new("P", (side, side)), "PNG", transparency=0),
+        "LA": lambda: images.encode(Image.new("LA", (side, side), (100, 128)), "PNG"),
+        "RGBA": lambda: images.encode(Image.new("RGBA", (side, side), (200, 10, 10, 128)), "PNG"),
+    }[case]()  # fmt: skip
+    assert len(upload) < 300_000
+    path = tmp_path / "upload"
+    path.write_bytes(upload)
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()  # fmt: skip
+    size, peak = out[-3:-1], int(out[-1])
+    assert size == ["(4000,", "4000)"]
+    pixels = side * side
+    bound = pixels * (_STORED[case] + _STORED["RGB"]) + 64 * 2**20
+    print(f"{case}: upload {len(upload):,} B, decode peak {peak / 2**20:.0f} MB "
+          f"(bound {bound / 2**20:.0f} MB)")  # fmt: skip
+    assert peak <= bound
