@@ -386,6 +386,36 @@ def test_images_are_counted_before_their_data_is_read(oip):
     assert f"{n} images" in r.json()["error"] and "IMGCLS_MAX_QUEUE" in r.json()["error"]
 
 
+def test_a_file_sent_as_uint8_is_told_its_datatype_not_its_count(oip):
+    """A common client mistake: the image file sent as a UINT8 tensor of its bytes, shape
+    [file size]. Its count is far over IMGCLS_MAX_QUEUE, but the answer is the datatype's 400,
+    over REST and over gRPC, not a 413 asking for fewer images."""
+    import grpc
+
+    from app.oip.generated import grpc_predict_v2_pb2 as pb
+    from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    photo = shared_image(PHOTOS[0])
+    assert len(photo) > MAX_QUEUE
+    head = json.dumps({"inputs": [{"name": "IMAGE", "shape": [len(photo)], "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": len(photo)}}]}).encode()  # fmt: skip
+    r = httpx.post(
+        f"{oip.url}/v2/models/{CIFAR}/infer", content=head + photo, timeout=60,
+        headers={**auth(), "Inference-Header-Content-Length": str(len(head))},
+    )  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "IMAGE must be BYTES, got UINT8"
+
+    request = pb.ModelInferRequest(model_name=CIFAR, raw_input_contents=[photo])
+    request.inputs.add(name="IMAGE", datatype="UINT8", shape=[len(photo)])
+    with grpc.insecure_channel(f"127.0.0.1:{oip.settings.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "IMAGE must be BYTES, got UINT8"
+
+
 def test_malformed_bodies(oip):
     url = f"{oip.url}/v2/models/{CIFAR}/infer"
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app import memory
 from app.oip.failures import ProtocolError
 from app.oip.types import (
+    INPUT_DATATYPES,
     InferRequest,
     InferResponse,
     InputData,
@@ -381,9 +382,16 @@ def too_many_images(name: str, n: int, limit: int) -> ProtocolError:
     )
 
 
-def check_batch(name: str, shape: Sequence[int], max_batch: int | None) -> None:
+def check_batch(name: str, datatype: str, shape: Sequence[int], max_batch: int | None) -> None:
     """A tensor's first dimension (its images) within ``max_batch``, checked before its data
-    is read: a few bytes per element can declare millions of them."""
+    is read: a few bytes per element can declare millions of them. A model input of another
+    datatype is refused first, for that (a file sent as a UINT8 IMAGE is told to use BYTES,
+    not to send fewer images)."""
+    if datatype != "BYTES":
+        _dtype(name, datatype)  # a datatype the protocol does not have is named as such
+    wanted = INPUT_DATATYPES.get(name)
+    if wanted is not None and datatype != wanted:
+        raise ProtocolError(f"{name} must be {wanted}, got {clip(datatype)}")
     if max_batch is not None and shape and shape[0] > max_batch:
         raise too_many_images(name, shape[0], max_batch)
 
@@ -430,7 +438,7 @@ def decode_request(
         if t.name in names:
             raise ProtocolError(f"input {clip(t.name)!r} appears twice")
         names.add(t.name)
-        check_batch(t.name, t.shape, max_batch)
+        check_batch(t.name, t.datatype, t.shape, max_batch)
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0:

@@ -34,7 +34,16 @@ from app.errors import ElementError, ModelNotReadyError, ModelNotServedError
 from app.imaging import BytesLike
 from app.oip import codec
 from app.oip.failures import ProtocolError, failure
-from app.oip.types import InferRequest, InferResponse, InputTensor, OutputRequest, OutputTensor
+from app.oip.types import (
+    IMAGE,
+    PIXELS,
+    PROBABILITIES,
+    InferRequest,
+    InferResponse,
+    InputTensor,
+    OutputRequest,
+    OutputTensor,
+)
 from app.service import Service
 from app.text import clip
 
@@ -44,7 +53,6 @@ SERVER_NAME = "imgcls"
 EXTENSIONS = ("classification", "binary_tensor_data", "model_repository", "statistics")
 VERSION = "1"  # each catalog model is one protocol model with one version
 PLATFORM = "pytorch_torchvision"
-IMAGE, PIXELS, PROBABILITIES = "IMAGE", "PIXELS", "PROBABILITIES"
 
 
 @dataclass(frozen=True)

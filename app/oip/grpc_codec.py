@@ -75,7 +75,7 @@ def infer_request(msg: pb.ModelInferRequest, max_batch: int | None = None) -> In
         shape = list(t.shape)
         if len(shape) > codec.MAX_DIMS or any(d < 0 for d in shape):
             raise ProtocolError(f"{clip(t.name)}: invalid shape {shape}")
-        codec.check_batch(t.name, shape, max_batch)
+        codec.check_batch(t.name, t.datatype, shape, max_batch)
         if raw:
             data = codec.tensor_from_raw(t.name, t.datatype, shape, raw[i])
         elif t.datatype in CONTENTS:

@@ -10,6 +10,10 @@ from typing import Any
 
 import numpy as np
 
+# the models' input and output tensors, and the datatype each input takes
+IMAGE, PIXELS, PROBABILITIES = "IMAGE", "PIXELS", "PROBABILITIES"
+INPUT_DATATYPES = {IMAGE: "BYTES", PIXELS: "FP32"}
+
 TensorData = np.ndarray[Any, Any] | list[bytes]  # numeric elements (flat), or BYTES elements
 # An input's BYTES elements may be views into the request body: an upload is held once.
 InputData = np.ndarray[Any, Any] | list[bytes] | list[memoryview]
