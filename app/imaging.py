@@ -269,8 +269,8 @@ def check_structure(data: BytesLike) -> None:
         _check_tiff(data)
 
 
-# rows of pixels converted at a time by ``_to_rgb``: a quarter of a megapixel, so that a conversion's
-# temporaries stay a few MB whatever the image's size
+# pixels converted at a time by ``_to_rgb`` (whole rows, a quarter of a megapixel): a
+# conversion's temporaries stay a few MB whatever the image's size
 STRIP_PIXELS = 1 << 18
 _GREY_INT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA = {"RGBA", "LA", "PA", "La", "RGBa"}
