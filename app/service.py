@@ -145,16 +145,17 @@ class Service(InferenceCore):
     def _configs(self, plans: list[LoadPlan]) -> list[WorkerConfig]:
         configs: list[WorkerConfig] = []
         per_device = self.settings.workers_per_device
+        cores = os.cpu_count() or 1
         cpu_workers = sum(per_device for d in self.devices if d == "cpu")
-        threads = self.settings.threads_per_worker or max(
-            1, (os.cpu_count() or 1) // max(1, cpu_workers)
-        )
+        workers = len(self.devices) * per_device
+        threads = self.settings.threads_per_worker or max(1, cores // max(1, cpu_workers))
         for device in self.devices:
             for _ in range(per_device):
                 configs.append(
                     WorkerConfig.from_settings(
                         self.settings, device, worker_id=len(configs), threads=threads,
                         plans=plans, decode_in_worker=self.decode_in_worker,
+                        decode_threads=decode_threads(device, cores, workers),
                     )
                 )  # fmt: skip
         return configs
@@ -453,3 +454,11 @@ def check_startup(settings: Settings) -> None:
         raise ValueError(f"IMGCLS_MODELS: {exc}") from None
     except RuntimeError as exc:  # a device that is not there
         raise ValueError(str(exc)) from None
+
+
+def decode_threads(device: str, cores: int, workers: int) -> int | None:
+    """Threads a worker decodes uploads on: None for a CPU worker (its own threads); a GPU
+    worker's share of the host's cores (a GPU worker runs torch's default of one thread per
+    core, and eight GPU workers each decoding on every core held eight images per core at once:
+    up to 320 MB each at the pixel limit)."""
+    return None if device == "cpu" else max(1, cores // max(1, workers))

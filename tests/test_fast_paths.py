@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import weakref
 from pathlib import Path
 
@@ -338,3 +339,29 @@ def test_every_runner_setting_reaches_every_worker(monkeypatch):
     )
     assert (bench.precision, bench.warmup_batch, bench.auto_batch) == ("bf16", 64, False)
     assert bench.runtime == "openvino" and bench.cpp_wrapper
+
+
+def test_workers_decode_on_their_share_of_the_cores(monkeypatch):
+    """A CPU worker decodes uploads on its own threads; a GPU worker (torch's default: a thread
+    per core) on its share of the host's cores, so that eight GPU workers do not each decode on
+    every core. A CPU service's configurations carry it through ``from_settings``."""
+    from app.service import Service, decode_threads
+    from app.settings import Settings
+
+    assert decode_threads("cpu", 16, 2) is None  # its own threads
+    assert [decode_threads(f"cuda:{i}", 64, 8) for i in range(8)] == [8] * 8
+    assert decode_threads("cuda:0", 16, 1) == 16
+    assert decode_threads("cuda:0", 4, 8) == 1
+
+    for var in RUNNER_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("IMGCLS_MODELS", "cifar10_resnet20")
+    monkeypatch.setenv("IMGCLS_DEVICE", "cpu")
+    monkeypatch.setenv("IMGCLS_WORKERS_PER_DEVICE", "2")
+    configs = Service(Settings())._configs([])
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert [(c.threads, c.decode_threads) for c in configs] == [(share, None)] * 2
+    for c in configs:  # the pool the worker's decoder runs on
+        assert Runner(c).decoder().pool._max_workers == share
+    gpu_like = WorkerConfig.from_settings(Settings(), "cpu", threads=1, decode_threads=3)
+    assert Runner(gpu_like).decoder().pool._max_workers == 3

@@ -63,6 +63,8 @@ class WorkerConfig:
     cpp_wrapper: bool = False
     # what runs the models on a CPU worker: torch, or OpenVINO's CPU plugin (app/engine/openvino)
     runtime: str = "torch"
+    # threads decoding uploads (IMGCLS_DECODE=worker); None: ``threads``, else torch's default
+    decode_threads: int | None = None
 
     @classmethod
     def from_settings(
@@ -74,6 +76,7 @@ class WorkerConfig:
         threads: int | None = None,
         plans: list[LoadPlan] | None = None,
         decode_in_worker: bool = False,
+        decode_threads: int | None = None,
         auto_batch: bool | None = None,
         precision: str | None = None,
         warmup_batch: int | None = None,
@@ -103,6 +106,7 @@ class WorkerConfig:
             auto_batch=settings.max_batch_size == "auto" if auto_batch is None else auto_batch,
             cpp_wrapper=settings.cpp_wrapper,
             runtime=settings.cpu_runtime,
+            decode_threads=decode_threads,
         )
 
 
@@ -433,7 +437,8 @@ class Runner:
         if self._decoder is None:
             cfg = self.cfg
             self._decoder = Decoder(
-                cfg.threads or torch.get_num_threads(), cfg.max_pixels, cfg.device,
+                cfg.decode_threads or cfg.threads or torch.get_num_threads(),
+                cfg.max_pixels, cfg.device,
                 cfg.jpeg_on_device, cfg.jpeg_draft,
             )  # fmt: skip
         return self._decoder
