@@ -247,12 +247,13 @@ class Service(InferenceCore):
 
     async def load(self, name: str, timeout_s: float | None = None) -> ModelStatus:
         """Start serving ``name`` (a catalog model), downloading weights when allowed; returns
-        when it is ready or has failed. Loading a model that serves already is a no-op."""
+        when it is ready or has failed. Loading a model that serves already is a no-op; one
+        whose load failed on every worker (a broken checkpoint, since replaced) is loaded again."""
         spec = self.catalog.get(name)  # UnknownModelError: 404
         async with self._repository(name):
             pool = self._check_started()
             served = self.served.setdefault(name, ServedModel(spec))
-            if name not in self.batchers:
+            if name not in self.batchers or self.status(name).status == "failed":
                 # Shielded: a client that goes away does not leave the model half-loaded.
                 task = self._spawn(self._load_one(served), f"load-{name}", [name])
                 await asyncio.shield(task)
@@ -271,7 +272,8 @@ class Service(InferenceCore):
         if plan is None:
             return
         self.pool.load(plan)
-        self._add_batcher(plan.name)
+        if plan.name not in self.batchers:  # a failed model loaded again keeps its own
+            self._add_batcher(plan.name)
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests get 404 at once, queued images are answered

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as th
 import yaml
 from PIL import Image
@@ -875,6 +876,45 @@ def test_a_failed_load_answers_503_and_readiness_follows(oip):
     assert r.status_code == 200, r.text
     assert httpx.get(f"{oip.url}/readyz").status_code == 200
     assert index_entry(oip, "vgg16")["state"] == "UNAVAILABLE"
+
+
+def test_a_model_whose_load_failed_is_loaded_again_once_its_checkpoint_is_fixed(oip, model_dir):
+    """A broken checkpoint fails the load on the worker (503, failed); once a good file replaces
+    it, the next load asks the workers again and the model serves, as Triton's load does (it
+    used to answer the old failure at once, until a worker restart)."""
+    from torchvision.models import resnet34
+
+    from app.catalog import build_catalog
+    from app.engine.decoding import decode_pixels
+    from app.preprocess import normalize
+
+    name = "resnet34"
+    path = build_catalog().get(name).weights_path(model_dir)
+    assert not path.exists()
+    torch.manual_seed(0)
+    good = resnet34().eval()
+    try:
+        torch.save(good.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:100_000])  # a copy cut short
+        url = f"{oip.url}/v2/repository/models/{name}"
+        r = httpx.post(f"{url}/load", headers=auth(), timeout=120)
+        assert r.status_code == 503 and "failed" in r.json()["error"], r.text
+        torch.save(good.state_dict(), path)
+        r = httpx.post(f"{url}/load", headers=auth(), timeout=120)
+        assert r.status_code == 200, r.text
+        assert index_entry(oip, name)["state"] == "READY"
+        # it serves the good checkpoint: the served answer is that network's (fp32 eager)
+        photo = shared_image(PHOTOS[0])
+        top = classify(oip, name, PHOTOS[0], photo)["predictions"][0]
+        pre = build_catalog().get(name).transform
+        pixels = decode_pixels(photo, 10**8, {0: pre}, draft=True)[0][0]
+        with torch.no_grad():
+            want = good(normalize(pixels, pre.mean, pre.std)[None]).softmax(1)[0]
+        assert top["score"] == pytest.approx(float(want.max()), abs=1e-4)
+        assert float(want[top["index"]]) == pytest.approx(float(want.max()), abs=1e-4)
+    finally:
+        httpx.post(f"{oip.url}/v2/repository/models/{name}/unload", headers=auth(), timeout=60)
+        path.unlink(missing_ok=True)
 
 
 def test_repository_calls_need_the_key(oip):
