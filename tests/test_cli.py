@@ -46,6 +46,34 @@ CASES = {
         "--limit: must be at least 1",
     ),
     "eval no models": ({}, ["eval", "--data", ".", "--models", ","], "--models names no model"),
+    # found before the evaluation runs, not after it (the server at port 9 is never asked)
+    "eval out not a folder": (
+        {},
+        [
+            "eval",
+            "--data",
+            ".",
+            "--models",
+            "resnet18",
+            "--url",
+            "http://127.0.0.1:9",
+            "--out",
+            "/dev/null/reports",
+        ],
+        "--out /dev/null/reports: cannot make the folder (Not a directory)",
+    ),
+    "bench unknown model": ({}, ["bench", "--model", "nope"], "--model: unknown model 'nope'"),
+    "bench device missing": (
+        {},
+        ["bench", "--model", "resnet18", "--device", MISSING_GPU],
+        f"--device {MISSING_GPU}: ",
+    ),
+    "bench device unknown": ({}, ["bench", "--device", "tpu"], "--device tpu: Expected one of"),
+    "bench out not a folder": (
+        {},
+        ["bench", "--model", "resnet18", "--out", "/dev/null/bench"],
+        "--out /dev/null/bench: cannot make the folder",
+    ),
     "model config a folder": ({"IMGCLS_MODEL_CONFIG": "app"}, ["serve"], "cannot be read"),
     "default model not served": (
         {"IMGCLS_DEFAULT_MODEL": "nope"},

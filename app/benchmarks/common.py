@@ -122,3 +122,14 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def out_folder(out: Path, option: str) -> None:
+    """Make the reports' folder ``out`` now, not after the whole run (ValueError if it cannot
+    be made or written)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {out}: cannot make the folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {out}: the folder cannot be written")

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from app.benchmarks.common import IMAGE_SETS, free_port, image_set, start_server, stop_server
+from app.benchmarks.common import (
+    IMAGE_SETS,
+    free_port,
+    image_set,
+    out_folder,
+    start_server,
+    stop_server,
+)
 from app.benchmarks.loadgen import run_load
 from app.catalog import build_catalog
 from app.engine import fastpath
@@ -163,6 +170,23 @@ def _model_only_name(model: str, precision: str) -> tuple[str, str]:
     return (f"{model}:int8", "auto") if precision == "int8" else (model, precision)
 
 
+def check_target(model: str, device: str) -> None:
+    """ValueError, in one line, for a model not in the catalog or a device not here."""
+    from app.catalog.registry import UnknownModelError
+    from app.engine.pool import resolve_devices
+
+    try:
+        build_catalog().get(model)
+    except UnknownModelError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    try:
+        torch.device(device)
+        resolve_devices(device)
+    except RuntimeError as exc:
+        said = str(exc).replace(f"IMGCLS_DEVICE={device} but ", "")
+        raise ValueError(f"--device {device}: {said}") from None
+
+
 def run_bench(
     model: str = "resnet50",
     device: str = "cpu",
@@ -182,8 +206,10 @@ def run_bench(
     warmup_s: float = 2.0,
 ) -> dict[str, Any]:
     """Everything in one run; HTTP time is bounded by servers x sets x client counts x
-    (warm-up + duration), printed before it starts."""
-    out.mkdir(parents=True, exist_ok=True)
+    (warm-up + duration), printed before it starts. An unknown model, a device that is not
+    there or an output folder that cannot be made is a ValueError before anything runs."""
+    check_target(model, device)
+    out_folder(out, "--out")
     uploads = {name: image_set(name) for name in image_sets}
     result: dict[str, Any] = {
         "model": model,
