@@ -22,6 +22,7 @@ from app.catalog import build_catalog
 from app.core import gather_fail_fast
 from app.engine.batcher import ImageResult, ModelBatcher
 from app.engine.pool import (
+    LOAD_DEATHS,
     MAX_INFLIGHT_FULL,
     BatchFailedError,
     ModelState,
@@ -553,6 +554,42 @@ def test_a_ready_model_waits_for_its_worker_to_finish_loading_another(tmp_path):
             loaded = load.result()
         assert r.status_code == 200, r.text
         assert loaded.status_code == 200, loaded.text
+
+
+def test_a_model_that_kills_its_worker_while_loading_is_left_out_of_its_restarts(tmp_path):
+    """A worker killed each time it loads a model (as the kernel's OOM killer kills a worker
+    whose new model does not fit) restarts LOAD_DEATHS times, then without that model: the
+    load answers 503 saying why, the model served beside it answers again, and the failed one
+    unloads at once. Before, every restart loaded it again (the other model down with it) and
+    the load held the model's lock, unload included, for up to IMGCLS_WORKER_STARTUP_TIMEOUT_S."""
+    with run_service(
+        models="cifar10_resnet20", allow_random_weights=True, weights_dir=tmp_path,
+        model_control="explicit",
+    ) as svc:  # fmt: skip
+        w = svc.service.pool.workers[0]
+        url = f"{svc.url}/v2/repository/models/resnet18"
+        with cf.ThreadPoolExecutor(1) as ex:
+            load = ex.submit(httpx.post, f"{url}/load", timeout=300)
+            killed: set[int] = set()
+            for _ in range(LOAD_DEATHS):
+                _wait(lambda: w.alive and w.building == "resnet18" and w.pid not in killed, 120,
+                      "the worker never loaded resnet18")  # fmt: skip
+                killed.add(w.pid)
+                os.kill(w.pid, signal.SIGKILL)
+            r = load.result()
+        assert r.status_code == 503, r.text
+        assert f"died {LOAD_DEATHS} times in a row while loading it" in r.json()["error"]
+        _wait(lambda: svc.service.status("cifar10_resnet20").status == "ready", 120,
+              "the other model never came back")  # fmt: skip
+        assert w.pid not in killed and [p.name for p in w.plans] == ["cifar10_resnet20"]
+        assert svc.service.status("resnet18").status == "failed"
+        r = httpx.post(f"{svc.url}/classify", params={"model": "cifar10_resnet20"},
+                       files={"file": ("x.png", PNG)}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/unload", timeout=60)
+        assert r.status_code == 200, r.text
+        assert svc.service.status("resnet18").status == "not-loaded"
+        assert sum(w.restarts.values()) == LOAD_DEATHS
 
 
 def test_a_batch_that_cannot_be_handed_over_gives_its_slot_back(monkeypatch):

@@ -46,6 +46,11 @@ log = logging.getLogger("imgcls.pool")
 MAX_INFLIGHT_PER_WORKER = 1
 MAX_INFLIGHT_FULL = 2
 
+# A worker that dies this many times in a row while loading one model (killed for memory, a
+# crash in a kernel) restarts without it: the model fails on that worker, and the others it
+# serves come back instead of going down with every restart.
+LOAD_DEATHS = 3
+
 WATCHDOG_PERIOD_S = 0.5
 
 
@@ -138,6 +143,9 @@ class WorkerHandle:
     heartbeat: float = 0.0  # monotonic time of the last message of any kind
     kill_reason: str | None = None  # set by the watchdog before it kills the process
     device_memory: int = 0  # CUDA bytes allocated, as last reported
+    building: str | None = None  # the model the worker said it is loading now
+    load_deaths: dict[str, int] = field(default_factory=dict)  # deaths in a row, per model
+    dropped: dict[str, str] = field(default_factory=dict)  # models left out of restarts: why
 
     @property
     def device(self) -> str:
@@ -251,6 +259,8 @@ class WorkerPool:
         w.outbox = self._ctx.Queue()
         again = sum(w.restarts.values()) > 0  # a restart, not the pool's start
         w.models = {p.name: ModelState(reloading=again) for p in w.plans}
+        w.models |= {name: ModelState("failed", why) for name, why in w.dropped.items()}
+        w.building = None
         cfg = replace(w.cfg, plans=list(w.plans))
         w.process = self._ctx.Process(
             target=worker_main,
@@ -363,6 +373,12 @@ class WorkerPool:
             else:
                 st = w.models.setdefault(name, ModelState())
                 st.status, st.reason = status, reason
+                if status == "loading":
+                    w.building = name
+                elif w.building == name:
+                    w.building = None
+                if status == "ready":
+                    w.load_deaths.pop(name, None)
                 if info:
                     st.precision, st.backend = info.get("precision"), info.get("backend")
                     st.batch_size = info.get("batch_size")
@@ -410,6 +426,7 @@ class WorkerPool:
         self._reap_shared_fds()
         if w.stopping or self._closed:
             return
+        self._count_load_death(w, what)
         w.restarts[reason] += 1
         # Restart at once after a single death; back off when it keeps dying (a model that
         # crashes while loading must not turn into a fork loop).
@@ -420,6 +437,24 @@ class WorkerPool:
         assert self._loop is not None
         self._loop.call_later(delay, self._restart, w)
         self._status_changed()
+
+    def _count_load_death(self, w: WorkerHandle, what: str) -> None:
+        """A worker died while loading a model: the LOAD_DEATHS-th time in a row, it restarts
+        without that model, which fails there (until it is loaded again)."""
+        name, w.building = w.building, None
+        if name is None:
+            return
+        n = w.load_deaths[name] = w.load_deaths.get(name, 0) + 1
+        if n < LOAD_DEATHS:
+            return
+        del w.load_deaths[name]
+        w.plans = [p for p in w.plans if p.name != name]
+        w.dropped[name] = (
+            f"the worker died {n} times in a row while loading it (last: {what}; killed for "
+            "memory?); it restarted without it: load it again to retry"
+        )
+        w.models[name] = ModelState("failed", w.dropped[name])
+        log.error("worker %s: %s %s", w.worker_id, name, w.dropped[name])
 
     def _release_process(self, w: WorkerHandle) -> None:
         """Close the dead process's queues (their feeder threads end) and its handle."""
@@ -655,6 +690,8 @@ class WorkerPool:
         """Load a model on every worker (it serves when a worker reports it ready)."""
         for w in self.workers:
             w.plans = [p for p in w.plans if p.name != plan.name] + [plan]
+            w.dropped.pop(plan.name, None)
+            w.load_deaths.pop(plan.name, None)
             w.models[plan.name] = ModelState()
             if w.alive:
                 with contextlib.suppress(Exception):
@@ -665,6 +702,10 @@ class WorkerPool:
         """Stop serving ``name`` and free it on the workers (they report it unloaded)."""
         for w in self.workers:
             w.plans = [p for p in w.plans if p.name != name]
+            w.load_deaths.pop(name, None)
+            if w.dropped.pop(name, None) is not None:  # not on the worker: nothing to free
+                w.models.pop(name, None)
+                continue
             if name in w.models:
                 w.models[name].status = "unloading"
                 if w.alive:
