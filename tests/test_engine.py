@@ -29,7 +29,7 @@ from app.engine.pool import (
     WorkerCrashedError,
     WorkerPool,
 )
-from app.engine.worker import WorkerConfig
+from app.engine.worker import Runner, WorkerConfig
 from tests import images
 from tests.conftest import ready_pool, run_service
 from tests.test_reliability import _metric
@@ -674,3 +674,27 @@ def test_a_process_that_exits_without_closing_its_pool_does_not_hang(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_random_weights_are_one_network_on_every_worker_and_in_explanations():
+    """Without a checkpoint (IMGCLS_ALLOW_RANDOM_WEIGHTS) the weights are drawn from a seed of
+    the model's name: two workers answer alike, and the fp32 copy explanations run on (built on
+    first use) is the network that answered, not another random draw."""
+    from app.preprocess import normalize
+
+    spec = build_catalog().get("cifar10_plain20")
+    plan = spec.load_plan(None)
+    cfg = WorkerConfig(0, "cpu", "fp32", False, False, 1, 4, [plan])
+    first, second = Runner(cfg), Runner(cfg)
+    torch.manual_seed(1)
+    first.load(plan)
+    torch.manual_seed(2)  # whatever state the generator is in
+    second.load(plan)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    answer = first.forward(spec.name, x)
+    assert torch.equal(answer, second.forward(spec.name, x))
+    explained, _layer = first.explainer(spec.name)
+    pre = spec.transform
+    with torch.no_grad():
+        probs = explained(normalize(x, pre.mean, pre.std)).softmax(1)
+    torch.testing.assert_close(answer, probs, atol=1e-5, rtol=0)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +134,23 @@ def plan_precision(plan: LoadPlan, cfg: WorkerConfig) -> str:
     return plan.precision or cfg.precision
 
 
+def _network(plan: LoadPlan) -> nn.Module:
+    """``plan``'s network with its checkpoint loaded (on the CPU first, weights_only=True); with
+    none (IMGCLS_ALLOW_RANDOM_WEIGHTS), random weights drawn from a seed of the model's name,
+    so that every worker, and the fp32 copy explanations run on, hold the same network."""
+    if plan.weights_path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(plan.name.encode()))
+            return plan.builder()
+    model = plan.builder()
+    load_into(model, Path(plan.weights_path))
+    return model
+
+
 def _build(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
     if plan_precision(plan, cfg) == "int8":
         return _build_int8(plan, cfg)
-    model = plan.builder()
-    if plan.weights_path is not None:
-        load_into(model, Path(plan.weights_path))  # on the CPU first, weights_only=True
+    model = _network(plan)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -450,7 +462,8 @@ class Runner:
     def explainer(self, name: str) -> tuple[nn.Module, str]:
         """The fp32 eager copy of ``name`` that explanations run on, and its Grad-CAM layer.
 
-        Built on the first explanation from the model's own LoadPlan (builder and checkpoint):
+        Built on the first explanation from the model's own LoadPlan (builder and checkpoint,
+        or the same random weights, ``_network``):
         Grad-CAM needs gradients, which the compiled or bf16 inference model cannot give (and
         bf16 gradients would make coarse maps). Workers that never explain never pay for it.
         """
@@ -459,9 +472,7 @@ class Runner:
             from app.engine.explain import default_cam_layer
 
             plan = self.plans[name]
-            model = plan.builder()
-            if plan.weights_path is not None:
-                load_into(model, Path(plan.weights_path))
+            model = _network(plan)
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
