@@ -384,10 +384,11 @@ class Service(InferenceCore):
         served = self.served.get(name)
         if served is None:
             spec = self.catalog.get(name)  # raises UnknownModelError for names not in the catalog
+            ready = [n for n in self.served if self.status(n).status == "ready"]
             raise ModelNotServedError(
                 f"model {spec.name!r} is in the catalog but not loaded by this service; "
-                f"loaded models: {', '.join(self.served)} (add it to IMGCLS_MODELS, or load it "
-                f"through the model repository API)"
+                f"models ready: {', '.join(ready) or 'none'} (add it to IMGCLS_MODELS, or load "
+                f"it through the model repository API)"
             )
         st = self.status(name)
         if st.status != "ready":

@@ -82,7 +82,11 @@ def test_path_like_model_names_404(client, name):
 
 
 def test_catalog_model_not_loaded_404(client):
-    assert_error(post(client, b"x", model="vgg19"), 404, "not loaded", "IMGCLS_MODELS")
+    r = post(client, b"x", model="vgg19")
+    assert_error(r, 404, "not loaded", "IMGCLS_MODELS")
+    ready = [m["name"] for m in client.get("/models").json()["models"] if m["status"] == "ready"]
+    listed = r.json()["detail"].split("models ready: ")[1].split(" (")[0].split(", ")
+    assert ready and sorted(listed) == sorted(ready)
 
 
 @pytest.mark.parametrize("top_k", ["0", "21", "-1", "five"])
