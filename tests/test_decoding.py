@@ -33,6 +33,7 @@ from app.engine.decoding import (
     decode_pixels,
     draft_side,
 )
+from app.engine.observer import NullObserver
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from tests import guard, images
@@ -134,6 +135,39 @@ def test_undecodable_upload_fails_alone_in_its_batch():
                 assert isinstance(r, ImageResult), r
                 assert r.batch_size == 4 and r.probs.shape == (10,) and r.decode_ms
             assert pool.workers[0].alive and pool.workers[0].pid == pid
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_of_only_undecodable_uploads_is_not_counted_as_run():
+    """A batch whose uploads all fail to decode in the worker runs no forward pass: it is not
+    counted as one (imgcls_batch_size, imgcls_inference_latency_seconds), which zero-size,
+    near-zero-time batches from bad files used to drag down."""
+    whole = _jpeg(images.photo((300, 300)), quality=90)
+    bad = [whole[: len(whole) // 2], whole[: len(whole) // 3]]
+    spec = build_catalog().get("cifar10_plain20")
+    cfg = WorkerConfig(0, "cpu", "fp32", False, False, 1, 8, [spec.load_plan(None)])
+    ran: list[int] = []
+
+    class Observer(NullObserver):
+        def batch_ran(self, model: str, images: int, inference_s: float, waits_s: list) -> None:
+            ran.append(images)
+
+    async def scenario() -> None:
+        async with ready_pool([cfg], spec.name) as pool:
+            batcher = ModelBatcher(spec.name, pool, max_batch_size=8, max_wait_s=0.2,
+                                   max_queue=16, observer=Observer())  # fmt: skip
+            futures = [batcher.submit(Encoded(d, True), time.monotonic() + 60) for d in bad]
+            batcher.start()
+            try:
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                assert all(isinstance(r, imaging.ImageError) for r in results), results
+                good = batcher.submit(Encoded(_jpeg(images.photo((64, 48))), True),
+                                      time.monotonic() + 60)  # fmt: skip
+                assert (await good).batch_size == 1
+            finally:
+                await batcher.stop()
+        assert ran == [1]  # the good upload's batch alone
 
     asyncio.run(scenario())
 

@@ -178,12 +178,13 @@ class ModelBatcher:
         now = time.monotonic()
         kept: collections.deque[_Item] = collections.deque()
         for item in self._queue:
-            if item.future.done():  # cancelled: the client timed out or went away
-                self.observer.image_dropped(self.name, "cancelled")
-                continue
-            if item.deadline <= now:
-                item.future.set_exception(TimeoutError("request deadline passed in the queue"))
+            if item.deadline <= now:  # its request answered 504, or answers it now
+                if not item.future.done():
+                    item.future.set_exception(TimeoutError("request deadline passed in the queue"))
                 self.observer.image_dropped(self.name, "deadline")
+                continue
+            if item.future.done():  # cancelled before its deadline: the client went away
+                self.observer.image_dropped(self.name, "cancelled")
                 continue
             kept.append(item)
         self._queue = kept
@@ -272,10 +273,11 @@ class ModelBatcher:
         if result.probs.shape[0] != len(rows) or len(rows) + len(errors) != n:
             # outputs must match inputs one to one
             raise BatchFailedError(f"worker returned {result.probs.shape[0]} rows for {n} images")
-        self.observer.batch_ran(
-            self.name, len(rows), result.inference_ms / 1000.0,
-            [max(0.0, result.start - items[k].submitted) for k in rows],
-        )  # fmt: skip
+        if rows:  # none when no upload in the batch could be decoded: nothing ran
+            self.observer.batch_ran(
+                self.name, len(rows), result.inference_ms / 1000.0,
+                [max(0.0, result.start - items[k].submitted) for k in rows],
+            )  # fmt: skip
         for k, (status, message) in errors.items():
             error = ImageTooLargeError if status == 413 else ImageError
             fail_futures([items[k].future], error(message))
