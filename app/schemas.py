@@ -19,7 +19,9 @@ class Latency(BaseModel):
     preprocess: float = Field(description="resize, crop and normalise, ms")
     queue: float = Field(description="waiting for a batch and a worker, ms")
     inference: float = Field(description="forward pass of the batch this image ran in, ms")
-    total: float = Field(description="request received to response ready, ms")
+    total: float = Field(
+        description="upload received in full to response ready, ms (its transfer not counted)"
+    )
 
 
 class ExplainTarget(BaseModel):
@@ -41,7 +43,9 @@ class ExplainLatency(BaseModel):
     preprocess: float = Field(description="resize and crop, ms")
     queue: float = Field(description="waiting for an explanation slot and a worker, ms")
     explain: float = Field(description="forward and backward pass and overlay in the worker, ms")
-    total: float = Field(description="request received to response ready, ms")
+    total: float = Field(
+        description="upload received in full to response ready, ms (its transfer not counted)"
+    )
 
 
 class ExplainResponse(BaseModel):
