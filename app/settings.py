@@ -167,7 +167,11 @@ class Settings(BaseSettings):
     def _key_stripped(cls, v: str | None) -> str | None:
         # clients' tokens are stripped of spaces; a key with a trailing newline (from a file or
         # a secret) could never match. Blank is no key, as unset.
-        return (v.strip() or None) if v is not None else None
+        key = (v.strip() or None) if v is not None else None
+        if key is not None and not all(" " <= c <= "~" for c in key):
+            # an HTTP header carries it: browsers send Latin-1 at most, most clients ASCII
+            raise ValueError("IMGCLS_API_KEY must be printable ASCII (a header carries it)")
+        return key
 
     @field_validator("log_level", mode="before")
     @classmethod

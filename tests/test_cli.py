@@ -33,6 +33,7 @@ CASES = {
         f"IMGCLS_DEVICE={MISSING_GPU} but",
     ),
     "unknown model": ({"IMGCLS_MODELS": "nope"}, ["serve"], "unknown model 'nope'"),
+    "API key not ASCII": ({"IMGCLS_API_KEY": "secr\u20act"}, ["serve"], "printable ASCII"),
     "PORT text": ({"PORT": "abc"}, ["serve"], "not a port number: 'abc'"),
     "port range": ({}, ["serve", "--port", "99999"], "a port is 0 to 65535"),
     "eval concurrency": (

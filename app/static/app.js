@@ -53,6 +53,12 @@ function setupKeyForm() {
     e.preventDefault();
     const key = $("key-input").value.trim();
     if (!key) return;
+    if (!/^[\x20-\x7e]+$/.test(key)) {  // a header carries it: the service's keys are ASCII
+      const error = $("key-error");
+      error.textContent = "An API key holds printable ASCII characters only: check it and try again.";
+      error.hidden = false;
+      return;
+    }
     sessionStorage.setItem(KEY_STORAGE, key);
     $("key-input").value = "";
     $("key-form").hidden = true;
