@@ -176,10 +176,14 @@ def test_authorization_scheme_in_any_case(client, key):
     for scheme in ("bearer", "BEARER", "Bearer"):
         meta = client.get_server_metadata(headers={"authorization": f"{scheme} {key}"})
         assert meta.name == "imgcls", scheme
+    refused = 'endpoint="grpc:ServerMetadata",model="",status="401"'
+    before = metric(key, "imgcls_requests_total", refused)
     for given in (f"bearer {key.upper()}", f"Basic {key}", key):
         with pytest.raises(InferenceServerException) as info:
             client.get_server_metadata(headers={"authorization": given})
         assert info.value.status() == "StatusCode.UNAUTHENTICATED", given
+    # counted (and logged) as HTTP's 401s are
+    assert metric(key, "imgcls_requests_total", refused) == before + 3
 
 
 def test_metadata(client, auth):
@@ -319,9 +323,18 @@ def test_error_codes(stub, auth):
     assert (
         status_of(lambda: stub.ModelInfer(request, metadata=md)) == grpc.StatusCode.INVALID_ARGUMENT
     )
+    # a model input of another datatype is told its own first
+    request = tpb.ModelInferRequest(model_name=CIFAR)
+    request.inputs.add(name="PIXELS", datatype="UINT8", shape=[4]).contents.uint_contents.extend(
+        [1, 2, 3, 4]
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "PIXELS must be FP32, got UINT8"
     # typed contents: counted against the shape before any is read, then range-checked
     request = tpb.ModelInferRequest(model_name=CIFAR)
-    t = request.inputs.add(name="PIXELS", datatype="UINT8", shape=[4])
+    t = request.inputs.add(name="EXTRA", datatype="UINT8", shape=[4])
     t.contents.uint_contents.extend([1, 2, 300, 4])
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request, metadata=md)

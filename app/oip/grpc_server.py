@@ -53,6 +53,10 @@ CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 OPEN_METHODS = {"ServerLive", "ServerReady"}
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# the service's own methods, by full path: a refused call is counted under one of these (or
+# "unknown"), whatever path a client made up
+METHODS = {f"/{_SERVICE.full_name}/{m}": m for m in _SERVICE.methods_by_name}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -216,9 +220,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     The scheme is matched in any case (``bearer``, ``BEARER``), the key exactly and in constant
     time, as ``app.middleware.ApiKeyMiddleware`` does over HTTP."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(
+        self, api_key: str, refused: Callable[[str, Any, int, float], None] | None = None
+    ) -> None:
         self.expected = api_key.encode()
         self.deny = grpc.unary_unary_rpc_method_handler(_deny)
+        self.refused = refused  # counts and logs a refused call (Servicer.count), as HTTP's 401
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         if details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
@@ -229,6 +236,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         key = token.strip().encode()
         if scheme.lower() == "bearer" and hmac.compare_digest(key, self.expected):
             return await continuation(details)
+        if self.refused is not None:  # before its message is read: no model named
+            self.refused(METHODS.get(details.method, "unknown"), None, 401, 0.0)
         return self.deny
 
 
@@ -249,8 +258,11 @@ async def start_grpc(
     in ``metrics`` (the app's) like HTTP requests, and ModelInfer messages take their size from
     ``budget`` (the app's, in the same event loop) while they are served."""
     limit = int(settings.oip_max_request_mb * 1024 * 1024)
+    servicer = Servicer(DataPlane(service), metrics, budget)
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(settings.api_key)] if settings.api_key else [],
+        interceptors=[ApiKeyInterceptor(settings.api_key, servicer.count)]
+        if settings.api_key
+        else [],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -258,9 +270,7 @@ async def start_grpc(
         ],
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        Servicer(DataPlane(service), metrics, budget), server
-    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:
         server.add_insecure_port(address)
