@@ -116,7 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             expose_headers=["X-Request-ID", "Retry-After", codec.HEADER_LENGTH],
         )
-    app.add_middleware(AccessMiddleware, metrics=metrics, served=lambda: service.served)
+    app.add_middleware(
+        AccessMiddleware,
+        metrics=metrics,
+        served=lambda: service.served,
+        routes=lambda: oip_rest.router.routes,
+    )
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.text import clip
@@ -189,11 +190,16 @@ class AccessMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, served: Callable[[], Container[str]]
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        served: Callable[[], Container[str]],
+        routes: Callable[[], Sequence[BaseRoute]] = list,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.served = served  # the models served now (they change with load and unload)
+        self.routes = routes  # /v2's, for requests answered before routing (a 401)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -221,8 +227,8 @@ class AccessMiddleware:
             served = self.served()
             model = _model_label(scope, served)
             if path.startswith("/v2"):  # the route's template, not the path: bounded labels
-                endpoint = getattr(scope.get("route"), "path", "other")
-                name = scope.get("path_params", {}).get("name")
+                endpoint, params = _route(scope, self.routes())
+                name = params.get("name")
                 model = "" if name is None else name if name in served else "unknown"
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
@@ -242,14 +248,36 @@ class AccessMiddleware:
                 )
 
 
-def _model_label(scope: Scope, served: Container[str]) -> str:
-    """The model named in the query, if it is one this service serves (bounded cardinality)."""
-    from urllib.parse import parse_qs
+def _route(scope: Scope, routes: Sequence[BaseRoute]) -> tuple[str, dict[str, Any]]:
+    """The template and path parameters of the route that served the request; for one answered
+    before routing (the API key's 401), of the route among ``routes`` whose path it matches;
+    else "other"."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", "other"), scope.get("path_params", {})
+    for candidate in routes:
+        regex = getattr(candidate, "path_regex", None)
+        found = regex.match(scope["path"]) if regex is not None else None
+        if found is not None:
+            return getattr(candidate, "path", "other"), found.groupdict()
+    return "other", {}
 
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    if scope["path"] == "/compare":
+
+def _model_label(scope: Scope, served: Container[str]) -> str:
+    """The model a request names, if it is one this service serves (bounded cardinality): in
+    the path for /models/{name}, in the query for the routes that take ``model``."""
+    from urllib.parse import parse_qs, unquote
+
+    path = scope["path"]
+    if path == "/compare":
         return "multiple"
-    name = query.get("model", [""])[0]
-    if not name:
-        return "default" if scope["path"] == "/classify" else ""
+    if path.startswith("/models/"):
+        name = unquote(path.removeprefix("/models/"))
+    elif path in ("/classify", "/explain"):
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        name = query.get("model", [""])[0]
+        if not name:
+            return "default" if path == "/classify" else ""
+    else:
+        return ""
     return name if name in served else "unknown"

@@ -230,6 +230,18 @@ def test_metrics_are_exported(service, client):
         return sum(float(x.split()[-1]) for x in t.splitlines() if x.startswith(line))
 
     assert count(text) == count(before) + 1
+    # /models/{name} is counted under the model in its path, not a ?model= it does not take
+    client.get("/models/tiny3", params={"model": "cifar10_resnet20"})
+    client.get("/models/nosuch", params={"model": "tiny3"})
+    after = client.get("/metrics").text
+
+    def labelled(t: str, model: str, status: str) -> float:
+        row = f'imgcls_requests_total{{endpoint="/models/{{name}}",model="{model}",status="{status}"}}'
+        return sum(float(x.split()[-1]) for x in t.splitlines() if x.startswith(row))
+
+    assert labelled(after, "tiny3", "200") == labelled(text, "tiny3", "200") + 1
+    assert labelled(after, "unknown", "404") == labelled(text, "unknown", "404") + 1
+    assert labelled(after, "tiny3", "404") == labelled(text, "tiny3", "404")
     memory = [
         x for x in text.splitlines() if x.startswith('imgcls_device_memory_bytes{device="cpu"}')
     ]

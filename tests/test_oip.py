@@ -918,6 +918,13 @@ def test_a_model_whose_load_failed_is_loaded_again_once_its_checkpoint_is_fixed(
 
 
 def test_repository_calls_need_the_key(oip):
+    refused = f'imgcls_requests_total{{endpoint="/v2/repository/models/{{name}}/unload",model="{CIFAR}",status="401"}} '
+
+    def count() -> float:
+        text_ = httpx.get(f"{oip.url}/metrics", headers=auth()).text
+        return sum(float(x[len(refused) :]) for x in text_.splitlines() if x.startswith(refused))
+
+    before = count()
     for path in ("index", f"models/{TARGET}/load", f"models/{CIFAR}/unload"):
         r = httpx.post(f"{oip.url}/v2/repository/{path}", timeout=60)
         assert r.status_code == 401 and "API key" in r.json()["error"], path
@@ -925,6 +932,8 @@ def test_repository_calls_need_the_key(oip):
         assert r.status_code == 401, path
     assert index_entry(oip, TARGET)["state"] == "UNAVAILABLE"  # nothing was loaded
     assert index_entry(oip, CIFAR)["state"] == "READY"  # nor unloaded
+    # answered before routing, yet counted under the route's template and model
+    assert count() == before + 2
 
 
 def wait_for(condition, timeout: float = 60) -> None:
