@@ -10,7 +10,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 OPEN_PATHS = {"/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v2/health/ready"}
 
 
@@ -25,7 +25,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         sent = Headers(scope=scope).get("x-request-id")
-        rid = sent if sent and _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
+        rid = sent if sent and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:

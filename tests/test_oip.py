@@ -1113,6 +1113,51 @@ def test_a_cancelled_grpc_call_keeps_its_budget_while_its_message_is_read(oip, m
         assert budget.used == 0
 
 
+def test_grpc_calls_carry_a_request_id_to_the_client_and_the_access_log(oip):
+    """As X-Request-ID over HTTP: a call's id is the client's well-formed x-request-id metadata
+    (else a new one), sent back as trailing metadata on every answer and named by the call's
+    access-log line, so that a client's failed call can be found in the log."""
+    import logging
+
+    import grpc
+
+    from app.oip.generated import grpc_predict_v2_pb2 as pb
+    from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    lines: list[dict] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(dict(getattr(record, "fields", {})))
+
+    access = logging.getLogger("imgcls.access")
+    keep, level = Keep(), access.level
+    access.addHandler(keep)
+    access.setLevel(logging.INFO)
+    key = (("authorization", f"Bearer {KEY}"),)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{oip.settings.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            ok, call = stub.ModelMetadata.with_call(
+                pb.ModelMetadataRequest(name=CIFAR), metadata=(*key, ("x-request-id", "mine-1"))
+            )
+            assert ok.name == CIFAR and ("x-request-id", "mine-1") in call.trailing_metadata()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), metadata=key)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            (made,) = [v for k, v in caught.value.trailing_metadata() if k == "x-request-id"]
+            with pytest.raises(grpc.RpcError):  # not well formed: replaced by a new one
+                stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"),
+                                   metadata=(*key, ("x-request-id", "a b")))  # fmt: skip
+    finally:
+        access.removeHandler(keep)
+        access.setLevel(level)
+    ids = [(line.get("request_id"), line.get("status")) for line in lines
+           if line.get("path") == "/inference.GRPCInferenceService/ModelMetadata"]  # fmt: skip
+    assert ids[:2] == [("mine-1", 200), (made, 404)] and len(made) == 32
+    assert ids[2][0] not in (None, "a b") and ids[2][1] == 404
+
+
 def test_grpc_calls_beyond_the_concurrency_cap_are_refused_at_once(model_dir: Path):
     """IMGCLS_GRPC_MAX_CONCURRENT_RPCS: with 2 calls held (each waits 200 ms for its batch to
     fill), the others of 12 sent at once are refused with RESOURCE_EXHAUSTED before any

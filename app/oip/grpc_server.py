@@ -28,6 +28,7 @@ import grpc
 
 from app import memory
 from app.limits import InflightBudget
+from app.middleware import VALID_ID
 from app.observability import CLIENT_CLOSED, Metrics, access_log
 from app.oip import codec
 from app.oip import grpc_codec as conv
@@ -63,21 +64,32 @@ Resp = TypeVar("Resp")
 Method = Callable[["Servicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
+def request_id(metadata: Any) -> str:
+    """A call's request id: the client's ``x-request-id`` metadata where well formed (as over
+    HTTP), else a new one."""
+    sent = dict(metadata or ()).get("x-request-id")
+    if isinstance(sent, bytes):
+        sent = sent.decode(errors="replace")
+    return sent if isinstance(sent, str) and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
 def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
     """Any exception becomes the status code its HTTP status maps to, with its message (a server
-    fault: INTERNAL, the generic message and a request id, also sent as ``x-request-id``)."""
+    fault: INTERNAL, the generic message and the request id). Every answer carries the request
+    id as ``x-request-id`` trailing metadata, and the access log's line names it."""
 
     @functools.wraps(method)
     async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         start = time.perf_counter()
         status = 200
+        rid = request_id(context.invocation_metadata())
+        context.set_trailing_metadata((("x-request-id", rid),))
         try:
             return await method(self, request, context)
         except asyncio.CancelledError:  # grpc cancels the handler of a call the client left
             status = CLIENT_CLOSED
             raise
         except Exception as exc:
-            rid = uuid.uuid4().hex
             why = answer(exc, rid, f"/inference.GRPCInferenceService/{method.__name__}")
             status = why.status
             trailing: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
@@ -87,7 +99,7 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
             await context.abort(code, why.message, trailing)
             raise  # abort() raises; this line is never reached
         finally:
-            self.count(method.__name__, request, status, time.perf_counter() - start)
+            self.count(method.__name__, request, status, time.perf_counter() - start, rid)
 
     return wrapper
 
@@ -103,7 +115,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.budget = budget  # the app's budget of request bodies in flight
 
-    def count(self, method: str, request: Any, status: int, elapsed: float) -> None:
+    def count(
+        self, method: str, request: Any, status: int, elapsed: float, request_id: str | None = None
+    ) -> None:
         """The HTTP door's request metrics and log line, for a call (endpoint ``grpc:Method``,
         the HTTP status its outcome maps to). The model label is the name of a model served
         at the time (they change with load and unload), else "unknown": bounded."""
@@ -118,6 +132,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 "request",
                 extra={
                     "fields": {
+                        "request_id": request_id,
                         "method": "gRPC",
                         "path": f"/inference.GRPCInferenceService/{method}",
                         "model": model,
@@ -221,7 +236,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     time, as ``app.middleware.ApiKeyMiddleware`` does over HTTP."""
 
     def __init__(
-        self, api_key: str, refused: Callable[[str, Any, int, float], None] | None = None
+        self, api_key: str, refused: Callable[[str, Any, int, float, str], None] | None = None
     ) -> None:
         self.expected = api_key.encode()
         self.deny = grpc.unary_unary_rpc_method_handler(_deny)
@@ -237,7 +252,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if scheme.lower() == "bearer" and hmac.compare_digest(key, self.expected):
             return await continuation(details)
         if self.refused is not None:  # before its message is read: no model named
-            self.refused(METHODS.get(details.method, "unknown"), None, 401, 0.0)
+            method = METHODS.get(details.method, "unknown")
+            self.refused(method, None, 401, 0.0, request_id(details.invocation_metadata))
         return self.deny
 
 
