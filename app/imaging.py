@@ -288,8 +288,9 @@ def _to_rgb(img: Image.Image, check: Callable[[], None] = lambda: None) -> Image
         return img
     if mode in _GREY_INT:
         # 16-bit (or 32-bit integer) grey: scale to 8 bits rather than clip at 255.
-        top = cast(tuple[float, float], img.getextrema())[1]
-        peak = 65535.0 if mode.startswith("I;16") or top > 255 else 255.0
+        # (Pillow has no extrema for I;16B and the other explicit byte orders: not needed)
+        deep = mode.startswith("I;16") or cast(tuple[float, float], img.getextrema())[1] > 255
+        peak = 65535.0 if deep else 255.0
 
         def grey(part: Image.Image) -> Image.Image:
             arr = np.asarray(part, dtype=np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -130,6 +131,8 @@ def _conversion_cases(h: int, w: int) -> dict[str, tuple[bytes, np.ndarray]]:
     deep = rng.integers(0, 65536, (h, w)).astype(np.uint16)
     grey = np.clip(np.rint(deep * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
     cases["I;16"] = (images.encode(Image.fromarray(deep), "PNG"), grey)
+    big_endian = Image.frombytes("I;16B", (w, h), deep.astype(">u2").tobytes())
+    cases["I;16B"] = (images.encode(big_endian, "TIFF"), grey)  # reopens as I;16B
     ints = rng.integers(-1000, 100_000, (h, w)).astype(np.int32)
     grey = np.clip(np.rint(ints * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
     cases["I"] = (images.encode(Image.fromarray(ints, "I"), "TIFF"), grey)
@@ -157,12 +160,14 @@ def _conversion_cases(h: int, w: int) -> dict[str, tuple[bytes, np.ndarray]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["I;16", "I", "F", "P+tRNS", "LA", "RGBA"])
+@pytest.mark.parametrize("case", ["I;16", "I;16B", "I", "F", "P+tRNS", "LA", "RGBA"])
 def test_deep_float_and_transparent_images_convert_strip_by_strip_as_a_whole(case, monkeypatch):
     """These conversions run a strip of rows at a time (bounded memory); the strips, here 5 rows
     of 53 pixels and a last one of 2, give the pixels the whole image gives."""
     monkeypatch.setattr(imaging, "STRIP_PIXELS", 5 * 53)
     data, want = _conversion_cases(37, 53)[case]
+    with Image.open(io.BytesIO(data)) as opened:
+        assert opened.mode == case.removesuffix("+tRNS")  # the mode the case is named for
     got = np.asarray(decode(data, LIMIT))
     assert got.shape == want.shape and (got == want).all()
 
