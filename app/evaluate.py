@@ -336,11 +336,11 @@ def run_eval(
         raise ValueError(f"--data {data} is not a folder")
     if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
         raise ValueError(f"--out {out} is a file; name a folder for the reports")
+    if not models:
+        raise ValueError("--models names no model")
     from app.benchmarks.common import out_folder
 
     out_folder(out, "--out")
-    if not models:
-        raise ValueError("--models names no model")
     with contextlib.ExitStack() as stack:
         if url is None:
             url = stack.enter_context(local_service(models))

@@ -266,13 +266,13 @@ def _route(scope: Scope, routes: Sequence[BaseRoute]) -> tuple[str, dict[str, An
 def _model_label(scope: Scope, served: Container[str]) -> str:
     """The model a request names, if it is one this service serves (bounded cardinality): in
     the path for /models/{name}, in the query for the routes that take ``model``."""
-    from urllib.parse import parse_qs, unquote
+    from urllib.parse import parse_qs
 
     path = scope["path"]
     if path == "/compare":
         return "multiple"
     if path.startswith("/models/"):
-        name = unquote(path.removeprefix("/models/"))
+        name = path.removeprefix("/models/")  # the path is decoded already
     elif path in ("/classify", "/explain"):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         name = query.get("model", [""])[0]

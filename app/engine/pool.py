@@ -377,7 +377,7 @@ class WorkerPool:
                     w.building = name
                 elif w.building == name:
                     w.building = None
-                if status == "ready":
+                if status in ("ready", "failed"):  # the load ended: no death in a row
                     w.load_deaths.pop(name, None)
                 if info:
                     st.precision, st.backend = info.get("precision"), info.get("backend")

@@ -139,8 +139,8 @@ def _network(plan: LoadPlan) -> nn.Module:
     none (IMGCLS_ALLOW_RANDOM_WEIGHTS), random weights drawn from a seed of the model's name,
     so that every worker, and the fp32 copy explanations run on, hold the same network."""
     if plan.weights_path is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(plan.name.encode()))
+        with torch.random.fork_rng(devices=[]):  # the CPU's generator, which builds it
+            torch.default_generator.manual_seed(zlib.crc32(plan.name.encode()))
             return plan.builder()
     model = plan.builder()
     load_into(model, Path(plan.weights_path))
@@ -189,7 +189,7 @@ def _build_int8(plan: LoadPlan, cfg: WorkerConfig) -> nn.Module:
 
     if not cfg.device.startswith("cpu"):
         raise ValueError(f"{plan.name}: int8 runs on the CPU only, not on {cfg.device}")
-    model = plan.builder()
+    model = plan.builder() if plan.weights_path is not None else _network(plan)  # seeded
     if plan.calibration is None:
         quantize.use_quantized_engine()  # packs the weights for this engine while loading
     if plan.weights_path is not None:

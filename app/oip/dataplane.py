@@ -36,6 +36,7 @@ from app.oip import codec
 from app.oip.failures import ProtocolError, failure
 from app.oip.types import (
     IMAGE,
+    INPUT_DATATYPES,
     PIXELS,
     PROBABILITIES,
     InferRequest,
@@ -233,14 +234,12 @@ def _one_input(inputs: Sequence[InputTensor], spec: ModelSpec) -> InputTensor:
     if len(inputs) != 1:
         raise ProtocolError(f"send one input: {expected}, not both")
     t = inputs[0]
+    if t.datatype != INPUT_DATATYPES[t.name]:  # the doors' codecs refuse it first, as here
+        raise ProtocolError(f"{t.name} must be {INPUT_DATATYPES[t.name]}, got {clip(t.datatype)}")
     if t.name == IMAGE:
-        if t.datatype != "BYTES":
-            raise ProtocolError(f"{IMAGE} must be BYTES, got {clip(t.datatype)}")
         if len(t.shape) != 1 or t.shape[0] < 1:
             raise ProtocolError(f"{IMAGE} must have shape [N] with N >= 1, got {t.shape}")
         return t
-    if t.datatype != "FP32":
-        raise ProtocolError(f"{PIXELS} must be FP32, got {clip(t.datatype)}")
     if len(t.shape) != 4 or t.shape[0] < 1 or t.shape[1:] != [3, side, side]:
         raise ProtocolError(
             f"{PIXELS} for {spec.name} must have shape [N, 3, {side}, {side}] with N >= 1, "

@@ -245,6 +245,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         if details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
             return await continuation(details)
+        start = time.perf_counter()
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         given = given.decode(errors="replace") if isinstance(given, bytes) else str(given)
         scheme, _, token = given.strip().partition(" ")
@@ -253,7 +254,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         if self.refused is not None:  # before its message is read: no model named
             method = METHODS.get(details.method, "unknown")
-            self.refused(method, None, 401, 0.0, request_id(details.invocation_metadata))
+            rid = request_id(details.invocation_metadata)
+            self.refused(method, None, 401, time.perf_counter() - start, rid)
         return self.deny
 
 
