@@ -1149,11 +1149,18 @@ def test_grpc_calls_carry_a_request_id_to_the_client_and_the_access_log(oip):
             with pytest.raises(grpc.RpcError):  # not well formed: replaced by a new one
                 stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"),
                                    metadata=(*key, ("x-request-id", "a b")))  # fmt: skip
+
+        def logged() -> list[tuple]:
+            return [(line.get("request_id"), line.get("status")) for line in lines
+                    if line.get("path") == "/inference.GRPCInferenceService/ModelMetadata"]  # fmt: skip
+
+        # a call's line is written as its handler ends, which can be after its client has the
+        # answer
+        wait_for(lambda: len(logged()) >= 3, timeout=10)
     finally:
         access.removeHandler(keep)
         access.setLevel(level)
-    ids = [(line.get("request_id"), line.get("status")) for line in lines
-           if line.get("path") == "/inference.GRPCInferenceService/ModelMetadata"]  # fmt: skip
+    ids = logged()
     assert ids[:2] == [("mine-1", 200), (made, 404)] and len(made) == 32
     assert ids[2][0] not in (None, "a b") and ids[2][1] == 404
 
