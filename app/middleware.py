@@ -11,6 +11,13 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def accept_id(sent: str | None) -> str:
+    """A request's id: the one the client sent where well formed, else a new one."""
+    return sent if sent and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
 OPEN_PATHS = {"/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v2/health/ready"}
 
 
@@ -24,8 +31,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = Headers(scope=scope).get("x-request-id")
-        rid = sent if sent and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
+        rid = accept_id(Headers(scope=scope).get("x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:

@@ -227,7 +227,7 @@ class AccessMiddleware:
             served = self.served()
             model = _model_label(scope, served)
             if path.startswith("/v2"):  # the route's template, not the path: bounded labels
-                endpoint, params = _route(scope, self.routes())
+                endpoint, params = _route(scope, self.routes)
                 name = params.get("name")
                 model = "" if name is None else name if name in served else "unknown"
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
@@ -248,14 +248,14 @@ class AccessMiddleware:
                 )
 
 
-def _route(scope: Scope, routes: Sequence[BaseRoute]) -> tuple[str, dict[str, Any]]:
+def _route(scope: Scope, routes: Callable[[], Sequence[BaseRoute]]) -> tuple[str, dict[str, Any]]:
     """The template and path parameters of the route that served the request; for one answered
     before routing (the API key's 401), of the route among ``routes`` whose path it matches;
     else "other"."""
     route = scope.get("route")
     if route is not None:
         return getattr(route, "path", "other"), scope.get("path_params", {})
-    for candidate in routes:
+    for candidate in routes():  # only for a request no route has seen
         regex = getattr(candidate, "path_regex", None)
         found = regex.match(scope["path"]) if regex is not None else None
         if found is not None:

@@ -20,7 +20,6 @@ import functools
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,7 +27,7 @@ import grpc
 
 from app import memory
 from app.limits import InflightBudget
-from app.middleware import VALID_ID
+from app.middleware import accept_id
 from app.observability import CLIENT_CLOSED, Metrics, access_log
 from app.oip import codec
 from app.oip import grpc_codec as conv
@@ -70,7 +69,7 @@ def request_id(metadata: Any) -> str:
     sent = dict(metadata or ()).get("x-request-id")
     if isinstance(sent, bytes):
         sent = sent.decode(errors="replace")
-    return sent if isinstance(sent, str) and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
+    return accept_id(sent if isinstance(sent, str) else None)
 
 
 def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
