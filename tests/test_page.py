@@ -155,7 +155,8 @@ PAGE_KEY = "page-test-key"
 
 @pytest.fixture(scope="module")
 def keyed_service():
-    with run_service(models="cifar10_resnet20", weights_dir=CIFAR_WEIGHTS, api_key=PAGE_KEY) as s:
+    models = "cifar10_resnet20,cifar10_resnet32"
+    with run_service(models=models, weights_dir=CIFAR_WEIGHTS, api_key=PAGE_KEY) as s:
         yield s
 
 
@@ -214,4 +215,36 @@ def test_page_asks_for_the_key_once_and_sends_it(browser, keyed_service):
     page.reload()
     page.wait_for_selector("#model-groups[aria-busy=false]")
     assert page.is_hidden("#key-form")
+    context.close()
+
+
+def test_a_key_refused_mid_session_asks_again_and_keeps_the_choice(browser, keyed_service):
+    """The service's key changed while the page was open: the model list's re-read is refused,
+    the page asks for the key (no retry every two seconds with the refused one), and entering
+    the key loads the list again with the models the user had checked still checked."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(keyed_service.url + "/")
+    page.evaluate(f"sessionStorage.setItem('imgcls-api-key', {PAGE_KEY!r})")
+    page.reload()
+    page.wait_for_selector("#model-groups[aria-busy=false]")
+    assert page.is_hidden("#key-form")
+    _select(page, ["cifar10_resnet32"])  # not what the page preselects (both ResNets)
+    model_reads: list[str | None] = []
+    page.on("request", lambda r: model_reads.append(r.headers.get("authorization"))
+            if r.url.split("?")[0].endswith("/models") else None)  # fmt: skip
+    page.evaluate("sessionStorage.setItem('imgcls-api-key', 'the-old-key')")
+    page.evaluate("refreshModels()")  # the re-read the page makes while a model loads
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert "refused" in page.inner_text("#key-error")
+    page.wait_for_timeout(5000)  # the re-read runs every 2 s: it would have come twice by now
+    assert model_reads == ["Bearer the-old-key"]
+    page.evaluate("document.querySelector('#model-groups fieldset').dataset.old = '1'")
+    page.fill("#key-input", PAGE_KEY)
+    page.press("#key-input", "Enter")
+    page.wait_for_function("!document.querySelector('#model-groups fieldset[data-old]')")  # redrawn
+    assert page.is_hidden("#key-form")
+    checked = page.eval_on_selector_all("input[name=models]:checked", "bs => bs.map(b => b.value)")
+    assert checked == ["cifar10_resnet32"]
+    assert model_reads[-1] == f"Bearer {PAGE_KEY}"
     context.close()

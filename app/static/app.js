@@ -22,6 +22,7 @@ const state = {
   seq: 0,              // the latest request; an answer to an earlier one is dropped
   running: false,      // a request is on its way: the buttons wait for it
   shown: "",           // the picture the results on screen belong to (Grad-CAM's original)
+  refreshTimer: 0,     // the pending re-read of /models while a model loads
 };
 
 const $ = (id) => document.getElementById(id);
@@ -245,21 +246,31 @@ async function loadModels() {
     const list = (await models.json()).models;
     for (const m of list) state.models[m.name] = m;
     $("limits-hint").textContent = `JPEG, PNG, WebP, BMP, GIF or TIFF, up to ${state.info.max_upload_mb} MB`;
-    renderModels(list);
-    if (list.some((m) => m.status === "loading")) setTimeout(refreshModels, REFRESH_MS);
+    // after the key form (a key refused mid-session), what the user had checked stays checked
+    const keep = selected();
+    renderModels(list, keep.length ? keep : null);
+    if (list.some((m) => m.status === "loading")) scheduleRefresh();
   } catch (e) {
     showError(`Could not load the model list: ${e.message}`);
   }
+}
+
+// One timer at a time: the key form's loadModels may start a refresh while one is pending.
+function scheduleRefresh() {
+  clearTimeout(state.refreshTimer);
+  state.refreshTimer = setTimeout(refreshModels, REFRESH_MS);
 }
 
 async function refreshModels() {
   let list;
   try {
     const r = await api("/models");
+    // a key refused (the service restarted with another): ask for it; entering it loads again
+    if (r.status === 401) { askForKey(true); return; }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     list = (await r.json()).models;
   } catch (e) {  // the service restarting, say: keep what is shown and try again
-    setTimeout(refreshModels, REFRESH_MS);
+    scheduleRefresh();
     return;
   }
   // what the user checked stays checked; nothing was ready to check before: preselect as at load
@@ -268,7 +279,7 @@ async function refreshModels() {
   for (const m of list) state.models[m.name] = m;
   renderModels(list, before ? selected() : null);
   if (focused && $(focused)) $(focused).focus();
-  if (list.some((m) => m.status === "loading")) setTimeout(refreshModels, REFRESH_MS);
+  if (list.some((m) => m.status === "loading")) scheduleRefresh();
 }
 
 // ---- results -----------------------------------------------------------------------------
