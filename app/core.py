@@ -12,6 +12,7 @@ No web framework is imported here; errors are the domain errors of app/errors.py
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -27,7 +28,7 @@ import torch
 from app import imaging
 from app.catalog import Catalog, ModelSpec
 from app.engine.batcher import ImageResult
-from app.engine.decoding import Encoded, Item, decode_pixels
+from app.engine.decoding import Encoded, Item, decode_pixels, draft_side
 from app.engine.explain import heatmap_similarity
 from app.engine.pool import ExplainResult
 from app.errors import (
@@ -77,8 +78,9 @@ def _pixels(
     max_pixels: int,
     transforms: Mapping[Any, Preprocess],
     draft: bool = False,
+    checked: bool = False,
 ) -> Pixels:
-    return Pixels(*decode_pixels(data, max_pixels, transforms, draft))
+    return Pixels(*decode_pixels(data, max_pixels, transforms, draft, checked))
 
 
 def parse_models(models: str | None, loaded: Sequence[str]) -> list[str]:
@@ -201,6 +203,50 @@ class ExplainGate:
         self.count -= 1
 
 
+class DecodeMemory:
+    """Bytes of decoded pixels this process may hold at once (IMGCLS_DECODE_MEMORY_MB): a
+    decode reserves ``imaging.peak_bytes`` of its image before it starts and waits, first come
+    first served, until that fits. Without it the API process held one decode per thread of
+    asyncio's pool, up to 32 at 440 MB each. One image over the whole budget runs alone. A
+    decode whose request stopped waiting (its deadline) keeps its bytes until its thread ends.
+    One event loop: no lock."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def take(self, n: int) -> int:
+        """Reserve ``n`` bytes (at most the whole budget), waiting for them; returns what was
+        taken, for ``release``."""
+        n = min(n, self.limit)
+        if not self._waiting and self.used + n <= self.limit:
+            self.used += n
+            return n
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append((n, turn))
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():  # granted as the request was cancelled
+                self.release(n)
+            else:
+                self._waiting.remove((n, turn))
+                self._grant()  # those behind may fit now
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self.used + self._waiting[0][0] <= self.limit:
+            n, turn = self._waiting.popleft()
+            self.used += n
+            turn.set_result(None)
+
+
 @dataclasses.dataclass
 class GateSlot:
     job: asyncio.Future[Any] | None = None  # the worker's job, while it outlives its request
@@ -215,6 +261,7 @@ class InferenceCore(ABC):
     decode_in_worker: bool = False
     served: dict[str, ServedModel]
     _explain_gate: ExplainGate | None = None
+    _decode_memory: DecodeMemory | None = None
 
     # ---- what a subclass provides ------------------------------------------------------------
     @abstractmethod
@@ -248,6 +295,13 @@ class InferenceCore(ABC):
             s = self.settings
             self._explain_gate = ExplainGate(s.explain_concurrency, s.explain_queue)
         return self._explain_gate
+
+    @property
+    def decode_memory(self) -> DecodeMemory:
+        """One per core (made on first use, as ``explain_gate``)."""
+        if self._decode_memory is None:
+            self._decode_memory = DecodeMemory(self.settings.decode_memory_bytes)
+        return self._decode_memory
 
     def admit_explain(self, name: str, method: str, target: str | None = None) -> ServedModel:
         """Before the body is read: method and target valid, model ready, room in the explain
@@ -311,12 +365,26 @@ class InferenceCore(ABC):
             ) from None
 
     async def decode(self, data: imaging.BytesLike, specs: Sequence[ModelSpec]) -> Pixels:
-        """Decode once and resize once per distinct geometry, in one trip to a thread (decoding
-        and resizing release the GIL)."""
-        transforms = {s.transform_key: s.transform for s in specs}
-        return await asyncio.to_thread(
-            _pixels, data, self.settings.max_pixels, transforms, self.settings.jpeg_draft
+        """Decode once and resize once per distinct geometry, on a thread (decoding and
+        resizing release the GIL), once the header's promise of memory fits the decode budget
+        (``DecodeMemory``)."""
+        s = self.settings
+        transforms = {spec.transform_key: spec.transform for spec in specs}
+        probe = await asyncio.to_thread(imaging.probe, data, s.max_pixels)
+        side = draft_side(transforms) if s.jpeg_draft else None
+        memory = self.decode_memory
+        held = await memory.take(imaging.peak_bytes(probe, side))
+        job = asyncio.ensure_future(
+            asyncio.to_thread(_pixels, data, s.max_pixels, transforms, s.jpeg_draft, True)
         )
+
+        def done(job: asyncio.Future[Pixels]) -> None:
+            memory.release(held)
+            if not job.cancelled():
+                job.exception()  # read: one its request stopped waiting for is not logged
+
+        job.add_done_callback(done)
+        return await asyncio.shield(job)  # cut off at the deadline, the thread still decodes
 
     async def encoded(self, data: imaging.BytesLike) -> Encoded:
         """Check an upload's header (the same 4xx answers as decoding) for a worker to decode.

@@ -21,6 +21,8 @@ from typing import IO, Literal, cast
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from app import memory
+
 ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 # The only Pillow plugins that may open an upload (MPO opens through JPEG's). Any other would
 # parse it first, in Python, and some parse a whole file before it could be refused: EPS reads
@@ -373,12 +375,14 @@ class Probe:
         return self.format == "JPEG" and self.mode in ("RGB", "L") and self.orientation == 1
 
 
-def _open(data: BytesLike, max_pixels: int) -> tuple[Image.Image, _Source]:
-    """Open and check the structure and header: decode budgets, format, dimensions, pixel count,
-    aspect ratio. Returns the image and the ``_Source`` over ``data`` it reads from."""
+def _open(data: BytesLike, max_pixels: int, checked: bool = False) -> tuple[Image.Image, _Source]:
+    """Open and check the structure (unless ``checked``: ``probe`` walked it already) and
+    header: decode budgets, format, dimensions, pixel count, aspect ratio. Returns the image
+    and the ``_Source`` over ``data`` it reads from."""
     if not len(data):
         raise ImageError("the uploaded file is empty")
-    check_structure(data)
+    if not checked:
+        check_structure(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -430,6 +434,28 @@ Box = tuple[float, float, float, float]
 SCALE_KEYS = ("source_size", "source_box")
 # JPEG, and MPO (a JPEG with more images after it: phone cameras' Ultra HDR and depth photos)
 SCALED_DECODE = ("JPEG", "MPO")
+
+
+# Bytes per pixel Pillow stores a decoded image of each mode in ("RGB", "LA" and the rest: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def peak_bytes(probe: Probe, min_side: int | None) -> int:
+    """A bound on the memory ``decode`` (with ``min_side``) and a resize after it hold at once
+    for the image ``probe`` read, from its header alone: the decoded source (at the DCT scale
+    Pillow's ``draft`` picks, for a JPEG) and 7 bytes per pixel besides (its RGB conversion or
+    the copy an EXIF rotation makes, and the RGB tensor a resize reads); for a progressive JPEG,
+    libjpeg's buffer of every coefficient of the full-size image (2 bytes each, 64 per 8x8
+    block of each component: 6 bytes per pixel without chroma subsampling, 8 for CMYK)."""
+    width, height = probe.width, probe.height
+    coefficients = width * height * (8 if probe.mode == "CMYK" else 6) if probe.progressive else 0
+    if min_side and probe.format in SCALED_DECODE and draft_scales(min(width, height), min_side):
+        k = min_side / min(width, height)  # as ``_draft`` asks, and as Pillow's draft answers
+        asked = max(1, math.ceil(width * k)), max(1, math.ceil(height * k))
+        fits = min(width // asked[0], height // asked[1])
+        scale = next(s for s in (8, 4, 2, 1) if fits >= s)
+        width, height = math.ceil(width / scale), math.ceil(height / scale)
+    return width * height * (_MODE_BYTES.get(probe.mode, 4) + 7) + coefficients
 
 
 def draft_scales(short_side: int, min_side: int) -> bool:
@@ -492,6 +518,7 @@ def _reduce(img: Image.Image, min_side: int) -> Image.Image:
     reduced.info["source_size"] = img.size
     reduced.info["source_box"] = (0.0, 0.0, img.size[0] / factor, img.size[1] / factor)
     img.close()
+    memory.after_large_buffer(img.size[0] * img.size[1] * 4)  # Pillow's RGB: 4 bytes a pixel
     return reduced
 
 
@@ -500,6 +527,7 @@ def decode(
     max_pixels: int,
     min_side: int | None = None,
     budget_s: float = DECODE_BUDGET_S,
+    checked: bool = False,
 ) -> Image.Image:
     """Decode an upload to an RGB image with EXIF orientation applied.
 
@@ -510,9 +538,10 @@ def decode(
     Raises ImageError (400) for empty, unreadable or unsupported data, ImageBudgetError (400) for
     an image over a decode budget (structure, or ``budget_s`` of wall-clock time), and
     ImageTooLargeError (413) when the declared dimensions exceed ``max_pixels``. The first frame
-    of a GIF or page of a TIFF is decoded (``open`` leaves the image there).
+    of a GIF or page of a TIFF is decoded (``open`` leaves the image there). ``checked``: the
+    caller ran ``probe`` on ``data`` (its structure is not walked again).
     """
-    img, source = _open(data, max_pixels)
+    img, source = _open(data, max_pixels, checked)
     fmt = img.format
     source.deadline, source.budget_s = time.monotonic() + budget_s, budget_s
     img.decodermaxblock = READ_BLOCK  # type: ignore[attr-defined]  # how often it is checked

@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     max_inflight_mb: float = Field(
         256.0, gt=0, description="request bodies held at once, in MiB; beyond, 503 + Retry-After"
     )
+    decode_memory_mb: float = Field(
+        1024.0,
+        gt=0,
+        description="decoded pixels the API process holds at once, in MiB (/compare, /explain, "
+        "IMGCLS_DECODE=api); beyond, decodes wait their turn",
+    )
 
     @field_validator("models")
     @classmethod
@@ -260,3 +266,7 @@ class Settings(BaseSettings):
     @property
     def max_inflight_bytes(self) -> int:
         return int(self.max_inflight_mb * 1024 * 1024)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 1024 * 1024)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from tests import images
 from tests.conftest import ROOT, run_service
@@ -160,3 +162,101 @@ def test_full_queue_is_refused_before_the_body_is_read(tmp_path):
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+# ---- the API process's budget of decoded pixels ----------------------------------------------
+def test_decode_memory_serves_in_order_and_lets_go_of_what_it_gave():
+    """First come, first served; one request over the whole budget runs alone; a waiter that
+    gives up (its deadline) lets those behind it through; bytes granted to a request cancelled
+    at that moment go back."""
+    import asyncio
+
+    from app.core import DecodeMemory
+
+    async def scenario() -> None:
+        memory = DecodeMemory(100)
+        order: list[str] = []
+
+        async def decode(name: str, n: int, hold: asyncio.Event) -> None:
+            held = await memory.take(n)
+            order.append(name)
+            await hold.wait()
+            memory.release(held)
+
+        holds = {name: asyncio.Event() for name in "abcd"}
+        a = asyncio.create_task(decode("a", 60, holds["a"]))
+        await asyncio.sleep(0)
+        assert not a.done()
+        b = asyncio.create_task(decode("b", 50, holds["b"]))  # 110 > 100: waits
+        c = asyncio.create_task(decode("c", 10, holds["c"]))  # fits, but b came first
+        await asyncio.sleep(0.01)
+        assert order == ["a"] and memory.used == 60
+        holds["a"].set()
+        await a
+        await asyncio.sleep(0.01)
+        assert order == ["a", "b", "c"] and memory.used == 60
+        big = asyncio.create_task(decode("big", 10_000, holds["d"]))  # taken as the whole 100
+        await asyncio.sleep(0.01)
+        assert order == ["a", "b", "c"]
+        late = asyncio.create_task(memory.take(1))  # behind big
+        await asyncio.sleep(0.01)
+        holds["b"].set(), holds["c"].set()
+        await asyncio.gather(b, c)
+        await asyncio.sleep(0.01)
+        assert order[-1] == "big" and memory.used == 100 and not late.done()
+        late.cancel()  # gave up while waiting: gone from the line
+        holds["d"].set()
+        await big
+        assert memory.used == 0
+        # a waiter granted its bytes and cancelled before it ran gives them back
+        first = await memory.take(100)
+        granted = asyncio.create_task(memory.take(40))
+        await asyncio.sleep(0.01)
+        memory.release(first)  # grants 40 to ``granted``...
+        granted.cancel()  # ...which is cancelled before it resumes
+        with contextlib.suppress(asyncio.CancelledError):
+            await granted
+        assert memory.used == 0
+        assert await memory.take(100) == 100  # nothing lost, nothing left waiting
+
+    asyncio.run(scenario())
+
+
+def _peak_kb() -> int:
+    """This process's peak resident memory since the last reset (VmHWM), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+
+
+def test_concurrent_large_decodes_wait_for_the_decode_budget(tmp_path):
+    """Six /compare calls of a 36-megapixel PNG at once (a 0.2 MB upload each): the API process
+    decodes one at a time within an IMGCLS_DECODE_MEMORY_MB of one image's bound, its peak
+    memory growing by one decoded image, within that budget, where asyncio's pool (6 threads
+    here) held five or six before. Every call is answered."""
+    import concurrent.futures as cf
+
+    from app.imaging import peak_bytes, probe
+
+    side = 6000
+    grid = np.add.outer(np.arange(side) // 600, np.arange(side) // 600).astype(np.uint8) * 20
+    upload = images.encode(Image.fromarray(np.stack([grid] * 3, axis=-1)), "PNG")
+    assert len(upload) < 2_000_000
+    bound = peak_bytes(probe(upload, 40_000_000), None)  # no draft: the largest bound
+    with run_service(
+        models="cifar10_plain20,cifar10_plain32", allow_random_weights=True, weights_dir=tmp_path,
+        decode_memory_mb=bound / 2**20, request_timeout_s=120,
+    ) as svc:  # fmt: skip
+        post = lambda: httpx.post(  # noqa: E731
+            f"{svc.url}/compare", files={"file": ("big.png", upload)}, timeout=180
+        )
+        assert post().status_code == 200  # warm: the first call's one-off allocations
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak from here
+        before = _peak_kb() * 1024
+        with cf.ThreadPoolExecutor(6) as ex:
+            codes = [f.result().status_code for f in [ex.submit(post) for _ in range(6)]]
+        grew = _peak_kb() * 1024 - before
+    decoded = side * side * 4  # Pillow's RGB: 4 bytes a pixel
+    print(f"peak grew {grew / 2**20:.0f} MB; one decoded image {decoded / 2**20:.0f} MB, "
+          f"its bound {bound / 2**20:.0f} MB")  # fmt: skip
+    assert codes == [200] * 6
+    assert grew < bound  # one decode at a time: 144 MB here; 0.7 GB without the budget

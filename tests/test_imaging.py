@@ -13,7 +13,7 @@ from PIL import Image
 from app import imaging
 from app.imaging import ImageError, ImageTooLargeError, decode
 from tests import images
-from tests.conftest import ROOT
+from tests.conftest import IMAGES, ROOT, needs_shared
 
 LIMIT = 40_000_000
 
@@ -230,3 +230,73 @@ def test_small_uploads_decode_in_the_memory_of_their_pixels(case, tmp_path):
     print(f"{case}: upload {len(upload):,} B, decode peak {peak / 2**20:.0f} MB "
           f"(bound {bound / 2**20:.0f} MB)")  # fmt: skip
     assert peak <= bound
+
+
+_PEAK_BOUND = """
+import re, sys
+from app import imaging, memory
+from app.catalog import build_catalog
+from app.engine.decoding import decode_pixels, draft_side
+transforms = {0: build_catalog().get("resnet50").transform}
+status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read())[1])
+for path in sys.argv[1:]:
+    data = open(path, "rb").read()
+    probe = imaging.probe(data, 40_000_000)
+    for draft in (True, False):
+        bound = imaging.peak_bytes(probe, draft_side(transforms) if draft else None)
+        memory.trim()
+        open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
+        before = status("VmRSS")
+        decode_pixels(data, 40_000_000, transforms, draft, checked=True)
+        print(path, draft, (status("VmHWM") - before) * 1024, bound)
+"""
+
+
+def _photo_jpeg(size: tuple[int, int], **save: object) -> bytes:
+    photo = Image.open(IMAGES / "astronaut.png").convert("RGB").resize(size)
+    return images.encode(photo, "JPEG", quality=90, **save)
+
+
+def _rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: decoded, then turned upright
+    return _photo_jpeg((4032, 3024), exif=exif)
+
+
+def _cmyk_jpeg() -> bytes:
+    photo = Image.open(IMAGES / "astronaut.png").convert("CMYK").resize((3000, 3000))
+    return images.encode(photo, "JPEG", quality=90)
+
+
+_BOUND_CASES = {
+    "jpeg": lambda: _photo_jpeg((4032, 3024)),
+    "progressive jpeg": lambda: _photo_jpeg((4032, 3024), progressive=True),
+    "rotated jpeg": _rotated_jpeg,
+    "cmyk jpeg": _cmyk_jpeg,
+    "rgb png": lambda: images.encode(Image.new("RGB", (4000, 4000), (10, 200, 30)), "PNG"),
+    "16-bit png": lambda: images.encode(
+        Image.fromarray(np.full((4000, 4000), 40000, np.uint16)), "PNG"
+    ),
+    "palette png": lambda: images.encode(Image.new("P", (4000, 4000)), "PNG", transparency=0),
+}
+
+
+@needs_shared(IMAGES)
+def test_the_header_bounds_what_a_decode_holds(tmp_path):
+    """``imaging.peak_bytes``, read from the header alone, is what the API process reserves of
+    IMGCLS_DECODE_MEMORY_MB before a decode: each decode and resize, in a process of their own,
+    peaks within it (+32 MB for the interpreter's own), with and without IMGCLS_JPEG_DRAFT."""
+    paths = []
+    for n, make in enumerate(_BOUND_CASES.values()):
+        paths.append(tmp_path / f"upload-{n}")
+        paths[-1].write_bytes(make())
+    out = subprocess.run([sys.executable, "-c", _PEAK_BOUND, *map(str, paths)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith(str(tmp_path))]
+    assert len(rows) == 2 * len(_BOUND_CASES)
+    for (_path, draft, peak, bound), case in zip(
+        rows, [c for c in _BOUND_CASES for _ in "de"], strict=True
+    ):
+        print(f"{case}, {'draft' if draft == 'True' else 'exact'}: peak {int(peak) / 2**20:.0f} MB, "
+              f"bound {int(bound) / 2**20:.0f} MB")  # fmt: skip
+        assert int(peak) <= int(bound) + 32 * 2**20, (case, draft)

@@ -133,6 +133,7 @@ def decode_pixels(
     max_pixels: int,
     transforms: Mapping[K, Preprocess],
     draft: bool = False,
+    checked: bool = False,
 ) -> tuple[dict[K, torch.Tensor], float, float]:
     """Pillow: decode an upload once, resize it for each transform. Returns the uint8 pixels by
     key, and the decode and resize times (ms). Used by the API process (IMGCLS_DECODE=api,
@@ -142,19 +143,24 @@ def decode_pixels(
     other formats box-reduced (``imaging.decode``), and the resize runs in torch's uint8
     antialiased kernel where it can (``torch_resizable``), ~2-3x cheaper than Pillow's and
     within a thousandth of a grey level of it on average. Without it, Pillow resizes exactly as
-    torchvision does."""
-    image, decode_ms = _decode(data, max_pixels, transforms, draft)
+    torchvision does. ``checked``: ``imaging.probe`` ran on ``data`` already."""
+    image, decode_ms = _decode(data, max_pixels, transforms, draft, checked)
     t1 = time.perf_counter()
     by_key = resize(image, transforms, draft)
     return by_key, decode_ms, (time.perf_counter() - t1) * 1000.0
 
 
 def _decode(
-    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[K, Preprocess], draft: bool
+    data: imaging.BytesLike,
+    max_pixels: int,
+    transforms: Mapping[K, Preprocess],
+    draft: bool,
+    checked: bool = False,
 ) -> tuple[Image.Image, float]:
     """``imaging.decode`` for these transforms (reduced where ``draft``), and its time (ms)."""
     t0 = time.perf_counter()
-    image = imaging.decode(data, max_pixels, draft_side(transforms) if draft else None)
+    side = draft_side(transforms) if draft else None
+    image = imaging.decode(data, max_pixels, side, checked=checked)
     return image, (time.perf_counter() - t0) * 1000.0
 
 
