@@ -8,11 +8,18 @@
 ARG VARIANT=cuda
 
 # ---- bases: the same OS and Python for building and running -------------------------------
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
-# python3 (3.12) for the app; gcc/g++ for torch.compile's CPU kernels; curl for the healthcheck.
+# torch's default wheels bring their own CUDA 13 libraries (cuDNN, cuBLAS, ...) and torchvision
+# its nvjpeg: the base only has to match their CUDA major (its NVIDIA_REQUIRE_CUDA makes the
+# container toolkit refuse a driver too old for CUDA 13 at start, instead of torch quietly
+# finding no GPU and the service serving on the CPU).
+FROM nvidia/cuda:13.0.1-base-ubuntu24.04 AS base-cuda
+# python3 (3.12) for the app; python3-dev, gcc and g++ for torch.compile (inductor's CPU kernels
+# and Triton's launcher include Python.h: without it every compile fails and the models run
+# eager); curl for the healthcheck.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv gcc g++ curl ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc g++ curl \
+        ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 FROM python:3.11-slim-bookworm AS base-cpu
@@ -47,7 +54,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     IMGCLS_WEIGHTS_DIR=/app/weights \
     HOST=0.0.0.0 \
-    PORT=8000
+    PORT=8000 \
+    IMGCLS_GRPC_HOST=0.0.0.0
 RUN groupadd --system --gid 10001 imgcls \
     && useradd --system --uid 10001 --gid imgcls --home-dir /app --create-home imgcls
 COPY --from=build /opt/venv /opt/venv
@@ -57,7 +65,8 @@ USER 10001
 # Weights come from a volume at /app/weights, or are baked in here (verified downloads).
 RUN if [ -n "$BAKE_MODELS" ]; then imgcls weights pull --quiet $BAKE_MODELS; fi
 VOLUME ["/app/weights"]
-EXPOSE 8000
+# HTTP (REST, /v2, the page) and gRPC (the Open Inference Protocol, IMGCLS_GRPC_PORT)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["sh", "-c", "curl -fsS http://127.0.0.1:${PORT}/readyz || exit 1"]
 # uvicorn through `imgcls serve`: HOST, PORT and every IMGCLS_* setting come from the environment.

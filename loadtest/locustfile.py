@@ -5,7 +5,9 @@
 
 Images: real photos of varied sizes from IMGCLS_LOADTEST_IMAGES (default ../shared/data/images),
 sent as JPEG uploads. Models: those the service reports ready in /models, so the mix follows the
-deployment (override with IMGCLS_LOADTEST_MODELS=a,b,c).
+deployment (override with IMGCLS_LOADTEST_MODELS=a,b,c). A service started with IMGCLS_API_KEY:
+the same variable here sends it as a bearer token. When the models cannot be learnt (the
+service is down, or refuses the key) the run stops at once with the reason (exit code 1).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import io
 import json
 import os
 import random
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import gevent
 from locust import HttpUser, between, events, task
+from locust.exception import StopUser
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_IMAGES = HERE.parents[1] / "shared" / "data" / "images"
@@ -62,6 +67,8 @@ KNOWN_TYPES = {
 }
 IMAGES = _load_images()
 MODELS: list[str] = []
+API_KEY = os.environ.get("IMGCLS_API_KEY") or None
+HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
 
 
 @events.test_start.add_listener
@@ -71,17 +78,33 @@ def discover_models(environment, **_kwargs) -> None:  # type: ignore[no-untyped-
     if forced:
         MODELS[:] = [m.strip() for m in forced.split(",") if m.strip()]
         return
-    with urllib.request.urlopen(f"{environment.host}/models", timeout=30) as r:
-        models = json.load(r)["models"]
-    MODELS[:] = [m["name"] for m in models if m["status"] == "ready"]
-    if not MODELS:
-        raise RuntimeError(f"{environment.host} has no ready models")
+    request = urllib.request.Request(f"{environment.host}/models", headers=HEADERS)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            models = json.load(r)["models"]
+        MODELS[:] = [m["name"] for m in models if m["status"] == "ready"]
+        why = "" if MODELS else "it has no ready models"
+    except urllib.error.HTTPError as exc:
+        why = f"GET /models answered {exc.code}" + (
+            " (set IMGCLS_API_KEY to the service's key)" if exc.code == 401 else ""
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        why = f"GET /models failed: {exc}"
+    if why:  # nothing to send: stop now, not after RUN_TIME of tracebacks
+        print(f"imgcls load test: cannot learn the models of {environment.host}: {why}")
+        environment.process_exit_code = 1
+        gevent.spawn(environment.runner.quit)  # once the start in progress has returned
 
 
 class ImgclsUser(HttpUser):
     """Mostly single classifications across backbones, some comparisons, a few catalog reads."""
 
     wait_time = between(0.2, 1.5)  # think time between a user's requests
+
+    def on_start(self) -> None:
+        if not MODELS:  # the run is stopping (see discover_models)
+            raise StopUser()
+        self.client.headers.update(HEADERS)
 
     @task(10)
     def classify(self) -> None:

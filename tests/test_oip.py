@@ -1303,6 +1303,10 @@ def test_kserve_inferenceservice_matches_the_settings():
         (port,) = container["ports"]
         if port["name"] == "h2c":  # gRPC
             assert port["containerPort"] == settings.grpc_port and settings.grpc_host == "0.0.0.0"
+            # ready when the server is (its port listens while models load): asked over HTTP
+            command = container["readinessProbe"]["exec"]["command"]
+            url = f"http://{env['HOST']}:{env['PORT']}/v2/health/ready"
+            assert command[-1] == url and "/v2/health/ready" in paths
         else:
             assert port["containerPort"] == int(env["PORT"]) and env["HOST"] == "0.0.0.0"
             for probe in ("readinessProbe", "livenessProbe"):
