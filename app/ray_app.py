@@ -11,28 +11,41 @@ response building as the single-process service.
 """
 
 import asyncio
+import importlib
 import time
 from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import weights as weights_mod
 from app.api import errors as api_errors
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
 from app.core import GateSlot, InferenceCore, ServedModel, parse_models
-from app.engine.batcher import ImageResult
+from app.engine.batcher import ImageResult, NoWorkerError, QueueFullError
 from app.engine.decoding import Item
 from app.engine.pool import ExplainResult
 from app.engine.worker import Runner, WorkerConfig
-from app.errors import ModelNotServedError
-from app.middleware import RequestIdMiddleware
-from app.schemas import ClassifyResponse, CompareResponse, ExplainResponse, ModelsResponse
+from app.errors import ModelNotReadyError, ModelNotServedError
+from app.limits import BodyLimitsMiddleware, InflightBudget
+from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
+from app.schemas import (
+    ClassifyResponse,
+    CompareResponse,
+    ExplainResponse,
+    ModelDetail,
+    ModelsResponse,
+    Readiness,
+)
 from app.settings import Settings
-from app.upload import read_upload
+from app.upload import FORM_OVERHEAD, read_upload
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
 
@@ -123,6 +136,24 @@ class Backbone:
         return result
 
 
+# How long /models and /readyz wait for a backbone to say what it runs: a deployment still
+# starting (or failing) is reported as such, not waited for.
+INFO_WAIT_S = 2.0
+# Ray's answers for a backbone that cannot take a request now, as the service's 503s.
+UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, RayActorError)
+
+
+def _unavailable(name: str, exc: Exception) -> Exception:
+    """The service's own error (503 with Retry-After) for a Ray failure to reach ``name``."""
+    if isinstance(exc, BackPressureError):
+        return QueueFullError(
+            f"model {name!r} has IMGCLS_MAX_QUEUE requests waiting for its replicas; retry shortly"
+        )
+    if isinstance(exc, DeploymentUnavailableError):
+        return ModelNotReadyError(f"model {name!r} failed to deploy on Ray: {exc}", retry_after=5)
+    return NoWorkerError(f"a replica of {name!r} died ({type(exc).__name__}); retry shortly")
+
+
 class RayCore(InferenceCore):
     """The inference core (app/core.py) with models run by Ray deployment handles; uploads are
     decoded here, in the ingress, and pixels go to the replicas."""
@@ -134,12 +165,43 @@ class RayCore(InferenceCore):
         self.served = {name: ServedModel(self.catalog.get(name)) for name in backbones}
         self.info: dict[str, dict[str, Any]] = {}
 
-    async def refresh(self) -> None:
-        """Learn each deployment's weights, device, precision and backend (once)."""
-        for name, served in self.served.items():
-            if name not in self.info:
+    async def refresh(self, names: list[str], wait_s: float) -> dict[str, str]:
+        """Learn the weights, device, precision and backend of the deployments ``names`` (once
+        each), waiting at most ``wait_s`` for them together; returns why each that could not
+        tell is not ready (one backbone that fails or still starts never holds up the others).
+        """
+
+        async def one(name: str) -> None:
+            try:
                 self.info[name] = await self.backbones[name].info.remote()
-                served.weights_label = self.info[name]["weights"]
+            except UNAVAILABLE as exc:
+                raise _unavailable(name, exc) from None
+            self.served[name].weights_label = self.info[name]["weights"]
+
+        missing = [n for n in dict.fromkeys(names) if n in self.served and n not in self.info]
+        if not missing:
+            return {}
+        tasks = {n: asyncio.ensure_future(one(n)) for n in missing}
+        await asyncio.wait(tasks.values(), timeout=max(0.001, wait_s))
+        why: dict[str, str] = {}
+        for name, task in tasks.items():
+            if not task.done():
+                task.cancel()
+                why[name] = "loading: its replicas are still starting"
+            elif task.exception() is not None:
+                why[name] = f"failed: {task.exception()}"
+        return why
+
+    async def ready(self, names: list[str]) -> None:
+        """``names`` deployed and answering, within the request's deadline: else 503."""
+        why = await self.refresh(names, self.settings.request_timeout_s)
+        if why:
+            name, reason = next(iter(why.items()))
+            raise ModelNotReadyError(f"model {name!r} is not ready: {reason}", retry_after=5)
+
+    def ready_models(self) -> list[str]:
+        """The deployments that have answered (``refresh``)."""
+        return [name for name in self.served if name in self.info]
 
     def servable(self, name: str) -> ServedModel:
         spec: ModelSpec = self.catalog.get(name)  # unknown names: 404 with the list
@@ -152,9 +214,12 @@ class RayCore(InferenceCore):
 
     async def run(self, name: str, payload: Item, deadline: float) -> ImageResult:
         remaining = max(0.001, deadline - time.monotonic())
-        result: ImageResult = await asyncio.wait_for(
-            self.backbones[name].remote(payload, time.time()), remaining
-        )
+        try:
+            result: ImageResult = await asyncio.wait_for(
+                self.backbones[name].remote(payload, time.time()), remaining
+            )
+        except UNAVAILABLE as exc:
+            raise _unavailable(name, exc) from None
         return result
 
     async def run_explain(
@@ -172,10 +237,13 @@ class RayCore(InferenceCore):
         async def call() -> ExplainResult:
             # the service's watchdog limit for one explanation: a replica that hangs gives the
             # gate's place back after it, not never
-            result: ExplainResult = await asyncio.wait_for(
-                self.backbones[name].explain.remote(pixels, target),
-                self.settings.explain_timeout_s,
-            )
+            try:
+                result: ExplainResult = await asyncio.wait_for(
+                    self.backbones[name].explain.remote(pixels, target),
+                    self.settings.explain_timeout_s,
+                )
+            except UNAVAILABLE as exc:
+                raise _unavailable(name, exc) from None
             # queued from the ingress's view: everything but the replica's own Grad-CAM time
             result.start = max(sent, time.monotonic() - result.explain_ms / 1000)
             return result
@@ -186,8 +254,51 @@ class RayCore(InferenceCore):
         return await self.explain_job(name, job, deadline, slot)
 
 
+class Guards:
+    """The service's guards in front of the ingress's routes (app/main.py): IMGCLS_API_KEY,
+    and the body limits (the body timeouts, the budget of uploads in flight, the largest body),
+    set up from the deployment's settings once the ingress is built (``configure``). Not here:
+    the header timeout and size cap, which live in imgcls's uvicorn protocol (Ray's proxy runs
+    its own)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.guarded: ASGIApp | None = None
+
+    def configure(self, settings: Settings) -> None:
+        inner: ASGIApp = BodyLimitsMiddleware(
+            HeadAsGetMiddleware(self.app),
+            budget=InflightBudget(settings.max_inflight_bytes),
+            max_body=settings.max_upload_bytes + FORM_OVERHEAD,
+            body_timeout_s=settings.body_timeout_s,
+            min_rate_bytes_s=settings.body_min_rate_kb_s * 1024,
+        )
+        if settings.api_key:
+            inner = ApiKeyMiddleware(inner, api_key=settings.api_key)
+        self.guarded = inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # the lifespan (it runs before the ingress is built)
+            await self.app(scope, receive, send)
+            return
+        if self.guarded is None:
+            settings = _INGRESS.get("settings")
+            if settings is None:  # the ingress is not built yet: never serve unguarded
+                response = JSONResponse({"detail": "the ingress is starting"}, 503)
+                await response(scope, receive, send)
+                return
+            self.configure(settings)
+            assert self.guarded is not None
+        await self.guarded(scope, receive, send)
+
+
+# The ingress's settings, for its Guards (set when the ingress is built, in its process).
+_INGRESS: dict[str, Settings] = {}
+
+
 api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")
 api_errors.install(api)
+api.add_middleware(Guards)
 api.add_middleware(RequestIdMiddleware)
 TopK = Annotated[int, Query(ge=1, le=20)]
 
@@ -201,13 +312,17 @@ class Ingress:
         # replicas)
         torch.set_num_threads(1)
         self.core = RayCore(backbones, Settings(**settings))
+        # through the imported module: Ray ships this class by value, with copies of the
+        # globals it names (``_INGRESS`` here would be a copy), and Guards by reference
+        importlib.import_module(__name__)._INGRESS["settings"] = self.core.settings
 
     @api.post("/classify", response_model=ClassifyResponse)
     async def classify(
         self, request: Request, model: str | None = None, top_k: TopK = 5
     ) -> ClassifyResponse:
-        self.core.admit(model or self.core.default_model)
-        await self.core.refresh()
+        name = model or self.core.default_model
+        self.core.admit(name)
+        await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
         return await self.core.classify(upload.data, model, top_k, request.state.request_id)
 
@@ -219,6 +334,8 @@ class Ingress:
         top_k: TopK = 5,
         explain: Annotated[str | None, Query(max_length=32)] = None,
     ) -> CompareResponse:
+        if models is None:  # every model ready now: those that answer within a few seconds
+            await self.core.refresh(list(self.core.served), INFO_WAIT_S)
         names = parse_models(models, self.core.ready_models())
         for name in names:
             self.core.admit(name)
@@ -226,7 +343,7 @@ class Ingress:
             self.core.explain_gate.check(len(names))  # first: more than it can ever hold: 422
             for name in names:
                 self.core.admit_explain(name, explain)
-        await self.core.refresh()
+        await self.core.ready(names)
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
         return await self.core.compare(
             upload.data, models, top_k, request.state.request_id, explain=explain
@@ -243,29 +360,49 @@ class Ingress:
     ) -> ExplainResponse:
         name = model or self.core.default_model
         self.core.admit_explain(name, method, target)
-        await self.core.refresh()
+        await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
         return await self.core.explain(
             upload.data, name, method, target, heatmap, request.state.request_id
         )
 
+    async def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
+        entry = spec.catalog_entry()
+        if spec.name in self.core.info:
+            entry.update(status="ready", reason=None, **self.core.info[spec.name])
+        else:
+            status, reason = "not-loaded", "not deployed"
+            if spec.name in why:
+                status, _, reason = why[spec.name].partition(": ")
+            entry.update(status=status, reason=reason, device=None, weights=None,
+                         precision=None, backend=None)  # fmt: skip
+        return entry
+
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
-        await self.core.refresh()
-        entries = []
-        for spec in self.core.catalog.specs():
-            entry = spec.catalog_entry()
-            if spec.name in self.core.info:
-                entry.update(status="ready", reason=None, **self.core.info[spec.name])
-            else:
-                entry.update(status="not-loaded", reason="not deployed", device=None,
-                             weights=None, precision=None, backend=None)  # fmt: skip
-            entries.append(entry)
+        why = await self.core.refresh(list(self.core.served), INFO_WAIT_S)
+        entries = [await self._entry(spec, why) for spec in self.core.catalog.specs()]
         return ModelsResponse.model_validate({"models": entries})
+
+    @api.get("/models/{name}", response_model=ModelDetail)
+    async def model(self, name: str) -> ModelDetail:
+        spec = self.core.catalog.get(name)  # unknown names: 404 with the list
+        why = await self.core.refresh([spec.name], INFO_WAIT_S)
+        entry = await self._entry(spec, why)
+        return ModelDetail.model_validate({**entry, "labels": list(spec.labels)})
 
     @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/readyz", response_model=Readiness)
+    async def readyz(self) -> JSONResponse:
+        """200 when every deployed backbone answers (within a few seconds), else 503 naming
+        those that do not, as the service's /readyz."""
+        why = await self.core.refresh(list(self.core.served), INFO_WAIT_S)
+        body = Readiness(ready=not why, not_ready=[f"{n}: {w}" for n, w in why.items()])
+        return JSONResponse(body.model_dump(), status_code=503 if why else 200,
+                            headers={"Retry-After": "5"} if why else None)  # fmt: skip
 
 
 def build_app(args: dict[str, str]) -> Any:
@@ -283,6 +420,8 @@ def build_app(args: dict[str, str]) -> Any:
             name=f"backbone-{name.replace(':', '-')}",
             ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
             autoscaling_config=AUTOSCALING,
+            # requests waiting for a replica, per ingress: beyond, 503 as the service's queue
+            max_queued_requests=settings.max_queue,
         ).bind(name, shared)
         for name in settings.model_names
     }

@@ -16,6 +16,9 @@ from ray import serve  # noqa: E402
 
 pytestmark = needs_shared
 MODELS = "cifar10_resnet20,cifar10_resnet32"
+BROKEN = "cifar10_resnet44"  # deployed without its weights: its replicas fail to start
+KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,16 @@ def ray_url(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({
-            "models": MODELS, "weights_dir": str(weights), "auto_download": "false",
+            "models": f"{MODELS},{BROKEN}", "weights_dir": str(weights), "auto_download": "false",
+            "api_key": KEY, "body_timeout_s": "2", "max_upload_mb": "2",
             "device": "cpu", "precision": "fp32", "compile": "false", "max_batch_wait_ms": "2",
             "explain_concurrency": "4",  # explanations of one model reach its replica together
         })  # fmt: skip
-        serve.run(app, route_prefix="/", blocking=False)
+        try:
+            serve.run(app, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # the application is DEPLOY_FAILED: BROKEN's replicas
+            if "['backbone-cifar10_resnet44']" not in str(exc):
+                raise
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
@@ -55,7 +63,8 @@ def ray_url(tmp_path_factory):
 def _both(ray_url, client, path: str, params: dict[str, object], data: bytes):
     """The same upload to the service and to the Ray deployment: (ours, theirs) bodies."""
     ours = client.post(path, params=params, files={"file": ("c.png", data)}).json()
-    r = httpx.post(f"{ray_url}{path}", params=params, files={"file": ("c.png", data)}, timeout=120)
+    r = httpx.post(f"{ray_url}{path}", params=params, files={"file": ("c.png", data)},
+                   timeout=120, headers=AUTH)  # fmt: skip
     assert r.status_code == 200, r.text
     return ours, r.json()
 
@@ -108,25 +117,25 @@ def test_ray_explain_matches_the_service(ray_url, client):
     # several at once on one replica: one job at a time on its single fp32 copy (Captum's
     # hooks on one module from two threads broke each other: 500s)
     def one(_: int) -> int:
-        return httpx.post(f"{ray_url}/explain", params={"model": model}, timeout=120,
+        return httpx.post(f"{ray_url}/explain", params={"model": model}, timeout=120, headers=AUTH,
                           files={"file": ("c.png", data)}).status_code  # fmt: skip
 
     with cf.ThreadPoolExecutor(8) as ex:
         assert list(ex.map(one, range(16))) == [200] * 16
 
-    r = httpx.post(f"{ray_url}/explain", params={"model": model, "target": "10"},
+    r = httpx.post(f"{ray_url}/explain", params={"model": model, "target": "10"}, headers=AUTH,
                    files={"file": ("c.png", data)})  # fmt: skip
     assert r.status_code == 422 and "class" in r.json()["detail"], r.text
 
 
 def test_ray_errors_and_models(ray_url):
-    r = httpx.post(f"{ray_url}/classify", params={"model": "nope"}, files={"file": ("x", b"x")})
+    r = httpx.post(f"{ray_url}/classify", params={"model": "nope"}, files={"file": ("x", b"x")},
+                   headers=AUTH)  # fmt: skip
     assert r.status_code == 404 and "nope" in r.json()["detail"]
-    r = httpx.post(
-        f"{ray_url}/classify", params={"model": "cifar10_resnet20"}, files={"file": ("x", b"junk")}
-    )
+    r = httpx.post(f"{ray_url}/classify", params={"model": "cifar10_resnet20"},
+                   files={"file": ("x", b"junk")}, headers=AUTH)  # fmt: skip
     assert r.status_code == 400
-    models = {m["name"]: m for m in httpx.get(f"{ray_url}/models").json()["models"]}
+    models = {m["name"]: m for m in httpx.get(f"{ray_url}/models", headers=AUTH).json()["models"]}
     assert (
         models["cifar10_resnet20"]["status"] == "ready"
         and models["resnet50"]["status"] == "not-loaded"
@@ -137,3 +146,53 @@ def test_ray_errors_and_models(ray_url):
         assert models[name]["batch_size"] in (1, 2, 4, 8, 16, 32), models[name]
     r = httpx.head(f"{ray_url}/healthz")  # HEAD, as on the service, for probes that check with it
     assert r.status_code == 200 and not r.content
+
+
+def test_ray_keeps_the_services_guards(ray_url):
+    """The ingress checks IMGCLS_API_KEY and the body limits as the service does (it served
+    anyone, and 256 stalled uploads took every request slot of the deployment)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    r = httpx.post(f"{ray_url}/classify", files={"file": ("c.png", shared_image("chelsea.png"))})
+    assert r.status_code == 401 and "API key" in r.json()["detail"], r.text
+    assert httpx.get(f"{ray_url}/models").status_code == 401
+    assert httpx.get(f"{ray_url}/healthz").status_code == 200  # probes need no key
+    r = httpx.post(f"{ray_url}/classify", headers=AUTH,
+                   files={"file": ("big.png", b"\0" * (3 * 2**20))})  # fmt: skip
+    assert r.status_code == 413, r.text  # IMGCLS_MAX_UPLOAD_MB=2
+    url = urlsplit(ray_url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
+        conn.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )  # and then nothing: IMGCLS_BODY_TIMEOUT_S=2
+        t0 = time.monotonic()
+        head = conn.recv(4096).decode("latin-1")
+    assert head.split(" ")[1] == "408", head
+    assert time.monotonic() - t0 < 20
+    r = httpx.head(f"{ray_url}/models", headers=AUTH)
+    assert r.status_code == 200 and not r.content
+    one = httpx.get(f"{ray_url}/models/cifar10_resnet20", headers=AUTH).json()
+    assert one["status"] == "ready" and len(one["labels"]) == 10
+
+
+def test_ray_a_backbone_that_fails_holds_up_no_other(ray_url):
+    """cifar10_resnet44 has no weights: its replicas fail to start. /readyz says so (503), the
+    other backbones serve, and it answers 503 with the reason (every request used to wait on
+    every backbone's first answer: 503 after the deadline for all, in plain text)."""
+    ready = httpx.get(f"{ray_url}/readyz")
+    assert ready.status_code == 503 and ready.headers["Retry-After"]
+    assert [n.split(":")[0] for n in ready.json()["not_ready"]] == [BROKEN]
+    data = shared_image("chelsea.png")
+    r = httpx.post(f"{ray_url}/classify", params={"model": "cifar10_resnet20"}, headers=AUTH,
+                   files={"file": ("c.png", data)}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    models = {m["name"]: m for m in httpx.get(f"{ray_url}/models", headers=AUTH).json()["models"]}
+    assert models[BROKEN]["status"] in ("loading", "failed") and models[BROKEN]["reason"]
+    r = httpx.post(f"{ray_url}/classify", params={"model": BROKEN}, headers=AUTH,
+                   files={"file": ("c.png", data)}, timeout=120)  # fmt: skip
+    assert r.status_code == 503 and BROKEN in r.json()["detail"], r.text
+    assert r.headers["Retry-After"]
