@@ -32,6 +32,28 @@ def _port(text: str) -> int:
     return port
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def _no_less_than_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers of at least 1 (client counts, batch sizes)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return tuple(_positive(p) for p in parts)
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -121,9 +143,9 @@ def _bench(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         precision=args.precision,
-        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        concurrency=args.concurrency,
         duration_s=args.duration,
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        batch_sizes=args.batch_sizes,
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         max_batch=args.max_batch,
         api_workers=args.api_workers,
@@ -134,6 +156,7 @@ def _bench(args: argparse.Namespace) -> int:
         model_precisions=tuple(p.strip() for p in args.model_precisions.split(",") if p.strip()),
         openvino=not args.no_openvino,
         warmup_s=args.warmup,
+        images=Path(args.images) if args.images else None,
     )
     return 0
 
@@ -173,13 +196,21 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="resnet50")
     b.add_argument("--device", default="cpu", help="cpu or cuda:N")
     b.add_argument("--precision", default="auto")
-    b.add_argument("--concurrency", default="1,4,16,32", help="client counts to sweep")
-    b.add_argument("--duration", type=float, default=6.0, help="seconds measured per level")
-    b.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
-    b.add_argument("--batch-sizes", default="1,8,16,32", help="model-only batch sweep")
+    b.add_argument("--concurrency", type=_counts, default="1,4,16,32",
+                   help="client counts to sweep")  # fmt: skip
+    b.add_argument("--duration", type=_seconds, default=6.0, help="seconds measured per level")
+    b.add_argument("--warmup", type=_no_less_than_zero, default=2.0,
+                   help="unmeasured seconds per level")  # fmt: skip
+    b.add_argument("--batch-sizes", type=_counts, default="1,8,16,32",
+                   help="model-only batch sweep")  # fmt: skip
     b.add_argument(
         "--image-sets", default="small,imagenet,phone", help="upload sizes (small ~160 px, "
-        "imagenet ~500x375, phone 4032x3024), generated from the shared photos"
+        "imagenet ~500x375, phone 4032x3024), generated from the photos in --images"
+    )  # fmt: skip
+    b.add_argument(
+        "--images", default=os.environ.get("IMGCLS_BENCH_IMAGES"),
+        help="folder of photos the upload sets are made from (default IMGCLS_BENCH_IMAGES, or "
+        "../shared/data/images beside a source checkout)",
     )  # fmt: skip
     b.add_argument(
         "--model-precisions", default="", help="more model-only precisions (fp32,bf16,int8)"
@@ -189,11 +220,13 @@ def parser() -> argparse.ArgumentParser:
         "--servers", default="imgcls,naive,litserve", help="imgcls, imgcls-int8, naive, litserve"
     )
     b.add_argument(
-        "--max-batch", type=int, help="service batch limit (default: best model-only batch)"
+        "--max-batch", type=_positive, help="service batch limit (default: best model-only batch)"
     )
-    b.add_argument("--api-workers", type=int, default=1, help="imgcls API processes")
-    b.add_argument("--client-processes", type=int, default=1, help="load generator processes")
-    b.add_argument("--model-seconds", type=float, default=3.0, help="per model-only batch size")
+    b.add_argument("--api-workers", type=_positive, default=1, help="imgcls API processes")
+    b.add_argument("--client-processes", type=_positive, default=1,
+                   help="load generator processes")  # fmt: skip
+    b.add_argument("--model-seconds", type=_no_less_than_zero, default=3.0,
+                   help="per model-only batch size (0: no model-only sweep)")  # fmt: skip
     b.add_argument("--out", default="bench-results")
     b.set_defaults(func=_bench)
     return p

@@ -136,6 +136,13 @@ def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys, monkeypatc
     """imgcls and the naive baseline, side by side, on a small real model (fp32, no compile),
     with small and phone-size uploads, and OpenVINO beside model-only where it is installed."""
     monkeypatch.setenv("IMGCLS_BENCH_IMAGES", str(IMAGES))  # the photos the mark checked
+    # the servers start with the benchmark's own settings: not with a key the caller's service
+    # uses (every request was a 401), and importing this imgcls, not an ``app`` where it runs
+    monkeypatch.setenv("IMGCLS_API_KEY", "the-callers-key")
+    shadow = tmp_path / "elsewhere" / "app"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise SystemExit('another app package was imported')\n")
+    monkeypatch.chdir(shadow.parent)
     result = run_bench(
         model="cifar10_resnet20", precision="fp32", concurrency=(1, 2), duration_s=1.5,
         batch_sizes=(1, 4), servers=("imgcls", "naive"), model_seconds=0.3, out=tmp_path,

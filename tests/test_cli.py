@@ -75,6 +75,25 @@ CASES = {
         ["bench", "--model", "resnet18", "--out", "/dev/null/bench"],
         "--out /dev/null/bench: cannot make the folder",
     ),
+    # counts and times that cannot be measured, and names checked before anything runs
+    "bench no time": ({}, ["bench", "--duration", "0"], "must be more than 0 seconds"),
+    "bench no clients": ({}, ["bench", "--concurrency", "0,2"], "must be at least 1, got 0"),
+    "bench negative batch": ({}, ["bench", "--batch-sizes=-1"], "must be at least 1, got -1"),
+    "bench unknown server": (
+        {},
+        ["bench", "--model", "resnet18", "--servers", "imgcls,bogus"],
+        "--servers: unknown bogus; choose from imgcls, imgcls-int8, naive, litserve",
+    ),
+    "bench no photos": (
+        {},
+        ["bench", "--model", "resnet18", "--images", "/nonexistent/photos"],
+        "--images: no folder of photos at /nonexistent/photos",
+    ),
+    "bench no model-only, no batch": (
+        {},
+        ["bench", "--model", "resnet18", "--model-seconds", "0"],
+        "--model-seconds 0 (no model-only sweep) needs --max-batch",
+    ),
     "model config a folder": ({"IMGCLS_MODEL_CONFIG": "app"}, ["serve"], "cannot be read"),
     "default model not served": (
         {"IMGCLS_DEFAULT_MODEL": "nope"},

@@ -135,6 +135,16 @@ def test_console_script_help(installed: Installed, command: tuple[str, ...]):
     assert r.stderr == ""
 
 
+def test_installed_bench_asks_for_photos_it_cannot_find(installed: Installed):
+    """An installed copy has no shared photos beside it: ``imgcls bench`` says so in one line,
+    before it runs anything (it died with a traceback after starting)."""
+    script = installed.site / "bin" / "imgcls"
+    r = installed.run(str(script), "bench", "--model", "cifar10_resnet20", "--servers", "imgcls")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("imgcls: --images: no folder of photos at"), r.stderr
+
+
 @contextlib.contextmanager
 def _serving(installed: Installed, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:

@@ -14,15 +14,31 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-SHARED_IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
+# The folder the ``app`` package is in: servers started here import this imgcls, whatever the
+# current folder holds (an installed wheel's site-packages, or a source checkout).
+APP_DIR = str(Path(__file__).resolve().parents[2])
+# The project's shared photos, beside a source checkout (not there for an installed wheel).
+SHARED_IMAGES = Path(APP_DIR).parent / "shared" / "data" / "images"
+
+
+def photos(folder: Path | None = None) -> Path:
+    """The folder of photos the upload sets are made from: ``folder``, else
+    IMGCLS_BENCH_IMAGES, else the shared photos; ValueError, in one line, when it is not one."""
+    chosen = folder or Path(os.environ.get("IMGCLS_BENCH_IMAGES") or SHARED_IMAGES)
+    if not chosen.is_dir():
+        raise ValueError(
+            f"--images: no folder of photos at {chosen} (give --images or IMGCLS_BENCH_IMAGES: "
+            "a folder of JPEG, PNG or other photos)"
+        )
+    return chosen
 
 
 def _jpegs(
     folder: Path | None, quality: int, shape: Callable[[Image.Image], Image.Image]
 ) -> list[bytes]:
-    """Every readable photo in ``folder`` (IMGCLS_BENCH_IMAGES, or the shared photos) as RGB,
-    shaped by ``shape`` and encoded as a JPEG upload."""
-    folder = folder or Path(os.environ.get("IMGCLS_BENCH_IMAGES", SHARED_IMAGES))
+    """Every readable photo in ``folder`` (see ``photos``) as RGB, shaped by ``shape`` and
+    encoded as a JPEG upload."""
+    folder = photos(folder)
     out = []
     for path in sorted(folder.iterdir()):
         try:
@@ -34,7 +50,7 @@ def _jpegs(
         shape(rgb).save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
     if not out:
-        raise RuntimeError(f"no readable images in {folder}")
+        raise ValueError(f"--images: no readable images in {folder}")
     return out
 
 
@@ -87,9 +103,13 @@ def start_server(
     args: list[str], env: dict[str, str], health: str, timeout: float = 900
 ) -> subprocess.Popen[bytes]:
     """Start a server subprocess and wait until ``health`` answers 200."""
+    # -P: not the current folder first on the path (python -m puts it there): the servers
+    # import the imgcls this is part of. No API key: the load generator sends none (a key in
+    # the caller's environment made every request a 401 and measured nothing).
+    inherited = {k: v for k, v in os.environ.items() if k != "IMGCLS_API_KEY"}
     proc = subprocess.Popen(
-        [sys.executable, *args],
-        env={**os.environ, **env},
+        [sys.executable, "-P", *args],
+        env={**inherited, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

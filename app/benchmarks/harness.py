@@ -25,10 +25,12 @@ from typing import Any
 import torch
 
 from app.benchmarks.common import (
+    APP_DIR,
     IMAGE_SETS,
     free_port,
     image_set,
     out_folder,
+    photos,
     start_server,
     stop_server,
 )
@@ -131,6 +133,9 @@ def model_only(
     }
 
 
+SERVERS = ("imgcls", "imgcls-int8", "naive", "litserve")
+
+
 def _servers(
     model: str, device: str, precision: str, max_batch: int, api_workers: int
 ) -> dict[str, tuple[list[str], dict[str, str], str, str]]:
@@ -146,8 +151,11 @@ def _servers(
         "IMGCLS_LOG_LEVEL": "warning",
         "IMGCLS_GRPC_PORT": "0",  # HTTP is measured; a fixed gRPC port could be taken
     }
-    uvicorn = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--log-level", "warning",
-               "--no-access-log", "--workers", str(api_workers)]  # fmt: skip
+    # the imgcls this harness is part of, wherever the benchmark runs from (uvicorn puts its
+    # --app-dir, the current folder by default, first on the path: an ``app`` there would win)
+    uvicorn = ["-m", "uvicorn", "app.main:app", "--app-dir", APP_DIR, "--host", "127.0.0.1",
+               "--log-level", "warning", "--no-access-log",
+               "--workers", str(api_workers)]  # fmt: skip
     return {
         "imgcls": (uvicorn, imgcls_env, "/readyz", "multipart"),
         "imgcls-int8": (
@@ -204,13 +212,23 @@ def run_bench(
     model_precisions: tuple[str, ...] = (),
     openvino: bool = True,
     warmup_s: float = 2.0,
+    images: Path | None = None,
 ) -> dict[str, Any]:
     """Everything in one run; HTTP time is bounded by servers x sets x client counts x
-    (warm-up + duration), printed before it starts. An unknown model, a device that is not
-    there or an output folder that cannot be made is a ValueError before anything runs."""
+    (warm-up + duration), printed before it starts. An unknown model or server, a device that
+    is not there, a folder of photos that is not there or an output folder that cannot be made
+    is a ValueError before anything runs."""
     check_target(model, device)
+    unknown = [name for name in servers if name not in SERVERS]
+    if unknown:
+        raise ValueError(
+            f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}"
+        )
+    if max_batch is None and model_seconds <= 0:
+        raise ValueError("--model-seconds 0 (no model-only sweep) needs --max-batch")
+    folder = photos(images)
     out_folder(out, "--out")
-    uploads = {name: image_set(name) for name in image_sets}
+    uploads = {name: image_set(name, folder) for name in image_sets}
     result: dict[str, Any] = {
         "model": model,
         "device": device,
@@ -280,9 +298,7 @@ def run_bench(
         flush=True,
     )
     defs = _servers(model, device, precision, max_batch, api_workers)
-    unknown = [name for name in servers if name not in defs]
-    if unknown:
-        raise ValueError(f"unknown servers {unknown}; choose from {', '.join(defs)}")
+    assert set(defs) == set(SERVERS)
     result["failed_servers"] = {}
     for name in servers:
         args, env, health, upload = defs[name]
@@ -298,10 +314,10 @@ def run_bench(
             continue
         try:
             rows: list[dict[str, Any]] = []
-            for set_name, images in uploads.items():
+            for set_name, set_uploads in uploads.items():
                 for c in concurrency:
                     r = run_load(
-                        f"http://127.0.0.1:{port}", images, c, duration_s, warmup_s=warmup_s,
+                        f"http://127.0.0.1:{port}", set_uploads, c, duration_s, warmup_s=warmup_s,
                         processes=client_processes, upload=upload,
                     )  # fmt: skip
                     print(
