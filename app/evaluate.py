@@ -129,6 +129,18 @@ def wait_ready(url: str, timeout: float, models: Sequence[str] = ()) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s: {last}")
 
 
+# How long one image is retried while the service answers 503 (busy, or a worker restarting).
+BUSY_RETRY_S = 60.0
+
+
+def _retry_after(r: httpx.Response) -> float:
+    """The wait a 503's Retry-After asks for (seconds, at most 10), else one second."""
+    try:
+        return min(10.0, max(0.1, float(r.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1.0
+
+
 async def _run_model(
     client: httpx.AsyncClient,
     model: str,
@@ -141,11 +153,23 @@ async def _run_model(
 
     async def one(i: int) -> None:
         data, name, label = payloads[i]
-        t0 = time.perf_counter()
-        r = await client.post(
-            "/classify", params={"model": model, "top_k": 5}, files={"file": (name, data)}
-        )
-        elapsed = (time.perf_counter() - t0) * 1000.0
+        given_up = time.monotonic() + BUSY_RETRY_S
+        while True:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(
+                    "/classify", params={"model": model, "top_k": 5}, files={"file": (name, data)}
+                )
+            except httpx.HTTPError as exc:  # the service went away, or stopped answering
+                raise ValueError(
+                    f"{model} on {name}: no answer from the service ({type(exc).__name__}: "
+                    f"{exc or 'no detail'})"
+                ) from None
+            elapsed = (time.perf_counter() - t0) * 1000.0  # the answered try's own time
+            # busy (a full queue, a worker restarting): retry as told, within BUSY_RETRY_S
+            if r.status_code not in (429, 503) or time.monotonic() >= given_up:
+                break
+            await asyncio.sleep(_retry_after(r))
         if r.status_code in (400, 413):  # not an image the service takes: left out, counted
             try:
                 detail = r.json().get("detail", r.text)

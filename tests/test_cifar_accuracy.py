@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from app.evaluate import list_images
-from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, ROOT, free_port, needs_shared
+from tests.conftest import (
+    CIFAR_FILES,
+    CIFAR_SAMPLE,
+    CIFAR_WEIGHTS,
+    ROOT,
+    free_port,
+    needs_shared,
+    run_service,
+)
 
 pytestmark = needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)
 
@@ -166,3 +174,35 @@ def test_eval_mistakes_are_one_line_not_a_traceback(service, tmp_path):
     for name, r in results.items():
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
         assert cases[name][1] in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+
+
+def test_eval_waits_out_a_busy_service(tmp_path):
+    """A service whose queue is full answers 503 with Retry-After: `imgcls eval` retries those
+    images as told (it ended the whole run on the first 503), and every image is counted once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    data = tmp_path / "data"
+    for cls in ("cat", "ship", "dog", "frog"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:6]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    with run_service(models="cifar10_resnet20", weights_dir=CIFAR_WEIGHTS, max_queue=1,
+                     max_batch_size=1) as svc:  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "app.cli", "eval", "--data", str(data), "--models",
+             "cifar10_resnet20", "--url", svc.url, "--concurrency", "8", "--out",
+             str(tmp_path / "out")],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        metrics = httpx.get(f"{svc.url}/metrics").text
+    busy = sum(
+        s.value
+        for f in text_string_to_metric_families(metrics)
+        if f.name == "imgcls_requests"
+        for s in f.samples
+        if s.name == "imgcls_requests_total" and s.labels["status"] == "503"
+    )
+    assert busy > 0  # the queue of one was full for some of the 8 clients' images
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "out" / "report.json").read_text())["models"]
+    assert row["images"] == 24 and row["skipped"] == 0
