@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,9 +89,13 @@ class Running:
 
 @contextlib.contextmanager
 def run_service(
-    wait_ready: bool = True, timeout: float = 300, **settings_kw: object
+    wait_ready: bool = True,
+    timeout: float = 300,
+    configure: Callable[[Any], None] | None = None,
+    **settings_kw: object,
 ) -> Iterator[Running]:
-    """A real uvicorn server in a thread on a free 127.0.0.1 port, app built from Settings."""
+    """A real uvicorn server in a thread on a free 127.0.0.1 port, app built from Settings
+    (then given to ``configure``, for a route of a test's own)."""
     from app.limits import server_options
     from app.main import create_app
     from app.settings import Settings
@@ -108,6 +112,8 @@ def run_service(
     settings_kw.setdefault("grpc_port", 0)  # no fixed port shared by parallel test servers
     settings = Settings(**settings_kw)  # type: ignore[arg-type]
     app = create_app(settings)
+    if configure is not None:
+        configure(app)
     port = free_port()
     # The same uvicorn options as `imgcls serve` (timeouts, header cap), quieter.
     options = {**server_options(settings), "log_level": "warning"}

@@ -12,10 +12,11 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.catalog import UnknownModelError
 from app.engine.batcher import NoWorkerError, QueueFullError
-from app.engine.pool import BatchFailedError, WorkerCrashedError
+from app.engine.pool import BatchFailedError, ModelUnavailableError, WorkerCrashedError
 from app.errors import (
     ElementError,
     ExplainQueueFullError,
@@ -36,7 +37,7 @@ HANDLED: tuple[type[Exception], ...] = (
     ImageError, ImageTooLargeError, UploadError, UploadTooLargeError, UnknownModelError,
     ModelNotServedError, InvalidParameterError, ModelNotReadyError, QueueFullError, NoWorkerError,
     WorkerCrashedError, TimeoutError, BatchFailedError, ElementError, ExplainQueueFullError,
-    NotAvailableError,
+    NotAvailableError, ModelUnavailableError,
 )  # fmt: skip
 
 
@@ -95,5 +96,35 @@ def install(app: FastAPI) -> None:
 
     for cls in HANDLED:
         app.add_exception_handler(cls, handler)
-    # Anything else: the same generic 500 with the request id (Starlette still logs it).
-    app.add_exception_handler(Exception, handler)
+    # Anything else: the same generic 500 with the request id, logged with its traceback, from
+    # inside the app (the first middleware added is the innermost). Left to Starlette's outer
+    # handler, the answer was written and the exception raised on to uvicorn, which closed the
+    # connection at once: the client read a reset, not the 500.
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_exception_handler(Exception, handler)  # raised by a middleware: the same answer
+
+
+class UnhandledErrorMiddleware:
+    """An exception no handler took becomes the generic 500 answer (``error_response``, which
+    logs it with its traceback), and goes no further."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:  # too late for an answer: uvicorn logs it and closes the connection
+                raise
+            await error_response(Request(scope), exc)(scope, receive, send)
