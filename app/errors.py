@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from app.catalog import UnknownModelError
 from app.engine.batcher import NoWorkerError, QueueFullError
-from app.engine.pool import BatchFailedError, WorkerCrashedError
+from app.engine.pool import BatchFailedError, ModelUnavailableError, WorkerCrashedError
 from app.imaging import ImageError, ImageTooLargeError
 
 
@@ -108,6 +108,8 @@ def describe(exc: BaseException) -> Failure:
         return Failure(503, f"{exc}; retry shortly", 2)
     if isinstance(exc, TimeoutError):
         return Failure(504, f"request deadline passed: {exc}" if str(exc) else "request timed out")
+    if isinstance(exc, ModelUnavailableError):
+        return Failure(503, str(exc))
     if isinstance(exc, BatchFailedError):
         return Failure(500, "inference failed on the server for this image's batch", internal=True)
     return Failure(500, INTERNAL_MESSAGE, internal=True)

@@ -31,8 +31,8 @@ from app.catalog.custom import catalog_for
 from app.core import GateSlot, InferenceCore, ServedModel, parse_models
 from app.engine.batcher import ImageResult, NoWorkerError, QueueFullError
 from app.engine.decoding import Item
-from app.engine.pool import ExplainResult
-from app.engine.worker import Runner, WorkerConfig
+from app.engine.pool import ExplainResult, ModelUnavailableError
+from app.engine.worker import CheckpointChangedError, Runner, WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
 from app.limits import BodyLimitsMiddleware, InflightBudget
 from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
@@ -244,6 +244,8 @@ class RayCore(InferenceCore):
                 )
             except UNAVAILABLE as exc:
                 raise _unavailable(name, exc) from None
+            except CheckpointChangedError as exc:  # raised on the replica: Ray re-raises it
+                raise ModelUnavailableError(str(exc).splitlines()[-1]) from None
             # queued from the ingress's view: everything but the replica's own Grad-CAM time
             result.start = max(sent, time.monotonic() - result.explain_ms / 1000)
             return result

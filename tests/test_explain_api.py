@@ -373,3 +373,36 @@ def test_an_explain_job_that_cannot_be_handed_over_is_503_and_frees_its_slot(mon
         for _ in range(3):  # more than the worker's two slots: each one freed again
             assert explain().status_code == 200
         assert not any(w.inflight for w in svc.service.pool.workers)
+
+
+def test_a_checkpoint_gone_or_replaced_since_load_is_not_explained(tmp_path) -> None:
+    """/explain builds its fp32 copy from the checkpoint on first use. A checkpoint deleted
+    since the model was loaded made that a 500; one replaced in place was explained with the
+    new weights while the old ones classified. Both are now 503 with the reason; the model
+    still classifies, and loading it again (a restart here) explains again."""
+    import shutil
+
+    from tests.conftest import CIFAR_FILES, CIFAR_WEIGHTS, require_shared
+
+    names = ("cifar10_resnet20", "cifar10_resnet32")
+    require_shared(*(CIFAR_WEIGHTS / CIFAR_FILES[n] for n in names))
+    for name in names:  # copies: the test changes them
+        shutil.copy(CIFAR_WEIGHTS / CIFAR_FILES[name], tmp_path / CIFAR_FILES[name])
+    data = shared_image("chelsea.png")
+    with (
+        run_service(models=",".join(names), weights_dir=tmp_path) as svc,
+        httpx.Client(base_url=svc.url, timeout=120) as c,
+    ):
+        (tmp_path / CIFAR_FILES["cifar10_resnet20"]).unlink()
+        replaced = tmp_path / CIFAR_FILES["cifar10_resnet32"]
+        replaced.write_bytes(replaced.read_bytes())  # the same bytes, a new file: not the one
+        for name in names:
+            r = _explain(c, data, model=name)
+            assert r.status_code == 503, r.text
+            assert "was replaced since" in r.json()["detail"] and name in r.json()["detail"]
+            r = c.post("/classify", params={"model": name}, files={"file": ("c.png", data)})
+            assert r.status_code == 200, r.text
+    with run_service(models="cifar10_resnet32", weights_dir=tmp_path) as svc:
+        r = httpx.post(f"{svc.url}/explain", params={"model": "cifar10_resnet32"},
+                       files={"file": ("c.png", data)}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text

@@ -67,6 +67,11 @@ class BatchFailedError(RuntimeError):
     """The model raised an error on this batch; the worker is still serving."""
 
 
+class ModelUnavailableError(RuntimeError):
+    """The worker cannot run this job for a reason it states (HTTP 503): the checkpoint an
+    explanation needs is gone or was replaced (worker.CheckpointChangedError)."""
+
+
 @dataclass
 class BatchResult:
     probs: np.ndarray  # (batch, classes) float32
@@ -361,10 +366,11 @@ class WorkerPool:
                     ExplainResult(heatmaps, targets, scores, overlays, start, ms, w.device)
                 )
         elif kind == "error":
-            _, batch_id, detail = msg
+            _, batch_id, detail, why = msg
             entry = self._finished(w, batch_id)
             if entry is not None and not entry.future.done():
-                entry.future.set_exception(BatchFailedError(detail))
+                error = ModelUnavailableError if why == "unavailable" else BatchFailedError
+                entry.future.set_exception(error(detail))
             self._dispatch()
         elif kind == "status":
             _, name, status, reason, info = msg

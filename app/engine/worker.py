@@ -121,7 +121,7 @@ HEARTBEAT_S = 1.0
 #   ("result", batch_id, probs, start_monotonic, inference_ms, (precision, backend, cuda_bytes),
 #    items)   items: None for a pixel batch; for uploads decoded here
 #             (rows, errors, decode_ms, preprocess_ms), as in decoding.Prepared
-#   ("error", batch_id, message)
+#   ("error", batch_id, message, "failed" | "unavailable": a job refused, with the reason)
 #   ("explained", batch_id, heatmaps, targets, scores, overlays, start_monotonic, explain_ms)
 #             heatmaps (N, S, S) float32 in [0, 1]; targets int64, scores float32 (N,);
 #             overlays: one PNG (bytes) per image, the heatmap blended on its pixels
@@ -132,6 +132,23 @@ HEARTBEAT_S = 1.0
 def plan_precision(plan: LoadPlan, cfg: WorkerConfig) -> str:
     """The precision ``plan`` runs in on this worker: its own (int8) or the worker's."""
     return plan.precision or cfg.precision
+
+
+class CheckpointChangedError(RuntimeError):
+    """The checkpoint a model was loaded from is gone or was replaced since: its fp32 copy for
+    explanations cannot be the network that serves (HTTP 503, with this message)."""
+
+
+def _file_identity(path: str | None) -> tuple[int, ...] | None:
+    """What tells one file from another at ``path`` (device, inode, size, modification time),
+    or None when there is none."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _network(plan: LoadPlan) -> nn.Module:
@@ -267,6 +284,8 @@ class Runner:
         self.preprocess: dict[str, Preprocess] = {}
         self.plans: dict[str, LoadPlan] = {}
         self.explainers: dict[str, tuple[nn.Module, str]] = {}  # name -> (fp32 eager, layer)
+        # name -> the checkpoint file as it was when the model was loaded (_file_identity)
+        self.sources: dict[str, tuple[int, ...] | None] = {}
         self._decoder: Decoder | None = None
 
     def load(self, plan: LoadPlan) -> str:
@@ -275,6 +294,7 @@ class Runner:
         self.preprocess[plan.name] = plan.preprocess
         self.plans[plan.name] = plan
         self.explainers.pop(plan.name, None)
+        self.sources[plan.name] = _file_identity(plan.weights_path)  # before it is read
         if self.cfg.runtime == "openvino" and self.device.type == "cpu" and self._openvino(plan):
             return self._finish_load(plan)
         precision = plan_precision(plan, self.cfg)
@@ -409,6 +429,7 @@ class Runner:
         self.preprocess.pop(name, None)
         self.plans.pop(name, None)
         self.explainers.pop(name, None)
+        self.sources.pop(name, None)
         collect()  # the frozen objects too (memory.settle, at load)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -472,6 +493,14 @@ class Runner:
             from app.engine.explain import default_cam_layer
 
             plan = self.plans[name]
+            if plan.weights_path is not None and (
+                _file_identity(plan.weights_path) != self.sources.get(name)
+            ):  # explained with other weights than it serves with, or not at all: refused
+                raise CheckpointChangedError(
+                    f"the checkpoint {name} was loaded from ({plan.weights_path}) is gone or "
+                    "was replaced since; its explanations need that file: load the model again "
+                    "(a restart, or the repository API's unload and load)"
+                )
             model = _network(plan)
             model.eval()
             for p in model.parameters():
@@ -885,7 +914,10 @@ def _answer(
     batch_id, name = msg[1], msg[2]
     try:
         outbox.put(run())
+    except CheckpointChangedError as exc:  # not a fault of the model: the service says why
+        log.warning("%s %s for %s refused: %s", what, batch_id, name, exc)
+        outbox.put(("error", batch_id, str(exc), "unavailable"))
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("%s %s for %s failed: %s", what, batch_id, name, detail)
-        outbox.put(("error", batch_id, detail))
+        outbox.put(("error", batch_id, detail, "failed"))
