@@ -230,8 +230,9 @@ class DecodeMemory:
         except BaseException:
             if turn.done() and not turn.cancelled():  # granted as the request was cancelled
                 self.release(n)
-            else:
-                self._waiting.remove((n, turn))
+            else:  # cancelled while waiting (``_grant`` may have dropped it from the line)
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove((n, turn))
                 self._grant()  # those behind may fit now
             raise
         return n
@@ -241,8 +242,14 @@ class DecodeMemory:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting and self.used + self._waiting[0][0] <= self.limit:
-            n, turn = self._waiting.popleft()
+        while self._waiting:
+            n, turn = self._waiting[0]
+            if turn.done():  # cancelled, its request not yet woken to leave the line: skip it
+                self._waiting.popleft()
+                continue
+            if self.used + n > self.limit:
+                return
+            self._waiting.popleft()
             self.used += n
             turn.set_result(None)
 

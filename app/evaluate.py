@@ -82,6 +82,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _auth() -> dict[str, str]:
+    """The bearer token for a service started with IMGCLS_API_KEY (the same variable here)."""
+    key = os.environ.get("IMGCLS_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 @contextlib.contextmanager
 def local_service(models: list[str]) -> Iterator[str]:
     """A real uvicorn server on a free 127.0.0.1 port serving ``models``; yields its URL."""
@@ -91,7 +97,8 @@ def local_service(models: list[str]) -> Iterator[str]:
     from app.service import check_startup
     from app.settings import Settings
 
-    settings = Settings(models=",".join(models), grpc_port=0)  # HTTP only: no fixed port
+    # HTTP only (no fixed port), and no API key: it serves this run alone, on 127.0.0.1
+    settings = Settings(models=",".join(models), grpc_port=0, api_key=None)
     check_startup(settings)  # said in one line, before a server starts
     port = _free_port()
     server = uvicorn.Server(
@@ -120,7 +127,7 @@ def wait_ready(url: str, timeout: float, models: Sequence[str] = ()) -> None:
                 return
             last = r.text
             for model in models:
-                entry = httpx.get(f"{url}/models/{model}", timeout=5).json()
+                entry = httpx.get(f"{url}/models/{model}", timeout=5, headers=_auth()).json()
                 if entry.get("status") in ("failed", "missing-weights"):
                     raise ValueError(f"{model} cannot be served: {entry.get('reason')}")
         except httpx.HTTPError as exc:
@@ -262,7 +269,7 @@ async def evaluate_url(
     from tqdm import tqdm
 
     items = list_images(data, limit)
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=_auth()) as client:
         entries = {}
         for model in models:
             entries[model] = await _ready_entry(client, url, model)

@@ -436,17 +436,25 @@ SCALE_KEYS = ("source_size", "source_box")
 SCALED_DECODE = ("JPEG", "MPO")
 
 
-# Bytes per pixel Pillow stores a decoded image of each mode in ("RGB", "LA" and the rest: 4).
+# Bytes per pixel Pillow stores a decoded image of each mode ("RGB", "LA" and the rest: 4).
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# Held besides the decoded source, per pixel: its RGB conversion or the copy an EXIF rotation
+# makes (4), and what a resize's tensor is made from (``pil_to_tensor``: the bytes, an array
+# of them and its copy, 3 + 3 + 3; measured: 12.4 bytes a pixel in all for a grey PNG).
+_BESIDES = 13
+# Held by the decoder itself, per pixel: Pillow's WebP decoder keeps a canvas and a copy of the
+# frame (4 + 4); libtiff a buffer of the whole image for a strip or tile layout (up to 8).
+_DECODER_BYTES = {"WEBP": 8, "TIFF": 8}
 
 
 def peak_bytes(probe: Probe, min_side: int | None) -> int:
     """A bound on the memory ``decode`` (with ``min_side``) and a resize after it hold at once
     for the image ``probe`` read, from its header alone: the decoded source (at the DCT scale
-    Pillow's ``draft`` picks, for a JPEG) and 7 bytes per pixel besides (its RGB conversion or
-    the copy an EXIF rotation makes, and the RGB tensor a resize reads); for a progressive JPEG,
-    libjpeg's buffer of every coefficient of the full-size image (2 bytes each, 64 per 8x8
-    block of each component: 6 bytes per pixel without chroma subsampling, 8 for CMYK)."""
+    Pillow's ``draft`` picks, for a JPEG), what the conversion and resize hold besides
+    (``_BESIDES``) and the decoder's own buffers (``_DECODER_BYTES``; for a progressive JPEG,
+    libjpeg's buffer of every coefficient of the full-size image: 2 bytes each, 64 per 8x8
+    block of each component, 6 bytes per pixel without chroma subsampling, 8 for CMYK).
+    tests/test_imaging.py measures it against the peak of every accepted format."""
     width, height = probe.width, probe.height
     coefficients = width * height * (8 if probe.mode == "CMYK" else 6) if probe.progressive else 0
     if min_side and probe.format in SCALED_DECODE and draft_scales(min(width, height), min_side):
@@ -455,7 +463,8 @@ def peak_bytes(probe: Probe, min_side: int | None) -> int:
         fits = min(width // asked[0], height // asked[1])
         scale = next(s for s in (8, 4, 2, 1) if fits >= s)
         width, height = math.ceil(width / scale), math.ceil(height / scale)
-    return width * height * (_MODE_BYTES.get(probe.mode, 4) + 7) + coefficients
+    per_pixel = _MODE_BYTES.get(probe.mode, 4) + _BESIDES + _DECODER_BYTES.get(probe.format, 0)
+    return width * height * per_pixel + coefficients
 
 
 def draft_scales(short_side: int, min_side: int) -> bool:

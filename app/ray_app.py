@@ -165,29 +165,34 @@ class RayCore(InferenceCore):
         self.served = {name: ServedModel(self.catalog.get(name)) for name in backbones}
         self.info: dict[str, dict[str, Any]] = {}
 
-    async def refresh(self, names: list[str], wait_s: float) -> dict[str, str]:
+    async def refresh(self, names: list[str], wait_s: float, again: bool = False) -> dict[str, str]:
         """Learn the weights, device, precision and backend of the deployments ``names`` (once
-        each), waiting at most ``wait_s`` for them together; returns why each that could not
-        tell is not ready (one backbone that fails or still starts never holds up the others).
-        """
+        each; every time with ``again``), waiting at most ``wait_s`` for them together; returns
+        why each that could not tell is not ready (one backbone that fails or still starts
+        never holds up the others). Asked again, a backbone that answered before and is slow
+        now (busy) stays ready; one that fails (no replica left, failed to deploy) does not."""
 
         async def one(name: str) -> None:
             try:
                 self.info[name] = await self.backbones[name].info.remote()
             except UNAVAILABLE as exc:
+                self.info.pop(name, None)
                 raise _unavailable(name, exc) from None
             self.served[name].weights_label = self.info[name]["weights"]
 
-        missing = [n for n in dict.fromkeys(names) if n in self.served and n not in self.info]
-        if not missing:
+        asked = [
+            n for n in dict.fromkeys(names) if n in self.served and (again or n not in self.info)
+        ]
+        if not asked:
             return {}
-        tasks = {n: asyncio.ensure_future(one(n)) for n in missing}
+        tasks = {n: asyncio.ensure_future(one(n)) for n in asked}
         await asyncio.wait(tasks.values(), timeout=max(0.001, wait_s))
         why: dict[str, str] = {}
         for name, task in tasks.items():
             if not task.done():
                 task.cancel()
-                why[name] = "loading: its replicas are still starting"
+                if name not in self.info:
+                    why[name] = "loading: its replicas are still starting"
             elif task.exception() is not None:
                 why[name] = f"failed: {task.exception()}"
         return why
@@ -382,14 +387,14 @@ class Ingress:
 
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
-        why = await self.core.refresh(list(self.core.served), INFO_WAIT_S)
+        why = await self.core.refresh(list(self.core.served), INFO_WAIT_S, again=True)
         entries = [await self._entry(spec, why) for spec in self.core.catalog.specs()]
         return ModelsResponse.model_validate({"models": entries})
 
     @api.get("/models/{name}", response_model=ModelDetail)
     async def model(self, name: str) -> ModelDetail:
         spec = self.core.catalog.get(name)  # unknown names: 404 with the list
-        why = await self.core.refresh([spec.name], INFO_WAIT_S)
+        why = await self.core.refresh([spec.name], INFO_WAIT_S, again=True)
         entry = await self._entry(spec, why)
         return ModelDetail.model_validate({**entry, "labels": list(spec.labels)})
 
@@ -399,9 +404,10 @@ class Ingress:
 
     @api.get("/readyz", response_model=Readiness)
     async def readyz(self) -> JSONResponse:
-        """200 when every deployed backbone answers (within a few seconds), else 503 naming
-        those that do not, as the service's /readyz."""
-        why = await self.core.refresh(list(self.core.served), INFO_WAIT_S)
+        """200 when every deployed backbone answers, asked each time (one that answered before
+        may be busy for a while), else 503 naming those that do not, as the service's
+        /readyz."""
+        why = await self.core.refresh(list(self.core.served), INFO_WAIT_S, again=True)
         body = Readiness(ready=not why, not_ready=[f"{n}: {w}" for n, w in why.items()])
         return JSONResponse(body.model_dump(), status_code=503 if why else 200,
                             headers={"Retry-After": "5"} if why else None)  # fmt: skip

@@ -268,8 +268,22 @@ def _cmyk_jpeg() -> bytes:
     return images.encode(photo, "JPEG", quality=90)
 
 
+def _photo(mode: str, size: tuple[int, int]) -> Image.Image:
+    return Image.open(IMAGES / "astronaut.png").convert(mode).resize(size)
+
+
 _BOUND_CASES = {
     "jpeg": lambda: _photo_jpeg((4032, 3024)),
+    "grey jpeg": lambda: images.encode(_photo("L", (4000, 3000)), "JPEG", quality=90),
+    "webp": lambda: images.encode(_photo("RGB", (3000, 2000)), "WEBP", quality=80),
+    "gif": lambda: images.encode(_photo("P", (3000, 2000)), "GIF"),
+    "grey png": lambda: images.encode(_photo("L", (3000, 2000)), "PNG"),
+    "bmp": lambda: images.encode(_photo("RGB", (3000, 2000)), "BMP"),
+    "16-bit tiff": lambda: images.encode(
+        Image.fromarray(np.full((2000, 3000), 40000, np.uint16)),
+        "TIFF",
+        compression="tiff_adobe_deflate",
+    ),
     "progressive jpeg": lambda: _photo_jpeg((4032, 3024), progressive=True),
     "rotated jpeg": _rotated_jpeg,
     "cmyk jpeg": _cmyk_jpeg,

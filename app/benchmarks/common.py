@@ -107,6 +107,8 @@ def start_server(
     # import the imgcls this is part of. No API key: the load generator sends none (a key in
     # the caller's environment made every request a 401 and measured nothing).
     inherited = {k: v for k, v in os.environ.items() if k != "IMGCLS_API_KEY"}
+    # APP_DIR first instead: a checkout run as `python -m app.cli`, not installed, works too
+    inherited["PYTHONPATH"] = os.pathsep.join(filter(None, [APP_DIR, os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [sys.executable, "-P", *args],
         env={**inherited, **env},
