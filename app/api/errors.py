@@ -12,6 +12,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.catalog import UnknownModelError
@@ -29,6 +30,7 @@ from app.errors import (
     describe,
 )
 from app.imaging import ImageError, ImageTooLargeError
+from app.limits import BodyLimitError
 from app.text import clip
 
 log = logging.getLogger("imgcls.errors")
@@ -104,6 +106,11 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, handler)  # raised by a middleware: the same answer
 
 
+# Raised through the app for a middleware outside it to answer: the body limits' 408 and 503
+# (app/limits.py), a client gone mid-body (the access log's 499, nothing sent).
+PASSED_ON: tuple[type[Exception], ...] = (BodyLimitError, ClientDisconnect)
+
+
 class UnhandledErrorMiddleware:
     """An exception no handler took becomes the generic 500 answer (``error_response``, which
     logs it with its traceback), and goes no further."""
@@ -124,6 +131,8 @@ class UnhandledErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking)
+        except PASSED_ON:
+            raise
         except Exception as exc:
             if started:  # too late for an answer: uvicorn logs it and closes the connection
                 raise
