@@ -84,7 +84,7 @@ def _free_port() -> int:
 
 def _auth() -> dict[str, str]:
     """The bearer token for a service started with IMGCLS_API_KEY (the same variable here)."""
-    key = os.environ.get("IMGCLS_API_KEY")
+    key = (os.environ.get("IMGCLS_API_KEY") or "").strip()  # as the service reads it
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

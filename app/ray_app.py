@@ -139,6 +139,9 @@ class Backbone:
 # How long /models and /readyz wait for a backbone to say what it runs: a deployment still
 # starting (or failing) is reported as such, not waited for.
 INFO_WAIT_S = 2.0
+# /readyz and /models ask a backbone that answered before again at most this often (a busy
+# one answers late: probes are not held up by it every time).
+RECHECK_S = 5.0
 # Ray's answers for a backbone that cannot take a request now, as the service's 503s.
 UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, RayActorError)
 
@@ -164,6 +167,7 @@ class RayCore(InferenceCore):
         self.backbones = backbones
         self.served = {name: ServedModel(self.catalog.get(name)) for name in backbones}
         self.info: dict[str, dict[str, Any]] = {}
+        self.checked: dict[str, float] = {}  # name -> when its deployment was last asked
 
     async def refresh(self, names: list[str], wait_s: float, again: bool = False) -> dict[str, str]:
         """Learn the weights, device, precision and backend of the deployments ``names`` (once
@@ -173,15 +177,27 @@ class RayCore(InferenceCore):
         now (busy) stays ready; one that fails (no replica left, failed to deploy) does not."""
 
         async def one(name: str) -> None:
+            self.checked[name] = time.monotonic()
             try:
                 self.info[name] = await self.backbones[name].info.remote()
-            except UNAVAILABLE as exc:
+            except (BackPressureError, RayActorError) as exc:
+                if name in self.info:  # busy, or one replica died while others serve: ready
+                    return
+                raise _unavailable(name, exc) from None
+            except DeploymentUnavailableError as exc:  # no replica can run: not ready
                 self.info.pop(name, None)
                 raise _unavailable(name, exc) from None
+            except Exception:
+                self.info.pop(name, None)
+                raise
             self.served[name].weights_label = self.info[name]["weights"]
 
+        now = time.monotonic()
         asked = [
-            n for n in dict.fromkeys(names) if n in self.served and (again or n not in self.info)
+            n
+            for n in dict.fromkeys(names)
+            if n in self.served
+            and (n not in self.info or (again and now - self.checked.get(n, 0.0) > RECHECK_S))
         ]
         if not asked:
             return {}
@@ -250,7 +266,7 @@ class RayCore(InferenceCore):
             except UNAVAILABLE as exc:
                 raise _unavailable(name, exc) from None
             except CheckpointChangedError as exc:  # raised on the replica: Ray re-raises it
-                raise ModelUnavailableError(str(exc).splitlines()[-1]) from None
+                raise ModelUnavailableError(str(getattr(exc, "cause", exc))) from None
             # queued from the ingress's view: everything but the replica's own Grad-CAM time
             result.start = max(sent, time.monotonic() - result.explain_ms / 1000)
             return result

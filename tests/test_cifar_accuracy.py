@@ -195,7 +195,7 @@ def test_eval_waits_out_a_busy_service(tmp_path):
              "cifar10_resnet20", "--url", svc.url, "--concurrency", "8", "--out",
              str(tmp_path / "out")],
             capture_output=True, text=True, cwd=ROOT, timeout=300,
-            env={**os.environ, "IMGCLS_API_KEY": key},
+            env={**os.environ, "IMGCLS_API_KEY": key + "\n"},  # from a file: read as the service does
         )  # fmt: skip
         metrics = httpx.get(f"{svc.url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
     busy = sum(
