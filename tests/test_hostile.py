@@ -304,7 +304,9 @@ def test_memory_goes_back_after_40_megapixel_uploads(client, hostile):
           f"worker {worker_growth:+.0f} MB")  # fmt: skip
     # Before the fix: API +325 MB, worker +178 MB (2-core EPYC); after: under +10 MB each. A PNG
     # (box-reduced after a full decode) kept its 137 MB in an arena: API +150, worker +145 MB.
-    assert api_growth < 64 and worker_growth < 64
+    # Under 15 MB alone; the API process is the test process, whose other threads allocate too:
+    # +66 MB once in a whole CI run. The bound stays under every growth the faults made.
+    assert api_growth < 100 and worker_growth < 100
 
 
 # ---- 7. smaller things ----------------------------------------------------------------------

@@ -42,6 +42,11 @@ log = logging.getLogger("imgcls.batcher")
 # |value| of a normalised pixel past which a model's overflow is put down to the input (presets
 # give values within about ±3)
 PLAUSIBLE_NORMALISED = 10.0
+# How early a wait for a deadline may end: uvloop (uvicorn's loop) runs libuv's timers, in whole
+# milliseconds from a clock read at the start of the loop's iteration, so a request's wait ended
+# up to ~1 ms before its deadline by time.monotonic(). A request gone within this of its
+# deadline is counted as dropped at its deadline, not as a client that went away.
+TIMER_SLACK_S = 0.005
 
 
 class QueueFullError(RuntimeError):
@@ -183,8 +188,10 @@ class ModelBatcher:
                     item.future.set_exception(TimeoutError("request deadline passed in the queue"))
                 self.observer.image_dropped(self.name, "deadline")
                 continue
-            if item.future.done():  # cancelled before its deadline: the client went away
-                self.observer.image_dropped(self.name, "cancelled")
+            if item.future.done():  # its wait ended: at its deadline, or the client went away
+                early = item.deadline - now  # uvloop's timers end waits up to ~1 ms early
+                reason = "deadline" if early <= TIMER_SLACK_S else "cancelled"
+                self.observer.image_dropped(self.name, reason)
                 continue
             kept.append(item)
         self._queue = kept
