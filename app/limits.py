@@ -95,6 +95,14 @@ async def _send_json(send: Send, status: int, detail: str, headers: dict[str, st
     await send({"type": "http.response.body", "body": body})
 
 
+def body_timeouts(settings: Settings) -> dict[str, float]:
+    """BodyLimitsMiddleware's timeouts from the settings (the service's app and Ray's ingress)."""
+    return {
+        "body_timeout_s": settings.body_timeout_s,
+        "min_rate_bytes_s": settings.body_min_rate_kb_s * 1024,
+    }
+
+
 class BodyLimitsMiddleware:
     def __init__(
         self,

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import __version__, memory
 from app.api import errors as api_errors
 from app.api import explain, health, inference, models
-from app.limits import BodyLimitsMiddleware, InflightBudget
+from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts
 from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
 from app.oip import codec
@@ -93,11 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the others see the request's HEAD
     app.add_middleware(
-        BodyLimitsMiddleware,
-        budget=budget,
-        max_body=max_body,
-        body_timeout_s=settings.body_timeout_s,
-        min_rate_bytes_s=settings.body_min_rate_kb_s * 1024,
+        BodyLimitsMiddleware, budget=budget, max_body=max_body, **body_timeouts(settings)
     )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)

@@ -34,7 +34,7 @@ from app.engine.decoding import Item
 from app.engine.pool import ExplainResult, ModelUnavailableError
 from app.engine.worker import CheckpointChangedError, Runner, WorkerConfig
 from app.errors import ModelNotReadyError, ModelNotServedError
-from app.limits import BodyLimitsMiddleware, InflightBudget
+from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts
 from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
 from app.schemas import (
     ClassifyResponse,
@@ -293,8 +293,7 @@ class Guards:
             HeadAsGetMiddleware(self.app),
             budget=InflightBudget(settings.max_inflight_bytes),
             max_body=settings.max_upload_bytes + FORM_OVERHEAD,
-            body_timeout_s=settings.body_timeout_s,
-            min_rate_bytes_s=settings.body_min_rate_kb_s * 1024,
+            **body_timeouts(settings),
         )
         if settings.api_key:
             inner = ApiKeyMiddleware(inner, api_key=settings.api_key)
@@ -389,7 +388,7 @@ class Ingress:
             upload.data, name, method, target, heatmap, request.state.request_id
         )
 
-    async def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
+    def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
         entry = spec.catalog_entry()
         if spec.name in self.core.info:
             entry.update(status="ready", reason=None, **self.core.info[spec.name])
@@ -404,14 +403,14 @@ class Ingress:
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
         why = await self.core.refresh(list(self.core.served), INFO_WAIT_S, again=True)
-        entries = [await self._entry(spec, why) for spec in self.core.catalog.specs()]
+        entries = [self._entry(spec, why) for spec in self.core.catalog.specs()]
         return ModelsResponse.model_validate({"models": entries})
 
     @api.get("/models/{name}", response_model=ModelDetail)
     async def model(self, name: str) -> ModelDetail:
         spec = self.core.catalog.get(name)  # unknown names: 404 with the list
         why = await self.core.refresh([spec.name], INFO_WAIT_S, again=True)
-        entry = await self._entry(spec, why)
+        entry = self._entry(spec, why)
         return ModelDetail.model_validate({**entry, "labels": list(spec.labels)})
 
     @api.api_route("/healthz", methods=["GET", "HEAD"])
