@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TimeoutError) as exc:
         print(f"imgcls: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: what was kept, if anything, not a traceback
+        print("imgcls: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

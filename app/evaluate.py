@@ -264,10 +264,18 @@ async def _ready_entry(client: httpx.AsyncClient, url: str, model: str) -> dict[
 
 
 async def evaluate_url(
-    url: str, data: Path, models: list[str], limit: int | None, concurrency: int
+    url: str,
+    data: Path,
+    models: list[str],
+    limit: int | None,
+    concurrency: int,
+    reports: list[ModelReport] | None = None,
 ) -> list[ModelReport]:
+    """Each model in turn; its report is appended to ``reports`` (a new list if None) as soon as
+    it is done, so a caller still holds the finished ones when a later model's run fails."""
     from tqdm import tqdm
 
+    reports = [] if reports is None else reports
     items = list_images(data, limit)
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=_auth()) as client:
         entries = {}
@@ -280,7 +288,6 @@ async def evaluate_url(
                     "each subfolder must be named by one of the model's labels"
                 )
         payloads = [(p.read_bytes(), p.name, label) for p, label in items]
-        reports = []
         for model in models:
             with tqdm(total=len(items), desc=model, unit="img") as bar:
                 results, wall = await _run_model(client, model, payloads, concurrency, bar)
@@ -297,6 +304,15 @@ def write_reports(reports: list[ModelReport], out: Path, meta: dict[str, Any]) -
         "",
         f"{meta['images']} images per model, concurrency {meta['concurrency']}, via {meta['url']}.",
         "",
+    ]
+    if not meta.get("complete", True):
+        cut = meta["incomplete"]
+        lines += [
+            f"**Incomplete**: the run stopped ({cut['reason']}); not evaluated: "
+            f"{', '.join(cut['not_evaluated'])}.",
+            "",
+        ]
+    lines += [
         "| model | family | depth | params (M) | GFLOPs | top-1 % | top-5 % | images/s "
         "| p50 ms | p95 ms | p99 ms | device | precision | weights |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
@@ -378,13 +394,43 @@ def run_eval(
             shown_url = "in-process service"
         else:
             shown_url = url
-        reports = asyncio.run(evaluate_url(url, data, models, limit, concurrency))
-    meta = {
-        "data": str(data),
-        "images": reports[0].images if reports else 0,
-        "concurrency": concurrency,
-        "url": shown_url,
-        "cpu_count": os.cpu_count(),
-    }
-    write_reports(reports, out, meta)
+        reports: list[ModelReport] = []  # filled model by model
+
+        def meta(**more: Any) -> dict[str, Any]:
+            return {
+                "data": str(data),
+                "images": reports[0].images if reports else 0,
+                "concurrency": concurrency,
+                "url": shown_url,
+                "cpu_count": os.cpu_count(),
+                **more,
+            }
+
+        try:
+            asyncio.run(evaluate_url(url, data, models, limit, concurrency, reports))
+        except (ValueError, KeyboardInterrupt) as exc:
+            if not reports:  # nothing measured yet: nothing to keep
+                raise
+            # the models already measured are kept: a run of hours cut short loses only the
+            # model it was on (the service went away, Ctrl-C)
+            done = [r.model for r in reports]
+            left = [m for m in models if m not in done]
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            write_reports(
+                reports,
+                out,
+                meta(complete=False, incomplete={"reason": reason, "not_evaluated": left}),
+            )
+            kept = (
+                f"the report of {', '.join(done)} is in {out} "
+                f"(incomplete: {', '.join(left)} not evaluated)"
+            )
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(kept) from None
+            raise ValueError(f"{exc}; {kept}") from None
+    write_reports(reports, out, meta(complete=True))
     return reports
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``imgcls eval``, after the reports of the models finished were written."""

@@ -209,3 +209,71 @@ def test_eval_waits_out_a_busy_service(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads((tmp_path / "out" / "report.json").read_text())["models"]
     assert row["images"] == 24 and row["skipped"] == 0
+
+
+def test_eval_cut_short_keeps_the_models_it_finished(tmp_path):
+    """A run that stops on a later model (a fault of the service, Ctrl-C) writes the report of
+    the models it finished, marked incomplete with the reason and what was not evaluated, and
+    says so in one line (it wrote nothing: hours of measurement lost to the last model)."""
+    import signal
+    import threading
+
+    from starlette.responses import JSONResponse
+
+    data = tmp_path / "data"
+    for cls in ("cat", "ship", "dog", "frog"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:3]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    on_44 = threading.Event()
+
+    def configure(app) -> None:  # cifar10_resnet32 fails; cifar10_resnet44 answers slowly
+        @app.middleware("http")
+        async def fault(request, call_next):
+            model = request.query_params.get("model")
+            if request.url.path == "/classify" and model == "cifar10_resnet32":
+                return JSONResponse({"detail": "a fault of the service"}, status_code=500)
+            if request.url.path == "/classify" and model == "cifar10_resnet44":
+                on_44.set()
+                await asyncio.sleep(0.5)
+            return await call_next(request)
+
+    def command(models: str, out: str) -> list[str]:
+        return [sys.executable, "-m", "app.cli", "eval", "--data", str(data), "--models", models,
+                "--url", svc.url, "--concurrency", "2", "--out", str(tmp_path / out)]  # fmt: skip
+
+    def kept(out: str) -> dict:
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        assert [m["model"] for m in report["models"]] == ["cifar10_resnet20"]
+        assert report["models"][0]["images"] == 12 and report["meta"]["complete"] is False
+        assert "Incomplete" in (tmp_path / out / "report.md").read_text()
+        assert (tmp_path / out / "report.png").stat().st_size > 0
+        return report["meta"]["incomplete"]
+
+    with run_service(models="cifar10_resnet20,cifar10_resnet32,cifar10_resnet44",
+                     weights_dir=CIFAR_WEIGHTS, configure=configure) as svc:  # fmt: skip
+        failed = subprocess.run(
+            command("cifar10_resnet20,cifar10_resnet32,cifar10_resnet44", "failed"),
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        with subprocess.Popen(
+            command("cifar10_resnet20,cifar10_resnet44", "stopped"),
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+        ) as stopped:  # fmt: skip
+            assert on_44.wait(240), "eval never reached the second model"
+            stopped.send_signal(signal.SIGINT)  # Ctrl-C
+            _, stopped_err = stopped.communicate(timeout=120)
+
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "HTTP 500" in last and "the report of cifar10_resnet20 is in" in last, last
+    assert "Traceback" not in failed.stderr
+    cut = kept("failed")
+    assert "HTTP 500" in cut["reason"]
+    assert cut["not_evaluated"] == ["cifar10_resnet32", "cifar10_resnet44"]
+
+    assert stopped.returncode == 130, stopped_err[-2000:]
+    last = stopped_err.strip().splitlines()[-1]
+    assert last.startswith("imgcls: interrupted; the report of cifar10_resnet20"), last
+    assert "Traceback" not in stopped_err
+    assert kept("stopped") == {"reason": "interrupted", "not_evaluated": ["cifar10_resnet44"]}
