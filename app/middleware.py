@@ -22,10 +22,15 @@ OPEN_PATHS = {"/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v
 
 
 class RequestIdMiddleware:
-    """Honours a well-formed ``X-Request-ID``, generates one otherwise, and echoes it back."""
+    """Honours a well-formed ``X-Request-ID``, generates one otherwise, and echoes it back.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``echo=False``: behind a proxy that echoes the id itself (Ray Serve's passes the client's
+    id, or one of its own, in ``X-Request-ID`` and appends it to the answer): a second header
+    would reach the client as ``id, id``."""
+
+    def __init__(self, app: ASGIApp, echo: bool = True) -> None:
         self.app = app
+        self.echo = echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,6 +38,9 @@ class RequestIdMiddleware:
             return
         rid = accept_id(Headers(scope=scope).get("x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
+        if not self.echo:
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

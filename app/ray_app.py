@@ -321,7 +321,8 @@ _INGRESS: dict[str, Settings] = {}
 api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")
 api_errors.install(api)
 api.add_middleware(Guards)
-api.add_middleware(RequestIdMiddleware)
+# Ray's proxy passes the client's X-Request-ID (or one it made) and echoes it on the answer
+api.add_middleware(RequestIdMiddleware, echo=False)
 TopK = Annotated[int, Query(ge=1, le=20)]
 
 

@@ -128,6 +128,22 @@ def test_ray_explain_matches_the_service(ray_url, client):
     assert r.status_code == 422 and "class" in r.json()["detail"], r.text
 
 
+def test_ray_answers_carry_one_request_id_the_bodies_name(ray_url):
+    """Ray's proxy echoes X-Request-ID itself: the ingress adds none of its own (clients read
+    two headers as "id, id"), and the id in the body is the one in the header, the client's or
+    the proxy's."""
+    data = shared_image("chelsea.png")
+    for sent in ({"X-Request-ID": "ray-rid-1"}, {}):
+        r = httpx.post(f"{ray_url}/classify", params={"model": "cifar10_resnet20"},
+                       files={"file": ("c.png", data)}, headers={**AUTH, **sent}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        (rid,) = r.headers.get_list("x-request-id")
+        assert r.json()["request_id"] == rid == sent.get("X-Request-ID", rid)
+    r = httpx.post(f"{ray_url}/classify", params={"model": "nope"}, files={"file": ("x", b"x")},
+                   headers={**AUTH, "X-Request-ID": "ray-rid-2"})  # fmt: skip
+    assert r.status_code == 404 and r.headers.get_list("x-request-id") == ["ray-rid-2"]
+
+
 def test_ray_errors_and_models(ray_url):
     r = httpx.post(f"{ray_url}/classify", params={"model": "nope"}, files={"file": ("x", b"x")},
                    headers=AUTH)  # fmt: skip
