@@ -14,8 +14,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__, memory
+from app.api import docs, explain, health, inference, models
 from app.api import errors as api_errors
-from app.api import explain, health, inference, models
 from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts
 from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
 from app.observability import AccessMiddleware, Metrics, configure_logging
@@ -64,7 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await grpc_server.stop(settings.shutdown_grace_s)
             await service.stop()
 
-    app = FastAPI(title="imgcls", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="imgcls",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served by docs.install, without a CDN
+        redoc_url=None,
+    )
     app.state.service = service
     api_errors.install(app)
     app.include_router(inference.router)
@@ -77,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    docs.install(app, api_key=bool(settings.api_key))  # its /static/docs before /static
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -18,7 +18,10 @@ def accept_id(sent: str | None) -> str:
     return sent if sent and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
 
 
-OPEN_PATHS = {"/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v2/health/ready"}
+OPEN_PATHS = {
+    "/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v2/health/ready",
+    "/docs", "/openapi.json",  # the API's documentation, like the page (app/api/docs.py)
+}  # fmt: skip
 
 
 class RequestIdMiddleware:

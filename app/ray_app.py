@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import weights as weights_mod
+from app.api import docs
 from app.api import errors as api_errors
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
@@ -318,7 +319,13 @@ class Guards:
 _INGRESS: dict[str, Settings] = {}
 
 
-api = FastAPI(title="imgcls (Ray Serve)", description="The imgcls contract on Ray Serve.")
+api = FastAPI(
+    title="imgcls (Ray Serve)",
+    description="The imgcls contract on Ray Serve.",
+    docs_url=None,  # served by docs.install, without a CDN
+    redoc_url=None,
+)
+docs.install(api, api_key=False)  # the key is known once the ingress is built
 api_errors.install(api)
 api.add_middleware(Guards)
 # Ray's proxy passes the client's X-Request-ID (or one it made) and echoes it on the answer

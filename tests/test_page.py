@@ -248,3 +248,45 @@ def test_a_key_refused_mid_session_asks_again_and_keeps_the_choice(browser, keye
     assert checked == ["cifar10_resnet32"]
     assert model_reads[-1] == f"Bearer {PAGE_KEY}"
     context.close()
+
+
+def test_api_docs_render_offline_and_send_the_key(browser, keyed_service):
+    """/docs (Swagger UI) renders from the service alone (every request to another
+    host is refused, as in a network without internet access: FastAPI's own pages load their
+    scripts from a CDN and were blank there), open without the key like the page, and Swagger
+    UI's "Authorize" sends the key: "Try it out" on GET /models answers 200."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    outside: list[str] = []
+
+    def only_the_service(route) -> None:
+        if route.request.url.startswith(keyed_service.url + "/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_service)
+    page = context.new_page()
+    page.goto(keyed_service.url + "/docs")
+    title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "imgcls" in title.inner_text()
+    page.click(".swagger-ui .btn.authorize")
+    page.fill(".auth-container input", PAGE_KEY)
+    page.click(".auth-btn-wrapper .btn.modal-btn.auth.authorize")
+    page.click(".auth-btn-wrapper .btn-done")
+    models = page.locator(".opblock-get", has=page.locator('[data-path="/models"]'))
+    models.locator(".opblock-summary-control").click()
+    models.locator(".try-out__btn").click()
+    models.locator(".execute").click()
+    status = models.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for(timeout=30_000)
+    assert status.inner_text().strip() == "200"
+    assert "cifar10_resnet20" in models.locator(".live-responses-table").inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "api-docs.png"))
+
+    no_redoc = httpx.get(
+        keyed_service.url + "/redoc", headers={"Authorization": f"Bearer {PAGE_KEY}"}
+    )
+    assert no_redoc.status_code == 404  # ReDoc's standalone script loads its logo from a CDN
+    assert outside == []
+    context.close()

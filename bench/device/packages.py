@@ -45,9 +45,10 @@ DEVICE_HAS = {
 # Imported by app/ only on paths the GPU run does not take, so not carried: int8 on the CPU
 # (torchao), the CPU benchmark's peers (openvino, nncf, litserve), Ray Serve (ray) and the
 # protobuf generator behind app/oip/codegen.py (grpcio-tools). captum is carried without its
-# requirements (torch, numpy, matplotlib, tqdm are on the device).
+# requirements (torch, numpy, matplotlib, tqdm are on the device), fastapi-offline without its
+# one (fastapi, carried above).
 NOT_CARRIED = {"torchao", "openvino", "nncf", "litserve", "ray", "grpcio-tools"}
-CARRIED_ALONE = ["captum"]
+CARRIED_ALONE = ["captum", "fastapi-offline"]  # the latter: static files, and fastapi
 
 
 def pins() -> list[str]:
