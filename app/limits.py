@@ -30,6 +30,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import memory
+from app.middleware import error_body, large_unread_body
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -87,8 +88,10 @@ def _closing(start: Message) -> Message:
     return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
-async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(
+    send: Send, path: str, status: int, detail: str, headers: dict[str, str]
+) -> None:
+    body = json.dumps(error_body(path, detail)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -139,7 +142,7 @@ class BodyLimitsMiddleware:
         expects = "100-continue" in headers.get("expect", "").lower()
         if declared is not None and 0 < declared <= self.max_body:
             if not self.budget.reserve(declared):
-                await self._over_budget(send, close=expects)
+                await self._over_budget(send, scope["path"], close=expects)
                 return
             reserved = declared
 
@@ -182,6 +185,10 @@ class BodyLimitsMiddleware:
                     # "100 Continue", does not send it, and the server would read its next
                     # request as this one's body. Close after this answer instead.
                     message = _closing(message)
+                elif not finished and large_unread_body(headers, self.max_body):
+                    # refused before its body was read (an unknown model, a full queue, over
+                    # a limit): not read to its end and thrown away
+                    message = _closing(message)
             await send(message)
 
         try:
@@ -195,6 +202,7 @@ class BodyLimitsMiddleware:
             if not started:
                 await _send_json(
                     send,
+                    scope["path"],
                     408,
                     f"the request body did not arrive in time: each part must come within "
                     f"{self.body_timeout_s:g} s (IMGCLS_BODY_TIMEOUT_S) and the whole at "
@@ -203,16 +211,16 @@ class BodyLimitsMiddleware:
                 )
         except _OverBudget:
             if not started:
-                await self._over_budget(send, close=True)
+                await self._over_budget(send, scope["path"], close=True)
         finally:
             self.budget.release(reserved)
             memory.after_large_buffer(reserved)
 
-    async def _over_budget(self, send: Send, close: bool) -> None:
+    async def _over_budget(self, send: Send, path: str, close: bool) -> None:
         headers = {"Retry-After": "1"}
         if close:
             headers["Connection"] = "close"
-        await _send_json(send, 503, self.budget.refusal(), headers)
+        await _send_json(send, path, 503, self.budget.refusal(), headers)
 
 
 # ---- uvicorn: header timeout and header size cap ---------------------------------------------

@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitsMiddleware, budget=budget, max_body=max_body, **body_timeouts(settings)
     )
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, max_body=max_body)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

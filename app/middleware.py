@@ -18,6 +18,26 @@ def accept_id(sent: str | None) -> str:
     return sent if sent and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
 
 
+def error_body(path: str, message: str) -> dict[str, str]:
+    """An error's JSON body: the Open Inference Protocol's form under /v2, the app's elsewhere."""
+    return {"error" if path.startswith("/v2") else "detail": message}
+
+
+def large_unread_body(headers: Headers, max_body: int | None) -> bool:
+    """Whether a request answered before its body was read should be closed after the answer:
+    a body the app would not take (over ``max_body``, or chunked: of any size), which uvicorn
+    would otherwise read to its end and throw away (10 GB at a few GB/s, until the header
+    timeout). A smaller one is left to be read and thrown away: closing on unread bytes makes
+    the kernel reset the connection, and a client still sending may lose the answer."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return True
+    try:
+        declared = int(headers.get("content-length", "0"))
+    except ValueError:
+        return True
+    return max_body is not None and declared > max_body
+
+
 OPEN_PATHS = {
     "/healthz", "/readyz", "/", "/favicon.ico", "/v2/health/live", "/v2/health/ready",
     "/docs", "/openapi.json",  # the API's documentation, like the page (app/api/docs.py)
@@ -60,9 +80,10 @@ class ApiKeyMiddleware:
     exactly and in constant time.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, max_body: int | None = None) -> None:
         self.app = app
         self.expected = api_key.encode()
+        self.max_body = max_body  # the largest body the app takes (see large_unread_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -77,15 +98,16 @@ class ApiKeyMiddleware:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.expected):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
             headers = {"WWW-Authenticate": "Bearer"}
-            if "100-continue" in Headers(scope=scope).get("expect", "").lower():
+            sent = Headers(scope=scope)
+            if "100-continue" in sent.get("expect", "").lower() or large_unread_body(
+                sent, self.max_body
+            ):
                 # the client waits for "100 Continue" and never sends its body: close, or the
-                # server reads its next request as that body (limits.BodyLimitsMiddleware)
+                # server reads its next request as that body (limits.BodyLimitsMiddleware);
+                # or its body is one the app would refuse anyway
                 headers["Connection"] = "close"
             response = JSONResponse(
-                # the Open Inference Protocol's error form under /v2, the app's elsewhere
-                {"error" if scope["path"].startswith("/v2") else "detail": message},
-                status_code=401,
-                headers=headers,
+                error_body(scope["path"], message), status_code=401, headers=headers
             )
             await response(scope, receive, send)
             return

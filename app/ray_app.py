@@ -290,14 +290,15 @@ class Guards:
         self.guarded: ASGIApp | None = None
 
     def configure(self, settings: Settings) -> None:
+        max_body = settings.max_upload_bytes + FORM_OVERHEAD
         inner: ASGIApp = BodyLimitsMiddleware(
             HeadAsGetMiddleware(self.app),
             budget=InflightBudget(settings.max_inflight_bytes),
-            max_body=settings.max_upload_bytes + FORM_OVERHEAD,
+            max_body=max_body,
             **body_timeouts(settings),
         )
         if settings.api_key:
-            inner = ApiKeyMiddleware(inner, api_key=settings.api_key)
+            inner = ApiKeyMiddleware(inner, api_key=settings.api_key, max_body=max_body)
         self.guarded = inner
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

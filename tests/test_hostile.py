@@ -350,6 +350,35 @@ def test_wrong_credentials_are_401(hostile, value):
     assert r.status_code == 401, r.text
 
 
+def test_a_refused_key_closes_only_on_a_body_the_service_would_not_take(hostile):
+    """401 comes before any body is read: a body over what the service takes (10 GB declared)
+    is not read to its end and thrown away, the connection closes; a small one is, and the
+    connection serves the next request."""
+    from tests.rawhttp import connect, read_response, read_until_closed, status_of
+
+    def head(length: int) -> bytes:
+        return (f"POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {length}\r\n\r\n").encode()  # fmt: skip
+
+    sock = connect(hostile.url)
+    try:
+        sock.sendall(head(10 * 1024**3) + b"x" * 65536)
+        data, _, how = read_until_closed(sock, 15)
+    finally:
+        sock.close()
+    assert status_of(data) == 401 and b"connection: close" in data.lower(), data[:300]
+    assert how != "open"
+    sock = connect(hostile.url)
+    try:
+        sock.sendall(head(5000) + b"x" * 5000)
+        status, headers, _ = read_response(sock)
+        assert status == 401 and headers.get("connection") != "close"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    finally:
+        sock.close()
+
+
 def test_upload_is_held_once_as_a_view_into_the_body():
     """issue 11 point 7: the file part is a view into the one body buffer, not a copy, and
     exact even when the data holds partial boundaries and line breaks."""

@@ -421,6 +421,85 @@ def test_an_early_answer_to_expect_100_continue_closes_the_connection(limited, p
     assert waited < 5
 
 
+@pytest.mark.parametrize(
+    ("path", "extra", "status"),
+    [
+        ("/classify?model=nope", "", 404),
+        ("/v2/models/nope/infer", "", 404),
+        (f"/v2/models/{MODEL}/infer", "Content-Encoding: br\r\n", 415),
+        (f"/classify?model={MODEL}", "Transfer-Encoding: chunked\r\n", 413),
+    ],
+)
+def test_a_refused_body_over_what_the_service_takes_is_not_read(limited, path, extra, status):
+    """Refused before its body is read, a body larger than any the service takes (10 GB
+    declared, or chunked: of any size) is not read to its end and thrown away (uvicorn read
+    10 GB at a few GB/s, until the header timeout): the answer closes the connection."""
+    length = 10 * 1024**3
+    head = upload_head(length, path=path, extra=extra)
+    if "chunked" in extra:
+        head = head.replace(f"Content-Length: {length}\r\n".encode(), b"")
+        body = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"  # one 64 KB chunk of many to come
+        budget = limited.app.state.upload_budget
+        budget.used = budget.limit  # chunked: refused once over what is left of the budget
+    else:
+        body = b"x" * 65536
+    sock = connect(limited.url)
+    try:
+        sock.sendall(head + body)
+        data, waited, how = read_until_closed(sock, HEADER_S + SLACK_S + 5)
+    finally:
+        sock.close()
+        limited.app.state.upload_budget.used = 0
+    got = status_of(data)
+    assert got == status or ("chunked" in extra and got == 503), data[:300]
+    assert b"connection: close" in data.lower(), data[:400]
+    assert how != "open" and waited < HEADER_S + SLACK_S
+
+
+def test_a_refused_body_within_the_limits_is_read_and_the_connection_kept(limited):
+    """A body the service could take, refused before it was read (an unknown model), is read
+    and thrown away, and the connection serves the next request: closing on unread bytes
+    resets the connection, and a client still sending may lose the answer."""
+    sock = connect(limited.url)
+    try:
+        sock.sendall(upload_head(5000, path="/classify?model=nope") + b"x" * 5000)
+        status, headers, _ = read_response(sock)
+        assert status == 404 and headers.get("connection") != "close"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, answer = read_response(sock)
+        assert status == 200 and b"ok" in answer
+    finally:
+        sock.close()
+
+
+def test_the_body_limits_answer_v2_in_the_protocols_form(limited):
+    """Under /v2 the body limits' own answers (503 over the budget, 408 for a stalled body)
+    are ``{"error": ...}`` as the Open Inference Protocol's clients read them (tritonclient
+    could not read ``detail``)."""
+    import json
+
+    budget = limited.app.state.upload_budget
+    budget.used = budget.limit
+    try:
+        sock = connect(limited.url)
+        sock.sendall(v2_head(1000))
+        status, _, answer = read_response(sock)
+    finally:
+        budget.used = 0
+        sock.close()
+    assert status == 503 and "IMGCLS_MAX_INFLIGHT_MB" in json.loads(answer)["error"]
+    sock = connect(limited.url)
+    try:
+        sock.sendall(v2_head(100_000) + b"{" * 1024)  # then silence
+        data, _, _ = read_until_closed(sock, BODY_S + SLACK_S + 5)
+    finally:
+        sock.close()
+    assert status_of(data) == 408
+    assert "IMGCLS_BODY_TIMEOUT_S" in json.loads(data.partition(b"\r\n\r\n")[2])["error"]
+    r = httpx.post(f"{limited.url}/classify", params={"model": "nope"}, content=b"x")
+    assert "detail" in r.json()  # the app's form elsewhere
+
+
 def test_a_body_asked_for_keeps_the_connection(limited):
     """With the body read (after "100 Continue"), the connection stays open for the next
     request, error or not."""
