@@ -30,6 +30,10 @@ ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The pixel limit is IMGCLS_MAX_PIXELS, checked on the header (``_open``) before anything is
+# decoded. Pillow's own (89.5 MP, a warning, then an error at twice that) ran first: its
+# message named its figure, not the setting, and no setting above 89.5 MP could take effect.
+Image.MAX_IMAGE_PIXELS = None
 
 # Resizing the short side of a 1x10000 strip to 256 pixels would make 2.5 million columns: an
 # extreme aspect ratio is a memory bomb of its own, so it is refused like an oversized image.
@@ -43,6 +47,10 @@ MAX_ASPECT_RATIO = 50
 # blocks before the first image in Python, so hostile counts of them cost seconds per megabyte.
 MAX_JPEG_SCANS = 100
 MAX_JPEG_SEGMENTS = 1000  # markers with a length (APPn, DQT, DHT, SOS, COM, ...)
+# Bytes before the first scan that belong to no segment: junk between segments and 0xFF fill
+# bytes. Pillow skips them one read(1) at a time in Python (~0.65 s per MB, in the API's header
+# check and again in the worker); encoders write none, or a few fill bytes.
+MAX_JPEG_PADDING = 64 * 1024
 MAX_PNG_CHUNKS = 20_000  # a 20 MB PNG written in libpng's 8 KB IDAT chunks has 2,560
 MAX_PNG_ANCILLARY = 1000  # chunks other than IDAT
 MAX_GIF_BLOCKS = 10_000  # extension blocks and their sub-blocks before the first image
@@ -141,17 +149,29 @@ class _Source(io.RawIOBase):
 # After a scan's entropy-coded data the next marker is 0xFF followed by anything but 0x00 (a
 # stuffed byte), 0xD0-0xD7 (restart markers, part of the data) or 0xFF (fill).
 _JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Junk, then fill bytes: up to the 0xFF that starts the next marker (the last of the run).
+_JPEG_TO_MARKER = re.compile(rb"[^\xff]*\xff+")
 
 
 def _check_jpeg(data: BytesLike) -> None:
-    n, pos, segments, scans = len(data), 2, 0, 0
+    n, pos, segments, scans, padding = len(data), 2, 0, 0, 0
     while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return  # not at a marker: corrupt, the decoder will say so
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if data[pos] != 0xFF or data[pos + 1] in (0x00, 0xFF):  # junk or fill, as Pillow reads
+            if scans:
+                return  # after a scan: libjpeg's to read (in C), or to call corrupt
+            end = min(n, pos + MAX_JPEG_PADDING + 2)
+            junk_from = pos + 1 if data[pos + 1] == 0x00 else pos  # 0xFF 0x00: junk from the 0x00
+            found = _JPEG_TO_MARKER.match(data, junk_from, end)
+            skipped = (found.end() - 1 if found else end) - pos
+            padding += skipped
+            if padding > MAX_JPEG_PADDING:
+                raise ImageBudgetError(
+                    f"the JPEG has more than {MAX_JPEG_PADDING // 1024} KB of bytes between "
+                    "its header's segments (junk or fill); refused unread"
+                )
+            pos += skipped
             continue
+        marker = data[pos + 1]
         pos += 2
         if marker == 0xD9:  # EOI
             return
@@ -375,10 +395,13 @@ class Probe:
         return self.format == "JPEG" and self.mode in ("RGB", "L") and self.orientation == 1
 
 
-def _open(data: BytesLike, max_pixels: int, checked: bool = False) -> tuple[Image.Image, _Source]:
+def _open(
+    data: BytesLike, max_pixels: int, checked: bool = False, budget_s: float = DECODE_BUDGET_S
+) -> tuple[Image.Image, _Source]:
     """Open and check the structure (unless ``checked``: ``probe`` walked it already) and
     header: decode budgets, format, dimensions, pixel count, aspect ratio. Returns the image
-    and the ``_Source`` over ``data`` it reads from."""
+    and the ``_Source`` over ``data`` it reads from, whose ``budget_s`` of wall-clock time
+    runs from here (Pillow parses headers in Python: the header counts)."""
     if not len(data):
         raise ImageError("the uploaded file is empty")
     if not checked:
@@ -387,10 +410,13 @@ def _open(data: BytesLike, max_pixels: int, checked: bool = False) -> tuple[Imag
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             source = _Source(data)
+            source.deadline, source.budget_s = time.monotonic() + budget_s, budget_s
             img = Image.open(cast(IO[bytes], source), formats=OPEN_FORMATS)
             img.format  # noqa: B018 - the header is parsed by open()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image dimensions are too large: {exc}") from None
+    except ImageBudgetError:  # the header's parse overran the budget
+        raise
     except UnidentifiedImageError:  # no accepted format's plugin recognised it
         raise ImageError(
             "the upload is not a readable image in an accepted format; accepted formats: "
@@ -550,9 +576,8 @@ def decode(
     of a GIF or page of a TIFF is decoded (``open`` leaves the image there). ``checked``: the
     caller ran ``probe`` on ``data`` (its structure is not walked again).
     """
-    img, source = _open(data, max_pixels, checked)
+    img, source = _open(data, max_pixels, checked, budget_s)
     fmt = img.format
-    source.deadline, source.budget_s = time.monotonic() + budget_s, budget_s
     img.decodermaxblock = READ_BLOCK  # type: ignore[attr-defined]  # how often it is checked
     try:
         with warnings.catch_warnings():

@@ -82,6 +82,59 @@ def test_pixel_limit_applies():
         decode(images.encode(images.photo((100, 100)), "PNG"), 9_999)
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_the_pixel_limit_is_the_setting_not_pillows(fmt):
+    """The 413 names IMGCLS_MAX_PIXELS' figure, and a limit above Pillow's own (89.5 MP)
+    takes effect: Pillow's check ran first, named 89,478,485, and refused 100 MP whatever the
+    setting."""
+    bomb = getattr(images, f"{fmt}_bomb")
+    with pytest.raises(ImageTooLargeError, match=f"the limit is {LIMIT:,}"):
+        imaging.probe(bomb(10_000, 10_000), LIMIT)
+    with pytest.raises(ImageTooLargeError, match=f"the limit is {LIMIT:,}"):
+        imaging.probe(bomb(20_000, 20_000), LIMIT)
+    probe = imaging.probe(bomb(10_000, 10_000), 200_000_000)  # 100 MP within a 200 MP setting
+    assert (probe.width, probe.height) == (10_000, 10_000)
+
+
+def _padded(jpeg: bytes, padding: bytes) -> bytes:
+    """``padding`` between the JPEG's start-of-image marker and its first segment, after a
+    0xFF (Pillow takes a file for a JPEG by its first three bytes, 0xFF 0xD8 0xFF)."""
+    return jpeg[:2] + b"\xff" + padding + jpeg[2:]
+
+
+@needs_shared(IMAGES)
+@pytest.mark.parametrize("byte", [b"\x00", b"\xff"], ids=["junk", "fill"])
+def test_padding_in_a_jpeg_header_is_bounded(byte):
+    """Bytes between a JPEG's header segments (junk, or 0xFF fill) are skipped by Pillow one
+    read at a time in Python, ~0.65 s per MB in the API process and again in the worker: a
+    few are accepted (decoded as without them), megabytes refused unread."""
+    jpeg = (IMAGES / "hubble_deep_field.jpg").read_bytes()  # a real photo's header
+    plain = np.asarray(decode(jpeg, LIMIT))
+    few = _padded(jpeg, byte * 1000)
+    assert np.array_equal(np.asarray(decode(few, LIMIT)), plain)
+    for size in (imaging.MAX_JPEG_PADDING + 1, 2 * 1024 * 1024):
+        with pytest.raises(imaging.ImageBudgetError, match="junk or fill"):
+            imaging.probe(_padded(jpeg, byte * size), LIMIT)
+        with pytest.raises(imaging.ImageBudgetError, match="junk or fill"):
+            decode(_padded(jpeg, byte * size), LIMIT)
+    # junk and fill together, in small pieces between every segment, count as one
+    spread = bytearray(jpeg)
+    header_end = jpeg.index(b"\xff\xda")  # the first scan
+    markers = [i for i in range(2, header_end) if jpeg[i] == 0xFF and jpeg[i + 1] not in (0, 0xFF)]
+    for at in reversed(markers):
+        spread[at:at] = b"\xff" + b"\x00" * 20_000 + b"\xff" * 20_000
+    with pytest.raises(imaging.ImageBudgetError, match="junk or fill"):
+        imaging.probe(bytes(spread), LIMIT)
+
+
+def test_the_budget_counts_the_header_parse(monkeypatch):
+    """The decode budget runs from the open: Pillow's header parse (Python) is part of it."""
+    monkeypatch.setattr(imaging, "MAX_JPEG_PADDING", 10 * 1024 * 1024)  # let the padding in
+    slow = _padded(images.encode(images.photo(), "JPEG"), b"\x00" * 3 * 1024 * 1024)
+    with pytest.raises(imaging.ImageBudgetError, match="budget"):
+        decode(slow, LIMIT, budget_s=0.05)
+
+
 @pytest.mark.parametrize(
     "data",
     [
