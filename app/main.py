@@ -17,7 +17,12 @@ from app import __version__, memory
 from app.api import docs, explain, health, inference, models
 from app.api import errors as api_errors
 from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts
-from app.middleware import ApiKeyMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
+from app.middleware import (
+    ApiKeyMiddleware,
+    DisconnectMiddleware,
+    HeadAsGetMiddleware,
+    RequestIdMiddleware,
+)
 from app.observability import AccessMiddleware, Metrics, configure_logging
 from app.oip import codec
 from app.oip import rest as oip_rest
@@ -92,8 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def index() -> FileResponse:
             return FileResponse(STATIC / "index.html")
 
-    # The last added runs first: request IDs, access log, CORS (answers preflights), API key,
-    # body limits (timeouts and the budget of uploads in flight). Every body a route may read
+    # The last added runs first: request IDs, access log, client gone (cancels the handler),
+    # CORS (answers preflights), API key, body limits (timeouts and the budget of uploads in flight). Every body a route may read
     # counts against the budget: uploads (the form around a file) and /v2 infer requests.
     app.state.upload_budget = budget
     max_body = max(
@@ -120,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             expose_headers=["X-Request-ID", "Retry-After", codec.HEADER_LENGTH],
         )
+    app.add_middleware(DisconnectMiddleware)  # a client gone after its body: work stopped, 499
     app.add_middleware(
         AccessMiddleware,
         metrics=metrics,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -71,6 +73,63 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class DisconnectMiddleware:
+    """Stops a request's work when its client goes away after sending the whole body.
+
+    Starlette runs a handler to its end whatever the client does: an image whose client had
+    left was still batched, computed and counted 200 (only a disconnect while the body was
+    being read was seen, as ``ClientDisconnect``). Once the body is in, a watcher waits for
+    uvicorn's ``http.disconnect``; if it comes before the answer starts, the handler is
+    cancelled (its images still queued are dropped, counted "cancelled") and
+    ``ClientDisconnect`` raised, which the access log and metrics count as 499. Later calls of
+    the app to ``receive`` share the watcher's message."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        handler = asyncio.current_task()
+        watcher: asyncio.Task[Message] | None = None
+        answered = gone = False
+
+        async def watch() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered and handler is not None:
+                gone = True
+                handler.cancel()
+            return message
+
+        async def receive_watched() -> Message:
+            nonlocal watcher
+            if watcher is not None:
+                return await asyncio.shield(watcher)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.create_task(watch())  # the body is in
+            return message
+
+        async def send_watched(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_watched, send_watched)
+        except asyncio.CancelledError:
+            if not gone or handler is None:
+                raise  # cancelled by someone else: the server stopping
+            handler.uncancel()
+            raise ClientDisconnect from None
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
 
 
 class ApiKeyMiddleware:

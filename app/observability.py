@@ -275,7 +275,7 @@ def _model_label(scope: Scope, served: Container[str]) -> str:
         name = path.removeprefix("/models/")  # the path is decoded already
     elif path in ("/classify", "/explain"):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        name = query.get("model", [""])[0]
+        name = query.get("model", [""])[-1]  # the last, as the route reads a repeated one
         if not name:
             return "default" if path == "/classify" else ""
     else:

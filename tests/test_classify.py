@@ -230,6 +230,12 @@ def test_metrics_are_exported(service, client):
         return sum(float(x.split()[-1]) for x in t.splitlines() if x.startswith(line))
 
     assert count(text) == count(before) + 1
+    # a repeated ?model= is counted under the model that answered: the last, as the route reads
+    r = client.post("/classify", params=[("model", "r18_copy"), ("model", "tiny3")],
+                    files={"file": ("c.png", PNG)})  # fmt: skip
+    assert r.status_code == 200 and r.json()["model"] == "tiny3"
+    text = client.get("/metrics").text
+    assert count(text) == count(before) + 2
     # /models/{name} is counted under the model in its path, not a ?model= it does not take
     client.get("/models/tiny3", params={"model": "cifar10_resnet20"})
     client.get("/models/nosuch", params={"model": "tiny3"})

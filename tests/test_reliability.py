@@ -106,6 +106,37 @@ def test_deadline_gives_504_and_drops_unstarted_work(tmp_path: Path):
         assert computed < n, f"{computed} images computed for {n} requests"
 
 
+def test_a_client_gone_after_its_upload_has_its_image_dropped_and_counted_499(tmp_path: Path):
+    """Clients that send their upload and leave before the answer (a timeout, a closed tab):
+    their images, still waiting for a batch, are dropped rather than computed for nobody, and
+    the requests counted 499 (they were computed and counted 200). A client that stays gets its
+    answer from the same queue."""
+    from tests.rawhttp import multipart
+
+    model = "cifar10_plain20"
+    body = multipart(PNG)
+    head = (f"POST /classify?model={model} HTTP/1.1\r\nHost: t\r\n"
+            f"Content-Type: multipart/form-data; boundary=imgclsboundary\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with run_service(
+        models=model, allow_random_weights=True, weights_dir=tmp_path,
+        max_batch_size=32, max_batch_wait_ms=3000,  # the batch waits for more: 3 s
+    ) as svc:  # fmt: skip
+        batcher = svc.service.batchers[model]
+        socks = [connect(svc.url) for _ in range(3)]
+        for sock in socks:
+            sock.sendall(head + body)
+        _until(lambda: batcher.depth == 3, 10, "three images queued")
+        for sock in socks:
+            sock.close()  # gone, before the batch's wait ends
+        _until(lambda: _metric(svc.url, "imgcls_requests_total", status="499") == 3, 10,
+               "three requests counted 499")  # fmt: skip
+        assert _post(svc.url, model)[0] == 200  # one that waits: answered, the others dropped
+        assert _metric(svc.url, "imgcls_dropped_images_total", model=model, reason="cancelled") == 3
+        assert _metric(svc.url, "imgcls_batch_size_sum", model=model) == 1  # only its image ran
+        assert _metric(svc.url, "imgcls_requests_total", status="200", endpoint="/classify") == 1
+
+
 def test_overload_stays_bounded_and_recovers(tmp_path: Path):
     """Several times the capacity for a bounded time: every request ends with 200, 503 or 504;
     accepted requests keep a bounded p99; right after, the service is back to full speed."""
