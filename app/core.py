@@ -279,6 +279,18 @@ class InferenceCore(ABC):
     async def run(self, name: str, payload: Item, deadline: float) -> ImageResult:
         """One image (uint8 pixels, normalised floats, or an upload to decode) through ``name``."""
 
+    def enqueue(self, name: str, payload: Item, deadline: float) -> asyncio.Future[ImageResult]:
+        """Queue one image now (``result`` waits for its answer): a request's images are queued
+        together, right after their admission, so no other request's come between. Here: a
+        task running ``run``."""
+        return asyncio.ensure_future(self.run(name, payload, deadline))
+
+    async def result(
+        self, name: str, queued: asyncio.Future[ImageResult], deadline: float
+    ) -> ImageResult:
+        """The answer to an image ``enqueue`` queued."""
+        return await queued
+
     def admit(self, name: str, images: int = 1) -> ServedModel:
         """Check, before any body is read, that ``name`` can take ``images`` more now."""
         return self.servable(name)
@@ -401,9 +413,16 @@ class InferenceCore(ABC):
 
     # ---- the operations ----------------------------------------------------------------------
     async def classify(
-        self, upload: imaging.BytesLike, model: str | None, top_k: int, request_id: str
+        self,
+        upload: imaging.BytesLike,
+        model: str | None,
+        top_k: int,
+        request_id: str,
+        received: float | None = None,
     ) -> ClassifyResponse:
-        started, deadline = time.perf_counter(), self.deadline()
+        """``received``: when the upload was in (``time.perf_counter``), where ``total`` starts
+        (its form's parse, and any wait for a thread to parse it, count); else now."""
+        started, deadline = received or time.perf_counter(), self.deadline()
         served = self.servable(model or self.default_model)
         spec = served.spec
         if self.decode_in_worker:
@@ -438,9 +457,11 @@ class InferenceCore(ABC):
         target: str | None,
         heatmap: bool,
         request_id: str,
+        received: float | None = None,
     ) -> ExplainResponse:
-        """Where ``model`` looked in ``upload`` for ``target`` (top1 or a class index)."""
-        started, deadline = time.perf_counter(), self.deadline()
+        """Where ``model`` looked in ``upload`` for ``target`` (top1 or a class index);
+        ``received`` as for ``classify``."""
+        started, deadline = received or time.perf_counter(), self.deadline()
         check_method(method)
         spec = self.servable(model or self.default_model).spec
         check_explainable(spec)
@@ -462,8 +483,9 @@ class InferenceCore(ABC):
         top_k: int,
         request_id: str,
         explain: str | None = None,
+        received: float | None = None,
     ) -> CompareResponse:
-        started, deadline = time.perf_counter(), self.deadline()
+        started, deadline = received or time.perf_counter(), self.deadline()  # as classify's
         served = [self.servable(n) for n in parse_models(models, self.ready_models())]
         if not served:
             raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)
@@ -545,14 +567,26 @@ class InferenceCore(ABC):
             "checking the images",
         )  # fmt: skip
         self.admit(name, len(payloads))  # again: the queue may have filled while they decoded
+        # Queued here, all at once, right after that check: queued one by one in tasks, two
+        # requests could both pass it, then each lose some of its images to a full queue.
+        queued: list[asyncio.Future[ImageResult]] = []
+        try:
+            for i, payload in enumerate(payloads):
+                try:
+                    queued.append(self.enqueue(spec.name, payload, deadline))
+                except Exception as exc:
+                    raise ElementError(i, exc) from exc
 
-        async def one(i: int, payload: Item) -> ImageResult:
-            try:
-                return await self.run(spec.name, payload, deadline)
-            except Exception as exc:
-                raise ElementError(i, exc) from exc
+            async def one(i: int, answer: asyncio.Future[ImageResult]) -> ImageResult:
+                try:
+                    return await self.result(spec.name, answer, deadline)
+                except Exception as exc:
+                    raise ElementError(i, exc) from exc
 
-        return await gather_fail_fast([one(i, p) for i, p in enumerate(payloads)])
+            return await gather_fail_fast([one(i, f) for i, f in enumerate(queued)])
+        finally:
+            for answer in queued:  # the ones not answered (another failed, the client left)
+                answer.cancel()  # are dropped from the queue, not computed for nobody
 
 
 def similarities(

@@ -98,8 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return FileResponse(STATIC / "index.html")
 
     # The last added runs first: request IDs, access log, client gone (cancels the handler),
-    # CORS (answers preflights), API key, body limits (timeouts and the budget of uploads in flight). Every body a route may read
-    # counts against the budget: uploads (the form around a file) and /v2 infer requests.
+    # CORS (answers preflights), API key, body limits (timeouts and the budget of uploads in
+    # flight). Every body a route may read counts against the budget: uploads (the form around
+    # a file) and /v2 infer requests.
     app.state.upload_budget = budget
     max_body = max(
         settings.max_upload_bytes + FORM_OVERHEAD, int(settings.oip_max_request_mb * 1024 * 1024)

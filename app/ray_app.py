@@ -355,7 +355,9 @@ class Ingress:
         self.core.admit(name)
         await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
-        return await self.core.classify(upload.data, model, top_k, request.state.request_id)
+        return await self.core.classify(
+            upload.data, model, top_k, request.state.request_id, upload.received
+        )
 
     @api.post("/compare", response_model=CompareResponse)
     async def compare(
@@ -377,8 +379,9 @@ class Ingress:
         await self.core.ready(names)
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
         return await self.core.compare(
-            upload.data, models, top_k, request.state.request_id, explain=explain
-        )
+            upload.data, models, top_k, request.state.request_id, explain=explain,
+            received=upload.received,
+        )  # fmt: skip
 
     @api.post("/explain", response_model=ExplainResponse, response_model_exclude_none=True)
     async def explain(
@@ -394,8 +397,9 @@ class Ingress:
         await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
         return await self.core.explain(
-            upload.data, name, method, target, heatmap, request.state.request_id
-        )
+            upload.data, name, method, target, heatmap, request.state.request_id,
+            received=upload.received,
+        )  # fmt: skip
 
     def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
         entry = spec.catalog_entry()

@@ -411,13 +411,20 @@ class Service(InferenceCore):
     async def run(self, name: str, payload: Item, deadline: float) -> ImageResult:
         """Run uint8 pixels, normalised floats, or an upload to decode in the worker, through
         ``name``."""
+        return await self.result(name, self.enqueue(name, payload, deadline), deadline)
+
+    def enqueue(self, name: str, payload: Item, deadline: float) -> asyncio.Future[ImageResult]:
         batcher = self.batchers.get(name)
         if batcher is None:
             raise ModelNotReadyError(f"model {name!r} is not loaded (unloaded?)", retry_after=5)
-        fut = batcher.submit(payload, deadline)
+        return batcher.submit(payload, deadline)
+
+    async def result(
+        self, name: str, queued: asyncio.Future[ImageResult], deadline: float
+    ) -> ImageResult:
         remaining = deadline - time.monotonic()
         try:
-            return await asyncio.wait_for(fut, max(0.001, remaining))
+            return await asyncio.wait_for(queued, max(0.001, remaining))
         except TimeoutError:
             raise TimeoutError(
                 f"no result for {name} within IMGCLS_REQUEST_TIMEOUT_S="

@@ -10,6 +10,7 @@ buffer, not copied. Uploads are never written to disk.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -33,6 +34,7 @@ class Upload:
     data: BytesLike  # a view into the request body: the upload is held once
     filename: str | None
     content_type: str | None
+    received: float = 0.0  # time.perf_counter() when the body was in (before its parse)
 
 
 def _mb(limit: int) -> str:
@@ -208,7 +210,10 @@ async def read_upload(request: Request, limit: int) -> Upload:
             status=415,
         )
     body = await read_body(request, limit + FORM_OVERHEAD, setting_limit=limit)
+    received = time.perf_counter()
     if len(body) <= _PARSE_INLINE_BYTES:
-        return _parse_multipart(body, boundary, limit)
-    # Off the event loop: headers are parsed byte by byte in Python.
-    return await asyncio.to_thread(_parse_multipart, body, boundary, limit)
+        upload = _parse_multipart(body, boundary, limit)
+    else:  # off the event loop: headers are parsed byte by byte in Python
+        upload = await asyncio.to_thread(_parse_multipart, body, boundary, limit)
+    upload.received = received
+    return upload

@@ -377,6 +377,16 @@ def test_error_codes(stub, auth):
         stub.ModelInfer(request, metadata=md)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "an input's name is 20,000 characters long" in info.value.details()
+    # no input, or one twice: told which (both were "send one input: ... not both")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(tpb.ModelInferRequest(model_name=CIFAR), metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("no input"), info.value.details()
+    request = infer_ok(good)
+    request.inputs.append(request.inputs[0])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, metadata=md)
+    assert info.value.details() == "input 'IMAGE' appears more than once; send it once"
     meta = tpb.ModelMetadataRequest(name="nope")
     assert status_of(lambda: stub.ModelMetadata(meta, metadata=md)) == grpc.StatusCode.NOT_FOUND
     assert status_of(lambda: stub.ModelMetadata(meta)) == grpc.StatusCode.UNAUTHENTICATED

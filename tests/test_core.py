@@ -4,6 +4,7 @@ import graph that reads top-down."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import os
 import signal
@@ -274,3 +275,45 @@ def test_concurrent_large_decodes_wait_for_the_decode_budget(tmp_path):
     # the budget holds one image's bound: one decode at a time, about one decoded image of
     # growth (144 MB here); without it, five or six at once (0.7 GB)
     assert grew < min(bound, 2 * decoded)
+
+
+def test_the_images_of_a_request_are_queued_together(tmp_path):
+    """N images are admitted and queued all at once: of two requests of 3 images that find 4
+    places, one is refused whole (503, none of its images queued, none counted failed). Queued
+    one by one in tasks after the check, both passed it, and one lost its second image to the
+    full queue: an element error, its first image queued for nobody and counted failed."""
+    import torch
+
+    from app.engine.batcher import QueueFullError
+    from app.service import Service
+    from app.settings import Settings
+
+    name = "cifar10_plain20"
+    settings = Settings(
+        models=name, allow_random_weights=True, weights_dir=tmp_path, auto_download=False,
+        device="cpu", precision="fp32", compile=False, grpc_port=0, max_queue=4,
+        max_batch_size=32, max_batch_wait_ms=1000,  # the queue holds them while both arrive
+    )  # fmt: skip
+
+    async def scenario() -> tuple[list[object], int]:
+        service = Service(settings)
+        await service.start()
+        try:
+            deadline = time.monotonic() + 120
+            while name not in service.ready_models():
+                assert time.monotonic() < deadline, "the model did not load"
+                await asyncio.sleep(0.05)
+            pixels = [torch.zeros(3, 32, 32, dtype=torch.uint8) for _ in range(3)]
+            outcomes = await asyncio.gather(
+                service.infer(name, pixels), service.infer(name, pixels), return_exceptions=True
+            )
+            return list(outcomes), service.batchers[name].stats.fail.count
+        finally:
+            await service.stop()
+
+    outcomes, failed = asyncio.run(scenario())
+    answered = [o for o in outcomes if isinstance(o, list)]
+    refused = [o for o in outcomes if not isinstance(o, list)]
+    assert len(answered) == 1 and len(answered[0]) == 3, outcomes
+    assert len(refused) == 1 and type(refused[0]) is QueueFullError, outcomes
+    assert failed == 0

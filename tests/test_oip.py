@@ -34,6 +34,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from tests import images
 from tests.conftest import (
     CIFAR_FILES,
     CIFAR_WEIGHTS,
@@ -1212,6 +1213,39 @@ def test_grpc_calls_beyond_the_concurrency_cap_are_refused_at_once(model_dir: Pa
         assert 1 <= codes.count(grpc.StatusCode.OK) < 12, codes
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
         assert burst(1) == [grpc.StatusCode.OK]  # and it serves again
+
+
+def test_grpc_answers_are_not_capped_by_the_request_limit(tmp_path: Path):
+    """IMGCLS_OIP_MAX_REQUEST_MB caps requests, not answers: two tiny PNGs (a request of a few
+    hundred bytes under a 5 KB limit) through a 1,000-class model answer 8 KB of probabilities.
+    The answer was computed, then refused on its way out (RESOURCE_EXHAUSTED), counted 200."""
+    import grpc
+
+    from app.oip.generated import grpc_predict_v2_pb2 as pb
+    from app.oip.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    port = free_port()
+    png = images.encode(images.photo((8, 8)), "PNG")
+    request = pb.ModelInferRequest(
+        model_name="resnet18",
+        inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="IMAGE", datatype="BYTES", shape=[2],
+            contents=pb.InferTensorContents(bytes_contents=[png, png]),
+        )],
+    )  # fmt: skip
+    limit_mb = 0.005
+    assert request.ByteSize() < limit_mb * 1024 * 1024
+    with (
+        run_service(
+            models="resnet18", allow_random_weights=True, weights_dir=tmp_path,
+            grpc_port=port, grpc_host="127.0.0.1", oip_max_request_mb=limit_mb,
+        ),
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):  # fmt: skip
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    (output,) = response.outputs
+    assert output.name == "PROBABILITIES" and list(output.shape) == [2, 1000]
+    assert response.ByteSize() > limit_mb * 1024 * 1024
 
 
 # ---- gRPC, in a process without imgcls's protobuf names --------------------------------------

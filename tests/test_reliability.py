@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests import images
 from tests.conftest import ROOT, children, free_port, run_service, running
@@ -374,3 +375,41 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     assert took < 2 * grace + 10, f"the shutdown took {took:.1f} s"
     _until(lambda: not running([pid]), 10, "the hung worker was killed")
     assert held.done()
+
+
+def test_total_latency_counts_the_wait_to_parse_the_upload(tmp_path: Path):
+    """`latency_ms.total` runs from the upload received in full (README): a form parsed on a
+    thread counts its wait for one. With the API process's threads held for a second, an
+    upload's total includes that second (it started after the parse, and said a few ms)."""
+    import asyncio
+    import threading
+
+    model = "cifar10_plain20"
+    threads = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor
+    held = threading.Event()
+
+    def configure(app) -> None:  # a route that keeps every thread of the pool busy for 1.5 s
+        async def hold() -> dict[str, bool]:
+            jobs = [asyncio.to_thread(time.sleep, 1.5) for _ in range(threads)]
+            held.set()
+            await asyncio.gather(*jobs)
+            return {"held": True}
+
+        app.add_api_route("/hold", hold, methods=["POST"])
+
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    png = images.encode(Image.fromarray(noise), "PNG")
+    assert len(png) > 8 * 1024  # parsed on a thread, not inline
+    with (
+        run_service(models=model, allow_random_weights=True, weights_dir=tmp_path,
+                    configure=configure) as svc,
+        cf.ThreadPoolExecutor(1) as ex,
+    ):  # fmt: skip
+        holding = ex.submit(httpx.post, f"{svc.url}/hold", timeout=30)
+        assert held.wait(10)
+        time.sleep(0.2)  # the sleeps have the threads
+        r = httpx.post(f"{svc.url}/classify", params={"model": model},
+                       files={"file": ("x.png", png)}, timeout=30)  # fmt: skip
+        assert holding.result().status_code == 200
+    assert r.status_code == 200, r.text
+    assert r.json()["latency_ms"]["total"] >= 1000, r.json()["latency_ms"]

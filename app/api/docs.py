@@ -55,8 +55,20 @@ def install(app: FastAPI, api_key: bool) -> None:
                 "description": "IMGCLS_API_KEY, sent as `Authorization: Bearer <key>`",
             }
             for path, operations in schema.get("paths", {}).items():
+                key = "error" if path.startswith("/v2") else "detail"  # as middleware.error_body
                 for operation in operations.values():
-                    operation["security"] = [] if path in OPEN_PATHS else [{SCHEME: []}]
+                    if path in OPEN_PATHS:
+                        operation["security"] = []
+                        continue
+                    operation["security"] = [{SCHEME: []}]
+                    operation.setdefault("responses", {}).setdefault("401", {
+                        "description": "Missing or wrong API key",
+                        "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "properties": {key: {"type": "string"}},
+                            "required": [key],
+                        }}},
+                    })  # fmt: skip
             return schema
 
         app.openapi = keyed  # type: ignore[method-assign]

@@ -35,7 +35,7 @@ async def classify(
     name = model or service.default_model
     service.admit(name)  # model and queue room checked before the body is read
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    return await service.classify(upload.data, name, top_k, request_id)
+    return await service.classify(upload.data, name, top_k, request_id, upload.received)
 
 
 @router.post(
@@ -74,4 +74,6 @@ async def compare(
         for name in names:
             service.admit_explain(name, explain)
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    return await service.compare(upload.data, models, top_k, request_id, explain=explain)
+    return await service.compare(
+        upload.data, models, top_k, request_id, explain=explain, received=upload.received
+    )

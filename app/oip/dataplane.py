@@ -231,7 +231,13 @@ def _one_input(inputs: Sequence[InputTensor], spec: ModelSpec) -> InputTensor:
     unknown = [t.name for t in inputs if t.name not in (IMAGE, PIXELS)]
     if unknown:
         raise ProtocolError(f"unknown input {clip(unknown[0])!r}; {spec.name} takes {expected}")
+    if not inputs:
+        raise ProtocolError(f"no input: send one, {expected}")
     if len(inputs) != 1:
+        names = [t.name for t in inputs]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ProtocolError(f"input {clip(twice)!r} appears more than once; send it once")
         raise ProtocolError(f"send one input: {expected}, not both")
     t = inputs[0]
     if t.datatype != INPUT_DATATYPES[t.name]:  # the doors' codecs refuse it first, as here

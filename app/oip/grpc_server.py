@@ -282,7 +282,9 @@ async def start_grpc(
         else [],
         options=[
             ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            # no cap on answers: a request within the limit can ask for more bytes back (4 KB a
+            # ImageNet image of probabilities), computed before the cap refused to send them
+            ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not a shared port
         ],
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
