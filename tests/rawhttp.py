@@ -74,3 +74,10 @@ def multipart(data: bytes, boundary: str = "imgclsboundary", name: str = "file")
         + data
         + f"\r\n--{boundary}--\r\n".encode()
     )
+
+
+def healthz_on(sock: socket.socket) -> tuple[int, bytes]:
+    """``GET /healthz`` on a connection left open: whether it still serves (status, body)."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, _, answer = read_response(sock)
+    return status, answer

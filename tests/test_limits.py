@@ -18,7 +18,14 @@ import pytest
 from app.upload import FORM_OVERHEAD
 from tests import images
 from tests.conftest import CIFAR_WEIGHTS, Running, needs_shared, run_service
-from tests.rawhttp import connect, multipart, read_response, read_until_closed, status_of
+from tests.rawhttp import (
+    connect,
+    healthz_on,
+    multipart,
+    read_response,
+    read_until_closed,
+    status_of,
+)
 
 pytestmark = needs_shared
 
@@ -465,8 +472,7 @@ def test_a_refused_body_within_the_limits_is_read_and_the_connection_kept(limite
         sock.sendall(upload_head(5000, path="/classify?model=nope") + b"x" * 5000)
         status, headers, _ = read_response(sock)
         assert status == 404 and headers.get("connection") != "close"
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, _, answer = read_response(sock)
+        status, answer = healthz_on(sock)
         assert status == 200 and b"ok" in answer
     finally:
         sock.close()
@@ -512,8 +518,7 @@ def test_a_body_asked_for_keeps_the_connection(limited):
         sock.sendall(body)
         status, headers, _ = read_response(sock)
         assert status == 422 and headers.get("connection") != "close"
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, _, answer = read_response(sock)
+        status, answer = healthz_on(sock)
         assert status == 200 and b"ok" in answer
     finally:
         sock.close()
