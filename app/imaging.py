@@ -157,8 +157,12 @@ def _check_jpeg(data: BytesLike) -> None:
     n, pos, segments, scans, padding = len(data), 2, 0, 0, 0
     while pos + 4 <= n:
         if data[pos] != 0xFF or data[pos + 1] in (0x00, 0xFF):  # junk or fill, as Pillow reads
-            if scans:
-                return  # after a scan: libjpeg's to read (in C), or to call corrupt
+            if scans:  # after a scan libjpeg skips them (in C): the scans are still counted
+                found = _JPEG_NEXT_MARKER.search(data, pos + 1)
+                if found is None:
+                    return
+                pos = found.start()
+                continue
             end = min(n, pos + MAX_JPEG_PADDING + 2)
             junk_from = pos + 1 if data[pos + 1] == 0x00 else pos  # 0xFF 0x00: junk from the 0x00
             found = _JPEG_TO_MARKER.match(data, junk_from, end)

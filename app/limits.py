@@ -176,6 +176,18 @@ class BodyLimitsMiddleware:
                     reserved = received
             return message
 
+        async def drain() -> bool:
+            """The rest of a chunked body the app answered without reading, read and thrown
+            away up to ``max_body`` (within the body timeouts): whether it ended there, and
+            the connection can serve the next request."""
+            try:
+                while not finished and received <= self.max_body:
+                    if (await guarded_receive())["type"] != "http.request":
+                        return False  # the client is gone
+            except BodyLimitError:  # too slow, or over the budget of bodies in flight
+                return False
+            return finished
+
         async def send_tracking(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
@@ -189,6 +201,8 @@ class BodyLimitsMiddleware:
                     # refused before its body was read (an unknown model, a full queue, over
                     # a limit): not read to its end and thrown away
                     message = _closing(message)
+                elif not finished and chunked and not await drain():
+                    message = _closing(message)  # more than the app takes, or stalled
             await send(message)
 
         try:

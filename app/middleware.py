@@ -27,12 +27,11 @@ def error_body(path: str, message: str) -> dict[str, str]:
 
 def large_unread_body(headers: Headers, max_body: int | None) -> bool:
     """Whether a request answered before its body was read should be closed after the answer:
-    a body the app would not take (over ``max_body``, or chunked: of any size), which uvicorn
-    would otherwise read to its end and throw away (10 GB at a few GB/s, until the header
-    timeout). A smaller one is left to be read and thrown away: closing on unread bytes makes
-    the kernel reset the connection, and a client still sending may lose the answer."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return True
+    its ``Content-Length`` is over what the app takes (``max_body``), which uvicorn would
+    otherwise read to its end and throw away (10 GB at a few GB/s, until the header timeout).
+    A smaller one, and a chunked one (of unknown size: limits.BodyLimitsMiddleware reads it up
+    to ``max_body``), are read and thrown away: closing on unread bytes makes the kernel reset
+    the connection, and a client still sending loses the answer."""
     try:
         declared = int(headers.get("content-length", "0"))
     except ValueError:

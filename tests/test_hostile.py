@@ -374,6 +374,12 @@ def test_a_refused_key_closes_only_on_a_body_the_service_would_not_take(hostile)
         status, headers, _ = read_response(sock)
         assert status == 401 and headers.get("connection") != "close"
         assert healthz_on(sock)[0] == 200
+        # chunked (of unknown size): read and thrown away as well, the answer kept
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + (b"40000\r\n" + b"x" * 0x40000 + b"\r\n") * 4 + b"0\r\n\r\n")  # fmt: skip
+        status, headers, _ = read_response(sock)
+        assert status == 401 and headers.get("connection") != "close"
+        assert healthz_on(sock)[0] == 200
     finally:
         sock.close()
 

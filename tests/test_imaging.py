@@ -367,3 +367,18 @@ def test_the_header_bounds_what_a_decode_holds(tmp_path):
         print(f"{case}, {'draft' if draft == 'True' else 'exact'}: peak {int(peak) / 2**20:.0f} MB, "
               f"bound {int(bound) / 2**20:.0f} MB")  # fmt: skip
         assert int(peak) <= int(bound) + 32 * 2**20, (case, draft)
+
+
+@pytest.mark.parametrize("between", [b"\xff\xff\xff", b"\x00\x01junk"], ids=["fill", "junk"])
+def test_the_scan_cap_counts_past_padding_after_a_scan(between):
+    """Fill or junk after a scan (after a segment that ends where no marker follows) does not
+    end the walk: the scans after it are still counted, and a file of 2,000 scans refused."""
+    bomb = images.jpeg_scan_bomb()
+    with pytest.raises(imaging.ImageBudgetError, match="scans"):
+        imaging.check_structure(bomb)
+    first_scan = bomb.index(b"\xff\xda")
+    after = imaging._JPEG_NEXT_MARKER.search(bomb, first_scan + 4).start()  # its data's end
+    comment = b"\xff\xfe\x00\x04ab"  # a COM segment, then the padding, then the next marker
+    padded = bomb[:after] + comment + between + bomb[after:]
+    with pytest.raises(imaging.ImageBudgetError, match="scans"):
+        imaging.check_structure(padded)

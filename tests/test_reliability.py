@@ -121,7 +121,7 @@ def test_a_client_gone_after_its_upload_has_its_image_dropped_and_counted_499(tm
             f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
     with run_service(
         models=model, allow_random_weights=True, weights_dir=tmp_path,
-        max_batch_size=32, max_batch_wait_ms=3000,  # the batch waits for more: 3 s
+        max_batch_size=32, max_batch_wait_ms=5000,  # the batch waits for more: 5 s
     ) as svc:  # fmt: skip
         batcher = svc.service.batchers[model]
         socks = [connect(svc.url) for _ in range(3)]
