@@ -377,6 +377,41 @@ def test_watchdog_restarts_a_hung_worker(tmp_path, busy):
         assert r.status_code == 200, r.text
 
 
+def test_a_load_asked_of_a_hung_worker_leaves_it_the_hang_limit(tmp_path):
+    """A model load asked for while the worker is hung (queued behind what it runs: it never
+    begins it) keeps IMGCLS_WORKER_TIMEOUT_S as its limit, not the start-up limit (900 s by
+    default: the service stayed stuck that long, every request a 504). Once restarted, the
+    worker loads the model too."""
+    timeout = 3.0
+    with run_service(
+        models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
+        worker_timeout_s=timeout, request_timeout_s=60, model_control="explicit",
+    ) as svc:  # fmt: skip
+        pool = svc.service.pool
+        old_pid = pool.workers[0].pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            with cf.ThreadPoolExecutor(1) as ex:
+                load = ex.submit(httpx.post,
+                                 f"{svc.url}/v2/repository/models/cifar10_plain32/load",
+                                 timeout=120)  # fmt: skip
+                _wait(lambda: pool.workers[0].restarts["watchdog"] == 1, timeout + 15,
+                      "the hung worker killed")  # fmt: skip
+                t_detected = time.monotonic() - t_stop
+                loaded = load.result()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_pid, signal.SIGCONT)
+        assert t_detected < timeout + 10, t_detected
+        assert loaded.status_code == 200, loaded.text
+        for model in ("cifar10_plain20", "cifar10_plain32"):
+            r = httpx.post(f"{svc.url}/classify", params={"model": model},
+                           files={"file": ("x.png", PNG)}, timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+
+
 def test_twenty_restarts_under_load_leak_nothing():
     """Old queues are closed and their feeder threads end: after 20 forced restarts under load
     the API process holds no more file descriptors, threads or shared-memory segments than after

@@ -158,7 +158,16 @@ class WorkerHandle:
 
     @property
     def loading(self) -> bool:
+        """Starting, or a model is to load (a load asked for is queued behind what it runs):
+        nothing is sent to it meanwhile."""
         return not self.started or any(s.status == "loading" for s in self.models.values())
+
+    @property
+    def building_now(self) -> bool:
+        """Starting, or building a model it said it began: what the watchdog gives the start-up
+        limit. A load only asked for is not (a hung worker never begins it: the limit would be
+        IMGCLS_WORKER_STARTUP_TIMEOUT_S instead of IMGCLS_WORKER_TIMEOUT_S)."""
+        return not self.started or self.building is not None
 
 
 @dataclass
@@ -517,7 +526,7 @@ class WorkerPool:
             for w in self.workers:
                 if not w.alive or w.stopping or w.kill_reason:
                     continue
-                limit = self.startup_timeout_s if w.loading else self.worker_timeout_s
+                limit = self.startup_timeout_s if w.building_now else self.worker_timeout_s
                 overdue = [
                     now - x.sent_at
                     for x in w.inflight.values()
@@ -532,7 +541,7 @@ class WorkerPool:
         log.error(
             "watchdog: worker %s on %s is hung (%s, limit %gs); killing it",
             w.worker_id, w.device, why,
-            self.startup_timeout_s if w.loading else self.worker_timeout_s,
+            self.startup_timeout_s if w.building_now else self.worker_timeout_s,
         )  # fmt: skip
         w.kill_reason = "watchdog"
         with contextlib.suppress(Exception):
