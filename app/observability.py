@@ -193,7 +193,7 @@ class AccessMiddleware:
         self,
         app: ASGIApp,
         metrics: Metrics,
-        served: Callable[[], Container[str]],
+        served: Callable[[], Iterable[str]],
         routes: Callable[[], Sequence[BaseRoute]] = list,
     ) -> None:
         self.app = app
@@ -207,6 +207,9 @@ class AccessMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        # the models served when it came, and (below) when it ended: a request that unloaded
+        # or loaded its model, or was answered while another request did, is counted under it
+        served_at_start = set(self.served())
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -224,7 +227,7 @@ class AccessMiddleware:
             endpoint = path if path in ENDPOINTS else "other"
             if path.startswith("/models/"):
                 endpoint = "/models/{name}"
-            served = self.served()
+            served = served_at_start.union(self.served())
             model = _model_label(scope, served)
             if path.startswith("/v2"):  # the route's template, not the path: bounded labels
                 endpoint, params = _route(scope, self.routes)

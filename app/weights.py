@@ -96,6 +96,7 @@ def _fetch(url: str, tmp: Path, progress: bool) -> str:
                   unit_divisor=1024) as bar:  # fmt: skip
             while chunk := response.read1(_CHUNK):
                 out.write(chunk)
+                out.flush()  # on disk as it comes: its time says it is alive (_remove_abandoned)
                 digest.update(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
@@ -116,6 +117,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_file_or_missing(dest: Path) -> None:
+    """A folder (or anything else) where a checkpoint belongs is no checkpoint: Docker makes
+    one where a bind mount names a host file that does not exist."""
+    if dest.exists() and not dest.is_file():
+        raise WeightsError(
+            f"{dest} is not a file (a folder? a container's bind mount of a host file that does "
+            "not exist makes one): remove it, or mount the checkpoint there",
+            problem="failed",
+        )
+
+
 def download(
     url: str, dest: Path, sha256_prefix: str | None, progress: bool = True, replace: bool = False
 ) -> Path:
@@ -127,6 +139,7 @@ def download(
     loader looks. Re-running when ``dest`` exists does nothing, unless ``replace``: then a good
     download takes the place of the file there.
     """
+    _check_file_or_missing(dest)
     if dest.exists() and not replace:
         return dest
     try:
@@ -167,7 +180,8 @@ def _download(url: str, dest: Path, sha256_prefix: str | None, progress: bool) -
             raise WeightsError(f"cannot write {dest}: {exc}", problem="failed") from exc
         raise WeightsError(f"download of {url} failed: {exc}") from exc
     except Exception as exc:  # network errors, HTTP errors, a stalled server
-        raise WeightsError(f"download of {url} failed: {exc}") from exc
+        said = " ".join(str(exc).split())  # one line (urllib's redirect loop says it in three)
+        raise WeightsError(f"download of {url} failed: {said}") from exc
     finally:  # also on KeyboardInterrupt and SystemExit (the CLI's SIGTERM)
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -183,6 +197,7 @@ def pull(
     path = spec.weights_path(weights_dir)
     if path is None:
         raise WeightsError(f"{spec.name} has no published weights to download")
+    _check_file_or_missing(path)
     stale = (
         path.is_file()
         and spec.sha256_prefix is not None

@@ -847,7 +847,16 @@ def test_load_infer_unload_infer(oip, http):
     for row, name, data in zip(probs, PHOTOS, files, strict=True):  # the real ResNet-32
         assert int(np.argmax(row)) == classify(oip, TARGET, name, data)["predictions"][0]["index"]
 
+    def unloads_counted() -> float:
+        row = (f'imgcls_requests_total{{endpoint="/v2/repository/models/{{name}}/unload",'
+               f'model="{TARGET}",status="200"}} ')  # fmt: skip
+        text = httpx.get(f"{oip.url}/metrics", headers=auth()).text
+        return sum(float(x[len(row) :]) for x in text.splitlines() if x.startswith(row))
+
+    unloads = unloads_counted()
     http.unload_model(TARGET, headers=auth())  # answers once the queue drained and it is freed
+    # counted under the model it unloaded (served when it came), not "unknown"
+    assert unloads_counted() == unloads + 1
     entry = index_entry(oip, TARGET)
     assert entry["state"] == "UNAVAILABLE" and entry["reason"]
     assert served_state(oip, TARGET) == ("not-loaded", False)

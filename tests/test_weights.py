@@ -122,6 +122,60 @@ def test_a_body_cut_short_fails_even_without_a_hash(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_slow_download_is_on_disk_as_it_comes(tmp_path):
+    """What a slow server sends is written as it arrives, so the temporary file's time says
+    the download is alive: buffered, a server sending under ~90 bytes/s left it untouched, and
+    another download of the file removed it as abandoned while it was being written."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    go_on = threading.Event()
+
+    def answer_slowly() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n" + b"x" * 10)
+            go_on.wait(30)
+            conn.sendall(b"y" * 10)
+
+    thread = threading.Thread(target=answer_slowly, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/m.pth"
+    try:
+        with cf.ThreadPoolExecutor(1) as ex:
+            done = ex.submit(weights.download, url, tmp_path / "m.pth", None, progress=False)
+            deadline = time.monotonic() + 30
+            while not [p for p in tmp_path.glob("m.pth.*.partial") if p.stat().st_size == 10]:
+                assert time.monotonic() < deadline, list(tmp_path.iterdir())
+                time.sleep(0.02)
+            go_on.set()
+            assert done.result().read_bytes() == b"x" * 10 + b"y" * 10
+    finally:
+        go_on.set()
+        thread.join(10)
+        server.close()
+
+
+def test_a_folder_where_the_checkpoint_belongs_is_refused(tmp_path):
+    """A folder where the checkpoint belongs (Docker makes one for a bind mount of a host file
+    that does not exist) is not taken for the checkpoint: `imgcls weights pull` said "sha256
+    verified" and exited 0."""
+    spec = build_catalog().get("cifar10_resnet20")
+    path = spec.weights_path(tmp_path)
+    assert path is not None
+    path.mkdir(parents=True)
+    with pytest.raises(weights.WeightsError, match="is not a file"):
+        weights.pull(spec, tmp_path, progress=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "weights", "pull", "cifar10_resnet20"],
+        env={**os.environ, "IMGCLS_WEIGHTS_DIR": str(tmp_path)},
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "is not a file" in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert path.is_dir()  # left as it was
+
+
 def test_temporary_files_of_dead_downloads_are_removed(tmp_path):
     """A download killed outright leaves its temporary file; the next download of that file
     removes it once nothing has written to it for longer than a live download may stay silent,
