@@ -88,6 +88,13 @@ def _closing(start: Message) -> Message:
     return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
+def _closes(start: Message) -> bool:
+    """Whether a response start says ``Connection: close`` (the app's 413 does)."""
+    return any(
+        k.lower() == b"connection" and b"close" in v.lower() for k, v in start.get("headers", [])
+    )
+
+
 async def _send_json(
     send: Send, path: str, status: int, detail: str, headers: dict[str, str]
 ) -> None:
@@ -201,7 +208,7 @@ class BodyLimitsMiddleware:
                     # refused before its body was read (an unknown model, a full queue, over
                     # a limit): not read to its end and thrown away
                     message = _closing(message)
-                elif not finished and chunked and not await drain():
+                elif not finished and chunked and not _closes(message) and not await drain():
                     message = _closing(message)  # more than the app takes, or stalled
             await send(message)
 
