@@ -239,7 +239,13 @@ def test_eval_cut_short_keeps_the_models_it_finished(tmp_path):
             return await call_next(request)
 
     def command(models: str, out: str) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "eval", "--data", str(data), "--models", models,
+        # Ctrl-C as in a terminal: a process started in the background by a shell without job
+        # control (a CI runner's) inherits SIGINT ignored, and Python then leaves it so
+        interactive = (
+            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " sys.argv[0] = 'imgcls'; runpy.run_module('app.cli', run_name='__main__')"
+        )
+        return [sys.executable, "-c", interactive, "eval", "--data", str(data), "--models", models,
                 "--url", svc.url, "--concurrency", "2", "--out", str(tmp_path / out)]  # fmt: skip
 
     def kept(out: str) -> dict:
