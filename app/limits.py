@@ -88,13 +88,6 @@ def _closing(start: Message) -> Message:
     return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
-def _closes(start: Message) -> bool:
-    """Whether a response start says ``Connection: close`` (the app's 413 does)."""
-    return any(
-        k.lower() == b"connection" and b"close" in v.lower() for k, v in start.get("headers", [])
-    )
-
-
 async def _send_json(
     send: Send, path: str, status: int, detail: str, headers: dict[str, str]
 ) -> None:
@@ -183,18 +176,6 @@ class BodyLimitsMiddleware:
                     reserved = received
             return message
 
-        async def drain() -> bool:
-            """The rest of a chunked body the app answered without reading, read and thrown
-            away up to ``max_body`` (within the body timeouts): whether it ended there, and
-            the connection can serve the next request."""
-            try:
-                while not finished and received <= self.max_body:
-                    if (await guarded_receive())["type"] != "http.request":
-                        return False  # the client is gone
-            except BodyLimitError:  # too slow, or over the budget of bodies in flight
-                return False
-            return finished
-
         async def send_tracking(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
@@ -206,10 +187,9 @@ class BodyLimitsMiddleware:
                     message = _closing(message)
                 elif not finished and large_unread_body(headers, self.max_body):
                     # refused before its body was read (an unknown model, a full queue, over
-                    # a limit): not read to its end and thrown away
+                    # a limit): not read to its end and thrown away. A chunked one is, up to
+                    # the largest body (protocol_class's drain cap)
                     message = _closing(message)
-                elif not finished and chunked and not _closes(message) and not await drain():
-                    message = _closing(message)  # more than the app takes, or stalled
             await send(message)
 
         try:
@@ -245,18 +225,32 @@ class BodyLimitsMiddleware:
 
 
 # ---- uvicorn: header timeout and header size cap ---------------------------------------------
-def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol]:
+def largest_body(settings: Settings) -> int:
+    """The largest request body any route takes: an upload's form, or a /v2 infer request."""
+    from app.upload import FORM_OVERHEAD
+
+    return max(
+        settings.max_upload_bytes + FORM_OVERHEAD, int(settings.oip_max_request_mb * 1024 * 1024)
+    )
+
+
+def protocol_class(
+    header_timeout_s: float, max_header_bytes: int, max_drain_bytes: int | None = None
+) -> type[asyncio.Protocol]:
     """uvicorn's httptools HTTP/1.1 protocol, plus a header timeout and a header size cap.
 
     The timer runs from the connection opening, or from the end of the previous exchange (its
     response sent and its body in), to the end of the next request's headers; the same timeout
-    bounds the draining of a body the app answered without reading (uvicorn discards it).
+    bounds the draining of a body the app answered without reading (uvicorn discards it), and
+    so does ``max_drain_bytes``: past it the connection is closed (a chunked body, whose size
+    no header tells, refused before it was read; 10 GB were read and thrown away at GB/s).
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         timeout_s = header_timeout_s
         max_bytes = max_header_bytes
+        max_drain = max_drain_bytes
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._timer: asyncio.TimerHandle | None = None
@@ -265,6 +259,7 @@ def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[async
             self._raw = 0  # bytes received while the headers were incomplete
             self._parsed = 0  # request line and header bytes the parser handed over
             self._too_large = False
+            self._drained = 0  # bytes of a body thrown away after its answer
             super().connection_made(transport)
             self._await_headers()
 
@@ -321,6 +316,14 @@ def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[async
                 if self._raw > self.max_bytes:
                     self._refuse_too_large()
 
+        def on_body(self, body: bytes) -> None:
+            if self.cycle is not None and self.cycle.response_complete:  # thrown away
+                self._drained += len(body)
+                if self.max_drain is not None and self._drained > self.max_drain:
+                    self.transport.close()  # answered long ago; more than any route takes
+                    return
+            super().on_body(body)
+
         def on_message_begin(self) -> None:
             self._in_message = True
             super().on_message_begin()
@@ -360,6 +363,7 @@ def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[async
             if pipelined or self.transport.is_closing():
                 return
             if self._in_message:  # answered before its body was read: bound the draining
+                self._drained = 0
                 self._arm()
             else:
                 self._await_headers()
@@ -377,7 +381,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     max_header_bytes = settings.max_header_kb * 1024
     http: type[asyncio.Protocol] | str
     try:
-        http = protocol_class(settings.header_timeout_s, max_header_bytes)
+        http = protocol_class(settings.header_timeout_s, max_header_bytes, largest_body(settings))
     except ImportError:  # uvicorn without httptools: h11 caps headers, nothing times them
         log.warning("httptools is not installed: no header timeout (IMGCLS_HEADER_TIMEOUT_S)")
         http = "h11"

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import __version__, memory
 from app.api import docs, explain, health, inference, models
 from app.api import errors as api_errors
-from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts
+from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts, largest_body
 from app.middleware import (
     ApiKeyMiddleware,
     DisconnectMiddleware,
@@ -28,7 +28,6 @@ from app.oip import codec
 from app.oip import rest as oip_rest
 from app.service import Service
 from app.settings import Settings
-from app.upload import FORM_OVERHEAD
 
 STATIC = Path(__file__).parent / "static"
 
@@ -102,9 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # flight). Every body a route may read counts against the budget: uploads (the form around
     # a file) and /v2 infer requests.
     app.state.upload_budget = budget
-    max_body = max(
-        settings.max_upload_bytes + FORM_OVERHEAD, int(settings.oip_max_request_mb * 1024 * 1024)
-    )
+    max_body = largest_body(settings)
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the others see the request's HEAD
     app.add_middleware(
         BodyLimitsMiddleware, budget=budget, max_body=max_body, **body_timeouts(settings)

@@ -29,9 +29,10 @@ def large_unread_body(headers: Headers, max_body: int | None) -> bool:
     """Whether a request answered before its body was read should be closed after the answer:
     its ``Content-Length`` is over what the app takes (``max_body``), which uvicorn would
     otherwise read to its end and throw away (10 GB at a few GB/s, until the header timeout).
-    A smaller one, and a chunked one (of unknown size: limits.BodyLimitsMiddleware reads it up
-    to ``max_body``), are read and thrown away: closing on unread bytes makes the kernel reset
-    the connection, and a client still sending loses the answer."""
+    A smaller one, and a chunked one (of unknown size: imgcls's uvicorn protocol stops
+    throwing it away past the largest body, limits.protocol_class), are read and thrown away:
+    closing on unread bytes makes the kernel reset the connection, and a client still sending
+    loses the answer."""
     try:
         declared = int(headers.get("content-length", "0"))
     except ValueError:

@@ -5,6 +5,7 @@ messages that do not echo 10 KB of input."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -374,7 +375,7 @@ def test_a_refused_key_closes_only_on_a_body_the_service_would_not_take(hostile)
         status, headers, _ = read_response(sock)
         assert status == 401 and headers.get("connection") != "close"
         assert healthz_on(sock)[0] == 200
-        # chunked (of unknown size): read and thrown away as well, the answer kept
+        # chunked (of unknown size): read and thrown away as well, the connection kept
         sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                      + (b"40000\r\n" + b"x" * 0x40000 + b"\r\n") * 4 + b"0\r\n\r\n")  # fmt: skip
         status, headers, _ = read_response(sock)
@@ -382,6 +383,20 @@ def test_a_refused_key_closes_only_on_a_body_the_service_would_not_take(hostile)
         assert healthz_on(sock)[0] == 200
     finally:
         sock.close()
+    # an endless one, up to the largest body the service takes: then the connection is closed
+    largest = hostile.settings.oip_max_request_mb * 1024 * 1024 + 21 * 1024 * 1024
+    sent = 0
+    sock = connect(hostile.url)
+    try:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        with contextlib.suppress(OSError):  # reset, once the server stopped reading
+            while sent < 8 * largest:
+                sock.sendall(piece)
+                sent += len(piece)
+    finally:
+        sock.close()
+    assert sent < 2 * largest, f"the server read {sent:,} bytes of an endless body"
 
 
 def test_upload_is_held_once_as_a_view_into_the_body():

@@ -462,16 +462,17 @@ def _chunk(data: bytes) -> bytes:
 
 
 def test_a_refused_chunked_body_is_read_up_to_what_the_service_takes(limited):
-    """A chunked body (of unknown size) refused before it was read is read and thrown away:
-    a small one whole, and the answer keeps the connection (it was closed at once, and a
-    client still sending lost the answer to the kernel's reset); an endless one only up to
-    the largest body the service takes, then the connection is closed."""
+    """A chunked body (of unknown size) refused before it was read is answered at once, then
+    read and thrown away: a small one whole, the connection kept (closing at once, a client
+    still sending lost the answer to the kernel's reset); an endless one up to the largest body
+    the service takes, then the connection is closed (it was read at GB/s until the header
+    timeout, and without end under plain uvicorn)."""
     sock = connect(limited.url)
-    try:
-        sock.sendall(_chunked_head("/classify?model=nope") + _chunk(b"x" * 300_000) * 4)
-        sock.sendall(b"0\r\n\r\n")
-        status, headers, _ = read_response(sock)
+    try:  # a client that waits for the answer before sending the rest gets it now
+        sock.sendall(_chunked_head("/classify?model=nope") + _chunk(b"x" * 1000))
+        status, headers, _ = read_response(sock, limit_s=BODY_S / 2)
         assert status == 404 and headers.get("connection") != "close", headers
+        sock.sendall(_chunk(b"x" * 300_000) * 4 + b"0\r\n\r\n")  # the rest, thrown away
         assert healthz_on(sock)[0] == 200
     finally:
         sock.close()
@@ -488,7 +489,7 @@ def test_a_refused_chunked_body_is_read_up_to_what_the_service_takes(limited):
                 sent += len(piece)
     finally:
         sock.close()
-    assert sent < 4 * max_body, f"the server read {sent:,} bytes of an endless body"
+    assert sent < 2 * max_body, f"the server read {sent:,} bytes of an endless body"
 
 
 def test_a_refused_body_within_the_limits_is_read_and_the_connection_kept(limited):
