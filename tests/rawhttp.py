@@ -3,6 +3,7 @@ oversized, or gone mid-request."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -81,3 +82,30 @@ def healthz_on(sock: socket.socket) -> tuple[int, bytes]:
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
     status, _, answer = read_response(sock)
     return status, answer
+
+
+def chunked_head(path: str) -> bytes:
+    """A POST's head with a chunked body (of a size no header tells)."""
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def send_endless_chunked(url: str, path: str, up_to: int) -> int:
+    """A chunked body of 64 KB chunks with no end, sent until the server stops reading (its
+    reset) or ``up_to`` bytes: how many were sent."""
+    sent = 0
+    sock = connect(url)
+    try:
+        sock.sendall(chunked_head(path))
+        piece = chunk(b"x" * 65536)
+        with contextlib.suppress(OSError):  # reset, once the server stopped reading
+            while sent < up_to:
+                sock.sendall(piece)
+                sent += len(piece)
+    finally:
+        sock.close()
+    return sent

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -345,23 +346,16 @@ def test_watchdog_restarts_a_hung_worker(tmp_path, busy):
     ) as svc:  # fmt: skip
         pool = svc.service.pool
         old_pid = pool.workers[0].pid
-        assert old_pid is not None
-        os.kill(old_pid, signal.SIGSTOP)
-        t_stop = time.monotonic()
-        try:
-            with cf.ThreadPoolExecutor(4) as ex:
-                futures = [
-                    ex.submit(httpx.post, f"{svc.url}/classify",
-                              params={"model": "cifar10_plain20"},
-                              files={"file": ("x.png", PNG)}, timeout=60)
-                    for _ in range(4 if busy else 0)
-                ]  # fmt: skip
-                not_ready = _wait_readyz(svc.url, 503, timeout + 15)
-                t_detected = time.monotonic() - t_stop
-                answers = [f.result() for f in futures]
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old_pid, signal.SIGCONT)
+        with _stopped(old_pid) as t_stop, cf.ThreadPoolExecutor(4) as ex:
+            futures = [
+                ex.submit(httpx.post, f"{svc.url}/classify",
+                          params={"model": "cifar10_plain20"},
+                          files={"file": ("x.png", PNG)}, timeout=60)
+                for _ in range(4 if busy else 0)
+            ]  # fmt: skip
+            not_ready = _wait_readyz(svc.url, 503, timeout + 15)
+            t_detected = time.monotonic() - t_stop
+            answers = [f.result() for f in futures]
         assert t_detected < timeout + 10, t_detected
         assert "cifar10_plain20" in not_ready["not_ready"][0]
         assert all(r.status_code == 503 and r.headers["Retry-After"] for r in answers), answers
@@ -388,22 +382,13 @@ def test_a_load_asked_of_a_hung_worker_leaves_it_the_hang_limit(tmp_path):
         worker_timeout_s=timeout, request_timeout_s=60, model_control="explicit",
     ) as svc:  # fmt: skip
         pool = svc.service.pool
-        old_pid = pool.workers[0].pid
-        assert old_pid is not None
-        os.kill(old_pid, signal.SIGSTOP)
-        t_stop = time.monotonic()
-        try:
-            with cf.ThreadPoolExecutor(1) as ex:
-                load = ex.submit(httpx.post,
-                                 f"{svc.url}/v2/repository/models/cifar10_plain32/load",
-                                 timeout=120)  # fmt: skip
-                _wait(lambda: pool.workers[0].restarts["watchdog"] == 1, timeout + 15,
-                      "the hung worker killed")  # fmt: skip
-                t_detected = time.monotonic() - t_stop
-                loaded = load.result()
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old_pid, signal.SIGCONT)
+        with _stopped(pool.workers[0].pid) as t_stop, cf.ThreadPoolExecutor(1) as ex:
+            load = ex.submit(httpx.post, f"{svc.url}/v2/repository/models/cifar10_plain32/load",
+                             timeout=120)  # fmt: skip
+            _wait(lambda: pool.workers[0].restarts["watchdog"] == 1, timeout + 15,
+                  "the hung worker killed")  # fmt: skip
+            t_detected = time.monotonic() - t_stop
+            loaded = load.result()
         assert t_detected < timeout + 10, t_detected
         assert loaded.status_code == 200, loaded.text
         for model in ("cifar10_plain20", "cifar10_plain32"):
@@ -484,6 +469,19 @@ async def _until(cond, within: float) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+@contextlib.contextmanager
+def _stopped(pid: int | None) -> Iterator[float]:
+    """A worker stopped (SIGSTOP: hung, as a deadlocked CUDA call looks from outside) from the
+    time yielded; let go on exit, if the watchdog has not killed it by then."""
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield time.monotonic()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _wait(cond, within: float, what: str) -> None:

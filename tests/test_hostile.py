@@ -5,7 +5,6 @@ messages that do not echo 10 KB of input."""
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import threading
 import time
@@ -355,7 +354,17 @@ def test_a_refused_key_closes_only_on_a_body_the_service_would_not_take(hostile)
     """401 comes before any body is read: a body over what the service takes (10 GB declared)
     is not read to its end and thrown away, the connection closes; a small one is, and the
     connection serves the next request."""
-    from tests.rawhttp import connect, healthz_on, read_response, read_until_closed, status_of
+    from app.limits import largest_body
+    from tests.rawhttp import (
+        chunk,
+        chunked_head,
+        connect,
+        healthz_on,
+        read_response,
+        read_until_closed,
+        send_endless_chunked,
+        status_of,
+    )
 
     def head(length: int) -> bytes:
         return (f"POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
@@ -376,26 +385,15 @@ def test_a_refused_key_closes_only_on_a_body_the_service_would_not_take(hostile)
         assert status == 401 and headers.get("connection") != "close"
         assert healthz_on(sock)[0] == 200
         # chunked (of unknown size): read and thrown away as well, the connection kept
-        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + (b"40000\r\n" + b"x" * 0x40000 + b"\r\n") * 4 + b"0\r\n\r\n")  # fmt: skip
+        sock.sendall(chunked_head("/classify") + chunk(b"x" * 0x40000) * 4 + b"0\r\n\r\n")
         status, headers, _ = read_response(sock)
         assert status == 401 and headers.get("connection") != "close"
         assert healthz_on(sock)[0] == 200
     finally:
         sock.close()
     # an endless one, up to the largest body the service takes: then the connection is closed
-    largest = hostile.settings.oip_max_request_mb * 1024 * 1024 + 21 * 1024 * 1024
-    sent = 0
-    sock = connect(hostile.url)
-    try:
-        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
-        piece = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
-        with contextlib.suppress(OSError):  # reset, once the server stopped reading
-            while sent < 8 * largest:
-                sock.sendall(piece)
-                sent += len(piece)
-    finally:
-        sock.close()
+    largest = largest_body(hostile.settings)
+    sent = send_endless_chunked(hostile.url, "/classify", 8 * largest)
     assert sent < 2 * largest, f"the server read {sent:,} bytes of an endless body"
 
 

@@ -5,7 +5,6 @@ leaves is a 499 and not a 500, and a flood of large uploads is held to the in-fl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -16,15 +15,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.limits import largest_body
 from app.upload import FORM_OVERHEAD
 from tests import images
 from tests.conftest import CIFAR_WEIGHTS, Running, needs_shared, run_service
 from tests.rawhttp import (
+    chunk,
+    chunked_head,
     connect,
     healthz_on,
     multipart,
     read_response,
     read_until_closed,
+    send_endless_chunked,
     status_of,
 )
 
@@ -452,15 +455,6 @@ def test_a_refused_body_over_what_the_service_takes_is_not_read(limited, path, e
     assert how != "open" and waited < HEADER_S + SLACK_S
 
 
-def _chunked_head(path: str) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
 def test_a_refused_chunked_body_is_read_up_to_what_the_service_takes(limited):
     """A chunked body (of unknown size) refused before it was read is answered at once, then
     read and thrown away: a small one whole, the connection kept (closing at once, a client
@@ -469,26 +463,16 @@ def test_a_refused_chunked_body_is_read_up_to_what_the_service_takes(limited):
     timeout, and without end under plain uvicorn)."""
     sock = connect(limited.url)
     try:  # a client that waits for the answer before sending the rest gets it now
-        sock.sendall(_chunked_head("/classify?model=nope") + _chunk(b"x" * 1000))
+        sock.sendall(chunked_head("/classify?model=nope") + chunk(b"x" * 1000))
         status, headers, _ = read_response(sock, limit_s=BODY_S / 2)
         assert status == 404 and headers.get("connection") != "close", headers
-        sock.sendall(_chunk(b"x" * 300_000) * 4 + b"0\r\n\r\n")  # the rest, thrown away
+        sock.sendall(chunk(b"x" * 300_000) * 4 + b"0\r\n\r\n")  # the rest, thrown away
         assert healthz_on(sock)[0] == 200
     finally:
         sock.close()
 
-    max_body = max(UPLOAD_MB * 1024 * 1024 + FORM_OVERHEAD, OIP_MB * 1024 * 1024)
-    sent = 0
-    sock = connect(limited.url)
-    try:
-        sock.sendall(_chunked_head("/v2/models/nope/infer"))
-        piece = _chunk(b"x" * 65536)
-        with contextlib.suppress(OSError):  # reset, once the server stopped reading
-            while sent < 8 * max_body:
-                sock.sendall(piece)
-                sent += len(piece)
-    finally:
-        sock.close()
+    max_body = largest_body(limited.settings)
+    sent = send_endless_chunked(limited.url, "/v2/models/nope/infer", 8 * max_body)
     assert sent < 2 * max_body, f"the server read {sent:,} bytes of an endless body"
 
 
