@@ -20,9 +20,13 @@ def accept_id(sent: str | None) -> str:
     return sent if sent and VALID_ID.fullmatch(sent) else uuid.uuid4().hex
 
 
+def error_key(path: str) -> str:
+    """An error's JSON key: the Open Inference Protocol's under /v2, the app's elsewhere."""
+    return "error" if path.startswith("/v2") else "detail"
+
+
 def error_body(path: str, message: str) -> dict[str, str]:
-    """An error's JSON body: the Open Inference Protocol's form under /v2, the app's elsewhere."""
-    return {"error" if path.startswith("/v2") else "detail": message}
+    return {error_key(path): message}
 
 
 def large_unread_body(headers: Headers, max_body: int | None) -> bool:

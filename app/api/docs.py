@@ -15,7 +15,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.middleware import OPEN_PATHS
+from app.middleware import OPEN_PATHS, error_key
 
 ASSETS = "/static/docs"
 SCHEME = "apiKey"
@@ -55,7 +55,7 @@ def install(app: FastAPI, api_key: bool) -> None:
                 "description": "IMGCLS_API_KEY, sent as `Authorization: Bearer <key>`",
             }
             for path, operations in schema.get("paths", {}).items():
-                key = "error" if path.startswith("/v2") else "detail"  # as middleware.error_body
+                key = error_key(path)
                 for operation in operations.values():
                     if path in OPEN_PATHS:
                         operation["security"] = []
