@@ -250,6 +250,32 @@ def test_a_key_refused_mid_session_asks_again_and_keeps_the_choice(browser, keye
     context.close()
 
 
+def test_a_401_to_a_call_made_without_the_key_keeps_a_key_entered_since(browser, keyed_service):
+    """A key stored while a call sent without it was on its way: that call's 401 does not throw
+    the new key away (the page forgets only the key a 401 refused). The first model list is held
+    back until the key is stored, as a slow answer would be; a reload then goes straight to the
+    models. (CI once failed here by chance: the page's first 401 arrived after the key was set.)"""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    held: list = []
+    page.route("**/models", lambda route: held.append(route))  # answered when released below
+    page.goto(keyed_service.url + "/", wait_until="domcontentloaded")
+    while not held:
+        page.wait_for_timeout(20)
+    page.evaluate(f"sessionStorage.setItem('imgcls-api-key', {PAGE_KEY!r})")
+    with page.expect_response(lambda r: r.url.split("?")[0].endswith("/models")) as answer:
+        held[0].continue_()  # as sent: without a key
+    assert answer.value.status == 401
+    page.wait_for_timeout(500)  # the page's handling of that 401
+    assert page.evaluate("sessionStorage.getItem('imgcls-api-key')") == PAGE_KEY
+    assert page.is_hidden("#key-form")
+    page.unroute_all()
+    page.reload()
+    page.wait_for_selector("#model-groups[aria-busy=false]")
+    assert page.is_hidden("#key-form")
+    context.close()
+
+
 def test_api_docs_render_offline_and_send_the_key(browser, keyed_service):
     """/docs (Swagger UI) renders from the service alone (every request to another
     host is refused, as in a network without internet access: FastAPI's own pages load their

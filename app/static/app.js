@@ -32,18 +32,26 @@ const $ = (id) => document.getElementById(id);
 // storage, and sends it as a bearer token on every call.
 const KEY_STORAGE = "imgcls-api-key";
 
-function api(path, options = {}) {
+// The key each answer was asked with: a 401 forgets that key, never one entered since the call
+// left (an answer still on its way when the user typed the key would otherwise throw it away).
+const sentKeys = new WeakMap();
+
+async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});
   const key = sessionStorage.getItem(KEY_STORAGE);
   if (key) headers.set("Authorization", `Bearer ${key}`);
-  return fetch(path, { ...options, headers });
+  const response = await fetch(path, { ...options, headers });
+  sentKeys.set(response, key);
+  return response;
 }
 
+// `refused`: the 401 answer. A key stored since that call left stands (it was not refused).
 function askForKey(refused) {
-  const hadKey = sessionStorage.getItem(KEY_STORAGE) !== null;
+  const stored = sessionStorage.getItem(KEY_STORAGE);
+  if (stored !== null && stored !== sentKeys.get(refused)) return;
   sessionStorage.removeItem(KEY_STORAGE);
   const error = $("key-error");
-  error.textContent = refused && hadKey ? "That key was refused: check it and try again." : "";
+  error.textContent = stored !== null ? "That key was refused: check it and try again." : "";
   error.hidden = !error.textContent;
   $("key-form").hidden = false;
   $("key-input").focus();
@@ -240,7 +248,10 @@ const REFRESH_MS = 2000;
 async function loadModels() {
   try {
     const [info, models] = await Promise.all([api("/info"), api("/models")]);
-    if (info.status === 401 || models.status === 401) { askForKey(true); return; }
+    if (info.status === 401 || models.status === 401) {
+      askForKey(info.status === 401 ? info : models);
+      return;
+    }
     if (info.ok) state.info = await info.json();
     if (!models.ok) throw new Error(await apiError(models));
     const list = (await models.json()).models;
@@ -266,7 +277,7 @@ async function refreshModels() {
   try {
     const r = await api("/models");
     // a key refused (the service restarted with another): ask for it; entering it loads again
-    if (r.status === 401) { askForKey(true); return; }
+    if (r.status === 401) { askForKey(r); return; }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     list = (await r.json()).models;
   } catch (e) {  // the service restarting, say: keep what is shown and try again
@@ -425,7 +436,7 @@ async function run(kind) {
   try {
     const response = await api(`/${kind}?${params}`, { method: "POST", body: form });
     if (!current()) return;
-    if (response.status === 401) askForKey(true);
+    if (response.status === 401) askForKey(response);
     if (!response.ok) { showError(await apiError(response)); return; }
     const body = await response.json();
     let explainError = "";
@@ -433,7 +444,7 @@ async function run(kind) {
       const params = new URLSearchParams({ model: models[0], method: "gradcam", heatmap: "false" });
       const exp = await api(`/explain?${params}`, { method: "POST", body: form });
       if (!current()) return;
-      if (exp.status === 401) askForKey(true);
+      if (exp.status === 401) askForKey(exp);
       if (exp.ok) body.explanation = await exp.json();
       else explainError = await apiError(exp);  // the classification still shows
     }
