@@ -491,6 +491,29 @@ def test_a_refused_body_within_the_limits_is_read_and_the_connection_kept(limite
         sock.close()
 
 
+@pytest.mark.parametrize(
+    "path", [f"/v2/models/{MODEL}/infer", f"/v2/repository/models/{MODEL}/load"]
+)
+def test_a_v2_body_over_its_own_limit_is_refused_and_not_read(path):
+    """A /v2 body over its own limit (IMGCLS_OIP_MAX_REQUEST_MB for an infer, 64 KB for a
+    repository request) but within the largest body of the service (here the upload limit) is
+    refused with Connection: close, not read to its end and thrown away."""
+    with run_service(
+        models=MODEL, weights_dir=CIFAR_WEIGHTS, max_upload_mb=4, oip_max_request_mb=1
+    ) as running:
+        length = 3 * 1024 * 1024
+        assert length < largest_body(running.settings)  # the middleware lets it through
+        sock = connect(running.url)
+        try:
+            sock.sendall(v2_head(length, path=path) + b"{" * 1024)  # the rest never comes
+            data, waited, how = read_until_closed(sock, 10)
+        finally:
+            sock.close()
+    assert status_of(data) == 413, data[:300]
+    assert b"connection: close" in data.lower(), data[:400]
+    assert how == "closed" and waited < 5, (how, waited)
+
+
 def test_the_body_limits_answer_v2_in_the_protocols_form(limited):
     """Under /v2 the body limits' own answers (503 over the budget, 408 for a stalled body)
     are ``{"error": ...}`` as the Open Inference Protocol's clients read them (tritonclient

@@ -22,16 +22,19 @@ class ProtocolError(Exception):
     model version), 413 (request too large), 415 (unsupported encoding); or the core's failure
     of one element of a request, restated with the element's tensor name (any status)."""
 
-    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int = 400, retry_after: int | None = None, close: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.close = close  # the body was not read to its end: answer with Connection: close
 
 
 def failure(exc: BaseException) -> Failure:
     """The status and message for any exception (no logging: see ``answer``)."""
     if isinstance(exc, ProtocolError):
-        return Failure(exc.status, str(exc), exc.retry_after)
+        return Failure(exc.status, str(exc), exc.retry_after, close=exc.close)
     why = describe(exc)
     return dataclasses.replace(why, status=400) if why.status == 422 else why
 

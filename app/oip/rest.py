@@ -316,7 +316,7 @@ async def _infer(
         body = await read_body(request, limit)
     except UploadTooLargeError:
         raise ProtocolError(
-            f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413
+            f"the request is over IMGCLS_OIP_MAX_REQUEST_MB ({limit:,} bytes)", 413, close=True
         ) from None
     deadline = plane.service.deadline()  # the parse counts, and so does waiting for it
     if coding is None:
@@ -413,7 +413,9 @@ async def _small_body(request: Request, model: type[BaseModel]) -> BaseModel | N
     try:
         body = await read_body(request, SMALL_BODY)
     except UploadTooLargeError:
-        raise ProtocolError(f"the request body is over {SMALL_BODY:,} bytes", 413) from None
+        raise ProtocolError(
+            f"the request body is over {SMALL_BODY:,} bytes", 413, close=True
+        ) from None
     if not body.strip():
         return None
     try:
