@@ -348,8 +348,12 @@ class InferenceCore(ABC):
     def default_model(self) -> str:
         return self.settings.default
 
-    def deadline(self) -> float:
-        return time.monotonic() + self.settings.request_timeout_s
+    def deadline(self, since: float | None = None) -> float:
+        """When a request must be answered (``time.monotonic``): IMGCLS_REQUEST_TIMEOUT_S from
+        ``since`` (``time.perf_counter()`` when its body was in: a wait to parse it counts),
+        else from now."""
+        waited = time.perf_counter() - since if since else 0.0
+        return time.monotonic() - waited + self.settings.request_timeout_s
 
     @staticmethod
     async def by_deadline(deadline: float, step: Awaitable[T], what: str) -> T:
@@ -422,7 +426,7 @@ class InferenceCore(ABC):
     ) -> ClassifyResponse:
         """``received``: when the upload was in (``time.perf_counter``), where ``total`` starts
         (its form's parse, and any wait for a thread to parse it, count); else now."""
-        started, deadline = received or time.perf_counter(), self.deadline()
+        started, deadline = received or time.perf_counter(), self.deadline(received)
         served = self.servable(model or self.default_model)
         spec = served.spec
         if self.decode_in_worker:
@@ -461,7 +465,7 @@ class InferenceCore(ABC):
     ) -> ExplainResponse:
         """Where ``model`` looked in ``upload`` for ``target`` (top1 or a class index);
         ``received`` as for ``classify``."""
-        started, deadline = received or time.perf_counter(), self.deadline()
+        started, deadline = received or time.perf_counter(), self.deadline(received)
         check_method(method)
         spec = self.servable(model or self.default_model).spec
         check_explainable(spec)
@@ -485,7 +489,8 @@ class InferenceCore(ABC):
         explain: str | None = None,
         received: float | None = None,
     ) -> CompareResponse:
-        started, deadline = received or time.perf_counter(), self.deadline()  # as classify's
+        """``received`` as for ``classify``."""
+        started, deadline = received or time.perf_counter(), self.deadline(received)
         served = [self.servable(n) for n in parse_models(models, self.ready_models())]
         if not served:
             raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)

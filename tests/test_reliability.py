@@ -377,10 +377,13 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     assert held.done()
 
 
-def test_total_latency_counts_the_wait_to_parse_the_upload(tmp_path: Path):
-    """`latency_ms.total` runs from the upload received in full (README): a form parsed on a
-    thread counts its wait for one. With the API process's threads held for a second, an
-    upload's total includes that second (it started after the parse, and said a few ms)."""
+@pytest.mark.parametrize("timeout_s", [None, 1.0])
+def test_total_latency_counts_the_wait_to_parse_the_upload(tmp_path: Path, timeout_s):
+    """`latency_ms.total` and the request's deadline run from the upload received in full
+    (README): a form parsed on a thread counts its wait for one. With the API process's threads
+    held for 1.5 s, an upload's total includes that wait (it started after the parse, and said a
+    few ms), and with IMGCLS_REQUEST_TIMEOUT_S=1 the upload is answered 504 (the deadline
+    started after the parse: 200)."""
     import asyncio
     import threading
 
@@ -400,9 +403,10 @@ def test_total_latency_counts_the_wait_to_parse_the_upload(tmp_path: Path):
     noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     png = images.encode(Image.fromarray(noise), "PNG")
     assert len(png) > 8 * 1024  # parsed on a thread, not inline
+    deadline = {"request_timeout_s": timeout_s} if timeout_s else {}
     with (
         run_service(models=model, allow_random_weights=True, weights_dir=tmp_path,
-                    configure=configure) as svc,
+                    configure=configure, **deadline) as svc,
         cf.ThreadPoolExecutor(1) as ex,
     ):  # fmt: skip
         holding = ex.submit(httpx.post, f"{svc.url}/hold", timeout=30)
@@ -411,5 +415,8 @@ def test_total_latency_counts_the_wait_to_parse_the_upload(tmp_path: Path):
         r = httpx.post(f"{svc.url}/classify", params={"model": model},
                        files={"file": ("x.png", png)}, timeout=30)  # fmt: skip
         assert holding.result().status_code == 200
+    if timeout_s:
+        assert r.status_code == 504 and "deadline" in r.json()["detail"], r.text
+        return
     assert r.status_code == 200, r.text
     assert r.json()["latency_ms"]["total"] >= 1000, r.json()["latency_ms"]
