@@ -79,7 +79,8 @@ class Service(InferenceCore):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting = True  # until the start-up task has made the pool and batchers
-        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="imgcls-weights")
+        self._download_threads = ThreadPoolExecutor(4, thread_name_prefix="imgcls-weights")
+        self._downloads = weights_mod.Downloads()  # stopped, their files removed, at shutdown
         self._downloading: set[str] = set()  # models whose weights are being downloaded
 
     # ---- background tasks ------------------------------------------------------------------
@@ -115,7 +116,7 @@ class Service(InferenceCore):
             # a download on threads of its own: it may take minutes, and the default executor's
             # few threads decode and parse uploads; weights already here resolve on those
             path = await asyncio.get_running_loop().run_in_executor(
-                self._downloads if self._must_download(served) else None,
+                self._download_threads if self._must_download(served) else None,
                 functools.partial(
                     weights_mod.resolve,
                     served.spec,
@@ -123,6 +124,7 @@ class Service(InferenceCore):
                     auto_download=self.settings.auto_download,
                     allow_random=self.settings.allow_random_weights,
                     mirror=self.settings.weights_mirror,
+                    downloads=self._downloads,
                 ),
             )
         except weights_mod.WeightsError as exc:
@@ -223,6 +225,7 @@ class Service(InferenceCore):
         self.batchers[name] = b
 
     async def stop(self) -> None:
+        self._downloads.stop()  # at once: a download's thread is not the tasks' to cancel
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -233,7 +236,7 @@ class Service(InferenceCore):
             await b.stop(within_s=max(0.0, until - time.monotonic()))
         if self.pool is not None:
             await self.pool.close(grace_s=max(0.0, until - time.monotonic()))
-        self._downloads.shutdown(wait=False, cancel_futures=True)
+        self._download_threads.shutdown(wait=False, cancel_futures=True)
 
     # ---- models at run time (the model-repository extension) -------------------------------
     def _repository(self, name: str) -> asyncio.Lock:

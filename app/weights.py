@@ -80,8 +80,39 @@ def _lock_for(dest: Path) -> threading.Lock:
         return _dest_locks.setdefault(dest.resolve(), threading.Lock())
 
 
-def _fetch(url: str, tmp: Path, progress: bool) -> str:
-    """Stream ``url`` into ``tmp``; the sha256 hex digest of what was written."""
+class Downloads:
+    """A service's downloads, stopped at its shutdown: each stops at its next chunk, and their
+    temporary files are removed at once (a download blocked on a stalled server, or a process
+    that exits by the signal that stopped it, would leave them behind)."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self._partials: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def started(self, tmp: Path) -> None:
+        with self._lock:
+            if self.stopped.is_set():
+                raise OSError("the service is shutting down")
+            self._partials.add(tmp)
+
+    def ended(self, tmp: Path) -> None:
+        with self._lock:
+            self._partials.discard(tmp)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped.set()
+            for tmp in self._partials:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def _fetch(
+    url: str, tmp: Path, progress: bool, max_bytes: int | None, downloads: Downloads | None
+) -> str:
+    """Stream ``url`` into ``tmp``; the sha256 hex digest of what was written. More than
+    ``max_bytes`` (announced or sent) is no such checkpoint: refused before it fills the disk."""
     digest = hashlib.sha256()
     started = time.monotonic()
     request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
@@ -92,6 +123,8 @@ def _fetch(url: str, tmp: Path, progress: bool) -> str:
     ):
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
+        if max_bytes is not None and expected is not None and expected > max_bytes:
+            raise OSError(_too_large(f"announces {expected:,} bytes", max_bytes))
         with tqdm(total=expected, disable=not progress, unit="B", unit_scale=True,
                   unit_divisor=1024) as bar:  # fmt: skip
             while chunk := response.read1(_CHUNK):
@@ -100,6 +133,10 @@ def _fetch(url: str, tmp: Path, progress: bool) -> str:
                 digest.update(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
+                if max_bytes is not None and written > max_bytes:
+                    raise OSError(_too_large(f"sent over {written:,} bytes", max_bytes))
+                if downloads is not None and downloads.stopped.is_set():
+                    raise OSError("stopped: the service is shutting down")
                 if time.monotonic() - started > DOWNLOAD_LIMIT_S:
                     raise TimeoutError(f"not finished after {DOWNLOAD_LIMIT_S:g} s")
     # read1 ends quietly at a connection closed early: a file without a published hash would
@@ -107,6 +144,10 @@ def _fetch(url: str, tmp: Path, progress: bool) -> str:
     if expected is not None and written != expected:
         raise OSError(f"the server sent {written:,} of {expected:,} bytes")
     return digest.hexdigest()
+
+
+def _too_large(what: str, max_bytes: int) -> str:
+    return f"the server {what}: more than the checkpoint's published size allows ({max_bytes:,})"
 
 
 def file_sha256(path: Path) -> str:
@@ -129,9 +170,16 @@ def _check_file_or_missing(dest: Path) -> None:
 
 
 def download(
-    url: str, dest: Path, sha256_prefix: str | None, progress: bool = True, replace: bool = False
+    url: str,
+    dest: Path,
+    sha256_prefix: str | None,
+    progress: bool = True,
+    replace: bool = False,
+    max_bytes: int | None = None,
+    downloads: Downloads | None = None,
 ) -> Path:
-    """Fetch ``url`` to ``dest`` atomically, verifying the sha256 prefix when one is known.
+    """Fetch ``url`` to ``dest`` atomically, verifying the sha256 prefix when one is known, and
+    refusing more than ``max_bytes`` (the published size with a margin) when one is known.
 
     The file is written to a temporary file beside ``dest``, its hash checked, and only then
     renamed into place; on any failure (network, HTTP, a stalled or too slow server, a hash
@@ -151,7 +199,7 @@ def download(
     with _lock_for(dest):
         if dest.exists() and not replace:  # another thread got it while this one waited
             return dest
-        return _download(url, dest, sha256_prefix, progress)
+        return _download(url, dest, sha256_prefix, progress, max_bytes, downloads)
 
 
 # Errors writing the file (a read-only volume, a full disk, no permission), as opposed to the
@@ -162,11 +210,20 @@ _CANNOT_WRITE = {
 }  # fmt: skip
 
 
-def _download(url: str, dest: Path, sha256_prefix: str | None, progress: bool) -> Path:
+def _download(
+    url: str,
+    dest: Path,
+    sha256_prefix: str | None,
+    progress: bool,
+    max_bytes: int | None,
+    downloads: Downloads | None,
+) -> Path:
     _remove_abandoned(dest)
     tmp = _partial(dest)
     try:
-        got = _fetch(url, tmp, progress)
+        if downloads is not None:
+            downloads.started(tmp)
+        got = _fetch(url, tmp, progress, max_bytes, downloads)
         if sha256_prefix and not got.startswith(sha256_prefix):
             raise WeightsError(
                 f"download of {url} failed: its sha256 {got[:16]}... does not start with the "
@@ -185,11 +242,17 @@ def _download(url: str, dest: Path, sha256_prefix: str | None, progress: bool) -
     finally:  # also on KeyboardInterrupt and SystemExit (the CLI's SIGTERM)
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if downloads is not None:
+            downloads.ended(tmp)
     return dest
 
 
 def pull(
-    spec: ModelSpec, weights_dir: Path, mirror: str | None = None, progress: bool = True
+    spec: ModelSpec,
+    weights_dir: Path,
+    mirror: str | None = None,
+    progress: bool = True,
+    downloads: Downloads | None = None,
 ) -> Path:
     """Download ``spec``'s checkpoint unless it is there. A file already there is checked
     against the published sha256 prefix where there is one, and downloaded again if it does not
@@ -204,8 +267,9 @@ def pull(
         and not file_sha256(path).startswith(spec.sha256_prefix)
     )
     return download(
-        source_url(spec, mirror), path, spec.sha256_prefix, progress=progress, replace=stale
-    )
+        source_url(spec, mirror), path, spec.sha256_prefix, progress=progress, replace=stale,
+        max_bytes=spec.max_download_bytes, downloads=downloads,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -231,6 +295,7 @@ def resolve(
     auto_download: bool,
     allow_random: bool,
     mirror: str | None = None,
+    downloads: Downloads | None = None,
 ) -> Path | None:
     """The checkpoint to load for ``spec``, downloading it if allowed.
 
@@ -243,7 +308,7 @@ def resolve(
     problem = "has no published weights" if path is None else f"weights not found at {path}"
     if path is not None and auto_download and spec.weights_url:
         try:
-            return pull(spec, weights_dir, mirror=mirror, progress=False)
+            return pull(spec, weights_dir, mirror=mirror, progress=False, downloads=downloads)
         except WeightsError as exc:
             if exc.problem == "failed" and not allow_random:
                 raise WeightsError(f"{spec.name}: {exc}", problem="failed") from exc

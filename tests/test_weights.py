@@ -122,6 +122,51 @@ def test_a_body_cut_short_fails_even_without_a_hash(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_past_its_size_bound_is_stopped(tmp_path):
+    """A server that sends without end (no Content-Length) is cut off past ``max_bytes``, not
+    read until the time limit or the disk is full, and leaves nothing."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    sent = [0]
+
+    def send_forever() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            while sent[0] < 1 << 30:  # stops when the client goes (or at 1 GB: the test fails)
+                sent[0] += conn.send(b"x" * 65536)
+
+    thread = threading.Thread(target=send_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/m.pth"
+    try:
+        with pytest.raises(
+            weights.WeightsError, match=r"sent over [\d,]+ bytes: .* allows \(1,000,000\)"
+        ):
+            weights.download(url, tmp_path / "m.pth", None, progress=False, max_bytes=1_000_000)
+    finally:
+        thread.join(10)
+        server.close()
+    assert sent[0] < 64 * 1024 * 1024, f"the server sent {sent[0]:,} bytes"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mirror_announcing_more_than_the_published_size_is_refused(tmp_path):
+    """torchvision publishes each checkpoint's size: a mirror whose file is larger (here 100 MB
+    for resnet18's 44.7 MB) is refused from its Content-Length, before a byte is stored."""
+    spec = build_catalog().get("resnet18")
+    assert spec.weights_bytes is not None and 44 << 20 < spec.weights_bytes < 45 << 20
+    served = tmp_path / "served"
+    served.mkdir()
+    with (served / Path(spec.weights_url or "").name).open("wb") as f:
+        f.truncate(100 << 20)  # sparse: nothing written
+    with http_server(served) as url, pytest.raises(weights.WeightsError, match="announces"):
+        weights.pull(spec, tmp_path / "w", mirror=url, progress=False)
+    assert not (tmp_path / "w").exists() or list((tmp_path / "w").iterdir()) == []
+
+
 def test_a_slow_download_is_on_disk_as_it_comes(tmp_path):
     """What a slow server sends is written as it arrives, so the temporary file's time says
     the download is alive: buffered, a server sending under ~90 bytes/s left it untouched, and
@@ -333,6 +378,48 @@ def test_service_downloads_missing_weights_at_startup(tmp_path):
         assert entry["status"] == "ready" and entry["weights"] == "resnet20-12fca82f.th"
 
 
+def test_a_download_under_way_at_shutdown_stops_and_leaves_nothing(tmp_path):
+    """The service stopped (SIGTERM) while a model's weights trickle in: the download stops and
+    its temporary file is removed (uvicorn re-raises the signal after the shutdown, so the
+    process dies before a thread's own clean-up could run: the file stayed behind)."""
+    import time
+
+    stopped = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # 10 MB announced, 100 KB/s sent
+            self.send_response(200)
+            self.send_header("Content-Length", str(10_000_000))
+            self.end_headers()
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(b"x" * 1000)
+                    self.wfile.flush()
+                    time.sleep(0.01)
+            except OSError:
+                stopped.set()  # the client went
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with run_service(
+            wait_ready=False, models="cifar10_resnet20", weights_dir=tmp_path, auto_download=True,
+            weights_mirror=f"http://127.0.0.1:{server.server_address[1]}",
+        ):  # fmt: skip
+            deadline = time.monotonic() + 60
+            while not list(tmp_path.glob("*.partial")):
+                assert time.monotonic() < deadline, "the download never began"
+                time.sleep(0.05)
+        assert list(tmp_path.iterdir()) == []  # right after the shutdown, before any thread
+        assert stopped.wait(10), "the download went on after the shutdown"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @needs_shared
 def test_a_stalled_mirror_holds_back_only_the_model_it_would_serve(tmp_path):
     """A model whose weights are here serves while another's download waits on a mirror that
@@ -425,7 +512,7 @@ def test_what_the_volume_refuses_is_failed_and_the_network_missing(tmp_path, mon
     read-only mount or a full disk cannot be made here without privileges.)"""
     from app import weights
 
-    def fetch(url, tmp, progress):
+    def fetch(url, tmp, *args):
         raise error
 
     monkeypatch.setattr(weights, "_fetch", fetch)

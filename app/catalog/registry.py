@@ -84,6 +84,13 @@ class ModelSpec:
     cam_layer: str | None = None  # Grad-CAM layer (custom models' TOML); None: by architecture
     precision: str | None = None  # "int8" for quantized variants; None: the worker's precision
     calibration: str | None = None  # images to quantize on at load time (opt-in int8 PTQ)
+    weights_bytes: int | None = None  # the checkpoint's published size, where one is published
+
+    @property
+    def max_download_bytes(self) -> int | None:
+        """The most a download of the checkpoint may hold: its published size (torchvision's,
+        in MB to three decimals) and 1% more; None where no size is published."""
+        return None if self.weights_bytes is None else self.weights_bytes * 101 // 100
 
     @property
     def num_classes(self) -> int:
@@ -183,7 +190,14 @@ def torchvision_spec(arch: str, variant: str | None = None) -> ModelSpec:
         gflops=float(meta["_ops"]),
         acc1=metrics.get("acc@1"),
         acc5=metrics.get("acc@5"),
+        weights_bytes=_published_bytes(meta),
     )
+
+
+def _published_bytes(meta: dict[str, Any]) -> int | None:
+    """torchvision's ``_file_size`` (MB of 2**20 bytes) as bytes."""
+    mb = meta.get("_file_size")
+    return round(float(mb) * 2**20) if mb else None
 
 
 # torchvision's quantized ImageNet weights (fbgemm): served as ``ARCH:int8``.
@@ -212,6 +226,7 @@ def int8_spec(arch: str) -> ModelSpec:
         acc1=metrics.get("acc@1"),
         acc5=metrics.get("acc@5"),
         precision=INT8,
+        weights_bytes=_published_bytes(weights.meta),
     )
 
 
