@@ -109,10 +109,11 @@ class Downloads:
 
 
 def _fetch(
-    url: str, tmp: Path, progress: bool, max_bytes: int | None, downloads: Downloads | None
+    url: str, tmp: Path, progress: bool, published: int | None, downloads: Downloads | None
 ) -> str:
-    """Stream ``url`` into ``tmp``; the sha256 hex digest of what was written. More than
-    ``max_bytes`` (announced or sent) is no such checkpoint: refused before it fills the disk."""
+    """Stream ``url`` into ``tmp``; the sha256 hex digest of what was written. More than the
+    ``published`` size allows (announced or sent) is no such checkpoint: refused before it fills
+    the disk."""
     digest = hashlib.sha256()
     started = time.monotonic()
     request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
@@ -123,8 +124,10 @@ def _fetch(
     ):
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
-        if max_bytes is not None and expected is not None and expected > max_bytes:
-            raise OSError(_too_large(f"announces {expected:,} bytes", max_bytes))
+        if downloads is not None and downloads.stopped.is_set():  # stopped while it connected
+            raise OSError("stopped: the service is shutting down")
+        if published is not None and expected is not None:
+            _check_size(f"announces {expected:,} bytes", expected, published)
         with tqdm(total=expected, disable=not progress, unit="B", unit_scale=True,
                   unit_divisor=1024) as bar:  # fmt: skip
             while chunk := response.read1(_CHUNK):
@@ -133,8 +136,8 @@ def _fetch(
                 digest.update(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
-                if max_bytes is not None and written > max_bytes:
-                    raise OSError(_too_large(f"sent over {written:,} bytes", max_bytes))
+                if published is not None:
+                    _check_size(f"sent over {written:,} bytes", written, published)
                 if downloads is not None and downloads.stopped.is_set():
                     raise OSError("stopped: the service is shutting down")
                 if time.monotonic() - started > DOWNLOAD_LIMIT_S:
@@ -146,8 +149,15 @@ def _fetch(
     return digest.hexdigest()
 
 
-def _too_large(what: str, max_bytes: int) -> str:
-    return f"the server {what}: more than the checkpoint's published size allows ({max_bytes:,})"
+def _check_size(what: str, size: int, published: int) -> None:
+    """A file over 1% larger than published (torchvision's sizes are in MB to three decimals)
+    is not the checkpoint."""
+    limit = published * 101 // 100
+    if size > limit:
+        raise OSError(
+            f"the server {what}; the published checkpoint is {published:,} bytes (refused past "
+            f"{limit:,}): check the mirror"
+        )
 
 
 def file_sha256(path: Path) -> str:
@@ -175,11 +185,11 @@ def download(
     sha256_prefix: str | None,
     progress: bool = True,
     replace: bool = False,
-    max_bytes: int | None = None,
+    published_bytes: int | None = None,
     downloads: Downloads | None = None,
 ) -> Path:
     """Fetch ``url`` to ``dest`` atomically, verifying the sha256 prefix when one is known, and
-    refusing more than ``max_bytes`` (the published size with a margin) when one is known.
+    refusing more than 1% over ``published_bytes`` (the checkpoint's size) when that is known.
 
     The file is written to a temporary file beside ``dest``, its hash checked, and only then
     renamed into place; on any failure (network, HTTP, a stalled or too slow server, a hash
@@ -199,7 +209,7 @@ def download(
     with _lock_for(dest):
         if dest.exists() and not replace:  # another thread got it while this one waited
             return dest
-        return _download(url, dest, sha256_prefix, progress, max_bytes, downloads)
+        return _download(url, dest, sha256_prefix, progress, published_bytes, downloads)
 
 
 # Errors writing the file (a read-only volume, a full disk, no permission), as opposed to the
@@ -215,7 +225,7 @@ def _download(
     dest: Path,
     sha256_prefix: str | None,
     progress: bool,
-    max_bytes: int | None,
+    published_bytes: int | None,
     downloads: Downloads | None,
 ) -> Path:
     _remove_abandoned(dest)
@@ -223,7 +233,7 @@ def _download(
     try:
         if downloads is not None:
             downloads.started(tmp)
-        got = _fetch(url, tmp, progress, max_bytes, downloads)
+        got = _fetch(url, tmp, progress, published_bytes, downloads)
         if sha256_prefix and not got.startswith(sha256_prefix):
             raise WeightsError(
                 f"download of {url} failed: its sha256 {got[:16]}... does not start with the "
@@ -268,7 +278,7 @@ def pull(
     )
     return download(
         source_url(spec, mirror), path, spec.sha256_prefix, progress=progress, replace=stale,
-        max_bytes=spec.max_download_bytes, downloads=downloads,
+        published_bytes=spec.weights_bytes, downloads=downloads,
     )  # fmt: skip
 
 

@@ -339,6 +339,7 @@ def test_int8_checkpoint_download_is_verified(tmp_path: Path):
             published,
             weights_file=name,
             weights_url=published.weights_url.rsplit("/", 1)[0] + "/" + name,
+            weights_bytes=None,  # made here: not the published file's size
         )
         assert r18.sha256_prefix == digest[:8]
         path = weights.resolve(r18, dest, auto_download=True, allow_random=False, mirror=url)

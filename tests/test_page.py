@@ -260,8 +260,11 @@ def test_a_401_to_a_call_made_without_the_key_keeps_a_key_entered_since(browser,
     held: list = []
     page.route("**/models", lambda route: held.append(route))  # answered when released below
     page.goto(keyed_service.url + "/", wait_until="domcontentloaded")
-    while not held:
+    for _ in range(1500):  # 30 s
+        if held:
+            break
         page.wait_for_timeout(20)
+    assert held, "the page never asked for the model list"
     page.evaluate(f"sessionStorage.setItem('imgcls-api-key', {PAGE_KEY!r})")
     with page.expect_response(lambda r: r.url.split("?")[0].endswith("/models")) as answer:
         held[0].continue_()  # as sent: without a key
@@ -272,6 +275,25 @@ def test_a_401_to_a_call_made_without_the_key_keeps_a_key_entered_since(browser,
     page.unroute_all()
     page.reload()
     page.wait_for_selector("#model-groups[aria-busy=false]")
+    assert page.is_hidden("#key-form")
+
+    # A classification sent with a refused key, the right one entered while it ran: the key
+    # stays, and the page says to run it again (not that the key now stored was refused).
+    page.evaluate("sessionStorage.setItem('imgcls-api-key', 'the-old-key')")
+    page.route("**/classify*", lambda route: held.append(route))
+    page.set_input_files("#file-input", str(IMAGES / "chelsea.png"))
+    _select(page, ["cifar10_resnet20"])
+    page.click("#classify-btn")
+    for _ in range(1500):  # 30 s
+        if len(held) > 1:
+            break
+        page.wait_for_timeout(20)
+    assert len(held) == 2, "the page never sent the classification"
+    page.evaluate(f"sessionStorage.setItem('imgcls-api-key', {PAGE_KEY!r})")
+    held[1].continue_()  # as sent: with the refused key
+    error = page.wait_for_selector("#error:not([hidden])")
+    assert "run it again" in error.inner_text()
+    assert page.evaluate("sessionStorage.getItem('imgcls-api-key')") == PAGE_KEY
     assert page.is_hidden("#key-form")
     context.close()
 

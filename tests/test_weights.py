@@ -123,8 +123,8 @@ def test_a_body_cut_short_fails_even_without_a_hash(tmp_path):
 
 
 def test_a_download_past_its_size_bound_is_stopped(tmp_path):
-    """A server that sends without end (no Content-Length) is cut off past ``max_bytes``, not
-    read until the time limit or the disk is full, and leaves nothing."""
+    """A server that sends without end (no Content-Length) is cut off past the published size
+    (and 1%), not read until the time limit or the disk is full, and leaves nothing."""
     import socket
 
     server = socket.create_server(("127.0.0.1", 0))
@@ -143,9 +143,10 @@ def test_a_download_past_its_size_bound_is_stopped(tmp_path):
     url = f"http://127.0.0.1:{server.getsockname()[1]}/m.pth"
     try:
         with pytest.raises(
-            weights.WeightsError, match=r"sent over [\d,]+ bytes: .* allows \(1,000,000\)"
+            weights.WeightsError,
+            match=r"sent over [\d,]+ bytes; .* is 1,000,000 bytes \(refused past 1,010,000\)",
         ):
-            weights.download(url, tmp_path / "m.pth", None, progress=False, max_bytes=1_000_000)
+            weights.download(url, tmp_path / "m.pth", None, progress=False, published_bytes=10**6)
     finally:
         thread.join(10)
         server.close()

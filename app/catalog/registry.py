@@ -87,12 +87,6 @@ class ModelSpec:
     weights_bytes: int | None = None  # the checkpoint's published size, where one is published
 
     @property
-    def max_download_bytes(self) -> int | None:
-        """The most a download of the checkpoint may hold: its published size (torchvision's,
-        in MB to three decimals) and 1% more; None where no size is published."""
-        return None if self.weights_bytes is None else self.weights_bytes * 101 // 100
-
-    @property
     def num_classes(self) -> int:
         return len(self.labels)
 

@@ -45,16 +45,18 @@ async function api(path, options = {}) {
   return response;
 }
 
-// `refused`: the 401 answer. A key stored since that call left stands (it was not refused).
+// `refused`: the 401 answer. A key stored since that call left stands (it was not refused):
+// returns false then, true when the page asks.
 function askForKey(refused) {
   const stored = sessionStorage.getItem(KEY_STORAGE);
-  if (stored !== null && stored !== sentKeys.get(refused)) return;
+  if (stored !== null && stored !== sentKeys.get(refused)) return false;
   sessionStorage.removeItem(KEY_STORAGE);
   const error = $("key-error");
   error.textContent = stored !== null ? "That key was refused: check it and try again." : "";
   error.hidden = !error.textContent;
   $("key-form").hidden = false;
   $("key-input").focus();
+  return true;
 }
 
 function setupKeyForm() {
@@ -436,7 +438,10 @@ async function run(kind) {
   try {
     const response = await api(`/${kind}?${params}`, { method: "POST", body: form });
     if (!current()) return;
-    if (response.status === 401) askForKey(response);
+    if (response.status === 401 && !askForKey(response)) {
+      showError("The API key was entered while this ran: run it again.");
+      return;
+    }
     if (!response.ok) { showError(await apiError(response)); return; }
     const body = await response.json();
     let explainError = "";
