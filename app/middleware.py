@@ -88,7 +88,11 @@ class DisconnectMiddleware:
     uvicorn's ``http.disconnect``; if it comes before the answer starts, the handler is
     cancelled (its images still queued are dropped, counted "cancelled") and
     ``ClientDisconnect`` raised, which the access log and metrics count as 499. Later calls of
-    the app to ``receive`` share the watcher's message."""
+    the app to ``receive`` share the watcher's message.
+
+    A request the server cancels (uvicorn, once its graceful shutdown has waited
+    IMGCLS_SHUTDOWN_GRACE_S) is answered 503 with ``Retry-After``, if nothing was sent yet:
+    uvicorn's own answer is a plain-text 500, which reads as a fault of the request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -127,10 +131,18 @@ class DisconnectMiddleware:
         try:
             await self.app(scope, receive_watched, send_watched)
         except asyncio.CancelledError:
-            if not gone or handler is None:
-                raise  # cancelled by someone else: the server stopping
+            if handler is None or (not gone and answered):
+                raise
             handler.uncancel()
-            raise ClientDisconnect from None
+            if gone:
+                raise ClientDisconnect from None
+            # cancelled by the server stopping: its clients may retry elsewhere
+            message = "the service is shutting down: retry (another instance, or this one later)"
+            stopping = JSONResponse(
+                error_body(scope["path"], message), status_code=503,
+                headers={"Retry-After": "1", "Connection": "close"},
+            )  # fmt: skip
+            await stopping(scope, receive, send_watched)
         finally:
             if watcher is not None and not watcher.done():
                 watcher.cancel()

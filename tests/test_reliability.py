@@ -350,7 +350,9 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     """A worker that hangs with a batch (here: stopped) holds the shutdown for
     IMGCLS_SHUTDOWN_GRACE_S, not until the watchdog's IMGCLS_WORKER_TIMEOUT_S: the server's
     wait for in-flight requests, then the service's for the batches at the workers and their
-    exit, each within the grace; then the worker is killed."""
+    exit, each within the grace; then the worker is killed. The request it held, cancelled by
+    uvicorn past the grace, is answered 503 with Retry-After (uvicorn's own answer: a plain-text
+    500)."""
     grace = 2.0
     ex = cf.ThreadPoolExecutor(1)
     with run_service(
@@ -374,7 +376,9 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     ex.shutdown(wait=False)
     assert took < 2 * grace + 10, f"the shutdown took {took:.1f} s"
     _until(lambda: not running([pid]), 10, "the hung worker was killed")
-    assert held.done()
+    status, _, headers = held.result(timeout=0)
+    assert status == 503 and headers.get("retry-after") == "1", (status, headers)
+    assert headers["content-type"] == "application/json" and "x-request-id" in headers, headers
 
 
 @pytest.mark.parametrize("timeout_s", [None, 1.0])
