@@ -9,6 +9,7 @@ import pytest
 
 from app.agreement import ModelOutput, agreement, jaccard, js_divergence
 from tests import images
+from tests.conftest import CIFAR_WEIGHTS, IMAGES, needs_shared, shared_image
 
 PNG = images.encode(images.photo((320, 240)), "PNG")  # generated: no shared data needed
 
@@ -90,6 +91,24 @@ def test_compare_over_http(client):
     assert consensus["votes"] >= 2
     assert consensus["label"] == res["resnet18"]["predictions"][0]["label"]
     assert set(body["latency_ms"]) == {"decode", "total"}
+
+
+@needs_shared(CIFAR_WEIGHTS, IMAGES)
+def test_a_model_answers_in_a_compare_as_it_does_alone(client):
+    """A model's predictions do not depend on the models it is compared with: the CIFAR
+    ResNet's top-5 for a photo is the same in /classify and beside resnet18 in /compare (its
+    JPEG was drafted for resnet18's larger target: another top-1 on some photos)."""
+    for name in ("rocket.jpg", "hubble_deep_field.jpg"):
+        photo = {"file": (name, shared_image(name))}
+        alone = client.post("/classify", params={"model": "cifar10_resnet20"}, files=photo)
+        compared = client.post(
+            "/compare", params={"models": "cifar10_resnet20,resnet18"}, files=photo
+        )
+        assert alone.status_code == 200 and compared.status_code == 200, (alone, compared)
+        want = [(p["label"], p["score"]) for p in alone.json()["predictions"]]
+        got = [(p["label"], p["score"]) for p in compared.json()["results"][0]["predictions"]]
+        assert [label for label, _ in got] == [label for label, _ in want], name
+        assert [score for _, score in got] == pytest.approx([s for _, s in want], abs=1e-4), name
 
 
 def test_compare_defaults_to_loaded_models(service, client):

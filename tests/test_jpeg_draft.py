@@ -21,7 +21,7 @@ from app.engine.decoding import DRAFT_MARGIN, decode_pixels, draft_side
 from app.engine.worker import Runner, WorkerConfig
 from app.evaluate import list_images
 from app.preprocess import Preprocess
-from tests import guard
+from tests import guard, images
 from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, IMAGES, needs_shared
 
 # Measured on the shared photos (camera, chelsea, coffee, horse, hubble, motorcycle, rocket,
@@ -61,6 +61,25 @@ def test_draft_scale_keeps_twice_the_target():
     assert imaging.decode(small, 10**9, side).size == (500, 375)  # too small to scale
     png = _encode(Image.new("RGB", (4032, 3024)), "PNG")
     assert imaging.decode(png, 10**9).size == (4032, 3024)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_each_model_gets_its_own_draft_in_a_compare(fmt: str):
+    """Decoded for several models at once (/compare), each model's pixels are those it gets
+    alone (/classify): a CIFAR model's 32-pixel target drafts a 1600x1200 photo down to 1/8,
+    resnet18's 256 not at all; decoded once at the larger side, the CIFAR model saw other
+    pixels beside resnet18 than alone."""
+    catalog = build_catalog()
+    small, large = catalog.get("cifar10_resnet20").transform, catalog.get("resnet18").transform
+    data = _encode(images.photo((1600, 1200)), fmt)
+    both, _, _ = decode_pixels(data, 10**8, {"small": small, "large": large}, draft=True)
+    alone = {
+        key: decode_pixels(data, 10**8, {key: t}, draft=True)[0][key]
+        for key, t in (("small", small), ("large", large))
+    }
+    assert draft_side({0: small}) < draft_side({0: large})
+    for key in ("small", "large"):
+        assert torch.equal(both[key], alone[key]), key
 
 
 def test_other_formats_are_box_reduced_by_the_largest_factor_that_keeps_the_side():
