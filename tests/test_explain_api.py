@@ -48,6 +48,7 @@ def test_explain_answers_a_heatmap_at_the_input_size_and_an_overlay(client) -> N
     assert body["heatmap"]["height"] == body["heatmap"]["width"] == 32
     assert heat.shape == (32, 32)
     assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() == 1.0
+    assert np.array_equal(heat, np.round(heat, 3))  # 3 decimals in the JSON, as documented
     assert _png(body["overlay"]).size == (32, 32)
     lat = body["latency_ms"]
     assert set(lat) == {"decode", "preprocess", "queue", "explain", "total"}
