@@ -112,8 +112,8 @@ def _weights(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from app.evaluate import run_eval
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models:
+    models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
+    if not models:  # (a name given twice is evaluated once)
         raise ValueError("--models names no model")
     reports = run_eval(
         Path(args.data), models, args.url, args.limit, args.concurrency, Path(args.out)

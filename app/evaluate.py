@@ -48,22 +48,15 @@ class ModelReport:
 
 
 def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
-    """(path, label) for an ImageFolder tree: one subfolder per class, named by its label.
+    """(path, label) for an ImageFolder tree: one subfolder per class, named by its label, its
+    images at any depth below it (as torchvision's ImageFolder finds them).
 
     With ``limit``, the first images of every class in turn, so a short run stays balanced.
     """
     classes = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{data} has no class subfolders")
-    per_class = [
-        sorted(
-            f
-            for f in c.iterdir()
-            # dot files: macOS's "._name.jpg" resource forks are not images
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
-        )
-        for c in classes
-    ]
+    per_class = [sorted(_images_below(c)) for c in classes]
     if not any(per_class):
         raise ValueError(
             f"{data}'s class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -74,6 +67,18 @@ def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
             if row < len(files):
                 items.append((files[row], cls.name))
     return items[:limit] if limit else items
+
+
+def _images_below(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # dot files: macOS's "._name.jpg" resource forks are not images
+        for name in files:
+            f = Path(root) / name
+            if f.suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".") and f.is_file():
+                found.append(f)
+    return found
 
 
 def _free_port() -> int:
@@ -151,15 +156,23 @@ def _retry_after(r: httpx.Response) -> float:
 async def _run_model(
     client: httpx.AsyncClient,
     model: str,
-    payloads: list[tuple[bytes, str, str]],
+    items: list[tuple[Path, str]],
     concurrency: int,
     progress: Any,
 ) -> tuple[list[dict[str, Any]], float]:
-    results: list[dict[str, Any]] = [{} for _ in payloads]
+    """Each image read when it is sent (a folder of ImageNet's size held whole took gigabytes)."""
+    results: list[dict[str, Any]] = [{} for _ in items]
     next_index = 0
 
     async def one(i: int) -> None:
-        data, name, label = payloads[i]
+        path, label = items[i]
+        name = path.name
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:  # removed or unreadable since the folder was listed
+            results[i] = {"skipped": f"{name}: cannot read it ({exc.strerror or exc})"}
+            progress.update(1)
+            return
         given_up = time.monotonic() + BUSY_RETRY_S
         while True:
             t0 = time.perf_counter()
@@ -194,7 +207,7 @@ async def _run_model(
 
     async def user() -> None:
         nonlocal next_index
-        while next_index < len(payloads):
+        while next_index < len(items):
             i = next_index
             next_index += 1
             await one(i)
@@ -287,10 +300,9 @@ async def evaluate_url(
                     f"class folders {unknown[:5]} of {data} are not labels of {model}; "
                     "each subfolder must be named by one of the model's labels"
                 )
-        payloads = [(p.read_bytes(), p.name, label) for p, label in items]
         for model in models:
             with tqdm(total=len(items), desc=model, unit="img") as bar:
-                results, wall = await _run_model(client, model, payloads, concurrency, bar)
+                results, wall = await _run_model(client, model, items, concurrency, bar)
             reports.append(_summarise(model, entries[model], results, wall))
     return reports
 

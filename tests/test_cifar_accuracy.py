@@ -179,20 +179,22 @@ def test_eval_mistakes_are_one_line_not_a_traceback(service, tmp_path):
 def test_eval_waits_out_a_busy_service(tmp_path):
     """A service whose queue is full answers 503 with Retry-After: `imgcls eval` retries those
     images as told (it ended the whole run on the first 503), and every image is counted once.
-    The service has an API key, which eval sends from IMGCLS_API_KEY."""
+    The service has an API key, which eval sends from IMGCLS_API_KEY. A model named twice is
+    evaluated once; images in folders below a class's are its too."""
     from prometheus_client.parser import text_string_to_metric_families
 
     data = tmp_path / "data"
     for cls in ("cat", "ship", "dog", "frog"):
-        (data / cls).mkdir(parents=True)
-        for src in sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:6]:
-            (data / cls / src.name).write_bytes(src.read_bytes())
+        (data / cls / "more").mkdir(parents=True)
+        for i, src in enumerate(sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:6]):
+            below = data / cls / ("more" if i % 2 else "")  # found at any depth, as ImageFolder
+            (below / src.name).write_bytes(src.read_bytes())
     key = "eval-key"  # a service with an API key: the same variable gives it to eval
     with run_service(models="cifar10_resnet20", weights_dir=CIFAR_WEIGHTS, max_queue=1,
                      max_batch_size=1, api_key=key) as svc:  # fmt: skip
         r = subprocess.run(
             [sys.executable, "-m", "app.cli", "eval", "--data", str(data), "--models",
-             "cifar10_resnet20", "--url", svc.url, "--concurrency", "8", "--out",
+             "cifar10_resnet20, cifar10_resnet20", "--url", svc.url, "--concurrency", "8", "--out",
              str(tmp_path / "out")],
             capture_output=True, text=True, cwd=ROOT, timeout=300,
             env={**os.environ, "IMGCLS_API_KEY": key + "\n"},  # from a file: read as the service does
