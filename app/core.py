@@ -388,9 +388,9 @@ class InferenceCore(ABC):
             ) from None
 
     async def decode(self, data: imaging.BytesLike, specs: Sequence[ModelSpec]) -> Pixels:
-        """Decode once and resize once per distinct geometry, on a thread (decoding and
-        resizing release the GIL), once the header's promise of memory fits the decode budget
-        (``DecodeMemory``)."""
+        """Decode (once per draft side) and resize once per distinct geometry, on a thread
+        (decoding and resizing release the GIL), once the header's promise of memory fits the
+        decode budget (``DecodeMemory``; the largest decode's: they run one after another)."""
         s = self.settings
         transforms = {spec.transform_key: spec.transform for spec in specs}
         probe = await asyncio.to_thread(imaging.probe, data, s.max_pixels)
