@@ -63,7 +63,7 @@ class ServedModel:
 
 @dataclass
 class Pixels:
-    """An upload decoded once and resized for a set of models."""
+    """An upload decoded (once per reduction of the image) and resized for a set of models."""
 
     by_key: dict[tuple[object, ...], torch.Tensor]  # ModelSpec.transform_key -> uint8 (3, S, S)
     decode_ms: float
@@ -388,7 +388,7 @@ class InferenceCore(ABC):
             ) from None
 
     async def decode(self, data: imaging.BytesLike, specs: Sequence[ModelSpec]) -> Pixels:
-        """Decode (once per draft side) and resize once per distinct geometry, on a thread
+        """Decode (once per reduction) and resize once per distinct geometry, on a thread
         (decoding and resizing release the GIL), once the header's promise of memory fits the
         decode budget (``DecodeMemory``; the largest decode's: they run one after another)."""
         s = self.settings
@@ -494,7 +494,7 @@ class InferenceCore(ABC):
         served = [self.servable(n) for n in parse_models(models, self.ready_models())]
         if not served:
             raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)
-        # Decoded here once, whatever IMGCLS_DECODE says: the models share the pixels.
+        # Decoded here, whatever IMGCLS_DECODE says: models share the pixels of one reduction.
         specs = [s.spec for s in served]
         pixels = await self.by_deadline(deadline, self.decode(upload, specs), "decoding the upload")
 

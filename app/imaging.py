@@ -487,14 +487,31 @@ def peak_bytes(probe: Probe, min_side: int | None) -> int:
     tests/test_imaging.py measures it against the peak of every accepted format."""
     width, height = probe.width, probe.height
     coefficients = width * height * (8 if probe.mode == "CMYK" else 6) if probe.progressive else 0
-    if min_side and probe.format in SCALED_DECODE and draft_scales(min(width, height), min_side):
-        k = min_side / min(width, height)  # as ``_draft`` asks, and as Pillow's draft answers
-        asked = max(1, math.ceil(width * k)), max(1, math.ceil(height * k))
-        fits = min(width // asked[0], height // asked[1])
-        scale = next(s for s in (8, 4, 2, 1) if fits >= s)
+    if probe.format in SCALED_DECODE:  # other formats are decoded in full, then reduced
+        scale = reduction(probe, min_side)
         width, height = math.ceil(width / scale), math.ceil(height / scale)
     per_pixel = _MODE_BYTES.get(probe.mode, 4) + _BESIDES + _DECODER_BYTES.get(probe.format, 0)
     return width * height * per_pixel + coefficients
+
+
+def reduction(probe: Probe, min_side: int | None) -> int:
+    """What ``decode`` (with ``min_side``) divides the image's sides by, from its header: for a
+    JPEG the DCT scale Pillow's ``draft`` picks (1, 2, 4 or 8) for what ``_draft`` asks, for
+    other formats ``_reduce``'s box factor; 1 for a full-size decode. One reduction, one set of
+    pixels: models whose targets give the same one can share a decode."""
+    width, height = probe.width, probe.height
+    short = min(width, height)
+    if not min_side:
+        return 1
+    if probe.format in SCALED_DECODE:
+        if not draft_scales(short, min_side):
+            return 1
+        k = min_side / short  # as ``_draft`` asks, and as Pillow's draft answers
+        asked = max(1, math.ceil(width * k)), max(1, math.ceil(height * k))
+        fits = min(width // asked[0], height // asked[1])
+        return next(s for s in (8, 4, 2, 1) if fits >= s)
+    factor = short // (REDUCE_MARGIN * min_side)
+    return factor if factor >= 2 else 1
 
 
 def draft_scales(short_side: int, min_side: int) -> bool:

@@ -82,6 +82,27 @@ def test_each_model_gets_its_own_draft_in_a_compare(fmt: str):
         assert torch.equal(both[key], alone[key]), key
 
 
+@pytest.mark.parametrize(
+    ("size", "decodes"),
+    [((500, 375), 1), ((4032, 3024), 2)],  # ImageNet-size: in full for both; phone: 1/4 and 1/2
+)
+def test_models_whose_targets_reduce_the_image_alike_share_a_decode(monkeypatch, size, decodes):
+    """resnet50 (resize 232) and alexnet (256) have different draft sides, but an ImageNet-size
+    JPEG is decoded in full for either: one decode serves both; a phone photo is drafted to 1/4
+    for resnet50 and 1/2 for alexnet: two. Each model's pixels are still those it gets alone."""
+    catalog = build_catalog()
+    transforms = {m: catalog.get(m).transform for m in ("resnet50", "alexnet")}
+    data = _jpeg(images.photo(size))
+    calls = []
+    real = imaging.decode
+    monkeypatch.setattr(imaging, "decode", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    both, _, _ = decode_pixels(data, 10**8, transforms, draft=True)
+    assert len(calls) == decodes, calls
+    for key, t in transforms.items():
+        alone = decode_pixels(data, 10**8, {key: t}, draft=True)[0][key]
+        assert torch.equal(both[key], alone), key
+
+
 def test_other_formats_are_box_reduced_by_the_largest_factor_that_keeps_the_side():
     side = draft_side({0: build_catalog().get("resnet50").transform})  # 696
     for fmt in ("PNG", "WEBP", "BMP", "TIFF", "GIF"):

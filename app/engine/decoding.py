@@ -146,11 +146,13 @@ def decode_pixels(
     torchvision does. ``checked``: ``imaging.probe`` ran on ``data`` already.
 
     Each transform gets the pixels it gets alone (a model's answer in /compare is its answer in
-    /classify): drafted, one decode per draft side (a 32-pixel CIFAR model beside a 224-pixel
-    ImageNet one was given the ImageNet model's larger decode, and its top-1 could change)."""
+    /classify): drafted, one decode per reduction of the image (a 32-pixel CIFAR model beside a
+    224-pixel ImageNet one was given the ImageNet model's finer decode, and its top-1 could
+    change); models whose targets give this image the same reduction share one."""
     by_key: dict[K, torch.Tensor] = {}
     decode_ms = resize_ms = 0.0
-    for group in _by_draft_side(transforms) if draft else [transforms]:
+    groups = _by_reduction(data, max_pixels, transforms) if draft else [dict(transforms)]
+    for group in groups:
         image, ms = _decode(data, max_pixels, group, draft, checked)
         t1 = time.perf_counter()
         by_key.update(resize(image, group, draft))
@@ -158,12 +160,19 @@ def decode_pixels(
     return by_key, decode_ms, resize_ms
 
 
-def _by_draft_side(transforms: Mapping[K, Preprocess]) -> list[dict[K, Preprocess]]:
-    """The transforms grouped by the draft side each has alone, the largest side first."""
+def _by_reduction(
+    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[K, Preprocess]
+) -> list[dict[K, Preprocess]]:
+    """The transforms grouped by the reduction each gives the image alone (``imaging.reduction``,
+    from its header), the finest (the largest decode) first."""
+    if len(transforms) == 1:
+        return [dict(transforms)]
+    probe = imaging.probe(data, max_pixels)  # the header again: a few ms, for /compare only
+    sides = sorted(((draft_side({k: t}), k) for k, t in transforms.items()), key=lambda s: -s[0])
     groups: dict[int, dict[K, Preprocess]] = {}
-    for key, t in transforms.items():
-        groups.setdefault(draft_side({key: t}), {})[key] = t
-    return [groups[side] for side in sorted(groups, reverse=True)]
+    for side, key in sides:
+        groups.setdefault(imaging.reduction(probe, side), {})[key] = transforms[key]
+    return list(groups.values())
 
 
 def _decode(
