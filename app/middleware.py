@@ -131,7 +131,8 @@ class DisconnectMiddleware:
         try:
             await self.app(scope, receive_watched, send_watched)
         except asyncio.CancelledError:
-            if handler is None or (not gone and answered):
+            # not this task's cancellation (a cancelled future awaited), or too late to answer
+            if handler is None or (not gone and (answered or not handler.cancelling())):
                 raise
             handler.uncancel()
             if gone:
