@@ -112,8 +112,8 @@ def _weights(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from app.evaluate import run_eval
 
-    models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
-    if not models:  # (a name given twice is evaluated once)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
         raise ValueError("--models names no model")
     reports = run_eval(
         Path(args.data), models, args.url, args.limit, args.concurrency, Path(args.out)

@@ -70,8 +70,16 @@ def list_images(data: Path, limit: int | None = None) -> list[tuple[Path, str]]:
 
 
 def _images_below(folder: Path) -> list[Path]:
+    """Image files at any depth below ``folder``, through links to folders, each folder once
+    (a link to a folder above it made the walk go round until paths grew too long)."""
     found = []
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         # dot files: macOS's "._name.jpg" resource forks are not images
         for name in files:
@@ -223,7 +231,10 @@ def _summarise(
     results = [r for r in answered if "skipped" not in r]
     skipped = [r["skipped"] for r in answered if "skipped" in r]
     if not results:
-        raise ValueError(f"{model}: the service refused every file, e.g. {skipped[0]}")
+        raise ValueError(
+            f"{model}: no file could be evaluated (each unreadable, or refused by the service), "
+            f"e.g. {skipped[0]}"
+        )
     n = len(results)
     top1 = sum(r["labels"][0] == r["label"] for r in results)
     top5 = sum(r["label"] in r["labels"][:5] for r in results)
@@ -397,6 +408,7 @@ def run_eval(
         raise ValueError(f"--out {out} is a file; name a folder for the reports")
     if not models:
         raise ValueError("--models names no model")
+    models = list(dict.fromkeys(models))  # a model named twice is evaluated once
     from app.benchmarks.common import out_folder
 
     out_folder(out, "--out")

@@ -180,7 +180,8 @@ def test_eval_waits_out_a_busy_service(tmp_path):
     """A service whose queue is full answers 503 with Retry-After: `imgcls eval` retries those
     images as told (it ended the whole run on the first 503), and every image is counted once.
     The service has an API key, which eval sends from IMGCLS_API_KEY. A model named twice is
-    evaluated once; images in folders below a class's are its too."""
+    evaluated once; images in folders below a class's are its too, each folder read once (a
+    link back up made a loop)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     data = tmp_path / "data"
@@ -189,6 +190,7 @@ def test_eval_waits_out_a_busy_service(tmp_path):
         for i, src in enumerate(sorted((CIFAR_SAMPLE / cls).glob("*.jpg"))[:6]):
             below = data / cls / ("more" if i % 2 else "")  # found at any depth, as ImageFolder
             (below / src.name).write_bytes(src.read_bytes())
+        (data / cls / "more" / "up").symlink_to(data / cls)  # a loop: each folder read once
     key = "eval-key"  # a service with an API key: the same variable gives it to eval
     with run_service(models="cifar10_resnet20", weights_dir=CIFAR_WEIGHTS, max_queue=1,
                      max_batch_size=1, api_key=key) as svc:  # fmt: skip
