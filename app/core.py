@@ -78,9 +78,9 @@ def _pixels(
     max_pixels: int,
     transforms: Mapping[Any, Preprocess],
     draft: bool = False,
-    checked: bool = False,
+    probe: imaging.Probe | None = None,
 ) -> Pixels:
-    return Pixels(*decode_pixels(data, max_pixels, transforms, draft, checked))
+    return Pixels(*decode_pixels(data, max_pixels, transforms, draft, probe is not None, probe))
 
 
 def parse_models(models: str | None, loaded: Sequence[str]) -> list[str]:
@@ -398,7 +398,7 @@ class InferenceCore(ABC):
         memory = self.decode_memory
         held = await memory.take(imaging.peak_bytes(probe, side))
         job = asyncio.ensure_future(
-            asyncio.to_thread(_pixels, data, s.max_pixels, transforms, s.jpeg_draft, True)
+            asyncio.to_thread(_pixels, data, s.max_pixels, transforms, s.jpeg_draft, probe)
         )
 
         def done(job: asyncio.Future[Pixels]) -> None:

@@ -134,6 +134,7 @@ def decode_pixels(
     transforms: Mapping[K, Preprocess],
     draft: bool = False,
     checked: bool = False,
+    probe: imaging.Probe | None = None,
 ) -> tuple[dict[K, torch.Tensor], float, float]:
     """Pillow: decode an upload once, resize it for each transform. Returns the uint8 pixels by
     key, and the decode and resize times (ms). Used by the API process (IMGCLS_DECODE=api,
@@ -143,7 +144,8 @@ def decode_pixels(
     other formats box-reduced (``imaging.decode``), and the resize runs in torch's uint8
     antialiased kernel where it can (``torch_resizable``), ~2-3x cheaper than Pillow's and
     within a thousandth of a grey level of it on average. Without it, Pillow resizes exactly as
-    torchvision does. ``checked``: ``imaging.probe`` ran on ``data`` already.
+    torchvision does. ``checked``: ``imaging.probe`` ran on ``data`` already (``probe``: what it
+    read, when the caller has it: not read again to group several transforms).
 
     Each transform gets the pixels it gets alone (a model's answer in /compare is its answer in
     /classify): drafted, one decode per reduction of the image (a 32-pixel CIFAR model beside a
@@ -151,7 +153,7 @@ def decode_pixels(
     change); models whose targets give this image the same reduction share one."""
     by_key: dict[K, torch.Tensor] = {}
     decode_ms = resize_ms = 0.0
-    groups = _by_reduction(data, max_pixels, transforms) if draft else [dict(transforms)]
+    groups = _by_reduction(data, max_pixels, transforms, probe) if draft else [dict(transforms)]
     for group in groups:
         image, ms = _decode(data, max_pixels, group, draft, checked)
         t1 = time.perf_counter()
@@ -161,13 +163,16 @@ def decode_pixels(
 
 
 def _by_reduction(
-    data: imaging.BytesLike, max_pixels: int, transforms: Mapping[K, Preprocess]
+    data: imaging.BytesLike,
+    max_pixels: int,
+    transforms: Mapping[K, Preprocess],
+    probe: imaging.Probe | None,
 ) -> list[dict[K, Preprocess]]:
     """The transforms grouped by the reduction each gives the image alone (``imaging.reduction``,
     from its header), the finest (the largest decode) first."""
     if len(transforms) == 1:
         return [dict(transforms)]
-    probe = imaging.probe(data, max_pixels)  # the header again: a few ms, for /compare only
+    probe = probe or imaging.probe(data, max_pixels)
     sides = sorted(((draft_side({k: t}), k) for k, t in transforms.items()), key=lambda s: -s[0])
     groups: dict[int, dict[K, Preprocess]] = {}
     for side, key in sides:
