@@ -96,10 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def index() -> FileResponse:
             return FileResponse(STATIC / "index.html")
 
-    # The last added runs first: request IDs, access log, client gone (cancels the handler),
-    # CORS (answers preflights), API key, body limits (timeouts and the budget of uploads in
-    # flight). Every body a route may read counts against the budget: uploads (the form around
-    # a file) and /v2 infer requests.
+    # The last added runs first: request IDs, access log, CORS (answers preflights), client
+    # gone (cancels the handler; inside CORS, so that its 503 at shutdown carries CORS's headers
+    # and a page on another origin can read it), API key, body limits (timeouts and the budget
+    # of uploads in flight). Every body a route may read counts against the budget: uploads (the
+    # form around a file) and /v2 infer requests.
     app.state.upload_budget = budget
     max_body = largest_body(settings)
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the others see the request's HEAD
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, max_body=max_body)
+    app.add_middleware(DisconnectMiddleware)  # a client gone after its body: work stopped, 499
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -123,7 +125,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             expose_headers=["X-Request-ID", "Retry-After", codec.HEADER_LENGTH],
         )
-    app.add_middleware(DisconnectMiddleware)  # a client gone after its body: work stopped, 499
     app.add_middleware(
         AccessMiddleware,
         metrics=metrics,

@@ -26,13 +26,16 @@ from tests.rawhttp import connect, read_until_closed, status_of
 PNG = images.encode(images.photo((64, 64)), "PNG")
 
 
-def _post(url: str, model: str, timeout: float = 60) -> tuple[int, float, httpx.Headers]:
+def _post(
+    url: str, model: str, timeout: float = 60, headers: dict[str, str] | None = None
+) -> tuple[int, float, httpx.Headers]:
     t0 = time.perf_counter()
     try:
         r = httpx.post(
             f"{url}/classify",
             params={"model": model},
             files={"file": ("x.png", PNG)},
+            headers=headers,
             timeout=timeout,
         )
     except httpx.TimeoutException:
@@ -352,18 +355,20 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     wait for in-flight requests, then the service's for the batches at the workers and their
     exit, each within the grace; then the worker is killed. The request it held, cancelled by
     uvicorn past the grace, is answered 503 with Retry-After (uvicorn's own answer: a plain-text
-    500)."""
+    500), with CORS's headers: a page on another origin reads it."""
     grace = 2.0
+    origin = "https://demo.example"
     ex = cf.ThreadPoolExecutor(1)
     with run_service(
         models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
         shutdown_grace_s=grace, worker_timeout_s=120, request_timeout_s=100,
+        cors_origins=origin,
     ) as svc:  # fmt: skip
         pool = svc.service.pool
         pid = pool.workers[0].pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            held = ex.submit(_post, svc.url, "cifar10_plain20")
+            held = ex.submit(_post, svc.url, "cifar10_plain20", 60, {"Origin": origin})
             _until(
                 lambda: any(x.sent_at for w in pool.workers for x in w.inflight.values()),
                 30, "a batch reached the worker",
@@ -379,6 +384,8 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     status, _, headers = held.result(timeout=0)
     assert status == 503 and headers.get("retry-after") == "1", (status, headers)
     assert headers["content-type"] == "application/json" and "x-request-id" in headers, headers
+    assert headers.get("access-control-allow-origin") == origin, headers
+    assert "retry-after" in headers.get("access-control-expose-headers", "").lower(), headers
 
 
 @pytest.mark.parametrize("timeout_s", [None, 1.0])
