@@ -435,6 +435,8 @@ def test_custom_model_names_its_cam_layer(tmp_path: Path) -> None:
         ('cam_layer = "layer3.9"', "cam_layer 'layer3.9' is not a module"),
         ("cam_layer = 3", "cam_layer must be a module path"),
         ('cam_layer = ""', "cam_layer must be a module path"),
+        # a module that exists but gives no feature map to explain: the classifier
+        ('cam_layer = "linear"', "cam_layer 'linear' gives shape (1, 10) for one 32x32 image"),
     ],
 )
 def test_bad_cam_layer_stops_startup_naming_file_entry_and_problem(
@@ -447,3 +449,5 @@ def test_bad_cam_layer_stops_startup_naming_file_entry_and_problem(
         load_model_config(path, set())
     text = str(info.value)
     assert str(path) in text and "[models.mine]" in text and message in text
+    if "gives" in message:  # names a module that can be explained instead
+        assert "such as 'layer3'" in text, text

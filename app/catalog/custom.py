@@ -75,9 +75,12 @@ def _depth(arch: str, model: nn.Module) -> int:
     return sum(isinstance(x, (nn.Conv2d, nn.Linear)) for x in model.modules())
 
 
-def _cam_layer(value: Any, model: nn.Module) -> str:
-    """A dotted module path of ``model`` (e.g. ``layer4`` or ``features.29``), checked now so
-    that a typo stops startup rather than the first explanation."""
+def _cam_layer(value: Any, model: nn.Module, input_size: int) -> str:
+    """A dotted module path of ``model`` (e.g. ``layer4`` or ``features.29``) whose output is a
+    feature map Grad-CAM can explain, checked now (one dummy image) so that a typo or a wrong
+    module stops startup rather than failing every explanation."""
+    from app.engine.explain import is_feature_map, last_feature_map, output_shape
+
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"cam_layer must be a module path such as 'layer4', got {value!r}")
     try:
@@ -87,6 +90,14 @@ def _cam_layer(value: Any, model: nn.Module) -> str:
         raise ValueError(
             f"cam_layer {value!r} is not a module of this model (its top-level modules: {tops})"
         ) from None
+    shape = output_shape(model, value, input_size)
+    if not is_feature_map(shape):
+        gives = "nothing (it did not run)" if shape is None else f"shape {shape}"
+        raise ValueError(
+            f"cam_layer {value!r} gives {gives} for one {input_size}x{input_size} image; "
+            "Grad-CAM needs a module whose output is (N, C, H, W) feature maps wider than 1x1, "
+            f"such as {last_feature_map(model, input_size)!r} (the last one of this model)"
+        )
     return value
 
 
@@ -128,7 +139,7 @@ def _spec(name: str, entry: dict[str, Any], base: Path) -> ModelSpec:
     if declared not in ("cnn", "resnet"):
         raise ValueError(f'family must be "cnn" or "resnet", got {declared!r}')
     family: Family = "resnet" if declared == "resnet" else "cnn"
-    cam_layer = _cam_layer(entry["cam_layer"], model) if "cam_layer" in entry else None
+    cam_layer = _cam_layer(entry["cam_layer"], model, size) if "cam_layer" in entry else None
     return ModelSpec(
         name=name,
         arch=arch,

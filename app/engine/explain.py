@@ -72,6 +72,34 @@ def _after_last_conv(features: nn.Module, prefix: str) -> str:
     return f"{prefix}.{names[last][0]}"
 
 
+def output_shape(model: nn.Module, layer: str, input_size: int = 224) -> tuple[int, ...] | None:
+    """The shape of what module ``layer`` of ``model`` gives for one dummy image (None: not a
+    tensor, or the module did not run). Eval mode without gradients, as ``last_feature_map``."""
+    module = model.get_submodule(layer)
+    shapes: list[tuple[int, ...] | None] = []
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        shapes.append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    handle = module.register_forward_hook(hook)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
+    finally:
+        model.train(training)
+        handle.remove()
+    return shapes[-1] if shapes else None
+
+
+def is_feature_map(shape: tuple[int, ...] | None) -> bool:
+    """What Grad-CAM can explain: (N, C, H, W) maps wider than 1x1."""
+    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+
+
 def last_feature_map(model: nn.Module, input_size: int = 224) -> str:
     """The last module, in execution order, whose output is a (N, C, H, W) map with H*W > 1.
 
@@ -82,7 +110,7 @@ def last_feature_map(model: nn.Module, input_size: int = 224) -> str:
     found: list[str] = []
 
     def hook(mod: nn.Module, inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+        if isinstance(out, torch.Tensor) and is_feature_map(tuple(out.shape)):
             found.append(names[mod])
 
     param = next(model.parameters(), None)
