@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorMessage(BaseModel):
+    """Every error of the app's own routes (under /v2, the protocol's ``{"error": ...}``)."""
+
+    detail: str = Field(
+        description="what went wrong and what to do about it; a server fault's names the "
+        "request id its log entry carries"
+    )
+
+
+class InvalidRequest(BaseModel):
+    """422: a parameter the route checks itself (a message), or FastAPI's field errors."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="a message, or one entry per invalid field (loc, msg, type, input)"
+    )
 
 
 class ClassScore(BaseModel):

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from app.schemas import ErrorMessage, InvalidRequest
 from app.service import Service
 
 
@@ -48,12 +49,27 @@ UPLOAD_BODY: dict[str, Any] = {
     }
 }
 
+# Error answers as OpenAPI shows them: each with its body's schema (``{"detail": ...}``).
+KEY_ERROR: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorMessage, "description": "missing or wrong API key (IMGCLS_API_KEY set)"},
+}
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "empty or undecodable image"},
-    404: {"description": "unknown model (the message lists the available ones)"},
-    413: {"description": "upload or image too large"},
-    415: {"description": "body is not multipart/form-data"},
-    422: {"description": "invalid parameters or missing 'file' field"},
-    503: {"description": "model not ready or queue full (see Retry-After)"},
-    504: {"description": "request deadline passed"},
+    400: {"model": ErrorMessage, "description": "empty or undecodable image"},
+    **KEY_ERROR,
+    404: {
+        "model": ErrorMessage,
+        "description": "unknown model (the message lists the available ones)",
+    },
+    408: {"model": ErrorMessage, "description": "the upload did not arrive in time"},
+    413: {"model": ErrorMessage, "description": "upload or image too large"},
+    415: {"model": ErrorMessage, "description": "body is not multipart/form-data"},
+    422: {"model": InvalidRequest, "description": "invalid parameters or missing 'file' field"},
+    500: {"model": ErrorMessage, "description": "server fault (the message names the request id)"},
+    503: {
+        "model": ErrorMessage,
+        "description": "model not ready, queue or upload budget full, or the server stopping "
+        "(see Retry-After)",
+    },
+    504: {"model": ErrorMessage, "description": "request deadline passed"},
 }

@@ -7,15 +7,23 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from app.api.deps import ERRORS, UPLOAD_BODY, RequestIdDep, ServiceDep
-from app.schemas import ExplainResponse
+from app.schemas import ErrorMessage, ExplainResponse, InvalidRequest
 from app.upload import read_upload
 
 router = APIRouter(tags=["explain"])
 
 EXPLAIN_ERRORS = {
     **ERRORS,
-    422: {"description": "unknown method, target not a class of the model, or missing 'file'"},
-    503: {"description": "model not ready, or the explanation queue is full (see Retry-After)"},
+    422: {
+        "model": InvalidRequest,
+        "description": "unknown method, target not a class of the model, or missing 'file'",
+    },
+    501: {"model": ErrorMessage, "description": "explanations are not available on this backend"},
+    503: {
+        "model": ErrorMessage,
+        "description": "model not ready, the explanation queue full, its checkpoint replaced "
+        "since load, or the server stopping (see Retry-After)",
+    },
 }
 
 

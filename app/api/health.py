@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app import __version__
-from app.api.deps import ServiceDep
+from app.api.deps import KEY_ERROR, ServiceDep
 from app.engine import fastpath
 from app.schemas import Health, Info, Readiness
 
@@ -32,7 +32,12 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     )
 
 
-@router.get("/info", response_model=Info, summary="Limits and defaults, for clients and the page")
+@router.get(
+    "/info",
+    response_model=Info,
+    responses=KEY_ERROR,
+    summary="Limits and defaults, for clients and the page",
+)
 async def info(service: ServiceDep) -> Info:
     s = service.settings
     return Info(
