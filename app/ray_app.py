@@ -351,7 +351,7 @@ class Ingress:
     async def classify(
         self, request: Request, model: str | None = None, top_k: TopK = 5
     ) -> ClassifyResponse:
-        name = model or self.core.default_model
+        name = (model or "").strip() or self.core.default_model
         self.core.admit(name)
         await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
@@ -392,7 +392,7 @@ class Ingress:
         target: Annotated[str, Query(max_length=16)] = "top1",
         heatmap: bool = True,
     ) -> ExplainResponse:
-        name = model or self.core.default_model
+        name = (model or "").strip() or self.core.default_model
         self.core.admit_explain(name, method, target)
         await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)

@@ -46,6 +46,15 @@ def test_default_model_is_first_configured(client):
     assert r.json()["model"] == "resnet18"
 
 
+def test_a_model_name_is_read_as_compare_reads_its_names(client):
+    """Spaces around the name are not part of it (as in /compare's list); an empty or blank
+    name is the default model."""
+    assert classify(client, PNG, model=" alexnet ").json()["model"] == "alexnet"
+    assert classify(client, PNG, model="  ").json()["model"] == "resnet18"
+    r = client.post("/explain", params={"model": " alexnet"}, files={"file": ("c.png", PNG)})
+    assert r.status_code == 200 and r.json()["model"] == "alexnet", r.text
+
+
 def test_request_id_is_honoured(client):
     r = client.post(
         "/classify",

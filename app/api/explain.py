@@ -53,7 +53,7 @@ async def explain(
         bool, Query(description="include the heatmap values (false: only the overlay picture)")
     ] = True,
 ) -> ExplainResponse:
-    name = model or service.default_model
+    name = (model or "").strip() or service.default_model  # as /compare reads its names
     # method, target, model and the explanation queue checked before the body is read
     service.admit_explain(name, method, target)
     upload = await read_upload(request, service.settings.max_upload_bytes)

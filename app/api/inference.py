@@ -32,7 +32,7 @@ async def classify(
     ] = None,
     top_k: TopK = 5,
 ) -> ClassifyResponse:
-    name = model or service.default_model
+    name = (model or "").strip() or service.default_model  # as /compare reads its names
     service.admit(name)  # model and queue room checked before the body is read
     upload = await read_upload(request, service.settings.max_upload_bytes)
     return await service.classify(upload.data, name, top_k, request_id, upload.received)
