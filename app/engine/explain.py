@@ -72,26 +72,34 @@ def _after_last_conv(features: nn.Module, prefix: str) -> str:
     return f"{prefix}.{names[last][0]}"
 
 
-def output_shape(model: nn.Module, layer: str, input_size: int = 224) -> tuple[int, ...] | None:
-    """The shape of what module ``layer`` of ``model`` gives for one dummy image (None: not a
-    tensor, or the module did not run). Eval mode without gradients, as ``last_feature_map``."""
-    module = model.get_submodule(layer)
-    shapes: list[tuple[int, ...] | None] = []
-
-    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
-        shapes.append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
-
+def _hooked_dummy_forward(
+    model: nn.Module, modules: list[nn.Module], hook: Any, input_size: int
+) -> None:
+    """One dummy image through ``model`` with ``hook`` on each of ``modules``: eval mode, no
+    gradients (batch-norm statistics are left alone); the model's own mode is restored."""
     param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
-    handle = module.register_forward_hook(hook)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    handles = [m.register_forward_hook(hook) for m in modules]
     training = model.training
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
     finally:
         model.train(training)
-        handle.remove()
+        for h in handles:
+            h.remove()
+
+
+def output_shape(model: nn.Module, layer: str, input_size: int = 224) -> tuple[int, ...] | None:
+    """The shape of what module ``layer`` of ``model`` gives for one dummy image (None: not a
+    tensor, or the module did not run)."""
+    shapes: list[tuple[int, ...] | None] = []
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        shapes.append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+
+    _hooked_dummy_forward(model, [model.get_submodule(layer)], hook, input_size)
     return shapes[-1] if shapes else None
 
 
@@ -101,11 +109,8 @@ def is_feature_map(shape: tuple[int, ...] | None) -> bool:
 
 
 def last_feature_map(model: nn.Module, input_size: int = 224) -> str:
-    """The last module, in execution order, whose output is a (N, C, H, W) map with H*W > 1.
-
-    Runs one dummy image through the model in eval mode without gradients (the model's own mode
-    is restored), so batch-norm statistics are left alone.
-    """
+    """The last module, in execution order, whose output is a (N, C, H, W) map with H*W > 1,
+    found by one dummy image (``_hooked_dummy_forward``)."""
     names = {m: name for name, m in model.named_modules() if name}
     found: list[str] = []
 
@@ -113,18 +118,7 @@ def last_feature_map(model: nn.Module, input_size: int = 224) -> str:
         if isinstance(out, torch.Tensor) and is_feature_map(tuple(out.shape)):
             found.append(names[mod])
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    handles = [m.register_forward_hook(hook) for m in names]
-    training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    _hooked_dummy_forward(model, list(names), hook, input_size)
     if not found:
         raise ValueError("the model has no module with a 4-D output wider than 1x1")
     return found[-1]
