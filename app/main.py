@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__, memory
-from app.api import docs, explain, health, inference, models
+from app.api import docs, explain, health, inference, models, page
 from app.api import errors as api_errors
 from app.limits import BodyLimitsMiddleware, InflightBudget, body_timeouts, largest_body
 from app.middleware import (
@@ -28,8 +26,6 @@ from app.oip import codec
 from app.oip import rest as oip_rest
 from app.service import Service
 from app.settings import Settings
-
-STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """
 Classify images with plain CNN (AlexNet, VGG) and residual (ResNet) backbones, and compare them
@@ -89,12 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     docs.install(app, api_key=bool(settings.api_key))  # its /static/docs before /static
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-        @app.get("/", include_in_schema=False)
-        async def index() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
+    page.install(app)
 
     # The last added runs first: request IDs, access log, CORS (answers preflights), client
     # gone (cancels the handler; inside CORS, so that its 503 at shutdown carries CORS's headers

@@ -11,6 +11,7 @@ response building as the single-process service.
 """
 
 import asyncio
+import dataclasses
 import importlib
 import time
 from typing import Annotated, Any
@@ -24,12 +25,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app import __version__
 from app import weights as weights_mod
-from app.api import docs
+from app.api import docs, page
 from app.api import errors as api_errors
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
 from app.core import GateSlot, InferenceCore, ServedModel, parse_models
+from app.engine import fastpath
 from app.engine.batcher import ImageResult, NoWorkerError, QueueFullError
 from app.engine.decoding import Item
 from app.engine.pool import ExplainResult, ModelUnavailableError
@@ -41,6 +44,7 @@ from app.schemas import (
     ClassifyResponse,
     CompareResponse,
     ExplainResponse,
+    Info,
     ModelDetail,
     ModelsResponse,
     Readiness,
@@ -96,7 +100,8 @@ class Backbone:
 
     def info(self) -> dict[str, Any]:
         return {"weights": self.weights_label, "device": self.device, "precision": self.precision,
-                "backend": self.backend, "batch_size": self.batch_size}  # fmt: skip
+                "backend": self.backend, "batch_size": self.batch_size,
+                "cpu_features": fastpath.cpu_features().names()}  # fmt: skip
 
     async def explain(self, pixels: torch.Tensor, target: int | None) -> ExplainResult:
         """Grad-CAM of uint8 pixels (3, S, S) on the replica's fp32 eager copy of the model (built
@@ -327,6 +332,7 @@ api = FastAPI(
     redoc_url=None,
 )
 docs.install(api, api_key=False)  # the key is known once the ingress is built
+page.install(api)  # open, as the service's: the page asks for the key when refused
 api_errors.install(api)
 api.add_middleware(Guards)
 # Ray's proxy passes the client's X-Request-ID (or one it made) and echoes it on the answer
@@ -404,7 +410,8 @@ class Ingress:
     def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
         entry = spec.catalog_entry()
         if spec.name in self.core.info:
-            entry.update(status="ready", reason=None, **self.core.info[spec.name])
+            said = {k: v for k, v in self.core.info[spec.name].items() if k != "cpu_features"}
+            entry.update(status="ready", reason=None, **said)
         else:
             status, reason = "not-loaded", "not deployed"
             if spec.name in why:
@@ -425,6 +432,28 @@ class Ingress:
         why = await self.core.refresh([spec.name], INFO_WAIT_S, again=True)
         entry = self._entry(spec, why)
         return ModelDetail.model_validate({**entry, "labels": list(spec.labels)})
+
+    @api.get("/info", response_model=Info)
+    async def info(self) -> Info:
+        """The service's /info: limits and defaults from the ingress's settings; devices and
+        CPU features from the backbones' replicas that answer (the flags every one of them
+        has: replicas may run on other nodes than the ingress)."""
+        await self.core.refresh(list(self.core.served), INFO_WAIT_S)
+        s, told = self.core.settings, list(self.core.info.values())
+        common = fastpath.CpuFeatures(**{
+            f.name: bool(told) and all(f.name in i["cpu_features"] for i in told)
+            for f in dataclasses.fields(fastpath.CpuFeatures)
+        })  # fmt: skip
+        return Info(
+            version=__version__,
+            default_model=s.default,
+            models=list(self.core.served),
+            max_upload_mb=s.max_upload_mb,
+            max_pixels=s.max_pixels,
+            max_top_k=20,
+            devices=sorted({i["device"] for i in told}),
+            cpu_features=common.names(),
+        )
 
     @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:

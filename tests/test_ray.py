@@ -212,3 +212,48 @@ def test_ray_a_backbone_that_fails_holds_up_no_other(ray_url):
                    files={"file": ("c.png", data)}, timeout=120)  # fmt: skip
     assert r.status_code == 503 and BROKEN in r.json()["detail"], r.text
     assert r.headers["Retry-After"]
+
+
+@pytest.mark.browser
+def test_ray_serves_the_page_and_info(ray_url, browser):
+    """The page and /info on Ray's ingress, as on the service: the page open without the key
+    (it asks for the key when /info or /models is refused), /info behind it, with the ingress's
+    limits and the replicas' device and CPU features; in Chromium the page lists the deployed
+    backbones (the one that failed disabled) and classifies with the key it was given."""
+    from app.engine import fastpath
+    from app.schemas import Info
+    from tests.conftest import IMAGES
+
+    home = httpx.get(f"{ray_url}/")
+    assert home.status_code == 200 and home.headers["content-type"].startswith("text/html")
+    assert httpx.get(f"{ray_url}/static/app.js").status_code == 200
+    assert httpx.get(f"{ray_url}/info").status_code == 401
+    info = Info.model_validate(httpx.get(f"{ray_url}/info", headers=AUTH, timeout=30).json())
+    assert info.models == [*MODELS.split(","), BROKEN] and info.default_model == "cifar10_resnet20"
+    assert info.max_upload_mb == 2 and info.devices == ["cpu"]
+    assert info.cpu_features == fastpath.cpu_features().names()  # the replicas run here too
+
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = context.new_page()
+        page.goto(f"{ray_url}/")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#key-input", KEY)
+        page.press("#key-input", "Enter")
+        page.wait_for_selector("#model-groups[aria-busy=false]")
+        assert page.is_enabled("input[name=models][value='cifar10_resnet20']")
+        assert page.is_disabled(f"input[name=models][value='{BROKEN}']")
+        for box in page.query_selector_all("input[name=models]:checked"):
+            box.uncheck()
+        page.check("input[name=models][value='cifar10_resnet20']")
+        page.set_input_files("#file-input", str(IMAGES / "chelsea.png"))
+        page.click("#classify-btn")
+        card = page.wait_for_selector(".card[data-model='cifar10_resnet20']")
+        api = httpx.post(f"{ray_url}/classify", params={"model": "cifar10_resnet20"},
+                         files={"file": ("c.png", shared_image("chelsea.png"))}, headers=AUTH,
+                         timeout=120).json()  # fmt: skip
+        top1 = card.query_selector("li.pred .pred-label").get_attribute("title")
+        assert top1 == api["predictions"][0]["label"]
+        assert page.is_hidden("#error")
+    finally:
+        context.close()
