@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import memory
-from app.middleware import error_body, large_unread_body
+from app.middleware import accept_id, error_body, large_unread_body
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -260,6 +260,8 @@ def protocol_class(
             self._parsed = 0  # request line and header bytes the parser handed over
             self._too_large = False
             self._drained = 0  # bytes of a body thrown away after its answer
+            self._target = b""  # the request's URL and X-Request-ID, as far as they arrived:
+            self._sent_id: str | None = None  # the form and the id of an answer given here
             super().connection_made(transport)
             self._await_headers()
 
@@ -286,13 +288,19 @@ def protocol_class(
                 self.transport.close()  # being drained too slowly
 
         def _refuse(self, status: int, detail: str) -> None:
+            """Answers here, before the app saw the request, as the app would: the error in
+            the route's form (``{"error": ...}`` under /v2), with the request's id."""
             self._awaiting = False
             self._cancel_timer()
-            body = json.dumps({"detail": detail}).encode()
-            phrase = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            path = self._target.split(b"?", 1)[0].decode("latin-1")
+            body = json.dumps(error_body(path, detail)).encode()
+            rid = accept_id(self._sent_id).encode()
+            phrase = {400: b"Bad Request", 408: b"Request Timeout",
+                      431: b"Request Header Fields Too Large"}[status]  # fmt: skip
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+                b"x-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                % (status, phrase, len(body), rid, body)
             )
             self.transport.close()
 
@@ -326,14 +334,19 @@ def protocol_class(
 
         def on_message_begin(self) -> None:
             self._in_message = True
+            self._target, self._sent_id = b"", None
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
             self._parsed += len(url)
+            if len(self._target) <= 64:  # enough to tell /v2 from the rest
+                self._target += url[:128]
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._parsed += len(name) + len(value) + 4
+            if name.lower() == b"x-request-id":
+                self._sent_id = value.decode("latin-1")
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
@@ -354,8 +367,11 @@ def protocol_class(
         def send_400_response(self, msg: str) -> None:
             if self._too_large:
                 self._refuse_too_large()
-            else:
-                super().send_400_response(msg)
+            else:  # uvicorn's answer is plain text, without the request's id
+                self._refuse(
+                    400, "malformed HTTP request: its request line, a header, or the body's "
+                    "framing (Content-Length, chunk sizes) cannot be parsed"
+                )  # fmt: skip
 
         def on_response_complete(self) -> None:
             pipelined = bool(self.pipeline)  # its headers are in already

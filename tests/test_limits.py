@@ -5,6 +5,7 @@ leaves is a 499 and not a 500, and a flood of large uploads is held to the in-fl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -166,6 +167,52 @@ def test_header_over_the_cap_in_one_piece_gets_431(limited):
     data, _, how = read_until_closed(sock, 5)
     assert status_of(data) == 431 and b"IMGCLS_MAX_HEADER_KB" in data, data
     assert how in ("closed", "reset")
+
+
+@pytest.mark.parametrize("path", ["/classify", f"/v2/models/{MODEL}/infer"])
+def test_answers_before_the_app_are_in_the_routes_form_with_the_request_id(limited, path):
+    """The refusals of the HTTP layer (431 headers too large, 408 headers too slow, 400 a
+    request that cannot be parsed) answer as the app does: JSON in the route's form (under /v2
+    the protocol's ``{"error": ...}``), with the client's X-Request-ID (one made up when it sent
+    none). uvicorn's own 400 was plain text without an id; the 431 and 408 said ``detail``
+    under /v2."""
+    cases = [
+        (
+            431,
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nX-Request-ID: rid-431\r\n"
+            b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+            "rid-431",
+        ),
+        (
+            400,
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nX-Request-ID: rid-400\r\n"
+            b"Content-Length: abc\r\n\r\n",
+            "rid-400",
+        ),
+        (
+            400,
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+            None,
+        ),
+        (
+            408,
+            # the parser hands a header over when the next one begins
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nX-Request-ID: rid-408\r\nX-",
+            "rid-408",
+        ),
+    ]
+    for status, sent, rid in cases:
+        sock = connect(limited.url)
+        sock.sendall(sent)
+        data, _, _ = read_until_closed(sock, HEADER_S + SLACK_S + 5)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert status_of(data) == status, data
+        headers = dict(line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:])
+        assert headers["content-type"] == "application/json", data
+        said = json.loads(body)
+        assert list(said) == ["error" if path.startswith("/v2") else "detail"], said
+        assert (headers["x-request-id"] == rid) if rid else len(headers["x-request-id"]) == 32, data
 
 
 def test_32_mb_authorization_header_is_refused_early(limited):
