@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         served=lambda: service.served,
         routes=lambda: oip_rest.router.routes,
+        default=settings.default,
     )
     app.add_middleware(RequestIdMiddleware)
     return app

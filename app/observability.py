@@ -195,11 +195,13 @@ class AccessMiddleware:
         metrics: Metrics,
         served: Callable[[], Iterable[str]],
         routes: Callable[[], Sequence[BaseRoute]] = list,
+        default: str = "",
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.served = served  # the models served now (they change with load and unload)
         self.routes = routes  # /v2's, for requests answered before routing (a 401)
+        self.default = default  # the model of a /classify or /explain that names none
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -228,7 +230,7 @@ class AccessMiddleware:
             if path.startswith("/models/"):
                 endpoint = "/models/{name}"
             served = served_at_start.union(self.served())
-            model = _model_label(scope, served)
+            model = _model_label(scope, served, self.default)
             if path.startswith("/v2"):  # the route's template, not the path: bounded labels
                 endpoint, params = _route(scope, self.routes)
                 name = params.get("name")
@@ -266,9 +268,10 @@ def _route(scope: Scope, routes: Callable[[], Sequence[BaseRoute]]) -> tuple[str
     return "other", {}
 
 
-def _model_label(scope: Scope, served: Container[str]) -> str:
+def _model_label(scope: Scope, served: Container[str], default: str = "") -> str:
     """The model a request names, if it is one this service serves (bounded cardinality): in
-    the path for /models/{name}, in the query for the routes that take ``model``."""
+    the path for /models/{name}, in the query for the routes that take ``model``, read as the
+    route reads it (the last one, spaces around it dropped; none or blank: ``default``)."""
     from urllib.parse import parse_qs
 
     path = scope["path"]
@@ -278,9 +281,7 @@ def _model_label(scope: Scope, served: Container[str]) -> str:
         name = path.removeprefix("/models/")  # the path is decoded already
     elif path in ("/classify", "/explain"):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        name = query.get("model", [""])[-1]  # the last, as the route reads a repeated one
-        if not name:
-            return "default" if path == "/classify" else ""
+        name = query.get("model", [""])[-1].strip() or default
     else:
         return ""
     return name if name in served else "unknown"

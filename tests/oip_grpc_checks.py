@@ -387,6 +387,24 @@ def test_error_codes(stub, auth):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request, metadata=md)
     assert info.value.details() == "input 'IMAGE' appears more than once; send it once"
+    # every call that takes a model's name or version bounds them as REST does (128): refused
+    # as malformed, as REST's 400, not looked up (NOT_FOUND)
+    name = "a" * 200
+    for call in (
+        lambda: stub.ModelMetadata(tpb.ModelMetadataRequest(name=name), metadata=md),
+        lambda: stub.ModelReady(tpb.ModelReadyRequest(name=CIFAR, version=name), metadata=md),
+        lambda: stub.ModelStatistics(tpb.ModelStatisticsRequest(name=name), metadata=md),
+        lambda: stub.RepositoryModelLoad(
+            tpb.RepositoryModelLoadRequest(model_name=name), metadata=md
+        ),
+        lambda: stub.RepositoryModelUnload(
+            tpb.RepositoryModelUnloadRequest(model_name=name), metadata=md
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "is 200 characters long; at most 128" in info.value.details()
     meta = tpb.ModelMetadataRequest(name="nope")
     assert status_of(lambda: stub.ModelMetadata(meta, metadata=md)) == grpc.StatusCode.NOT_FOUND
     assert status_of(lambda: stub.ModelMetadata(meta)) == grpc.StatusCode.UNAUTHENTICATED
@@ -503,6 +521,15 @@ def test_load_infer_unload_infer(client, auth, key):
     probs = client.infer(TARGET, [image_input(photos())], headers=auth).as_numpy("PROBABILITIES")
     assert probs.shape == (3, 10) and probs.sum(axis=1) == pytest.approx([1.0] * 3, abs=1e-4)
     client.unload_model(TARGET, headers=auth)  # returns once drained and freed
+    # counted under the model it unloaded (served when the call came), as over HTTP
+    metrics = httpx.get(
+        f"{os.environ['OIP_REST']}/metrics", headers={"Authorization": f"Bearer {key}"}
+    ).text
+    unloads = (
+        f'imgcls_requests_total{{endpoint="grpc:RepositoryModelUnload",model="{TARGET}",'
+        'status="200"}'
+    )
+    assert unloads in metrics, [x for x in metrics.splitlines() if "Unload" in x]
     assert state(client, auth, TARGET) == "UNAVAILABLE"
     assert not client.is_model_ready(TARGET, headers=auth)
     with pytest.raises(InferenceServerException) as info:

@@ -245,6 +245,22 @@ def test_metrics_are_exported(service, client):
     assert r.status_code == 200 and r.json()["model"] == "tiny3"
     text = client.get("/metrics").text
     assert count(text) == count(before) + 2
+    # a name with spaces around it, and none, are counted under the model that answered
+    r = client.post("/classify", params={"model": " tiny3 "}, files={"file": ("c.png", PNG)})
+    assert r.status_code == 200 and count(client.get("/metrics").text) == count(before) + 3
+    default = service.settings.default
+    for path in ("/classify", "/explain"):
+        row = f'imgcls_requests_total{{endpoint="{path}",model="{default}",status="200"}}'
+
+        def served(t: str, row: str = row) -> float:
+            return sum(float(x.split()[-1]) for x in t.splitlines() if x.startswith(row))
+
+        was = served(client.get("/metrics").text)
+        for params in ({}, {"model": " "}):
+            r = client.post(path, params=params, files={"file": ("c.png", PNG)})
+            assert r.status_code == 200 and r.json()["model"] == default, r.text
+        assert served(client.get("/metrics").text) == was + 2, path
+    text = client.get("/metrics").text
     # /models/{name} is counted under the model in its path, not a ?model= it does not take
     client.get("/models/tiny3", params={"model": "cifar10_resnet20"})
     client.get("/models/nosuch", params={"model": "tiny3"})

@@ -51,6 +51,19 @@ def _bounded(what: str, value: str, limit: int = MAX_NAME) -> str:
     return value
 
 
+NAME_FIELDS = ("name", "version", "model_name", "model_version", "repository_name")
+
+
+def bounded_names(msg: Any) -> None:
+    """A request's model name and version (and repository name) within REST's 128 characters,
+    for every call that takes them: a longer one is refused as malformed (INVALID_ARGUMENT, as
+    REST's 400), not looked up (NOT_FOUND quoting it)."""
+    for field in NAME_FIELDS:
+        value = getattr(msg, field, None)
+        if isinstance(value, str):
+            _bounded(field, value, MAX_MODEL_NAME)
+
+
 def infer_request(msg: pb.ModelInferRequest, max_batch: int | None = None) -> InferRequest:
     """A ModelInfer message's request; a tensor of more than ``max_batch`` images is refused
     before its data is read."""

@@ -20,7 +20,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any, TypeVar
 
 import grpc
@@ -81,9 +81,13 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
     async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         start = time.perf_counter()
         status = 200
+        # the models served when it came, and when it ended: a call that unloaded or loaded
+        # its model is counted under it (as over HTTP)
+        served = set(self.plane.service.served)
         rid = request_id(context.invocation_metadata())
         context.set_trailing_metadata((("x-request-id", rid),))
         try:
+            conv.bounded_names(request)
             return await method(self, request, context)
         except asyncio.CancelledError:  # grpc cancels the handler of a call the client left
             status = CLIENT_CLOSED
@@ -98,7 +102,9 @@ def _answers_errors(method: Method[Req, Resp]) -> Method[Req, Resp]:
             await context.abort(code, why.message, trailing)
             raise  # abort() raises; this line is never reached
         finally:
-            self.count(method.__name__, request, status, time.perf_counter() - start, rid)
+            served.update(self.plane.service.served)
+            elapsed = time.perf_counter() - start
+            self.count(method.__name__, request, status, elapsed, rid, served)
 
     return wrapper
 
@@ -115,13 +121,21 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self.budget = budget  # the app's budget of request bodies in flight
 
     def count(
-        self, method: str, request: Any, status: int, elapsed: float, request_id: str | None = None
+        self,
+        method: str,
+        request: Any,
+        status: int,
+        elapsed: float,
+        request_id: str | None = None,
+        served: Container[str] | None = None,
     ) -> None:
         """The HTTP door's request metrics and log line, for a call (endpoint ``grpc:Method``,
         the HTTP status its outcome maps to). The model label is the name of a model served
-        at the time (they change with load and unload), else "unknown": bounded."""
+        during the call (``served``; they change with load and unload), else "unknown":
+        bounded."""
         name = getattr(request, "model_name", None) or getattr(request, "name", None) or ""
-        model = "" if not name else name if name in self.plane.service.served else "unknown"
+        known = self.plane.service.served if served is None else served
+        model = "" if not name else name if name in known else "unknown"
         endpoint = f"grpc:{method}"
         if self.metrics is not None:
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
