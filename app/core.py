@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -150,16 +151,52 @@ def parse_target(target: str | int | None, spec: ModelSpec) -> int | None:
     return index
 
 
+@dataclass
+class _Reserved:
+    left: int  # places taken at admission that no slot has used yet
+
+
+# The places a request took in the explain gate at admission (``ExplainGate.reserve``), for its
+# slots to use: set by the route around reading the body and explaining.
+_RESERVED: contextvars.ContextVar[_Reserved | None] = contextvars.ContextVar(
+    "explain_reserved", default=None
+)
+
+
 class ExplainGate:
     """At most ``concurrency`` explanations at once and ``queue`` more waiting; past that,
     ExplainQueueFullError at once. Explanations take a worker slot each (seconds for a big
-    model on a CPU), so this bound is what keeps them from starving classification."""
+    model on a CPU), so this bound is what keeps them from starving classification.
+
+    A request takes its places when it is admitted, before its body is read (``reserve``):
+    one that is reading or decoding its upload counts as waiting, so a burst is refused at
+    once, not each request after its upload was read and decoded."""
 
     def __init__(self, concurrency: int, queue: int) -> None:
         self.concurrency = concurrency
         self.limit = concurrency + queue
-        self.count = 0  # running and waiting
+        self.count = 0  # admitted, running and waiting
         self._sem: asyncio.Semaphore | None = None  # made on the serving loop
+
+    @contextlib.contextmanager
+    def reserve(self, jobs: int = 1) -> Iterator[None]:
+        """Places for ``jobs`` explanations, taken now (or ExplainQueueFullError), for the
+        slots opened within (in this task, or tasks it starts) to use; those not used are
+        given back at the end."""
+        self.check(jobs)
+        self.count += jobs
+        reserved = _Reserved(jobs)
+        token = _RESERVED.set(reserved)
+        try:
+            yield
+        finally:
+            _RESERVED.reset(token)
+            self.count -= reserved.left
+
+    def check_more(self, jobs: int) -> None:
+        """``check`` for ``jobs`` explanations, of which those reserved here count already."""
+        reserved = _RESERVED.get()
+        self.check(jobs - min(jobs, reserved.left) if reserved is not None else jobs)
 
     def check(self, jobs: int = 1) -> None:
         if jobs > self.limit:  # never fits, however long the client waits: not a 503
@@ -179,10 +216,14 @@ class ExplainGate:
         """A place among the running explanations. An explanation whose client stopped waiting
         (its deadline passed) still runs on its worker: ``GateSlot.hold_until`` keeps the place
         taken until it ends, so explanations never run more than ``concurrency`` at once."""
-        self.check()
+        reserved = _RESERVED.get()
+        if reserved is not None and reserved.left > 0:
+            reserved.left -= 1  # counted since its request was admitted
+        else:
+            self.check()
+            self.count += 1
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        self.count += 1
         try:
             await self._sem.acquire()
         except BaseException:
@@ -506,7 +547,7 @@ class InferenceCore(ABC):
             check_method(explain)
             for s in served:
                 check_explainable(s.spec)
-            self.explain_gate.check(len(served))
+            self.explain_gate.check_more(len(served))
         done = await gather_fail_fast([timed(s) for s in served])
         results = [
             classify_result(

@@ -11,6 +11,7 @@ response building as the single-process service.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import time
@@ -382,12 +383,14 @@ class Ingress:
             self.core.explain_gate.check(len(names))  # first: more than it can ever hold: 422
             for name in names:
                 self.core.admit_explain(name, explain)
-        await self.core.ready(names)
-        upload = await read_upload(request, self.core.settings.max_upload_bytes)
-        return await self.core.compare(
-            upload.data, models, top_k, request.state.request_id, explain=explain,
-            received=upload.received,
-        )  # fmt: skip
+        gate = self.core.explain_gate
+        with gate.reserve(len(names)) if explain else contextlib.nullcontext():
+            await self.core.ready(names)
+            upload = await read_upload(request, self.core.settings.max_upload_bytes)
+            return await self.core.compare(
+                upload.data, models, top_k, request.state.request_id, explain=explain,
+                received=upload.received,
+            )  # fmt: skip
 
     @api.post("/explain", response_model=ExplainResponse, response_model_exclude_none=True)
     async def explain(
@@ -400,12 +403,13 @@ class Ingress:
     ) -> ExplainResponse:
         name = (model or "").strip() or self.core.default_model
         self.core.admit_explain(name, method, target)
-        await self.core.ready([name])
-        upload = await read_upload(request, self.core.settings.max_upload_bytes)
-        return await self.core.explain(
-            upload.data, name, method, target, heatmap, request.state.request_id,
-            received=upload.received,
-        )  # fmt: skip
+        with self.core.explain_gate.reserve():  # its place in the queue, from now on
+            await self.core.ready([name])
+            upload = await read_upload(request, self.core.settings.max_upload_bytes)
+            return await self.core.explain(
+                upload.data, name, method, target, heatmap, request.state.request_id,
+                received=upload.received,
+            )  # fmt: skip
 
     def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
         entry = spec.catalog_entry()

@@ -197,6 +197,55 @@ def test_an_explanation_past_its_deadline_keeps_its_place_until_it_ends() -> Non
         assert "no explanation from vgg16" in r.json()["detail"]
 
 
+def test_an_explanation_still_uploading_holds_its_place_in_the_queue() -> None:
+    """The explain queue counts a request from its admission, before its body is read: with
+    room for two explanations, taken by two requests still sending their uploads, another
+    /explain and a /compare with explain are refused at once (the gate counted only
+    explanations past their decode: both were admitted), and the two, once sent, are
+    answered. A request refused later (a broken upload) gives its place back, and a /compare
+    with explain admitted for its two models is not refused for its own places."""
+    from tests.rawhttp import connect, multipart, read_response
+
+    models = "cifar10_plain20,cifar10_resnet20"
+    model = models.split(",")[0]
+    png = images.encode(images.photo(), "PNG")
+    body = multipart(png)
+    head = (
+        f"POST /explain?model={model} HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; "
+        f"boundary=imgclsboundary\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with run_service(
+        models=models, allow_random_weights=True, explain_concurrency=1, explain_queue=1,
+        body_timeout_s=30,
+    ) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:  # fmt: skip
+        gate = svc.service.explain_gate
+        held = [connect(svc.url, timeout=60) for _ in range(2)]
+        for sock in held:  # admitted, and reading its body: the rest comes later
+            sock.sendall(head + body[:100])
+        deadline = time.monotonic() + 10
+        while gate.count < 2:
+            assert time.monotonic() < deadline, f"admitted: {gate.count} of 2"
+            time.sleep(0.02)
+        one = c.post("/explain", params={"model": model}, files={"file": ("a", png)})
+        assert one.status_code == 503 and "IMGCLS_EXPLAIN_QUEUE" in one.text, one.text
+        both = c.post("/compare", params={"models": models, "explain": "gradcam"},
+                      files={"file": ("a", png)})  # fmt: skip
+        assert both.status_code == 503 and "IMGCLS_EXPLAIN_QUEUE" in both.text, both.text
+        for sock in held:
+            sock.sendall(body[100:])
+        for sock in held:
+            status, _, answer = read_response(sock, 30)
+            assert status == 200, answer[:300]
+            sock.close()
+        assert gate.count == 0
+        broken = c.post("/explain", params={"model": model}, files={"file": ("a", b"junk")})
+        assert broken.status_code == 400 and gate.count == 0, broken.text
+        both = c.post("/compare", params={"models": models, "explain": "gradcam"},
+                      files={"file": ("a", png)})  # fmt: skip
+        assert both.status_code == 200, both.text
+        assert all(r["explanation"] for r in both.json()["results"]) and gate.count == 0
+
+
 def test_full_explain_queue_is_503_while_classification_answers() -> None:
     """One explanation at a time and one waiting; a burst of 8 explanations of a ResNet-50
     (random weights: the maps do not matter here, the seconds they take on a CPU do) overflows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -73,7 +74,9 @@ async def compare(
         service.explain_gate.check(len(names))  # first: more than it can ever hold is a 422
         for name in names:
             service.admit_explain(name, explain)
-    upload = await read_upload(request, service.settings.max_upload_bytes)
-    return await service.compare(
-        upload.data, models, top_k, request_id, explain=explain, received=upload.received
-    )
+    # its places in the explain queue, from now on
+    with service.explain_gate.reserve(len(names)) if explain else contextlib.nullcontext():
+        upload = await read_upload(request, service.settings.max_upload_bytes)
+        return await service.compare(
+            upload.data, models, top_k, request_id, explain=explain, received=upload.received
+        )
