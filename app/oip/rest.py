@@ -56,7 +56,15 @@ def error_response(request: Request, exc: BaseException) -> JSONResponse:
 
 
 class OipRoute(APIRoute):
-    """Answers exceptions in the protocol's form, ``{"error": ...}``, not the app's ``detail``."""
+    """Answers exceptions in the protocol's form, ``{"error": ...}``, not the app's ``detail``.
+
+    Its OpenAPI lists every client error in that form ("4XX": the route's own statuses, and
+    the 401, 408 and 431 of the guards in front of it), and no 422 (FastAPI's validation errors
+    are answered 400 here), plus the 500 of a server fault."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        kwargs["responses"] = {**OTHER_ERRORS, **(kwargs.get("responses") or {})}
+        super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -101,6 +109,16 @@ HeaderLength = Annotated[
         description="binary tensor data extension: how many bytes of the body are JSON",
     ),
 ]
+
+
+OTHER_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "model": OipError,
+        "description": "a client error: those listed, and 401 missing or wrong API key "
+        "(IMGCLS_API_KEY), 408 a body that stalls, 431 headers too large",
+    },
+    500: {"model": OipError, "description": "server fault (the message names the request id)"},
+}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
