@@ -160,17 +160,36 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """imgcls loggers write JSON lines (or plain text) to stderr."""
+    """imgcls loggers write JSON lines (or plain text) to stderr, and so does everything else
+    the process logs: other libraries' warnings and errors (the root logger; Python's
+    ``warnings``, such as Pillow's about a broken file, through it) and uvicorn's own lines, so
+    that a log pipeline can parse every line on stderr."""
+    formatter = (
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
     logger = logging.getLogger("imgcls")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_imgcls", False) for h in logger.handlers):
+    _handler(logger, logging.NOTSET, formatter)
+    logger.propagate = False
+    _handler(logging.getLogger(), logging.WARNING, formatter)
+    logging.captureWarnings(True)
+    for h in logging.getLogger("uvicorn").handlers:  # uvicorn.run's own (plain text)
+        h.setFormatter(formatter)
+
+
+def _handler(logger: logging.Logger, level: int, formatter: logging.Formatter) -> None:
+    """imgcls's stderr handler on ``logger`` (added once), with ``formatter``."""
+    ours = [h for h in logger.handlers if getattr(h, "_imgcls", False)]
+    if not ours:
         handler = logging.StreamHandler()
         handler._imgcls = True  # type: ignore[attr-defined]
+        handler.setLevel(level)
         logger.addHandler(handler)
-        logger.propagate = False
-    for h in logger.handlers:
-        text = logging.Formatter("%(levelname)s %(name)s: %(message)s")
-        h.setFormatter(JsonFormatter() if fmt == "json" else text)
+        ours = [handler]
+    for h in ours:
+        h.setFormatter(formatter)
 
 
 access_log = logging.getLogger("imgcls.access")

@@ -66,6 +66,10 @@ class WorkerConfig:
     runtime: str = "torch"
     # threads decoding uploads (IMGCLS_DECODE=worker); None: ``threads``, else torch's default
     decode_threads: int | None = None
+    # the worker process's logging (IMGCLS_LOG_LEVEL, IMGCLS_LOG_FORMAT), as the API process's;
+    # None: left as Python's (a Runner in another process: tests, the bench, Ray)
+    log_level: str | None = None
+    log_format: str = "json"
 
     @classmethod
     def from_settings(
@@ -108,6 +112,8 @@ class WorkerConfig:
             cpp_wrapper=settings.cpp_wrapper,
             runtime=settings.cpu_runtime,
             decode_threads=decode_threads,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
         )
 
 
@@ -860,6 +866,10 @@ def _run_batch(runner: Runner, cfg: WorkerConfig, batch_id: int, name: str, batc
 
 def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     """Entry point of a worker process."""
+    if cfg.log_level is not None:  # spawned: nothing of the API process's logging set up
+        from app.observability import configure_logging
+
+        configure_logging(cfg.log_level, cfg.log_format)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):
