@@ -328,6 +328,10 @@ BAD_REQUESTS = {
         {"inputs": [{**_image(["x"]), "name": "INPUT__0"}]},
         "unknown input 'INPUT__0'",
     ),
+    "input-name-many-images": (  # an input no model takes: 400 for that, not 413 for its size
+        {"inputs": [{"name": "FOO", "shape": [2**40], "datatype": "BYTES", "data": ["x"]}]},
+        "unknown input 'FOO'",
+    ),
     "two-inputs": ({"inputs": [_image(["x"]), _pixels([1, 3, 32, 32])]}, "send one input"),
     "output-name": (
         {"inputs": [_image(["x"])], "outputs": [{"name": "LOGITS"}]},

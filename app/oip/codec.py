@@ -386,11 +386,15 @@ def check_batch(name: str, datatype: str, shape: Sequence[int], max_batch: int |
     """A tensor's first dimension (its images) within ``max_batch``, checked before its data
     is read: a few bytes per element can declare millions of them. A model input of another
     datatype is refused first, for that (a file sent as a UINT8 IMAGE is told to use BYTES,
-    not to send fewer images)."""
+    not to send fewer images); an input no model takes, for that (400, not a 413 for its
+    size)."""
     if datatype != "BYTES":
         _dtype(name, datatype)  # a datatype the protocol does not have is named as such
     wanted = INPUT_DATATYPES.get(name)
-    if wanted is not None and datatype != wanted:
+    if wanted is None:
+        takes = " or ".join(f"{n} ({d})" for n, d in INPUT_DATATYPES.items())
+        raise ProtocolError(f"unknown input {clip(name)!r}; the models take {takes}")
+    if datatype != wanted:
         raise ProtocolError(f"{name} must be {wanted}, got {clip(datatype)}")
     if max_batch is not None and shape and shape[0] > max_batch:
         raise too_many_images(name, shape[0], max_batch)
