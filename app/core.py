@@ -168,9 +168,10 @@ class ExplainGate:
     ExplainQueueFullError at once. Explanations take a worker slot each (seconds for a big
     model on a CPU), so this bound is what keeps them from starving classification.
 
-    A request takes its places when it is admitted, before its body is read (``reserve``):
-    one that is reading or decoding its upload counts as waiting, so a burst is refused at
-    once, not each request after its upload was read and decoded."""
+    A request is checked for room before its body is read, and takes its places once the body
+    is in (``reserve``), before its upload is decoded: one decoding its upload counts as
+    waiting, so a burst is refused before any of its images is decoded, and a slow upload
+    holds no place while it arrives."""
 
     def __init__(self, concurrency: int, queue: int) -> None:
         self.concurrency = concurrency
@@ -190,8 +191,8 @@ class ExplainGate:
         try:
             yield
         finally:
+            self.count -= reserved.left  # first: reset() raises in another context
             _RESERVED.reset(token)
-            self.count -= reserved.left
 
     def check_more(self, jobs: int) -> None:
         """``check`` for ``jobs`` explanations, of which those reserved here count already."""

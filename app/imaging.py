@@ -30,6 +30,11 @@ ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's warnings about an upload it reads anyway (a TIFF tag past the file's end, a palette
+# without room for transparency): the client's file, answered, not the server's condition. A
+# client could put warnings in the service's log at will. One filter for the process:
+# ``warnings.catch_warnings`` is not safe on the decode threads (engine/decoding.py).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 # The pixel limit is IMGCLS_MAX_PIXELS, checked on the header (``_open``) before anything is
 # decoded. Pillow's own (89.5 MP, a warning, then an error at twice that) ran first: its
 # message named its figure, not the setting, and no setting above 89.5 MP could take effect.

@@ -260,8 +260,10 @@ def protocol_class(
             self._parsed = 0  # request line and header bytes the parser handed over
             self._too_large = False
             self._drained = 0  # bytes of a body thrown away after its answer
-            self._target = b""  # the request's URL and X-Request-ID, as far as they arrived:
-            self._sent_id: str | None = None  # the form and the id of an answer given here
+            # the request's URL and X-Request-ID, as far as they arrived: the form and the id
+            # of an answer given here (set again for each request, in ``_await_headers``)
+            self._target = b""
+            self._sent_id: str | None = None
             super().connection_made(transport)
             self._await_headers()
 
@@ -276,6 +278,7 @@ def protocol_class(
 
         def _await_headers(self) -> None:
             self._awaiting, self._raw, self._parsed = True, 0, 0
+            self._target, self._sent_id = b"", None  # not the previous request's
             self._arm()
 
         def _on_timeout(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
@@ -160,10 +161,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """imgcls loggers write JSON lines (or plain text) to stderr, and so does everything else
-    the process logs: other libraries' warnings and errors (the root logger; Python's
-    ``warnings``, such as Pillow's about a broken file, through it) and uvicorn's own lines, so
-    that a log pipeline can parse every line on stderr."""
+    """imgcls loggers write JSON lines (or plain text) to stderr, and so does the rest of what
+    the process logs through Python's logging: other libraries' warnings and errors (the root
+    logger, unless the host process configured it; Python's ``warnings`` through it), and the
+    lines of uvicorn's and torch's own handlers, so that a log pipeline can parse each line."""
     formatter = (
         JsonFormatter()
         if fmt == "json"
@@ -173,19 +174,36 @@ def configure_logging(level: str, fmt: str) -> None:
     logger.setLevel(level.upper())
     _handler(logger, logging.NOTSET, formatter)
     logger.propagate = False
-    _handler(logging.getLogger(), logging.WARNING, formatter)
+    root = logging.getLogger()
+    if all(getattr(h, "_imgcls", False) for h in root.handlers):  # not configured by the host
+        _handler(root, logging.WARNING, formatter)
     logging.captureWarnings(True)
-    for h in logging.getLogger("uvicorn").handlers:  # uvicorn.run's own (plain text)
-        h.setFormatter(formatter)
+    # uvicorn's and torch's own handlers (plain text), on loggers that do not propagate:
+    # torch puts one on each of its registered loggers (torch._dynamo, torch._inductor, ...)
+    for name, known in list(logging.root.manager.loggerDict.items()):
+        if isinstance(known, logging.Logger) and name.split(".")[0] in ("uvicorn", "torch"):
+            for h in known.handlers:
+                h.setFormatter(formatter)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on ``sys.stderr`` as it is at each record (as logging's last resort), not as
+    it was when the first app was made: tests and embedding processes replace it."""
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        logging.Handler.__init__(self, level)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
 
 
 def _handler(logger: logging.Logger, level: int, formatter: logging.Formatter) -> None:
     """imgcls's stderr handler on ``logger`` (added once), with ``formatter``."""
     ours = [h for h in logger.handlers if getattr(h, "_imgcls", False)]
     if not ours:
-        handler = logging.StreamHandler()
+        handler = _Stderr(level)
         handler._imgcls = True  # type: ignore[attr-defined]
-        handler.setLevel(level)
         logger.addHandler(handler)
         ours = [handler]
     for h in ours:

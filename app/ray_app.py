@@ -30,6 +30,7 @@ from app import __version__
 from app import weights as weights_mod
 from app.api import docs, page
 from app.api import errors as api_errors
+from app.api.deps import MAX_TOP_K
 from app.catalog import ModelSpec
 from app.catalog.custom import catalog_for
 from app.core import GateSlot, InferenceCore, ServedModel, parse_models
@@ -338,7 +339,7 @@ api_errors.install(api)
 api.add_middleware(Guards)
 # Ray's proxy passes the client's X-Request-ID (or one it made) and echoes it on the answer
 api.add_middleware(RequestIdMiddleware, echo=False)
-TopK = Annotated[int, Query(ge=1, le=20)]
+TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K)]
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -383,10 +384,10 @@ class Ingress:
             self.core.explain_gate.check(len(names))  # first: more than it can ever hold: 422
             for name in names:
                 self.core.admit_explain(name, explain)
+        await self.core.ready(names)
+        upload = await read_upload(request, self.core.settings.max_upload_bytes)
         gate = self.core.explain_gate
         with gate.reserve(len(names)) if explain else contextlib.nullcontext():
-            await self.core.ready(names)
-            upload = await read_upload(request, self.core.settings.max_upload_bytes)
             return await self.core.compare(
                 upload.data, models, top_k, request.state.request_id, explain=explain,
                 received=upload.received,
@@ -403,9 +404,9 @@ class Ingress:
     ) -> ExplainResponse:
         name = (model or "").strip() or self.core.default_model
         self.core.admit_explain(name, method, target)
-        with self.core.explain_gate.reserve():  # its place in the queue, from now on
-            await self.core.ready([name])
-            upload = await read_upload(request, self.core.settings.max_upload_bytes)
+        await self.core.ready([name])
+        upload = await read_upload(request, self.core.settings.max_upload_bytes)
+        with self.core.explain_gate.reserve():  # its place in the queue, before it is decoded
             return await self.core.explain(
                 upload.data, name, method, target, heatmap, request.state.request_id,
                 received=upload.received,
@@ -440,23 +441,22 @@ class Ingress:
     @api.get("/info", response_model=Info)
     async def info(self) -> Info:
         """The service's /info: limits and defaults from the ingress's settings; devices and
-        CPU features from the backbones' replicas that answer (the flags every one of them
-        has: replicas may run on other nodes than the ingress)."""
+        CPU features from the replica of each backbone that answered ``refresh`` (the flags
+        all of those have: replicas may run on other nodes than the ingress)."""
         await self.core.refresh(list(self.core.served), INFO_WAIT_S)
         s, told = self.core.settings, list(self.core.info.values())
-        common = fastpath.CpuFeatures(**{
-            f.name: bool(told) and all(f.name in i["cpu_features"] for i in told)
-            for f in dataclasses.fields(fastpath.CpuFeatures)
-        })  # fmt: skip
+        flags = [set(i.get("cpu_features", ())) for i in told]  # a replica's, where it says
+        order = [f.name for f in dataclasses.fields(fastpath.CpuFeatures)]
+        common = [f for f in order if flags and all(f in x for x in flags)]
         return Info(
             version=__version__,
             default_model=s.default,
             models=list(self.core.served),
             max_upload_mb=s.max_upload_mb,
             max_pixels=s.max_pixels,
-            max_top_k=20,
+            max_top_k=MAX_TOP_K,
             devices=sorted({i["device"] for i in told}),
-            cpu_features=common.names(),
+            cpu_features=common,
         )
 
     @api.api_route("/healthz", methods=["GET", "HEAD"])

@@ -197,14 +197,18 @@ def test_an_explanation_past_its_deadline_keeps_its_place_until_it_ends() -> Non
         assert "no explanation from vgg16" in r.json()["detail"]
 
 
-def test_an_explanation_still_uploading_holds_its_place_in_the_queue() -> None:
-    """The explain queue counts a request from its admission, before its body is read: with
-    room for two explanations, taken by two requests still sending their uploads, another
-    /explain and a /compare with explain are refused at once (the gate counted only
-    explanations past their decode: both were admitted), and the two, once sent, are
-    answered. A request refused later (a broken upload) gives its place back, and a /compare
-    with explain admitted for its two models is not refused for its own places."""
-    from tests.rawhttp import connect, multipart, read_response
+def test_the_explain_queue_counts_requests_from_their_decode_not_their_upload() -> None:
+    """The explain queue is checked before a request's body is read, and a request takes its
+    place once its body is in, before its upload is decoded. So: uploads still arriving (slow
+    clients) hold no place, and explanations are served meanwhile; requests whose uploads
+    are being decoded hold theirs, so a burst is refused at once, before its images are
+    decoded (the gate counted only explanations past their decode: every request of a burst
+    was admitted, read and decoded, then refused). A request refused later (a broken upload)
+    gives its place back, and a /compare with explain is not refused for its own places."""
+    import concurrent.futures as cf
+    import threading
+
+    from tests.rawhttp import connect, multipart
 
     models = "cifar10_plain20,cifar10_resnet20"
     model = models.split(",")[0]
@@ -218,27 +222,49 @@ def test_an_explanation_still_uploading_holds_its_place_in_the_queue() -> None:
         models=models, allow_random_weights=True, explain_concurrency=1, explain_queue=1,
         body_timeout_s=30,
     ) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:  # fmt: skip
-        gate = svc.service.explain_gate
-        held = [connect(svc.url, timeout=60) for _ in range(2)]
-        for sock in held:  # admitted, and reading its body: the rest comes later
+        gate, service = svc.service.explain_gate, svc.service
+
+        def explain(data: bytes = png) -> httpx.Response:
+            return c.post("/explain", params={"model": model}, files={"file": ("a", data)})
+
+        # two uploads arriving slowly: no place taken, another explanation is served
+        slow = [connect(svc.url, timeout=60) for _ in range(2)]
+        for sock in slow:
             sock.sendall(head + body[:100])
-        deadline = time.monotonic() + 10
-        while gate.count < 2:
-            assert time.monotonic() < deadline, f"admitted: {gate.count} of 2"
-            time.sleep(0.02)
-        one = c.post("/explain", params={"model": model}, files={"file": ("a", png)})
-        assert one.status_code == 503 and "IMGCLS_EXPLAIN_QUEUE" in one.text, one.text
-        both = c.post("/compare", params={"models": models, "explain": "gradcam"},
-                      files={"file": ("a", png)})  # fmt: skip
-        assert both.status_code == 503 and "IMGCLS_EXPLAIN_QUEUE" in both.text, both.text
-        for sock in held:
-            sock.sendall(body[100:])
-        for sock in held:
-            status, _, answer = read_response(sock, 30)
-            assert status == 200, answer[:300]
-            sock.close()
+        time.sleep(0.5)
         assert gate.count == 0
-        broken = c.post("/explain", params={"model": model}, files={"file": ("a", b"junk")})
+        assert explain().status_code == 200
+        for sock in slow:
+            sock.close()
+
+        # two uploads in and decoding (held here): the queue is full, a third is refused
+        release = threading.Event()
+        decode = service.decode
+
+        async def held_decode(*args, **kwargs):
+            await asyncio.to_thread(release.wait, 30)
+            return await decode(*args, **kwargs)
+
+        service.decode = held_decode
+        try:
+            with cf.ThreadPoolExecutor(2) as ex:
+                running = [ex.submit(explain) for _ in range(2)]
+                deadline = time.monotonic() + 10
+                while gate.count < 2:
+                    assert time.monotonic() < deadline, f"places taken: {gate.count} of 2"
+                    time.sleep(0.02)
+                third = explain()
+                assert third.status_code == 503 and "IMGCLS_EXPLAIN_QUEUE" in third.text
+                both = c.post("/compare", params={"models": models, "explain": "gradcam"},
+                              files={"file": ("a", png)})  # fmt: skip
+                assert both.status_code == 503 and "IMGCLS_EXPLAIN_QUEUE" in both.text
+                release.set()
+                assert [r.result(timeout=60).status_code for r in running] == [200, 200]
+        finally:
+            release.set()
+            del service.decode  # the class's again
+        assert gate.count == 0
+        broken = explain(b"junk")
         assert broken.status_code == 400 and gate.count == 0, broken.text
         both = c.post("/compare", params={"models": models, "explain": "gradcam"},
                       files={"file": ("a", png)})  # fmt: skip

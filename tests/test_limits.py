@@ -213,6 +213,14 @@ def test_answers_before_the_app_are_in_the_routes_form_with_the_request_id(limit
         said = json.loads(body)
         assert list(said) == ["error" if path.startswith("/v2") else "detail"], said
         assert (headers["x-request-id"] == rid) if rid else len(headers["x-request-id"]) == 32, data
+    # on a kept-alive connection, a request that stalls before its request line is not given
+    # the previous request's id or form
+    sock = connect(limited.url)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nX-Request-ID: rid-before\r\n\r\n".encode())
+    status, _, _ = read_response(sock)
+    sock.sendall(b"\r\n")  # and nothing more
+    data, _, _ = read_until_closed(sock, HEADER_S + SLACK_S + 5)
+    assert status_of(data) == 408 and b"rid-before" not in data and b'"detail"' in data, data
 
 
 def test_32_mb_authorization_header_is_refused_early(limited):

@@ -3,6 +3,7 @@ JSON object, from the API process and from its workers, whoever logs it."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -39,16 +40,18 @@ def tiff_with_a_tag_past_its_end() -> bytes:
 
 
 def test_every_line_on_stderr_is_json(tmp_path: Path):
-    """Not only the service's own lines: uvicorn's (it formats its own as plain text), other
-    libraries' warnings (Pillow's about a broken TIFF, in the API process that reads its
-    header and in the worker that decodes it: Python printed them as plain text, and a worker
-    configured no logging at all) are JSON lines too, each with its level and logger."""
+    """Not only the service's own lines: uvicorn's and torch's (each formats its own as plain
+    text), and the workers' (a worker configured no logging at all: its info lines were lost,
+    its warnings plain text) are JSON lines too, each with its level and logger. A TIFF that
+    Pillow reads with a warning (a tag past the file's end) is answered and not logged: a
+    client could fill the log with such warnings."""
     port = free_port()
     env = {
         **os.environ, "IMGCLS_MODELS": "cifar10_plain20", "PORT": str(port),
         "IMGCLS_WEIGHTS_DIR": str(tmp_path), "IMGCLS_ALLOW_RANDOM_WEIGHTS": "1",
-        "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_COMPILE": "0", "IMGCLS_GRPC_PORT": "0",
-        "IMGCLS_DECODE": "worker", "IMGCLS_LOG_FORMAT": "json", "IMGCLS_LOG_LEVEL": "info",
+        "IMGCLS_AUTO_DOWNLOAD": "0", "IMGCLS_COMPILE": "1", "IMGCLS_MAX_BATCH_SIZE": "auto",
+        "IMGCLS_GRPC_PORT": "0", "IMGCLS_DECODE": "worker", "IMGCLS_LOG_FORMAT": "json",
+        "IMGCLS_LOG_LEVEL": "info",
     }  # fmt: skip
     env.pop("PYTHONWARNINGS", None)
     log = tmp_path / "stderr.log"
@@ -57,7 +60,7 @@ def test_every_line_on_stderr_is_json(tmp_path: Path):
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         try:
-            wait_until_ready(url, 120)
+            wait_until_ready(url, 300)
             r = httpx.post(f"{url}/classify", files={"file": ("t.tif", tiff_with_a_tag_past_its_end())},
                            timeout=60)  # fmt: skip
             assert r.status_code == 200, r.text
@@ -68,16 +71,57 @@ def test_every_line_on_stderr_is_json(tmp_path: Path):
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    records = _json_lines(log.read_text())
+    loggers = {r["logger"] for r in records}
+    assert {"imgcls.access", "imgcls.worker", "uvicorn.error"} <= loggers, loggers
+    assert any("Invalid HTTP request" in r["message"] for r in records), loggers
+    assert not [r for r in records if "Tag data larger than file" in r["message"]]
+
+
+def _json_lines(text: str) -> list[dict]:
     records = []
-    for line in lines:
+    for line in text.splitlines():
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             raise AssertionError(f"not a JSON line: {line!r}") from None
     assert all({"ts", "level", "logger", "message"} <= set(r) for r in records)
-    loggers = {r["logger"] for r in records}
-    assert {"imgcls.access", "uvicorn.error"} <= loggers, loggers
-    tags = [r for r in records if "Tag data larger than file" in r["message"]]
-    assert len(tags) >= 2 and {r["logger"] for r in tags} == {"py.warnings"}, tags  # both
-    assert any("Invalid HTTP request" in r["message"] for r in records), loggers
+    return records
+
+
+CONFIGURE = """
+import logging, sys, warnings
+import torch  # it puts a plain-text handler of its own on its logger, not propagating
+assert logging.getLogger("torch").handlers and not logging.getLogger("torch").propagate
+{before}
+from app.observability import configure_logging
+configure_logging("info", "json")
+configure_logging("info", "json")  # each app made configures again: no second handler
+warnings.warn("a library's warning")
+logging.getLogger("torch._dynamo").warning("a torch warning")
+logging.getLogger("somelib").error("a library's error")
+logging.getLogger("somelib").info("below the root's warning level")
+logging.getLogger("imgcls.test").info("imgcls at info")
+"""
+
+
+def test_configured_logging_formats_what_python_logs():
+    """configure_logging: Python's warnings, torch's logger (its own handler) and any
+    library's warnings and errors become one JSON line each, at the root's WARNING; imgcls's
+    own at the configured level. A root logger the host process configured itself keeps its
+    handlers alone (no line twice)."""
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run([sys.executable, "-c", CONFIGURE.format(before="")])
+    assert r.returncode == 0, r.stderr
+    records = _json_lines(r.stderr)
+    said = [(x["logger"], x["level"]) for x in records]
+    assert said == [("py.warnings", "warning"), ("torch._dynamo", "warning"),
+                    ("somelib", "error"), ("imgcls.test", "info")], said  # fmt: skip
+    host = "logging.basicConfig(format='HOST %(name)s %(message)s')"
+    r = run([sys.executable, "-c", CONFIGURE.format(before=host)])
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines.count("HOST somelib a library's error") == 1, lines
+    assert not any("a library's error" in x and x.startswith("{") for x in lines), lines

@@ -9,6 +9,8 @@ from fastapi import Depends, Request
 from app.schemas import ErrorMessage, InvalidRequest
 from app.service import Service
 
+MAX_TOP_K = 20  # predictions a /classify or /compare answers at most (/info says so)
+
 
 # Dependencies are ``async def``: FastAPI runs plain ``def`` ones in its thread pool, a thread hop
 # per request for a dictionary lookup.

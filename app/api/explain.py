@@ -56,8 +56,8 @@ async def explain(
     name = (model or "").strip() or service.default_model  # as /compare reads its names
     # method, target, model and the explanation queue checked before the body is read
     service.admit_explain(name, method, target)
-    with service.explain_gate.reserve():  # its place in the queue, from now on
-        upload = await read_upload(request, service.settings.max_upload_bytes)
+    upload = await read_upload(request, service.settings.max_upload_bytes)
+    with service.explain_gate.reserve():  # its place in the queue, before it is decoded
         return await service.explain(
             upload.data, name, method, target, heatmap, request_id, received=upload.received
         )

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app import __version__
-from app.api.deps import KEY_ERROR, ServiceDep
+from app.api.deps import KEY_ERROR, MAX_TOP_K, ServiceDep
 from app.engine import fastpath
 from app.schemas import Health, Info, Readiness
 
@@ -46,7 +46,7 @@ async def info(service: ServiceDep) -> Info:
         models=list(service.served),
         max_upload_mb=s.max_upload_mb,
         max_pixels=s.max_pixels,
-        max_top_k=20,
+        max_top_k=MAX_TOP_K,
         devices=service.devices,
         cpu_features=fastpath.cpu_features().names(),
     )

@@ -7,14 +7,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import ERRORS, UPLOAD_BODY, RequestIdDep, ServiceDep
+from app.api.deps import ERRORS, MAX_TOP_K, UPLOAD_BODY, RequestIdDep, ServiceDep
 from app.core import parse_models
 from app.schemas import ClassifyResponse, CompareResponse
 from app.upload import read_upload
 
 router = APIRouter(tags=["inference"])
 
-TopK = Annotated[int, Query(ge=1, le=20, description="number of predictions (capped at classes)")]
+TopK = Annotated[
+    int, Query(ge=1, le=MAX_TOP_K, description="number of predictions (capped at classes)")
+]
 
 
 @router.post(
@@ -74,9 +76,9 @@ async def compare(
         service.explain_gate.check(len(names))  # first: more than it can ever hold is a 422
         for name in names:
             service.admit_explain(name, explain)
-    # its places in the explain queue, from now on
+    upload = await read_upload(request, service.settings.max_upload_bytes)
+    # its places in the explain queue, before it is decoded
     with service.explain_gate.reserve(len(names)) if explain else contextlib.nullcontext():
-        upload = await read_upload(request, service.settings.max_upload_bytes)
         return await service.compare(
             upload.data, models, top_k, request_id, explain=explain, received=upload.received
         )

@@ -93,10 +93,14 @@ def _cam_layer(value: Any, model: nn.Module, input_size: int) -> str:
     shape = output_shape(model, value, input_size)
     if not is_feature_map(shape):
         gives = "nothing (it did not run)" if shape is None else f"shape {shape}"
+        try:
+            instead = f", such as {last_feature_map(model, input_size)!r} (this model's last)"
+        except ValueError:  # none at all: said without an example
+            instead = ", and this model has none"
         raise ValueError(
             f"cam_layer {value!r} gives {gives} for one {input_size}x{input_size} image; "
-            "Grad-CAM needs a module whose output is (N, C, H, W) feature maps wider than 1x1, "
-            f"such as {last_feature_map(model, input_size)!r} (the last one of this model)"
+            "Grad-CAM needs a module whose output is (N, C, H, W) feature maps wider than "
+            f"1x1{instead}"
         )
     return value
 
