@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
 import dataclasses
 import itertools
 import re
@@ -152,15 +151,8 @@ def parse_target(target: str | int | None, spec: ModelSpec) -> int | None:
 
 
 @dataclass
-class _Reserved:
-    left: int  # places taken at admission that no slot has used yet
-
-
-# The places a request took in the explain gate at admission (``ExplainGate.reserve``), for its
-# slots to use: set by the route around reading the body and explaining.
-_RESERVED: contextvars.ContextVar[_Reserved | None] = contextvars.ContextVar(
-    "explain_reserved", default=None
-)
+class GatePlaces:
+    left: int  # places taken in the explain gate (``reserve``) that no slot has used yet
 
 
 class ExplainGate:
@@ -169,35 +161,27 @@ class ExplainGate:
     model on a CPU), so this bound is what keeps them from starving classification.
 
     A request is checked for room before its body is read, and takes its places once the body
-    is in (``reserve``), before its upload is decoded: one decoding its upload counts as
-    waiting, so a burst is refused before any of its images is decoded, and a slow upload
-    holds no place while it arrives."""
+    is in (``reserve``, by the core before it decodes the upload): one decoding its upload
+    counts as waiting, so a burst is refused before any of its images is decoded, and a slow
+    upload holds no place while it arrives."""
 
     def __init__(self, concurrency: int, queue: int) -> None:
         self.concurrency = concurrency
         self.limit = concurrency + queue
-        self.count = 0  # admitted, running and waiting
+        self.count = 0  # reserved, running and waiting
         self._sem: asyncio.Semaphore | None = None  # made on the serving loop
 
     @contextlib.contextmanager
-    def reserve(self, jobs: int = 1) -> Iterator[None]:
+    def reserve(self, jobs: int = 1) -> Iterator[GatePlaces]:
         """Places for ``jobs`` explanations, taken now (or ExplainQueueFullError), for the
-        slots opened within (in this task, or tasks it starts) to use; those not used are
-        given back at the end."""
+        slots opened with the reservation; those not used are given back at the end."""
         self.check(jobs)
         self.count += jobs
-        reserved = _Reserved(jobs)
-        token = _RESERVED.set(reserved)
+        reserved = GatePlaces(jobs)
         try:
-            yield
+            yield reserved
         finally:
-            self.count -= reserved.left  # first: reset() raises in another context
-            _RESERVED.reset(token)
-
-    def check_more(self, jobs: int) -> None:
-        """``check`` for ``jobs`` explanations, of which those reserved here count already."""
-        reserved = _RESERVED.get()
-        self.check(jobs - min(jobs, reserved.left) if reserved is not None else jobs)
+            self.count -= reserved.left
 
     def check(self, jobs: int = 1) -> None:
         if jobs > self.limit:  # never fits, however long the client waits: not a 503
@@ -213,16 +197,13 @@ class ExplainGate:
             )
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[GateSlot]:
+    async def slot(self, reserved: GatePlaces) -> AsyncIterator[GateSlot]:
         """A place among the running explanations. An explanation whose client stopped waiting
         (its deadline passed) still runs on its worker: ``GateSlot.hold_until`` keeps the place
-        taken until it ends, so explanations never run more than ``concurrency`` at once."""
-        reserved = _RESERVED.get()
-        if reserved is not None and reserved.left > 0:
-            reserved.left -= 1  # counted since its request was admitted
-        else:
-            self.check()
-            self.count += 1
+        taken until it ends, so explanations never run more than ``concurrency`` at once.
+        It uses one of the places ``reserved`` (counted already)."""
+        assert reserved.left > 0, "more slots than places reserved"
+        reserved.left -= 1
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         try:
@@ -487,11 +468,17 @@ class InferenceCore(ABC):
         )  # fmt: skip
 
     async def _explain_one(
-        self, spec: ModelSpec, pixels: torch.Tensor, target: int | None, deadline: float
+        self,
+        spec: ModelSpec,
+        pixels: torch.Tensor,
+        target: int | None,
+        deadline: float,
+        reserved: GatePlaces,
     ) -> tuple[ExplainResult, float]:
-        """Through the explain gate; returns the result and its queue time (ms)."""
+        """Through the explain gate, on a place ``reserved``; returns the result and its queue
+        time (ms)."""
         waited = time.monotonic()
-        async with self.explain_gate.slot() as slot:
+        async with self.explain_gate.slot(reserved) as slot:
             result = await self.run_explain(spec.name, pixels, target, deadline, slot)
         return result, max(0.0, result.start - waited) * 1000.0
 
@@ -512,10 +499,13 @@ class InferenceCore(ABC):
         spec = self.servable(model or self.default_model).spec
         check_explainable(spec)
         index = parse_target(target, spec)
-        pixels = await self.by_deadline(
-            deadline, self.decode(upload, [spec]), "decoding the upload"
-        )
-        result, queue_ms = await self._explain_one(spec, pixels.of(spec), index, deadline)
+        with self.explain_gate.reserve() as reserved:  # its place, before it is decoded
+            pixels = await self.by_deadline(
+                deadline, self.decode(upload, [spec]), "decoding the upload"
+            )
+            result, queue_ms = await self._explain_one(
+                spec, pixels.of(spec), index, deadline, reserved
+            )
         return explain_result(
             spec, method, result, heatmap=heatmap, decode_ms=pixels.decode_ms,
             preprocess_ms=pixels.preprocess_ms, queue_ms=queue_ms, started=started,
@@ -536,6 +526,27 @@ class InferenceCore(ABC):
         served = [self.servable(n) for n in parse_models(models, self.ready_models())]
         if not served:
             raise ModelNotReadyError("no model is ready to compare; see /readyz", retry_after=5)
+        if explain is None:
+            return await self._compare(upload, served, top_k, request_id, started, deadline)
+        check_method(explain)
+        for s in served:
+            check_explainable(s.spec)
+        with self.explain_gate.reserve(len(served)) as reserved:  # before it is decoded
+            return await self._compare(
+                upload, served, top_k, request_id, started, deadline, (explain, reserved)
+            )
+
+    async def _compare(
+        self,
+        upload: imaging.BytesLike,
+        served: list[ServedModel],
+        top_k: int,
+        request_id: str,
+        started: float,
+        deadline: float,
+        explaining: tuple[str, GatePlaces] | None = None,
+    ) -> CompareResponse:
+        """``compare``'s work, with ``explaining``: the method and the explain gate's places."""
         # Decoded here, whatever IMGCLS_DECODE says: models share the pixels of one reduction.
         specs = [s.spec for s in served]
         pixels = await self.by_deadline(deadline, self.decode(upload, specs), "decoding the upload")
@@ -544,11 +555,6 @@ class InferenceCore(ABC):
             result = await self.run(s.spec.name, pixels.of(s.spec), deadline)
             return result, time.perf_counter()
 
-        if explain is not None:
-            check_method(explain)
-            for s in served:
-                check_explainable(s.spec)
-            self.explain_gate.check_more(len(served))
         done = await gather_fail_fast([timed(s) for s in served])
         results = [
             classify_result(
@@ -560,11 +566,14 @@ class InferenceCore(ABC):
             for s, (r, finished) in zip(served, done, strict=True)
         ]  # fmt: skip
         explained: list[ExplainResult] = []
-        if explain is not None:
+        if explaining is not None:
+            explain, reserved = explaining
             # Each model explains its own top-1 (as /classify answered it), one job per model.
             jobs = await gather_fail_fast(
                 [
-                    self._explain_one(s.spec, pixels.of(s.spec), r.predictions[0].index, deadline)
+                    self._explain_one(
+                        s.spec, pixels.of(s.spec), r.predictions[0].index, deadline, reserved
+                    )
                     for s, r in zip(served, results, strict=True)
                 ]
             )
@@ -579,7 +588,7 @@ class InferenceCore(ABC):
             [s.spec for s in served], [r for r, _ in done], results, top_k,
             decode_ms=pixels.decode_ms, started=started, request_id=request_id,
         )  # fmt: skip
-        if explain is not None:
+        if explaining is not None:
             response.agreement.heatmap_similarity = similarities(
                 [s.spec for s in served], explained
             )

@@ -11,7 +11,6 @@ response building as the single-process service.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import importlib
 import time
@@ -386,12 +385,10 @@ class Ingress:
                 self.core.admit_explain(name, explain)
         await self.core.ready(names)
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
-        gate = self.core.explain_gate
-        with gate.reserve(len(names)) if explain else contextlib.nullcontext():
-            return await self.core.compare(
-                upload.data, models, top_k, request.state.request_id, explain=explain,
-                received=upload.received,
-            )  # fmt: skip
+        return await self.core.compare(
+            upload.data, models, top_k, request.state.request_id, explain=explain,
+            received=upload.received,
+        )  # fmt: skip
 
     @api.post("/explain", response_model=ExplainResponse, response_model_exclude_none=True)
     async def explain(
@@ -406,11 +403,10 @@ class Ingress:
         self.core.admit_explain(name, method, target)
         await self.core.ready([name])
         upload = await read_upload(request, self.core.settings.max_upload_bytes)
-        with self.core.explain_gate.reserve():  # its place in the queue, before it is decoded
-            return await self.core.explain(
-                upload.data, name, method, target, heatmap, request.state.request_id,
-                received=upload.received,
-            )  # fmt: skip
+        return await self.core.explain(
+            upload.data, name, method, target, heatmap, request.state.request_id,
+            received=upload.received,
+        )  # fmt: skip
 
     def _entry(self, spec: ModelSpec, why: dict[str, str]) -> dict[str, Any]:
         entry = spec.catalog_entry()

@@ -57,7 +57,6 @@ async def explain(
     # method, target, model and the explanation queue checked before the body is read
     service.admit_explain(name, method, target)
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    with service.explain_gate.reserve():  # its place in the queue, before it is decoded
-        return await service.explain(
-            upload.data, name, method, target, heatmap, request_id, received=upload.received
-        )
+    return await service.explain(
+        upload.data, name, method, target, heatmap, request_id, received=upload.received
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -77,8 +76,6 @@ async def compare(
         for name in names:
             service.admit_explain(name, explain)
     upload = await read_upload(request, service.settings.max_upload_bytes)
-    # its places in the explain queue, before it is decoded
-    with service.explain_gate.reserve(len(names)) if explain else contextlib.nullcontext():
-        return await service.compare(
-            upload.data, models, top_k, request_id, explain=explain, received=upload.received
-        )
+    return await service.compare(
+        upload.data, models, top_k, request_id, explain=explain, received=upload.received
+    )
