@@ -181,6 +181,18 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of a process's children, theirs, and so on: a service's workers, which fork from
+    multiprocessing's fork server (a child of the API process), with the server and the
+    resource tracker."""
+    found, todo = [], [pid]
+    while todo:
+        below = children(todo.pop())
+        found += below
+        todo += below
+    return found
+
+
 def running(pids: list[int]) -> list[str]:
     """Those of ``pids`` still alive (zombies awaiting their reaper do not count), with names."""
     alive = []

@@ -397,6 +397,39 @@ def test_a_load_asked_of_a_hung_worker_leaves_it_the_hang_limit(tmp_path):
             assert r.status_code == 200, r.text
 
 
+def _parent(pid: int | None) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_cpu_workers_fork_from_a_server_that_imported_torch_and_ignores_sigterm():
+    """CPU workers are forked from multiprocessing's fork server, a child of the API process that
+    imported torch and the engine once (a worker does not import them again at each restart).
+    The server ignores SIGTERM, as the workers do: a SIGTERM to the process group must not end
+    it, since the pool learns its workers' exit through it (it would count them all dead while
+    they serve). CUDA workers are still spawned."""
+    from app.engine import pool as pool_module
+    from app.engine.worker import HEARTBEAT_S
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            w = pool.workers[0]
+            server = _parent(w.pid)
+            assert server != os.getpid() and _parent(server) == os.getpid()
+            assert "libtorch_cpu" in Path(f"/proc/{server}/maps").read_text()
+            os.kill(server, signal.SIGTERM)
+            await asyncio.sleep(3 * HEARTBEAT_S)  # a dead server: the worker would end itself
+            assert _parent(w.pid) == server
+            slot = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
+            assert slot is not None and slot.worker is w
+            assert (await pool.submit(slot, "cifar10_plain20", _pixels(2))).probs.shape == (2, 10)
+            assert w.alive and sum(w.restarts.values()) == 0
+
+    asyncio.run(scenario())
+    cuda = WorkerConfig(0, "cuda:0", "fp16", True, False, 1, 4, [])
+    assert pool_module._context([cuda]).get_start_method() == "spawn"
+    assert pool_module._context([_config()]).get_start_method() == "forkserver"
+
+
 def test_twenty_restarts_under_load_leak_nothing():
     """Old queues are closed and their feeder threads end: after 20 forced restarts under load
     the API process holds no more file descriptors, threads or shared-memory segments than after

@@ -21,7 +21,7 @@ from tests.conftest import (
     CIFAR_WEIGHTS,
     IMAGES,
     ROOT,
-    children,
+    descendants,
     free_port,
     needs_shared,
     wait_until_ready,
@@ -168,7 +168,7 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, 120)
-        workers = children(proc.pid)
+        workers = descendants(proc.pid)
         warm = asyncio.run(_drive(url, WARMUP, 1))
         gpu_before = _cuda_memory(url)
         _connections_closed(proc.pid)
@@ -204,7 +204,7 @@ def test_soak_memory_fds_threads_stable(tmp_path: Path):
             )
         assert set(warm) <= {200, 400, 404, 413}, warm
         assert set(codes) <= {200, 400, 404, 413}, codes
-        assert children(proc.pid) == workers, "a worker was restarted during the soak"
+        assert descendants(proc.pid) == workers, "a worker was restarted during the soak"
     finally:
         proc.terminate()
         proc.wait(60)

@@ -814,18 +814,33 @@ def _no_silent_eager() -> Any:
     return config.patch(fail_on_recompile_limit_hit=True)
 
 
-def _heartbeat(outbox: Any, parent: int) -> None:
+def _heartbeat(outbox: Any, api: int, forked_by: int) -> None:
     """Tell the pool this process is alive, whatever its main thread is doing. A process that is
     stopped, or stuck where no Python thread runs, falls silent and the watchdog restarts it.
 
     And end this process when the API process that started it is gone (killed with SIGKILL,
     or by the OOM killer): the worker would otherwise live on, an orphan holding its models'
-    memory (a GPU's too), beside the workers of the service started again."""
+    memory (a GPU's too), beside the workers of the service started again. Its parent is the
+    API process (spawned) or the fork server (pool._context), which ends with the API process:
+    either way the parent changes. A worker whose fork server is gone ends too: the pool no
+    longer sees it (it counts it dead and starts another)."""
     while True:
-        if os.getppid() != parent:
+        if os.getppid() != forked_by or not _running(api):
             os._exit(1)
         outbox.put(("heartbeat", time.monotonic()))
         time.sleep(HEARTBEAT_S)
+
+
+def _running(pid: int) -> bool:
+    """The process exists (the API process may have died before this worker looked at its
+    parent: spawned, it was reparented already)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process under a reused pid: ours is gone
+        return False
+    return True
 
 
 def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> None:
@@ -880,10 +895,11 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     # signal failed its batches with 503 and was restarted during the shutdown).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    forked_by = os.getppid()  # the API process, or the fork server
     started_by = multiprocessing.parent_process()  # None when not started as a process
-    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
+    api = started_by.pid if started_by is not None and started_by.pid else forked_by
     threading.Thread(
-        target=_heartbeat, args=(outbox, parent), daemon=True, name="heartbeat"
+        target=_heartbeat, args=(outbox, api, forked_by), daemon=True, name="heartbeat"
     ).start()
     outbox.put(("started", os.getpid()))
     runner = Runner(cfg)
