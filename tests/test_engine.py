@@ -401,6 +401,11 @@ def _parent(pid: int | None) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _maps(pid: int) -> str:
+    """What the process has mapped: its libraries among them."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
 def test_cpu_workers_fork_from_a_server_that_imported_torch_and_ignores_sigterm():
     """CPU workers are forked from multiprocessing's fork server, a child of the API process that
     imported torch and the engine once (a worker does not import them again at each restart).
@@ -415,7 +420,7 @@ def test_cpu_workers_fork_from_a_server_that_imported_torch_and_ignores_sigterm(
             w = pool.workers[0]
             server = _parent(w.pid)
             assert server != os.getpid() and _parent(server) == os.getpid()
-            assert "libtorch_cpu" in Path(f"/proc/{server}/maps").read_text()
+            assert "libtorch_cpu" in _maps(server)
             os.kill(server, signal.SIGTERM)
             await asyncio.sleep(3 * HEARTBEAT_S)  # a dead server: the worker would end itself
             assert _parent(w.pid) == server

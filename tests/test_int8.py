@@ -392,7 +392,7 @@ def calibrated_case(
     checkpoint = str(CIFAR_WEIGHTS / CIFAR_FILES[model])
     reference = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 2, []))
     reference.load(fp32.load_plan(checkpoint))
-    return int8, checkpoint, x, y, reference.forward(model, x).argmax(1).numpy()
+    return int8, checkpoint, x, y, guard.forward(reference, model, x).argmax(1).numpy()
 
 
 @needs_shared(CIFAR_WEIGHTS, CIFAR_SAMPLE)

@@ -281,7 +281,7 @@ def test_draft_decoding_guard(upscaled, model: str):
     assert len(y) == 1000
     runner = Runner(WorkerConfig(0, "cpu", "fp32", False, False, 2, 2, []))
     runner.load(build_catalog().get(model).load_plan(str(CIFAR_WEIGHTS / CIFAR_FILES[model])))
-    top1 = {k: runner.forward(model, v).argmax(1).numpy() for k, v in x.items()}
+    top1 = {k: guard.forward(runner, model, v).argmax(1).numpy() for k, v in x.items()}
     guard.check(f"{model} {fmt} draft (upscaled CIFAR)", top1["draft"], top1["exact"], y)
 
 

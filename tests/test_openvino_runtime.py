@@ -81,7 +81,7 @@ def test_openvino_float_paths_pass_the_accuracy_guard(data, model):
     plan = build_catalog().get(model).load_plan(checkpoint)
     reference = _runner("fp32", runtime="torch")
     assert reference.load(plan) == "eager"
-    ref = reference.forward(model, x).numpy()
+    ref = guard.forward(reference, model, x).numpy()
     for precision in ("fp32", "bf16"):
         runner = _runner(precision)
         assert runner.load(plan) == "openvino"
