@@ -50,7 +50,10 @@ def descendants(pid: int) -> dict[int, str]:
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        out[p] = "api" if p == pid else ("worker" if "spawn_main" in cmd else "other")
+        # a worker is spawned (spawn_main) or forked from the fork server, whose command
+        # line it keeps (the server itself is the API process's child)
+        forked = "multiprocessing.forkserver" in cmd and parents.get(p) != pid
+        out[p] = "api" if p == pid else ("worker" if "spawn_main" in cmd or forked else "other")
     return out
 
 

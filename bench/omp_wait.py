@@ -109,8 +109,11 @@ def soak_mode(args: argparse.Namespace, weights: Path) -> dict[str, Any]:
             asyncio.run(_drive(url, 300, 1))  # warm
             pids = {"api": proc.pid}
             for child in children(proc.pid):
-                if "multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_text():
+                cmd = Path(f"/proc/{child}/cmdline").read_text()
+                if "multiprocessing.spawn" in cmd:  # a spawned worker
                     pids["worker"] = child
+                elif "multiprocessing.forkserver" in cmd and children(child):
+                    pids["worker"] = children(child)[0]  # forked from the fork server
             before = {k: cpu_s(p) for k, p in pids.items()}
             t0 = time.perf_counter()
             asyncio.run(_drive(url, args.requests, 2))

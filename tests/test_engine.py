@@ -435,6 +435,28 @@ def test_cpu_workers_fork_from_a_server_that_imported_torch_and_ignores_sigterm(
     assert pool_module._context([_config()]).get_start_method() == "forkserver"
 
 
+def test_a_foreign_app_in_the_working_directory_keeps_workers_spawned(tmp_path, monkeypatch):
+    """The fork server starts with the working directory first on its path (Python < 3.12.8
+    ignores the API process's path there): a user's own ``app.py`` would be imported in place of
+    this package and every forked worker would fail. Workers are spawned instead, and serve."""
+    from app.engine import pool as pool_module
+
+    monkeypatch.chdir(tmp_path)
+    assert pool_module._context([_config()]).get_start_method() == "forkserver"  # nothing here
+    (tmp_path / "app.py").write_text("raise SystemExit('the wrong app')\n")
+    assert pool_module._context([_config()]).get_start_method() == "spawn"
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            slot = await pool.acquire("cifar10_plain20", time.monotonic() + 10)
+            assert slot is not None
+            assert (await pool.submit(slot, "cifar10_plain20", _pixels(1))).probs.shape == (1, 10)
+
+    asyncio.run(scenario())
+    monkeypatch.chdir(Path(pool_module.__file__).parents[2])  # this checkout: its own app
+    assert pool_module._context([_config()]).get_start_method() == "forkserver"
+
+
 def test_twenty_restarts_under_load_leak_nothing():
     """Old queues are closed and their feeder threads end: after 20 forced restarts under load
     the API process holds no more file descriptors, threads or shared-memory segments than after

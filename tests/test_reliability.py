@@ -255,8 +255,9 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path: Path, to: str):
 
 
 def test_workers_end_with_a_killed_server(tmp_path: Path):
-    """The API process killed outright (SIGKILL, the OOM killer): its workers end within a few
-    heartbeats instead of living on as orphans holding the models' memory."""
+    """The API process killed outright (SIGKILL, the OOM killer): its workers (and the fork
+    server they were forked from) end within a few heartbeats instead of living on as orphans
+    holding the models' memory, before the dead process is reaped."""
     port = free_port()
     env = {
         **os.environ, "IMGCLS_MODELS": "cifar10_plain20", "IMGCLS_ALLOW_RANDOM_WEIGHTS": "1",
@@ -274,8 +275,9 @@ def test_workers_end_with_a_killed_server(tmp_path: Path):
         workers = descendants(proc.pid)
         assert len(workers) >= 2  # the fork server and the worker
         proc.kill()
-        proc.wait(10)
+        # not reaped yet (a zombie, as under a parent slow to wait): its workers notice anyway
         _until(lambda: not running(workers), 15, f"the workers ended: {running(workers)}")
+        proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()

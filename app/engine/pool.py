@@ -25,6 +25,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -234,17 +235,36 @@ def _context(configs: list[WorkerConfig]) -> Any:
     (tests/test_engine.py's twenty restarts: 73 s spawned, 13 s forked, on 2 cores). CUDA
     workers are spawned, as before: a fork server that ever touched CUDA would break every
     worker forked from it, and none has been proven on a GPU. Spawned too where there is no
-    fork server (not POSIX).
+    fork server (not POSIX), and where the server would import another ``app`` than this one:
+    it starts with the working directory first on its path (Python < 3.12.8 ignores the API
+    process's), so a user's ``app.py`` or ``app/`` there would be preloaded in its place and
+    break every worker.
 
     Workers forked from the server see the environment the API process had when it started
-    the server (its first worker), not later changes to ``os.environ``."""
+    the server (its first worker; again after the server was restarted), not later changes to
+    ``os.environ``."""
     if any(c.device.startswith("cuda") for c in configs):
         return mp.get_context("spawn")
-    if "forkserver" not in mp.get_all_start_methods():
+    if "forkserver" not in mp.get_all_start_methods() or _shadowed_here():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["app.engine.forkserver"])
     return ctx
+
+
+def _shadowed_here() -> bool:
+    """Something named ``app`` in the working directory that is not this package."""
+    import importlib.machinery
+    from pathlib import Path
+
+    import app
+
+    found = importlib.machinery.PathFinder.find_spec("app", [os.getcwd()])
+    if found is None:
+        return False
+    ours = [Path(p).resolve() for p in app.__path__]
+    where = found.submodule_search_locations or [found.origin or ""]
+    return [Path(p).resolve() for p in where] != ours
 
 
 class WorkerPool:
@@ -297,7 +317,7 @@ class WorkerPool:
         w.models = {p.name: ModelState(reloading=again) for p in w.plans}
         w.models |= {name: ModelState("failed", why) for name, why in w.dropped.items()}
         w.building = None
-        cfg = replace(w.cfg, plans=list(w.plans))
+        cfg = replace(w.cfg, plans=list(w.plans), start_method=self._ctx.get_start_method())
         w.process = self._ctx.Process(
             target=worker_main,
             args=(cfg, w.inbox, w.outbox),

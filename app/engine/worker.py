@@ -70,6 +70,8 @@ class WorkerConfig:
     # None: left as Python's (a Runner in another process: tests, the bench, Ray)
     log_level: str | None = None
     log_format: str = "json"
+    # how the pool started this worker ("spawn", "forkserver"; pool._context)
+    start_method: str = "spawn"
 
     @classmethod
     def from_settings(
@@ -814,33 +816,23 @@ def _no_silent_eager() -> Any:
     return config.patch(fail_on_recompile_limit_hit=True)
 
 
-def _heartbeat(outbox: Any, api: int, forked_by: int) -> None:
+def _heartbeat(outbox: Any, api: Any, forked_by: int) -> None:
     """Tell the pool this process is alive, whatever its main thread is doing. A process that is
     stopped, or stuck where no Python thread runs, falls silent and the watchdog restarts it.
 
     And end this process when the API process that started it is gone (killed with SIGKILL,
     or by the OOM killer): the worker would otherwise live on, an orphan holding its models'
-    memory (a GPU's too), beside the workers of the service started again. Its parent is the
-    API process (spawned) or the fork server (pool._context), which ends with the API process:
-    either way the parent changes. A worker whose fork server is gone ends too: the pool no
-    longer sees it (it counts it dead and starts another)."""
+    memory (a GPU's too), beside the workers of the service started again. ``api`` is
+    multiprocessing's handle on the API process, watched through a pipe that the API process
+    holds open (its death closes it, whether or not it was reaped; a pid could be reused). A
+    worker whose parent changed ends too: forked, its parent is the fork server, through which
+    the pool learns its workers' exit; with the server gone the pool counts the worker dead and
+    starts another."""
     while True:
-        if os.getppid() != forked_by or not _running(api):
+        if os.getppid() != forked_by or (api is not None and not api.is_alive()):
             os._exit(1)
         outbox.put(("heartbeat", time.monotonic()))
         time.sleep(HEARTBEAT_S)
-
-
-def _running(pid: int) -> bool:
-    """The process exists (the API process may have died before this worker looked at its
-    parent: spawned, it was reparented already)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process under a reused pid: ours is gone
-        return False
-    return True
 
 
 def _load(runner: Runner, plan: LoadPlan, cfg: WorkerConfig, outbox: Any) -> None:
@@ -881,6 +873,7 @@ def _run_batch(runner: Runner, cfg: WorkerConfig, batch_id: int, name: str, batc
 
 def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     """Entry point of a worker process."""
+    forked_by = os.getppid()  # the API process, or the fork server: read before anything else
     if cfg.log_level is not None:  # spawned: nothing of the API process's logging set up
         from app.observability import configure_logging
 
@@ -895,11 +888,14 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     # signal failed its batches with 503 and was restarted during the shutdown).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    forked_by = os.getppid()  # the API process, or the fork server
+    if cfg.start_method == "forkserver" and "app.engine.forkserver" not in sys.modules:
+        log.warning(
+            "multiprocessing's fork server could not import app.engine.forkserver: each worker "
+            "imports torch itself, and a SIGTERM to the process group ends the server"
+        )
     started_by = multiprocessing.parent_process()  # None when not started as a process
-    api = started_by.pid if started_by is not None and started_by.pid else forked_by
     threading.Thread(
-        target=_heartbeat, args=(outbox, api, forked_by), daemon=True, name="heartbeat"
+        target=_heartbeat, args=(outbox, started_by, forked_by), daemon=True, name="heartbeat"
     ).start()
     outbox.put(("started", os.getpid()))
     runner = Runner(cfg)
