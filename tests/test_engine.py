@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from app.engine.pool import (
 )
 from app.engine.worker import Runner, WorkerConfig
 from tests import images
-from tests.conftest import ready_pool, run_service
+from tests.conftest import ROOT, ready_pool, run_service
 from tests.test_reliability import _metric
 
 PNG = images.encode(images.photo((64, 64)), "PNG")
@@ -433,6 +435,66 @@ def test_cpu_workers_fork_from_a_server_that_imported_torch_and_ignores_sigterm(
     cuda = WorkerConfig(0, "cuda:0", "fp16", True, False, 1, 4, [])
     assert pool_module._context([cuda]).get_start_method() == "spawn"
     assert pool_module._context([_config()]).get_start_method() == "forkserver"
+
+
+_SLOW_SERVER = """
+import asyncio, time
+from app.engine import pool as pool_module
+from app.engine.worker import WorkerConfig
+
+real = pool_module._context
+
+
+def slow(configs):  # a fork server whose preload takes 4 s more (torch takes ~4 s of a core)
+    ctx = real(configs)
+    ctx.set_forkserver_preload(["slow_preload", "app.engine.forkserver"])
+    return ctx
+
+
+async def main():
+    lag = 0.0
+
+    async def tick():
+        nonlocal lag
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.02)
+            lag = max(lag, time.monotonic() - t - 0.02)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.1)  # ticking
+    pool = pool_module.WorkerPool([WorkerConfig(0, "cpu", "fp32", False, False, 1, 4, [])])
+    t = time.monotonic()
+    await pool.start()
+    took = time.monotonic() - t
+    await asyncio.sleep(0.1)  # a tick that began before a stall ends after it
+    ticker.cancel()
+    await pool.close()
+    print(pool._ctx.get_start_method(), took, lag)
+
+
+if __name__ == "__main__":
+    pool_module._context = slow
+    asyncio.run(main())
+"""
+
+
+def test_the_event_loop_runs_while_the_fork_server_imports(tmp_path):
+    """A worker's start waits for the fork server's answer, which comes once the server has
+    imported torch: the pool waits for that on a thread, so the service answers (/healthz,
+    /readyz) while its first workers start. Measured in a fresh process, whose fork server has
+    yet to start, with a preload made 4 s slower: the event loop never stalls for it."""
+    (tmp_path / "slow_preload.py").write_text("import time\n\ntime.sleep(4)\n")
+    (tmp_path / "start.py").write_text(_SLOW_SERVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "start.py")], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    method, took, lag = r.stdout.split()[-3:]
+    assert method == "forkserver" and float(took) >= 4.0, r.stdout  # it did wait for the server
+    assert float(lag) < 1.0, f"the event loop stalled {float(lag):.2f} s"
 
 
 def test_a_foreign_app_in_the_working_directory_keeps_workers_spawned(tmp_path, monkeypatch):

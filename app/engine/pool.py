@@ -252,6 +252,24 @@ def _context(configs: list[WorkerConfig]) -> Any:
     return ctx
 
 
+def _nothing() -> None:
+    """What the process that ``_ready_server`` starts runs."""
+
+
+def _ready_server(ctx: Any) -> None:
+    """Start the fork server and wait until it has imported torch (seconds), on a thread: a
+    worker's ``Process.start()`` waits for the server's answer, and would hold the event loop
+    that long (the service answers /healthz while its workers start). A process that does
+    nothing is forked and waited for. (A server killed later is started again by the next
+    worker's restart, on the loop.)"""
+    if ctx.get_start_method() != "forkserver":
+        return
+    probe = ctx.Process(target=_nothing, name="imgcls-fork-server-ready", daemon=True)
+    probe.start()
+    probe.join()
+    probe.close()
+
+
 def _shadowed_here() -> bool:
     """Something named ``app`` in the working directory that is not this package."""
     import importlib.machinery
@@ -295,6 +313,7 @@ class WorkerPool:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(_ready_server, self._ctx)
         for w in self.workers:
             self._spawn(w)
         self._watchdog = asyncio.create_task(self._watch(), name="pool-watchdog")
