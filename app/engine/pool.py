@@ -233,8 +233,8 @@ def _context(configs: list[WorkerConfig]) -> Any:
     that imported torch and the engine once (``app.engine.forkserver``): a worker starts, or
     restarts after a crash or a hang, ~4 s of a core sooner than a spawned one importing them
     (tests/test_engine.py's twenty restarts: 73 s spawned, 13 s forked, on 2 cores). CUDA
-    workers are spawned, as before: a fork server that ever touched CUDA would break every
-    worker forked from it, and none has been proven on a GPU. Spawned too where there is no
+    workers are spawned, as before: workers forked from a server that imported torch (and must
+    never have initialised CUDA) have not been tried on a GPU. Spawned too where there is no
     fork server (not POSIX), and where the server would import another ``app`` than this one:
     it starts with the working directory first on its path (Python < 3.12.8 ignores the API
     process's), so a user's ``app.py`` or ``app/`` there would be preloaded in its place and
