@@ -8,7 +8,8 @@ workers starts without each one importing torch while the others warm up).
 In the fork server only, SIGTERM is ignored, as the workers ignore it: a SIGTERM to the process
 group (systemd's stop, ``kill -- -PGID``) would end the server, and multiprocessing then reports
 every worker forked from it as dead (their exit status comes through it), while they are still
-running the batches the API process is draining. The server ends when the API process does.
+running the batches the API process is draining. The server ends after the API process and the
+workers forked from it (they end with the API process: worker._heartbeat).
 """
 
 from __future__ import annotations

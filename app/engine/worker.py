@@ -874,7 +874,7 @@ def _run_batch(runner: Runner, cfg: WorkerConfig, batch_id: int, name: str, batc
 def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
     """Entry point of a worker process."""
     forked_by = os.getppid()  # the API process, or the fork server: read before anything else
-    if cfg.log_level is not None:  # spawned: nothing of the API process's logging set up
+    if cfg.log_level is not None:  # a new process: nothing of the API process's logging set up
         from app.observability import configure_logging
 
         configure_logging(cfg.log_level, cfg.log_format)
