@@ -46,6 +46,7 @@ from tests.conftest import (
 from tests.test_weights import http_server
 
 INT8_MIN_AGREEMENT = 0.98  # the issue's bound for int8 (>= 99% for the other fast paths)
+INT8_MAX_MOVE = 5  # the issue's, of the 500 evaluated images (the other paths: 5 of 1,000)
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
@@ -124,8 +125,12 @@ def test_published_int8_variant_is_served_as_int8(tmp_path: Path):
     indices = [p["index"] for p in body["predictions"]]
     served = np.array([p["score"] for p in body["predictions"]])
     if backend == "eager":  # torchvision's own kernels: the same numbers
-        assert indices == top.indices.tolist()
+        # int8 logits tie exactly (random weights: 76 and 590 on an AVX2-only EPYC), and the
+        # order of a tie is each top-k's own: the same five scores, each served index with
+        # the reference's own probability
         np.testing.assert_allclose(served, top.values.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(served, probs[indices].numpy(), rtol=0, atol=1e-6)
+        assert len(set(indices)) == 5
     else:  # the same int8 numbers through oneDNN's fused kernels, rounded once, not twice
         # (the eager model also rounds each block's last convolution and the logits to 8 bits)
         assert indices[0] in top.indices[:3]  # random weights: near ties may swap, not more
@@ -412,7 +417,10 @@ def test_calibrated_int8_guard(tmp_path: Path, model: str, compiled: bool):
     got = runner.forward(int8.name, x).argmax(1).numpy()
     assert not (compiled and served.fell_back)  # the compiled graphs answered, not the fallback
     how = "PT2E, inductor" if compiled else "FX, eager"
-    guard.check(f"{model} int8 (calibrated, {how})", got, ref, y, min_agreement=INT8_MIN_AGREEMENT)
+    guard.check(
+        f"{model} int8 (calibrated, {how})", got, ref, y,
+        min_agreement=INT8_MIN_AGREEMENT, max_move=INT8_MAX_MOVE,
+    )  # fmt: skip
     runner.unload(int8.name)
 
 
@@ -465,3 +473,37 @@ def test_compiled_int8_with_the_cpp_wrapper_answers_as_the_python_one(tmp_path: 
         assert not bucketed.fell_back
     assert torch.equal(out[True].argmax(1), out[False].argmax(1))
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-4)
+
+
+@needs_shared(CIFAR_SAMPLE)
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "avx2-only"])
+def test_calibrated_weights_fit_the_cpus_int8_dot_products(tmp_path: Path, monkeypatch, vnni):
+    """Plain AVX2 (no VNNI) sums two uint8 x int8 products in 16 bits: calibrated weights are
+    7-bit there, at most 64 in magnitude (2 x 255 x 64 < 2**15: no sum saturates; FX rounds a
+    channel's largest weight to 64, PT2E clamps it to 63), 8-bit where VNNI or AMX sums in 32
+    bits. Both FX (eager kernels) and PT2E (for inductor); random weights, 8 real images."""
+    flags = "avx2 avx512_vnni" if vnni else "avx2"
+    monkeypatch.setattr(quantize, "cpu_features", lambda: parse_cpu_flags(f"flags\t: {flags}\n"))
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for f in sorted(CIFAR_SAMPLE.glob("cat/*.jpg"))[:8]:
+        (folder / f.name).symlink_to(f)
+    plan = build_catalog().get("cifar10_resnet20").load_plan(None)
+    torch.manual_seed(0)
+    fx = quantize.calibrate(plan.builder().eval(), plan.preprocess, folder)
+    fx_weights = [m.weight().int_repr() for m in fx.modules() if hasattr(m, "weight")
+                  and callable(m.weight) and isinstance(m, torch.ao.nn.quantized.Conv2d)]  # fmt: skip
+    torch.manual_seed(0)
+    pt2e = quantize.calibrate_pt2e(plan.builder().eval(), plan.preprocess, folder)
+    pt2e_weights = [
+        getattr(pt2e, str(n.args[0].target))
+        for n in pt2e.graph.nodes
+        if n.target == torch.ops.quantized_decomposed.dequantize_per_channel.default
+    ]
+    for found in (fx_weights, pt2e_weights):
+        assert found and all(w.dtype == torch.int8 for w in found)
+        low, high = min(int(w.min()) for w in found), max(int(w.max()) for w in found)
+        if vnni:
+            assert max(-low, high) > 64, (low, high)  # the full 8 bits are used
+        else:
+            assert max(-low, high) <= 64, (low, high)

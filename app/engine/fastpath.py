@@ -4,7 +4,8 @@ Defaults are the fastest path that passed the accuracy guard (tests/test_fast_pa
 agreement with fp32 eager >= 99% and accuracy within 5 of 1,000 images on real CIFAR-10 images):
 fp16 on CUDA, bf16 on CPUs with AVX512-BF16 or AMX, fp32 elsewhere; channels_last and
 torch.compile with reduced precision. The choice follows the CPU's flags, never one machine's
-timings: this project runs on Intel with AMX and on AMD EPYC without it.
+timings: this project runs on Intel with AMX, on AMD EPYC with AVX512-BF16 and VNNI, and on AMD
+EPYC with AVX2 only (no AVX-512: fp32, and int8 with 7-bit weights; quantize._weight_range).
 """
 
 from __future__ import annotations
