@@ -44,9 +44,12 @@ class Settings(BaseSettings):
     precision: Precision = Field(
         "auto", description="auto: fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX, else fp32"
     )
-    channels_last: bool | None = Field(None, description="default: on for bf16/fp16")
+    channels_last: bool | None = Field(
+        None, description="default: on for bf16/fp16 and for auto on CPUs"
+    )
     compile: bool | None = Field(
-        None, description="torch.compile; default: on with bf16/fp16, absorbed by warm-up"
+        None,
+        description="torch.compile; default: on with bf16/fp16 and auto on CPUs, at warm-up",
     )
 
     cpp_wrapper: bool = Field(

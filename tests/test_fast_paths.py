@@ -216,11 +216,23 @@ def test_a_graph_failing_while_the_batch_size_is_measured_leaves_eager(monkeypat
     assert runner.forward(plan.name, x).shape == (3, 10)
 
 
-def test_defaults_follow_the_hardware():
+def test_defaults_follow_the_hardware(monkeypatch):
+    """``auto`` on a CPU: bf16 where the CPU has it in hardware, else fp32; compiled and
+    channels-last either way (compiled fp32 is the fastest guarded path without bf16). An
+    explicit fp32 stays eager."""
+    from app.engine import fastpath
+
     cpu = resolve("auto", None, None, "cpu")
     assert cpu.precision == ("bf16" if cpu_has_bf16() else "fp32")
-    assert cpu.compile == cpu.channels_last == (cpu.precision != "fp32")
+    assert cpu.compile is cpu.channels_last is True
+    for bf16 in (True, False):
+        monkeypatch.setattr(fastpath, "cpu_has_bf16", lambda bf16=bf16: bf16)
+        precision = "bf16" if bf16 else "fp32"
+        assert resolve("auto", None, None, "cpu") == resolve(precision, True, True, "cpu")
+        assert resolve("auto", None, False, "cpu").compile is False  # IMGCLS_COMPILE=0 holds
+    assert resolve("fp32", None, None, "cpu") == resolve("fp32", False, False, "cpu")
     assert resolve("auto", None, None, "cuda:0") == resolve("fp16", True, True, "cuda:0")
+    assert resolve("fp32", None, None, "cuda:0").compile is False
     assert resolve("bf16", False, False, "cpu").compile is False
     with pytest.raises(ValueError, match="fp16"):
         resolve("fp16", None, None, "cpu")
@@ -317,7 +329,7 @@ def test_every_runner_setting_reaches_every_worker(monkeypatch):
     monkeypatch.setenv("IMGCLS_DEVICE", "cpu")
     (default,) = Service(Settings())._configs([])
     bf16 = cpu_has_bf16()
-    assert (default.precision, default.compile) == (("bf16", True) if bf16 else ("fp32", False))
+    assert (default.precision, default.compile) == ("bf16" if bf16 else "fp32", True)
     assert not default.cpp_wrapper and default.runtime == "torch"
     assert default.jpeg_on_device and default.jpeg_draft and default.auto_batch
     assert (default.warmup_batch, default.max_pixels) == (32, 40_000_000)

@@ -79,18 +79,20 @@ def _reference_int8(path: Path) -> torch.nn.Module:
 
 
 @needs_shared(IMAGES)
-def test_published_int8_variant_is_served_as_int8(tmp_path: Path):
+@pytest.mark.parametrize("compile_", [None, False], ids=["defaults", "compile-off"])
+def test_published_int8_variant_is_served_as_int8(tmp_path: Path, compile_: bool | None):
     spec = build_catalog().get("resnet18:int8")
     assert spec.weights_file == "resnet18_fbgemm_16fa66dd.pth"
     file = tmp_path / spec.weights_file
     _published_resnet18(file)
     photo = shared_image("chelsea.png")  # decoded and resized below as the server does
-    # the service's defaults for this machine (bf16 + compile where supported): int8 ignores the
-    # precision and, with compile, runs as a PT2E graph compiled for batch sizes 1, 2 and 4
-    defaults = resolve("auto", None, None, "cpu")
+    # the service's defaults for this machine (compiled on every CPU), then IMGCLS_COMPILE=0:
+    # int8 ignores the precision and, compiled, runs as a PT2E graph for batch sizes 1, 2 and 4;
+    # with compile off, as torchvision's own eager model
+    defaults = resolve("auto", None, compile_, "cpu")
     backend = "inductor" if defaults.compile else "eager"
     with run_service(
-        models="resnet18:int8", weights_dir=tmp_path, precision="auto", compile=None,
+        models="resnet18:int8", weights_dir=tmp_path, precision="auto", compile=compile_,
         max_batch_size=4,
     ) as svc:  # fmt: skip
         r = httpx.post(

@@ -259,6 +259,8 @@ def run_bench(
         by_precision: dict[str, Any] = {}
         for prec in dict.fromkeys([served, *model_precisions]):
             name, prec_arg = _model_only_name(model, prec)
+            if prec == served:  # the servers' own path (auto: compiled fp32 without bf16)
+                prec_arg = precision
             print(f"== {name} on {device}: model-only ({prec})", flush=True)
             by_precision[prec] = model_only(
                 name, device, prec_arg, list(batch_sizes), model_seconds
