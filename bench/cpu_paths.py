@@ -1,16 +1,17 @@
 """Every CPU path of one model, model-only, taking turns in one process: which is fastest here.
 
 fastpath.resolve picks a CPU's default path from its flags (bf16, channels-last and inductor
-with AVX512-BF16 or AMX; fp32 eager without). This script loads the same model once per path
-through the workers' own Runner (random weights) and calls them in turn, a few batches each
-(--block), so that the drift of a shared machine's speed cancels, and prints time per batch and
-images/s for each:
+with AVX512-BF16 or AMX; fp32, channels-last and inductor without). This script loads the same
+model once per path through the workers' own Runner (random weights) and calls them in turn, a
+few batches each (--block), so that the drift of a shared machine's speed cancels, and prints
+time per batch and images/s for each:
 
-- fp32 eager (contiguous), the default without bf16 hardware;
+- fp32 eager (contiguous), what an explicit IMGCLS_PRECISION=fp32 runs;
 - fp32 channels-last eager;
-- fp32 channels-last, inductor (frozen graph per batch size);
+- fp32 channels-last, inductor (frozen graph per batch size): the default without bf16;
 - bf16 channels-last, inductor (the default with AVX512-BF16 or AMX; emulated without);
-- int8 (``MODEL:int8``: the PT2E graph, inductor), where the model has an int8 variant.
+- int8 eager (``MODEL:int8``: torchvision's quantized model) and int8 compiled (the PT2E graph,
+  inductor), where the model has published int8 weights.
 
     .venv/bin/python bench/cpu_paths.py --model resnet50 --batch 8 --passes 40
 """
@@ -39,6 +40,7 @@ PATHS: dict[str, tuple[str, str, bool, bool]] = {
     "fp32 channels-last eager": ("", "fp32", True, False),
     "fp32 channels-last inductor": ("", "fp32", True, True),
     "bf16 channels-last inductor": ("", "bf16", True, True),
+    "int8 eager": (":int8", "fp32", False, False),
     "int8 inductor": (":int8", "fp32", True, True),
 }
 
@@ -71,11 +73,10 @@ def main() -> None:
         raise SystemExit(f"unknown paths {unknown}; --block must be in 1..--passes")
     os.environ.setdefault("IMGCLS_ALLOW_RANDOM_WEIGHTS", "1")
     catalog = build_catalog()
-    if "int8 inductor" in paths:
-        try:
-            catalog.get(f"{args.model}:int8")
-        except KeyError:  # no published int8 weights (calibrated int8 needs images: not here)
-            paths.remove("int8 inductor")
+    try:
+        catalog.get(f"{args.model}:int8")
+    except KeyError:  # no published int8 weights (calibrated int8 needs images: not here)
+        paths = [p for p in paths if not PATHS[p][0]]
     loaded: dict[str, tuple[Runner, str, str, float]] = {}
     for path in paths:
         loaded[path] = load(args.model, path, args.batch)

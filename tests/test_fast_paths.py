@@ -27,7 +27,7 @@ from tests.conftest import CIFAR_FILES, CIFAR_SAMPLE, CIFAR_WEIGHTS, needs_share
 PATHS = {
     "bf16-eager": ("bf16", True, False),
     "bf16-compiled": ("bf16", True, True),
-    "fp32-compiled": ("fp32", False, True),
+    "fp32-compiled": ("fp32", True, True),  # channels-last: the default without bf16
 }
 
 

@@ -483,7 +483,8 @@ def test_calibrated_weights_fit_the_cpus_int8_dot_products(tmp_path: Path, monke
     """Plain AVX2 (no VNNI) sums two uint8 x int8 products in 16 bits: calibrated weights are
     7-bit there, at most 64 in magnitude (2 x 255 x 64 < 2**15: no sum saturates; FX rounds a
     channel's largest weight to 64, PT2E clamps it to 63), 8-bit where VNNI or AMX sums in 32
-    bits. Both FX (eager kernels) and PT2E (for inductor); random weights, 8 real images."""
+    bits; activations are 8-bit on both. Both FX (eager kernels) and PT2E (for inductor; its
+    activations checked); random weights, 8 real images."""
     flags = "avx2 avx512_vnni" if vnni else "avx2"
     monkeypatch.setattr(quantize, "cpu_features", lambda: parse_cpu_flags(f"flags\t: {flags}\n"))
     folder = tmp_path / "calibration"
@@ -502,6 +503,13 @@ def test_calibrated_weights_fit_the_cpus_int8_dot_products(tmp_path: Path, monke
         for n in pt2e.graph.nodes
         if n.target == torch.ops.quantized_decomposed.dequantize_per_channel.default
     ]
+    # activations: 8-bit either way (torch's reduce_range, 7-bit activations, lost the guard)
+    activations = [
+        n.args[3:6]  # quant_min, quant_max, dtype
+        for n in pt2e.graph.nodes
+        if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
+    ]
+    assert activations and set(activations) == {(0, 255, torch.uint8)}, set(activations)
     for found in (fx_weights, pt2e_weights):
         assert found and all(w.dtype == torch.int8 for w in found)
         low, high = min(int(w.min()) for w in found), max(int(w.max()) for w in found)

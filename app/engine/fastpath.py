@@ -4,12 +4,13 @@ Defaults are the fastest path that passed the accuracy guard (tests/test_fast_pa
 agreement with fp32 eager >= 99% and accuracy within 5 of 1,000 images on real CIFAR-10 images):
 fp16 on CUDA, bf16 on CPUs with AVX512-BF16 or AMX, fp32 elsewhere; channels_last and
 torch.compile with reduced precision, and with ``auto`` precision on any CPU: where ``auto``
-resolves to fp32 (no bf16 in hardware), the compiled channels-last graphs are the fastest guarded
-path (resnet50 at batch 8 on an AVX2-only AMD EPYC: fp32 1.22x eager, int8 1.4x eager int8;
-bf16, emulated there, 8x slower than fp32). An explicit ``fp32`` stays eager unless compile is
-asked for. The choice follows the CPU's flags, never one machine's timings: this project runs on
-Intel with AMX, on AMD EPYC with AVX512-BF16 and VNNI, and on AMD EPYC with AVX2 only (no
-AVX-512: fp32, and int8 with 7-bit weights; quantize._weight_range).
+resolves to fp32 (no bf16 in hardware), the compiled channels-last graphs are the fastest
+guarded path (resnet50 at batch 8 on an AVX2-only AMD EPYC: fp32 1.22-1.32x eager, int8 compiled
+1.2-1.3x eager int8 across runs; bf16, emulated there, 8x slower than fp32). An explicit
+``fp32`` stays eager unless compile is asked for. The choice follows the CPU's flags, never one
+machine's timings: this project runs on Intel with AMX, on AMD EPYC with AVX512-BF16 and VNNI,
+and on AMD EPYC with AVX2 only (no AVX-512: fp32, and int8 with 7-bit weights;
+quantize._weight_range).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ int8 is where CPUs without AMX gain most (resnet50 on a 2-core AMD EPYC with VNN
 but only where it is honest: published weights come with their own reference accuracy, and
 models quantized here pass an accuracy guard on real images (tests/test_int8.py).
 
-Where inductor compiles (``IMGCLS_COMPILE``, on by default with bf16), both run as PT2E graphs
+Where inductor compiles (``IMGCLS_COMPILE``, on by default on CPUs), both run as PT2E graphs
 compiled by inductor (torchao's X86InductorQuantizer, which torch 2.14 no longer ships in
 ``torch.ao``): the published weights rebuilt as one (``published_pt2e``, below), calibrated
 models quantized through one (``calibrate_pt2e``). Otherwise post-training quantization uses FX
@@ -175,7 +175,8 @@ def calibrate_pt2e(model: nn.Module, pre: Preprocess, folder: Path) -> nn.Module
     min/max over the calibration images. Returns the converted graph (normalised float32 in,
     any batch size); run as it is, it computes the int8 numbers in float (slowly), compiled with
     freezing it runs oneDNN's int8 kernels. On the real CIFAR-10 ResNets the compiled graph
-    agrees with fp32 on 494-498 of the guard's 500 images (FX: 492-494)."""
+    agrees with fp32 on 494-498 of the guard's 500 images with VNNI (FX: 492-494), 490-498 on
+    plain AVX2 with its 7-bit weights (FX: 490-492)."""
     import dataclasses
 
     from torchao.quantization.pt2e.observer import MinMaxObserver
