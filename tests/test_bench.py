@@ -15,7 +15,7 @@ from PIL import Image
 
 from app.benchmarks import openvino_peer
 from app.benchmarks.common import IMAGE_SETS, image_set, jpeg_corpus
-from app.benchmarks.harness import run_bench
+from app.benchmarks.harness import _servers, run_bench
 from app.benchmarks.loadgen import run_load
 from tests.conftest import CIFAR_WEIGHTS, IMAGES, needs_shared
 
@@ -178,6 +178,26 @@ def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys, monkeypatc
     assert (tmp_path / "bench-cifar10_resnet20-cpu.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "service_vs_naive" in out and "OpenVINO" in out
+
+
+def test_each_imgcls_server_runs_at_its_own_engines_batch_size():
+    """int8 runs best at another batch size than fp32 on some CPUs (AVX2 only: 16-32 against
+    8): the int8 server gets its own limit, every other setting the same as the fp32 one."""
+    defs = _servers("resnet50", "cpu", "auto", 8, 1, int8_max_batch=16)
+    fp32_env, int8_env = defs["imgcls"][1], defs["imgcls-int8"][1]
+    assert fp32_env["IMGCLS_MAX_BATCH_SIZE"] == "8"
+    assert int8_env["IMGCLS_MAX_BATCH_SIZE"] == "16"
+    assert int8_env["IMGCLS_MODELS"] == "resnet50:int8"
+    others = {
+        k: v for k, v in int8_env.items() if k not in ("IMGCLS_MAX_BATCH_SIZE", "IMGCLS_MODELS")
+    }
+    assert (
+        others == {k: v for k, v in fp32_env.items() if k in others}
+        and len(others) == len(fp32_env) - 2
+    )
+    assert (
+        _servers("resnet50", "cpu", "auto", 8, 1)["imgcls-int8"][1]["IMGCLS_MAX_BATCH_SIZE"] == "8"
+    )
 
 
 @needs_shared(IMAGES)

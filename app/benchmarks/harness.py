@@ -137,10 +137,16 @@ SERVERS = ("imgcls", "imgcls-int8", "naive", "litserve")
 
 
 def _servers(
-    model: str, device: str, precision: str, max_batch: int, api_workers: int
+    model: str,
+    device: str,
+    precision: str,
+    max_batch: int,
+    api_workers: int,
+    int8_max_batch: int | None = None,
 ) -> dict[str, tuple[list[str], dict[str, str], str, str]]:
     """name -> (python args, env, health path, upload format); ports filled in at start.
-    ``imgcls-int8`` serves ``MODEL:int8`` (random int8 weights where none are present)."""
+    ``imgcls-int8`` serves ``MODEL:int8`` (random int8 weights where none are present) with
+    ``int8_max_batch`` (default ``max_batch``): each engine at the batch size it runs best at."""
     imgcls_env = {
         "IMGCLS_MODELS": model,
         "IMGCLS_DEVICE": device,
@@ -159,7 +165,14 @@ def _servers(
     return {
         "imgcls": (uvicorn, imgcls_env, "/readyz", "multipart"),
         "imgcls-int8": (
-            uvicorn, {**imgcls_env, "IMGCLS_MODELS": f"{model}:int8"}, "/readyz", "multipart"
+            uvicorn,
+            {
+                **imgcls_env,
+                "IMGCLS_MODELS": f"{model}:int8",
+                "IMGCLS_MAX_BATCH_SIZE": str(int8_max_batch or max_batch),
+            },
+            "/readyz",
+            "multipart",
         ),
         "naive": (
             ["-m", "app.benchmarks.naive", "--model", model, "--device", device], {}, "/health",
@@ -292,16 +305,20 @@ def run_bench(
                 result[key] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
             print(json.dumps(result[key]), flush=True)
     result["http"] = {}
-    if max_batch is None:  # serve with the batch size the engine runs best at on this machine
+    int8_max_batch = max_batch
+    if max_batch is None:  # serve with the batch size each engine runs best at on this machine
         max_batch = int(result["model_only"]["best_batch"])
+        int8_mo = result["model_only_by_precision"].get("int8")
+        int8_max_batch = int(int8_mo["best_batch"]) if int8_mo else max_batch
     result["settings"]["max_batch"] = max_batch
+    result["settings"]["max_batch_int8"] = int8_max_batch
     points = len(servers) * len(uploads) * len(concurrency)
     print(
         f"== HTTP: {points} points, {points * (warmup_s + duration_s):.0f} s of load "
         "(plus server start-up)",
         flush=True,
     )
-    defs = _servers(model, device, precision, max_batch, api_workers)
+    defs = _servers(model, device, precision, max_batch, api_workers, int8_max_batch)
     assert set(defs) == set(SERVERS)
     result["failed_servers"] = {}
     for name in servers:
