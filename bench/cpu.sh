@@ -4,8 +4,9 @@
 # then imgcls (default precision), imgcls with resnet50:int8, the naive baseline and LitServe over
 # HTTP with ImageNet-size and phone-size uploads at 1, 4, 16 and 32 clients, 8 s measured per point.
 #   bench/cpu.sh [OUT_DIR]      (run it on an otherwise idle machine; it records the load average)
-# The servers' batch limit is the best model-only bf16 batch of the run, or MAX_BATCH if set
-# (run to run, that best moves between 8 and 32 on the same 2-core machine).
+# The servers' batch limit is the best model-only batch of the run for the default precision
+# (the int8 server: int8's own best), or MAX_BATCH for both if set (run to run, that best moves
+# between 8 and 32 on the same 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
