@@ -220,7 +220,10 @@ def parser() -> argparse.ArgumentParser:
         "--servers", default="imgcls,naive,litserve", help="imgcls, imgcls-int8, naive, litserve"
     )
     b.add_argument(
-        "--max-batch", type=_positive, help="service batch limit (default: best model-only batch)"
+        "--max-batch",
+        type=_positive,
+        help="service batch limit (default: the best model-only batch of each engine: the "
+        "int8 server's is int8's)",
     )
     b.add_argument("--api-workers", type=_positive, default=1, help="imgcls API processes")
     b.add_argument("--client-processes", type=_positive, default=1,

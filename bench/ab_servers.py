@@ -15,6 +15,7 @@ with ``IMGCLS_DECODE=api`` (uploads decoded in the API process). resnet50 by def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.benchmarks.common import free_port, image_set, start_server, stop_server
-from app.benchmarks.harness import _servers
+from app.benchmarks.harness import _servers, machine
 from app.benchmarks.loadgen import run_load
 
 
@@ -41,7 +42,15 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--out", default="ab-servers.json")
     args = p.parse_args()
+    # a SIGTERM (timeout, a CI's stop) runs the cleanup below: the servers are in sessions of
+    # their own, and stopped ones would stay behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     defs = _servers(args.model, "cpu", "auto", args.max_batch, 1)
+    for name in ("imgcls", "imgcls-int8"):
+        # a stopped imgcls is stopped whole, its worker's heartbeat too: the watchdog (60 s by
+        # default) would count the worker hung on its next turn and restart it mid-measurement
+        a, e, h, u = defs[name]
+        defs[name] = (a, {**e, "IMGCLS_WORKER_TIMEOUT_S": "3600"}, h, u)
     args_, env, health, upload = defs["imgcls"]
     defs["imgcls-api"] = (args_, {**env, "IMGCLS_DECODE": "api"}, health, upload)
     names = args.servers.split(",")
@@ -49,8 +58,14 @@ def main() -> None:
     if unknown:
         p.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(defs)}")
     uploads = image_set(args.set)
-    result: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args)}
     rows: list[dict] = []
+    result: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "load_average_at_start": os.getloadavg(),
+        "settings": vars(args),
+        "rows": rows,
+    }
     procs = {}
     try:
         for name in names:
@@ -71,7 +86,8 @@ def main() -> None:
                             warmup_s=args.warmup, upload=u,
                         )  # fmt: skip
                     finally:
-                        os.killpg(proc.pid, signal.SIGSTOP)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGSTOP)
                     row = {
                         "round": rnd, "server": name, "clients": c, "at": time.strftime("%H:%M:%S"),
                         "images_per_s": r.images_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
@@ -81,17 +97,21 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     finally:
         for proc, _, _ in procs.values():
-            os.killpg(proc.pid, signal.SIGCONT)  # a stopped process would not see the SIGTERM
+            with contextlib.suppress(ProcessLookupError):  # a group already gone
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped process would not see SIGTERM
             stop_server(proc)
-    result["rows"] = rows
-    mean = {}
-    for name in names:
-        for c in {r["clients"] for r in rows}:
+        result["mean_images_per_s"] = means(rows)  # what was measured, also after an error
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["mean_images_per_s"]))
+
+
+def means(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for name in dict.fromkeys(r["server"] for r in rows):
+        for c in sorted({r["clients"] for r in rows if r["server"] == name}):
             got = [r["images_per_s"] for r in rows if r["server"] == name and r["clients"] == c]
-            mean[f"{name}@{c}"] = round(sum(got) / len(got), 2)
-    result["mean_images_per_s"] = mean
-    print(json.dumps(mean))
-    Path(args.out).write_text(json.dumps(result, indent=2))
+            out[f"{name}@{c}"] = round(sum(got) / len(got), 2)
+    return out
 
 
 if __name__ == "__main__":

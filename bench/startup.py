@@ -2,7 +2,7 @@
 memory of the whole process tree once ready (PSS: shared pages counted once), and what /models
 says each model settled on (precision, backend, batch size). One line of figures per setting.
 
-    PYTHONPATH=. python bench/startup.py [--env IMGCLS_COMPILE=0 ...] [--out startup.json]
+    python bench/startup.py [--env IMGCLS_COMPILE=0 ...] [--out startup.json]
 
 Random weights (ImageNet checkpoints cannot be downloaded here; start-up does not depend on their
 values). Each ``--env`` list is one more start, after the default one.
@@ -13,14 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from app.benchmarks.common import free_port, start_server, stop_server
+from app.benchmarks.harness import machine
+
+DEFAULT_SET = "alexnet,vgg16,resnet18,resnet50"  # IMGCLS_MODELS's default (README)
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -38,7 +44,7 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-def _pss_mb(pids: list[int]) -> float:
+def _pss_mib(pids: list[int]) -> float:
     total_kb = 0
     for pid in pids:
         try:
@@ -47,7 +53,7 @@ def _pss_mb(pids: list[int]) -> float:
                     total_kb += int(line.split()[1])
         except OSError:
             continue
-    return round(total_kb / 1024, 1)
+    return round(total_kb / 1024, 1)  # smaps_rollup counts kB of 1024 bytes: MiB
 
 
 def start_once(extra: dict[str, str]) -> dict[str, Any]:
@@ -56,6 +62,7 @@ def start_once(extra: dict[str, str]) -> dict[str, Any]:
         "IMGCLS_AUTO_DOWNLOAD": "0",
         "IMGCLS_LOG_LEVEL": "warning",
         "IMGCLS_GRPC_PORT": "0",
+        "IMGCLS_MODELS": DEFAULT_SET,  # not whatever the caller's environment says
         **extra,
     }
     port = free_port()
@@ -74,7 +81,7 @@ def start_once(extra: dict[str, str]) -> dict[str, Any]:
             "env": extra,
             "ready_s": ready_s,
             "processes": len(pids),
-            "pss_mb": _pss_mb(pids),
+            "pss_mib": _pss_mib(pids),
             "models": [
                 {
                     k: m.get(k)
@@ -93,19 +100,24 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="K=V[,K=V...]: one more start")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    # a SIGTERM runs start_once's cleanup: the server is in a session of its own
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     runs = [{}] + [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.env]
     result: dict[str, Any] = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "cpus": os.cpu_count(),
+        "inherited_imgcls_env": {k: v for k, v in os.environ.items() if k.startswith("IMGCLS_")},
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "runs": [],
     }
-    for extra in runs:
-        r = start_once(extra)
-        result["runs"].append(r)
-        print(json.dumps(r), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    try:
+        for extra in runs:
+            r = start_once(extra)
+            result["runs"].append(r)
+            print(json.dumps(r), flush=True)
+    finally:  # the starts measured, also when a later one fails
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -488,6 +488,9 @@ def table(result: dict[str, Any]) -> str:
             f"uploads {name}: {info['width']}x{info['height']} JPEG q{info['jpeg_quality']}, "
             f"{info['images']} photos, {info['upload_bytes_mean']} bytes on average"
         )
+    st = result.get("settings", {})
+    if st.get("max_batch") is not None:
+        lines.append(f"batch limit: {st['max_batch']} (imgcls-int8: {st.get('max_batch_int8')})")
     head = ["server", "set", "conc", "img/s", "p50 ms", "p95 ms", "p99 ms", "batch", "errors"]
     lines.append(f"{head[0]:<12} {head[1]:<9} " + " ".join(f"{h:>8}" for h in head[2:]))
     for name, rows in result["http"].items():
