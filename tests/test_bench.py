@@ -15,7 +15,7 @@ from PIL import Image
 
 from app.benchmarks import openvino_peer
 from app.benchmarks.common import IMAGE_SETS, image_set, jpeg_corpus
-from app.benchmarks.harness import _servers, run_bench
+from app.benchmarks.harness import _model_only_name, _servers, run_bench
 from app.benchmarks.loadgen import run_load
 from tests.conftest import CIFAR_WEIGHTS, IMAGES, needs_shared
 
@@ -203,6 +203,18 @@ def test_each_imgcls_server_runs_at_its_own_engines_batch_size():
     assert (
         _servers("resnet50", "cpu", "auto", 8, 1)["imgcls-int8"][1]["IMGCLS_MAX_BATCH_SIZE"] == "8"
     )
+
+
+def test_model_only_runs_what_the_servers_run():
+    """int8 is the ``MODEL:int8`` variant under the servers' precision setting; the precision
+    the servers resolve to runs under their setting too (so with their compile default); any
+    other precision is asked for by name. bench/openvino_runtime.py calls it with two
+    arguments (int8 under ``auto``)."""
+    assert _model_only_name("resnet50", "int8") == ("resnet50:int8", "auto")
+    assert _model_only_name("resnet50", "int8", "fp32", "fp32") == ("resnet50:int8", "fp32")
+    assert _model_only_name("resnet50", "fp32", "auto", "fp32") == ("resnet50", "auto")
+    assert _model_only_name("resnet50", "bf16", "auto", "fp32") == ("resnet50", "bf16")
+    assert _model_only_name("resnet50", "fp32") == ("resnet50", "fp32")
 
 
 @needs_shared(IMAGES)

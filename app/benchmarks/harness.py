@@ -186,11 +186,16 @@ def _servers(
     }  # fmt: skip
 
 
-def _model_only_name(model: str, precision: str, served: str) -> tuple[str, str]:
-    """int8 is a model variant (``MODEL:int8``), the other precisions a worker setting; int8
-    runs with the servers' precision setting (``served``), whose defaults decide its compile,
-    as the ``imgcls-int8`` server's do."""
-    return (f"{model}:int8", served) if precision == "int8" else (model, precision)
+def _model_only_name(
+    model: str, precision: str, setting: str = "auto", served: str | None = None
+) -> tuple[str, str]:
+    """(model name, precision argument) for a model-only run at ``precision``. int8 is a model
+    variant (``MODEL:int8``), the other precisions a worker setting. int8, and the precision
+    the servers run (``served``, what ``setting`` resolves to), run with the servers' setting,
+    whose defaults decide compile as the servers' do (``auto``: compiled fp32 without bf16)."""
+    if precision == "int8":
+        return f"{model}:int8", setting
+    return model, setting if precision == served else precision
 
 
 def check_target(model: str, device: str) -> None:
@@ -273,9 +278,7 @@ def run_bench(
     if model_seconds > 0:
         by_precision: dict[str, Any] = {}
         for prec in dict.fromkeys([served, *model_precisions]):
-            name, prec_arg = _model_only_name(model, prec, precision)
-            if prec == served:  # the servers' precision setting (auto: compiled fp32 without
-                prec_arg = precision  # bf16), with the engine's default compile (model_only)
+            name, prec_arg = _model_only_name(model, prec, precision, served)
             print(f"== {name} on {device}: model-only ({prec})", flush=True)
             by_precision[prec] = model_only(
                 name, device, prec_arg, list(batch_sizes), model_seconds
