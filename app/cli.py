@@ -9,13 +9,17 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from app.settings import Settings
+
+    # the settings first: a mistyped variable is refused in a fraction of a second, before
+    # torch and the model catalog are imported (seconds) for the checks that need them
+    settings = Settings()
+
     import uvicorn
 
     from app.limits import server_options
     from app.service import check_startup
-    from app.settings import Settings
 
-    settings = Settings()
     check_startup(settings)
     # Header timeout and size cap, keep-alive, graceful shutdown: one place (app/limits.py).
     uvicorn.run("app.main:app", host=args.host, port=args.port, **server_options(settings))
@@ -110,11 +114,11 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from app.evaluate import run_eval
-
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise ValueError("--models names no model")
+    from app.evaluate import run_eval
+
     reports = run_eval(
         Path(args.data), models, args.url, args.limit, args.concurrency, Path(args.out)
     )
