@@ -220,6 +220,7 @@ class Service(InferenceCore):
             max_wait_s=self.settings.max_batch_wait_ms / 1000.0,
             max_queue=self.settings.max_queue,
             observer=self.observer,
+            merge_share=self.settings.batch_merge_share,
         )
         b.start()
         self.batchers[name] = b

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         f"1, 2, 4, ... up to {AUTO_BATCH_CAP} at warm-up and use the fastest",
     )
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    # a batch that waited for a busy worker waits up to this share of the last forward pass
+    # (at most 50 ms) for the clients the last batch answered: closed-loop clients otherwise
+    # settle into half-full batches (engine/batcher.py, ModelBatcher._merge); 0: off
+    batch_merge_share: float = Field(0.1, ge=0, le=1)
     max_queue: int = Field(1024, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)

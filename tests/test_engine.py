@@ -109,6 +109,86 @@ def test_second_slot_only_for_a_full_batch():
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "without-merging"])
+def test_clients_answered_while_a_batch_waited_join_it(merge):
+    """Two cohorts of closed-loop clients (each sends its next image as soon as it is
+    answered), the second arriving while the first's batch runs: a batch that waited for its
+    worker waits a little longer for the clients the last batch answered, and the batches
+    become full ones of both cohorts. Without it (IMGCLS_BATCH_MERGE_SHARE=0) they stay half
+    full."""
+    sizes: list[int] = []
+
+    class Sizes:
+        def batch_ran(
+            self, model: str, images: int, inference_s: float, waits: list[float]
+        ) -> None:
+            sizes.append(images)
+
+        def image_dropped(self, model: str, reason: str) -> None:
+            pass
+
+    async def client(b: ModelBatcher, stop: float) -> None:
+        px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+        while time.monotonic() < stop:
+            await b.submit(px, time.monotonic() + 30)
+            await asyncio.sleep(0.002)  # the answer's way back and the next upload
+
+    async def scenario() -> None:
+        # one worker thread: a batch of 32 takes tens of milliseconds (about 1 ms an image on
+        # one core), against the clients' 2 ms between an answer and their next image
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            b = ModelBatcher(
+                "cifar10_plain20", pool, 64, 0.005, 1000, Sizes(), merge_share=1.0 if merge else 0
+            )
+            b.start()
+            try:
+                # a first batch: the forward pass's time is known
+                await b.submit(torch.zeros(3, 32, 32, dtype=torch.uint8), time.monotonic() + 30)
+                stop = time.monotonic() + 3
+                first = [asyncio.create_task(client(b, stop)) for _ in range(32)]
+                await asyncio.sleep(0.010)  # the second cohort, while the first's batch runs
+                second = [asyncio.create_task(client(b, stop)) for _ in range(32)]
+                await asyncio.gather(*first, *second)
+            finally:
+                await b.stop()
+
+    asyncio.run(scenario())
+    late = sizes[len(sizes) // 2 :]  # after the first batches, however they fell
+    assert len(late) >= 5, sizes
+    mean = sum(late) / len(late)
+    if merge:
+        assert mean >= 48, sizes
+    else:
+        assert mean <= 34, sizes
+
+
+def test_a_batcher_stopped_while_it_waits_for_answered_clients_frees_the_worker(monkeypatch):
+    """Unloading a model stops its batcher; stopped while it held a free worker for the
+    clients its last batch answered, it gives the worker back to the other models."""
+    from app.engine import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "MERGE_CAP_S", 60.0)
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            b = ModelBatcher("cifar10_plain20", pool, 1024, 0.001, 2000, merge_share=1.0)
+            b.start()
+            px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            first = [b.submit(px, time.monotonic() + 30) for _ in range(512)]
+            await asyncio.sleep(0.05)  # that batch runs: ~0.5 s on one thread
+            waiting = b.submit(px, time.monotonic() + 30)
+            await asyncio.gather(*first)
+            await asyncio.sleep(0.1)
+            assert not waiting.done()  # held for the 512 answered, who do not come back
+            await b.stop("unloaded")
+            slot = await pool.acquire("cifar10_plain20", time.monotonic() + 2)
+            assert slot is not None, "the stopped batcher kept the worker's slot"
+            pool.release(slot)
+            assert isinstance(waiting.exception(), RuntimeError)
+
+    asyncio.run(scenario())
+
+
 def test_a_slot_is_booked_by_exactly_one_waiter_first_come_first_served():
     """Two models on one worker: batchers woken together cannot both book its one partial-batch
     slot, and waiters are served in the order they came, whatever their model."""

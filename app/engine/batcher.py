@@ -4,7 +4,10 @@ A batch closes when it holds ``max_batch_size`` images or ``max_wait`` after its
 arrived, whichever comes first (the remaining time is recomputed on every pass, as Ray Serve's
 batcher does). While every worker is busy, more images join the batch up to its maximum. A full
 batch may also be queued at a worker that is still running one (see pool.acquire): the worker
-starts it the moment it finishes, with no round trip through this process in between. Each
+starts it the moment it finishes, with no round trip through this process in between. A batch
+that waited for its worker while the model's last batch ran there waits a moment more for the
+clients that batch answered (``ModelBatcher._merge``: closed-loop clients otherwise settle into
+half-full batches). Each
 request's future receives its own row of probabilities or the exception that failed its batch.
 Requests whose deadline passed or whose client went away are dropped before the batch is formed.
 
@@ -37,6 +40,10 @@ from app.engine.stats import ModelStats
 from app.imaging import ImageError, ImageTooLargeError
 
 log = logging.getLogger("imgcls.batcher")
+
+# A batch that waited for its worker waits at most IMGCLS_BATCH_MERGE_SHARE of the last forward
+# pass, and at most this long, for the clients the last batch answered (ModelBatcher._merge).
+MERGE_CAP_S = 0.05
 
 
 # |value| of a normalised pixel past which a model's overflow is put down to the input (presets
@@ -89,6 +96,7 @@ class ModelBatcher:
         max_wait_s: float,
         max_queue: int,
         observer: EngineObserver | None = None,
+        merge_share: float = 0.1,
     ) -> None:
         self.name = name
         self.observer: EngineObserver = observer or NullObserver()
@@ -96,11 +104,17 @@ class ModelBatcher:
         self._max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.merge_share = merge_share
         self._queue: collections.deque[_Item] = collections.deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # the last batch: how many images it answered and how long its forward pass took
+        # (``_merge``)
+        self._last_answered = 0
+        self._last_inference_s = 0.0
+        self._answered_at = float("-inf")
         self.stats = ModelStats()  # Triton's statistics extension (/v2/models/NAME/stats)
 
     @property
@@ -227,23 +241,66 @@ class ModelBatcher:
                 break
             await self._wait_for_items(remaining)
         latest = max(i.deadline for i in self._queue)
+        asked = time.monotonic()
         try:
             slot = await self.pool.acquire(self.name, latest, self._full)
         except NoReadyWorkerError as exc:
             self._fail_queue(NoWorkerError(str(exc)))
             return
-        self._drop_stale()  # what waited past its deadline gets 504 and is not computed
         if slot is None:
+            self._drop_stale()
             return
-        if not self._queue:
+        try:  # the slot is given back on every way out but a batch sent into it
+            await self._merge(slot, asked)
+            if slot.future.done():  # its worker died meanwhile: the images ask again
+                return
+            self._drop_stale()  # what waited past its deadline gets 504 and is not computed
+            if not self._queue:
+                self.pool.release(slot)
+                return
+            items = [self._queue.popleft() for _ in range(min(self.max_batch_size, self.depth))]
+            task = asyncio.create_task(self._run_batch(slot, items))
+        except BaseException:  # stopped (a model unloaded) while holding the worker's slot
             self.pool.release(slot)
-            return
-        items = [self._queue.popleft() for _ in range(min(self.max_batch_size, self.depth))]
-        task = asyncio.create_task(self._run_batch(slot, items))
+            raise
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         # Let the dispatch reach the worker before gathering the next batch.
         await asyncio.sleep(0)
+
+    async def _merge(self, slot: Reservation, asked: float) -> None:
+        """Keep the free worker a moment for the clients the last batch answered.
+
+        Clients that send their next image when answered (a closed loop: a UI, a load test, a
+        pipeline) fall into cohorts: when a batch closes while the worker is busy, its images
+        wait for the worker, and the clients answered meanwhile come back during the next
+        forward pass, to wait in turn. Such cohorts last: two groups of 8 clients at a batch
+        limit of 16 ran batches of 8, each slower per image than a batch of 16 (one cohort's
+        uploads are received, on the same cores, during the other's forward pass; resnet50
+        int8 on a 2-core CPU: 25.9 against 30.2 images/s merged, bench/cohorts.py,
+        docs/PERFORMANCE.md). So a batch that waited for its worker while this model's last
+        batch ran there, and is not full, waits a little longer, up to ``merge_share`` of that
+        forward pass (at most MERGE_CAP_S), for as many more images as that batch answered
+        (up to the batch limit): the cohorts become one and the batches full again.
+
+        Bounded: at most one such wait per batch, so the worker idles at most
+        share / (1 + share) of the time (9% at the default) where the clients do not come
+        back (open-loop traffic); a worker that was idle, or busy with another model, or a
+        last batch that failed, waits for nothing. The last batch's figures are set before
+        this runs: the pool frees the slot when the batch's result arrives, and the batch's
+        own task (``_compute``) takes the result first."""
+        waited = time.monotonic() - asked
+        answered_since = self._answered_at >= asked  # this model's last batch freed the slot
+        if self.merge_share <= 0 or waited < max(self.max_wait_s, 0.001) or not answered_since:
+            return
+        back = sum(i.submitted >= self._answered_at for i in self._queue)
+        expected = min(self.max_batch_size, len(self._queue) - back + self._last_answered)
+        until = time.monotonic() + min(MERGE_CAP_S, self.merge_share * self._last_inference_s)
+        while len(self._queue) < expected and not slot.future.done() and not self._stopping:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._wait_for_items(remaining)
 
     def _full(self) -> bool:
         return len(self._queue) >= self.max_batch_size
@@ -311,6 +368,8 @@ class ModelBatcher:
                     preprocess_ms=preprocess_ms[k] if preprocess_ms else None,
                 )
             )
+        self._last_answered, self._last_inference_s = len(answered), result.inference_ms / 1000
+        self._answered_at = time.monotonic()
         self._count_batch(result, items, rows, answered, arrived, decode_ms, preprocess_ms)
 
     def _count_batch(
