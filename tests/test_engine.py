@@ -189,6 +189,49 @@ def test_a_batcher_stopped_while_it_waits_for_answered_clients_frees_the_worker(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("after", ["its-own-batch-on-an-idle-worker", "another-models-batch"])
+def test_a_worker_is_held_only_for_clients_its_own_last_batch_answered(monkeypatch, after):
+    """The merge waits only where the model's own last batch freed the worker: not for an
+    image that finds the worker idle (even with IMGCLS_MAX_BATCH_WAIT_MS=0), and not for one
+    that waited while another model's batch ran there, however many the model's own last
+    batch answered before."""
+    from app.engine import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "MERGE_CAP_S", 60.0)
+
+    async def scenario() -> None:
+        cfg = _config("cifar10_plain20", "cifar10_resnet20")
+        async with ready_pool([cfg], "cifar10_resnet20") as pool:
+            await pool.wait_status(
+                lambda: len(pool.ready_workers("cifar10_plain20")) == 1, time.monotonic() + 60
+            )
+            plain = ModelBatcher("cifar10_plain20", pool, 1024, 0.0, 2000, merge_share=1.0)
+            other = ModelBatcher("cifar10_resnet20", pool, 1024, 0.001, 2000)
+            plain.start()
+            other.start()
+            px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            try:
+                # plain's own batch of 512 (~0.5 s on one thread): a wait of a whole forward
+                # pass, were one made, would show
+                await asyncio.gather(*(plain.submit(px, time.monotonic() + 30) for _ in range(512)))
+                if after == "another-models-batch":
+                    others = [other.submit(px, time.monotonic() + 30) for _ in range(512)]
+                    await asyncio.sleep(0.05)  # resnet20's batch runs on the worker
+                    one = plain.submit(px, time.monotonic() + 30)
+                    await asyncio.gather(*others)
+                else:
+                    await asyncio.sleep(0.05)
+                    one = plain.submit(px, time.monotonic() + 30)
+                start = time.monotonic()
+                await one
+                assert time.monotonic() - start < 0.25, "the worker was held for nobody"
+            finally:
+                await plain.stop()
+                await other.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_slot_is_booked_by_exactly_one_waiter_first_come_first_served():
     """Two models on one worker: batchers woken together cannot both book its one partial-batch
     slot, and waiters are served in the order they came, whatever their model."""

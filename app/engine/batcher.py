@@ -277,11 +277,12 @@ class ModelBatcher:
         forward pass, to wait in turn. Such cohorts last: two groups of 8 clients at a batch
         limit of 16 ran batches of 8, each slower per image than a batch of 16 (one cohort's
         uploads are received, on the same cores, during the other's forward pass; resnet50
-        int8 on a 2-core CPU: 25.9 against 30.2 images/s merged, bench/cohorts.py,
-        docs/PERFORMANCE.md). So a batch that waited for its worker while this model's last
-        batch ran there, and is not full, waits a little longer, up to ``merge_share`` of that
-        forward pass (at most MERGE_CAP_S), for as many more images as that batch answered
-        (up to the batch limit): the cohorts become one and the batches full again.
+        int8 on a 2-core CPU, split against merged: 25.9 against 30.2 images/s in one run,
+        29.1 against 29.8 in another; bench/cohorts.py, docs/PERFORMANCE.md). So a batch that
+        waited for its worker while this model's last batch ran there, and is not full, waits
+        a little longer, up to ``merge_share`` of that forward pass (at most MERGE_CAP_S), for
+        as many more images as that batch answered (up to the batch limit): the cohorts become
+        one and the batches full again.
 
         Bounded: at most one such wait per batch, so the worker idles at most
         share / (1 + share) of the time (9% at the default) where the clients do not come
