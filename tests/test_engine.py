@@ -189,6 +189,68 @@ def test_a_batcher_stopped_while_it_waits_for_answered_clients_frees_the_worker(
     asyncio.run(scenario())
 
 
+def test_a_worker_killed_while_a_batch_waits_for_answered_clients_is_not_sent_it(
+    monkeypatch, caplog
+):
+    """Its worker killed while a batch held it for the clients the last batch answered, the
+    batch is not sent to the dead worker: the images ask the pool again, and are answered by
+    the restarted worker (or fail fast as no worker ready, HTTP 503), never as a crash of a
+    batch they were not in. The dead slot's error is consumed, not left to asyncio's
+    "exception was never retrieved"."""
+    import gc
+
+    from app.engine import batcher as batcher_module
+    from app.engine.batcher import NoWorkerError
+
+    monkeypatch.setattr(batcher_module, "MERGE_CAP_S", 60.0)
+    sent: list[tuple[int, int]] = []  # (worker pid, images) of every batch sent
+    submit = WorkerPool.submit
+
+    def recording_submit(self, res, name, batch):
+        sent.append((res.worker.pid, len(batch)))
+        return submit(self, res, name, batch)
+
+    monkeypatch.setattr(WorkerPool, "submit", recording_submit)
+
+    async def scenario() -> None:
+        async with ready_pool([_config()], "cifar10_plain20") as pool:
+            b = ModelBatcher("cifar10_plain20", pool, 1024, 0.001, 2000, merge_share=1.0)
+            b.start()
+            px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            try:
+                first = [b.submit(px, time.monotonic() + 30) for _ in range(512)]
+                await asyncio.sleep(0.05)  # that batch runs: ~0.5 s on one thread
+                waiting = b.submit(px, time.monotonic() + 60)
+                await asyncio.gather(*first)
+                await asyncio.sleep(0.05)
+                assert not waiting.done()  # held for the 512 answered, who do not come back
+                old_pid = pool.workers[0].pid
+                assert sent == [(old_pid, 512)]
+                os.kill(old_pid, signal.SIGKILL)
+                try:
+                    outcome: object = await asyncio.wait_for(waiting, 120)
+                except NoWorkerError as exc:
+                    outcome = exc
+                assert isinstance(outcome, ImageResult | NoWorkerError), outcome
+                assert all(pid != old_pid for pid, _ in sent[1:]), sent
+                await pool.wait_status(
+                    lambda: len(pool.ready_workers("cifar10_plain20")) == 1,
+                    time.monotonic() + 120,
+                )
+                assert pool.workers[0].pid != old_pid
+                assert pool.workers[0].restarts["crash"] == 1
+                after = await asyncio.wait_for(b.submit(px, time.monotonic() + 30), 30)
+                assert isinstance(after, ImageResult)
+                assert sent[-1] == (pool.workers[0].pid, 1)
+            finally:
+                await b.stop()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(scenario())
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
 @pytest.mark.parametrize("after", ["its-own-batch-on-an-idle-worker", "another-models-batch"])
 def test_a_worker_is_held_only_for_clients_its_own_last_batch_answered(monkeypatch, after):
     """The merge waits only where the model's own last batch freed the worker: not for an

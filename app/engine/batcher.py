@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,12 +235,7 @@ class ModelBatcher:
         if not self._queue:
             await self._wait_for_items(None)
             return
-        close_at = self._queue[0].submitted + self.max_wait_s
-        while len(self._queue) < self.max_batch_size:
-            remaining = close_at - time.monotonic()
-            if remaining <= 0:
-                break
-            await self._wait_for_items(remaining)
+        await self._gather(self.max_batch_size, self._queue[0].submitted + self.max_wait_s)
         latest = max(i.deadline for i in self._queue)
         asked = time.monotonic()
         try:
@@ -253,6 +249,8 @@ class ModelBatcher:
         try:  # the slot is given back on every way out but a batch sent into it
             await self._merge(slot, asked)
             if slot.future.done():  # its worker died meanwhile: the images ask again
+                if not slot.future.cancelled():
+                    slot.future.exception()  # the crash, consumed: no batch of ours was in it
                 return
             self._drop_stale()  # what waited past its deadline gets 504 and is not computed
             if not self._queue:
@@ -297,10 +295,17 @@ class ModelBatcher:
         back = sum(i.submitted >= self._answered_at for i in self._queue)
         expected = min(self.max_batch_size, len(self._queue) - back + self._last_answered)
         until = time.monotonic() + min(MERGE_CAP_S, self.merge_share * self._last_inference_s)
-        while len(self._queue) < expected and not slot.future.done() and not self._stopping:
+        await self._gather(expected, until, lambda: slot.future.done() or self._stopping)
+
+    async def _gather(
+        self, target: int, until: float, abandon: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Wait until the queue holds ``target`` images or the clock reaches ``until`` (or,
+        checked at each arrival, ``abandon()`` is true)."""
+        while len(self._queue) < target and not abandon():
             remaining = until - time.monotonic()
             if remaining <= 0:
-                break
+                return
             await self._wait_for_items(remaining)
 
     def _full(self) -> bool:
