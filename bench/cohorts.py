@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from drop32 import metrics
+from drop32 import batch_figures, metrics
 
 from app.benchmarks.common import free_port, image_set, start_server, stop_server
 from app.benchmarks.harness import _servers, machine
@@ -47,8 +47,7 @@ def window(url: str, model: str, images: list[bytes], clients: int, seconds: flo
     for t in threads:
         t.join()
     after = metrics(url, model)
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    batches = d["imgcls_batch_size_count"]
+    figures = batch_figures(before, after)
     a, b = results
     assert a is not None and b is not None
     return {
@@ -56,10 +55,8 @@ def window(url: str, model: str, images: list[bytes], clients: int, seconds: flo
         "p50_ms": [a.p50_ms, b.p50_ms],
         "p99_ms": [a.p99_ms, b.p99_ms],
         "errors": a.errors + b.errors,
-        "mean_batch": round(d["imgcls_batch_size_sum"] / batches, 2) if batches else None,
-        "forward_ms_per_batch": round(1000 * d["imgcls_inference_latency_seconds_sum"] / batches, 1)
-        if batches
-        else None,
+        "mean_batch": figures["mean_batch"],
+        "forward_ms_per_batch": figures["forward_ms_per_batch"],
     }
 
 

@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -84,6 +85,20 @@ def metrics(url: str, model: str) -> dict[str, float]:
     return out
 
 
+def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What ran between two ``metrics`` readings: the counters' differences, and the mean batch
+    size and forward time per batch (None where no batch ran)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = d.get("imgcls_batch_size_count", 0.0)
+    return {
+        "delta": d,
+        "mean_batch": round(d["imgcls_batch_size_sum"] / batches, 2) if batches else None,
+        "forward_ms_per_batch": round(1000 * d["imgcls_inference_latency_seconds_sum"] / batches, 1)
+        if batches
+        else None,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet50")
@@ -112,7 +127,8 @@ def main() -> None:
             self1 = resource.getrusage(resource.RUSAGE_SELF)
             p1 = {pid: proc_sample(pid) for pid in procs}
             m1 = metrics(url, args.model)
-            d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
+            figures = batch_figures(m0, m1)
+            d = figures["delta"]
             images_run = d["imgcls_batch_size_sum"]
             batches = d["imgcls_batch_size_count"]
             hist = {k: v for k, v in d.items() if k.startswith("imgcls_batch_size_bucket")}
@@ -126,11 +142,9 @@ def main() -> None:
                 "p99_ms": r.p99_ms,
                 "wall_s": round(wall, 2),
                 "images_run": images_run,
-                "mean_batch": round(images_run / batches, 2) if batches else None,
+                "mean_batch": figures["mean_batch"],
                 "batches_above_half_max": round(full / batches, 3) if batches else None,
-                "forward_ms_per_batch": round(
-                    1000 * d["imgcls_inference_latency_seconds_sum"] / batches, 1
-                ),
+                "forward_ms_per_batch": figures["forward_ms_per_batch"],
                 "queue_ms_per_image": round(
                     1000
                     * d["imgcls_queue_latency_seconds_sum"]
