@@ -204,17 +204,21 @@ def test_a_worker_killed_while_a_batch_waits_for_answered_clients_is_not_sent_it
 
     monkeypatch.setattr(batcher_module, "MERGE_CAP_S", 60.0)
     sent: list[tuple[int, int]] = []  # (worker pid, images) of every batch sent
+    into_dead_slots: list[int] = []  # batches sent into a reservation its worker's death ended
     submit = WorkerPool.submit
 
     def recording_submit(self, res, name, batch):
         sent.append((res.worker.pid, len(batch)))
+        if res.future.done():
+            into_dead_slots.append(len(batch))
         return submit(self, res, name, batch)
 
     monkeypatch.setattr(WorkerPool, "submit", recording_submit)
 
     async def scenario() -> None:
         async with ready_pool([_config()], "cifar10_plain20") as pool:
-            b = ModelBatcher("cifar10_plain20", pool, 1024, 0.001, 2000, merge_share=1.0)
+            # a hold of 3 forward passes (~1.5 s): the kill is seen (<= 0.2 s) well within it
+            b = ModelBatcher("cifar10_plain20", pool, 1024, 0.001, 2000, merge_share=3.0)
             b.start()
             px = torch.zeros(3, 32, 32, dtype=torch.uint8)
             try:
@@ -232,6 +236,7 @@ def test_a_worker_killed_while_a_batch_waits_for_answered_clients_is_not_sent_it
                 except NoWorkerError as exc:
                     outcome = exc
                 assert isinstance(outcome, ImageResult | NoWorkerError), outcome
+                assert not into_dead_slots, "a batch was sent into the dead worker's slot"
                 assert all(pid != old_pid for pid, _ in sent[1:]), sent
                 await pool.wait_status(
                     lambda: len(pool.ready_workers("cifar10_plain20")) == 1,

@@ -260,7 +260,7 @@ SIZES = ((1008, 756), (448, 336), (224, 168))
 # the resize kernel, which agreed on 332-333 of 333): JPEG at 1/4 and 1/2, PNG box-reduced by 3.
 SCALED = {"JPEG": (0, 1), "PNG": (0,)}
 # Those alone agree less than the 1,000 together: 330-332 of 334 (JPEG at 1/4), 330-333 of 333
-# (1/2), 330 of 334 on all four nets (PNG by 3): a mean change of 0.08 grey levels still moves
+# (1/2), 330-331 of 334 on all four nets (PNG by 3): a mean change of 0.08 grey levels still moves
 # top-1 of these 32-pixel nets on ~1% of images. A larger box-reduce margin did not help (3x:
 # 327-333 per size, 4x: 327-333; measured 2026-12-01, AVX2-only EPYC). Held to 98% apiece, and
 # the number correct to the whole sample's 5.

@@ -295,13 +295,21 @@ class ModelBatcher:
         back = sum(i.submitted >= self._answered_at for i in self._queue)
         expected = min(self.max_batch_size, len(self._queue) - back + self._last_answered)
         until = time.monotonic() + min(MERGE_CAP_S, self.merge_share * self._last_inference_s)
-        await self._gather(expected, until, lambda: slot.future.done() or self._stopping)
+
+        def wake(_: object) -> None:  # the worker died: stop waiting for it at once
+            self._arrived.set()
+
+        slot.future.add_done_callback(wake)
+        try:
+            await self._gather(expected, until, lambda: slot.future.done() or self._stopping)
+        finally:
+            slot.future.remove_done_callback(wake)
 
     async def _gather(
         self, target: int, until: float, abandon: Callable[[], bool] = lambda: False
     ) -> None:
         """Wait until the queue holds ``target`` images or the clock reaches ``until`` (or,
-        checked at each arrival, ``abandon()`` is true)."""
+        checked at each wake-up, ``abandon()`` is true)."""
         while len(self._queue) < target and not abandon():
             remaining = until - time.monotonic()
             if remaining <= 0:

@@ -709,6 +709,8 @@ class WorkerPool:
 
     def release(self, res: Reservation) -> None:
         """Give back a slot that was reserved and never sent."""
+        if res.future.done() and not res.future.cancelled():
+            res.future.exception()  # its worker died first: nothing of the caller's was in it
         entry = res.worker.inflight.get(res.batch_id)
         if entry is not None and entry.sent_at is None:
             del res.worker.inflight[res.batch_id]
