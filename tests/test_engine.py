@@ -162,6 +162,19 @@ def test_clients_answered_while_a_batch_waited_join_it(merge):
         assert mean <= 34, sizes
 
 
+async def _one_held_after_512(b: ModelBatcher, deadline_s: float) -> asyncio.Future:
+    """A batch of 512 images (~0.5 s on one thread), then one image that waits during it: once
+    the 512 are answered (their clients do not come back), that image is held by the merge."""
+    px = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    first = [b.submit(px, time.monotonic() + 30) for _ in range(512)]
+    await asyncio.sleep(0.05)  # that batch runs
+    waiting = b.submit(px, time.monotonic() + deadline_s)
+    await asyncio.gather(*first)
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # held for the 512 answered, who do not come back
+    return waiting
+
+
 def test_a_batcher_stopped_while_it_waits_for_answered_clients_frees_the_worker(monkeypatch):
     """Unloading a model stops its batcher; stopped while it held a free worker for the
     clients its last batch answered, it gives the worker back to the other models."""
@@ -173,13 +186,9 @@ def test_a_batcher_stopped_while_it_waits_for_answered_clients_frees_the_worker(
         async with ready_pool([_config()], "cifar10_plain20") as pool:
             b = ModelBatcher("cifar10_plain20", pool, 1024, 0.001, 2000, merge_share=1.0)
             b.start()
-            px = torch.zeros(3, 32, 32, dtype=torch.uint8)
-            first = [b.submit(px, time.monotonic() + 30) for _ in range(512)]
-            await asyncio.sleep(0.05)  # that batch runs: ~0.5 s on one thread
-            waiting = b.submit(px, time.monotonic() + 30)
-            await asyncio.gather(*first)
-            await asyncio.sleep(0.1)
-            assert not waiting.done()  # held for the 512 answered, who do not come back
+            waiting = await _one_held_after_512(b, 30)
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
             await b.stop("unloaded")
             slot = await pool.acquire("cifar10_plain20", time.monotonic() + 2)
             assert slot is not None, "the stopped batcher kept the worker's slot"
@@ -222,12 +231,7 @@ def test_a_worker_killed_while_a_batch_waits_for_answered_clients_is_not_sent_it
             b.start()
             px = torch.zeros(3, 32, 32, dtype=torch.uint8)
             try:
-                first = [b.submit(px, time.monotonic() + 30) for _ in range(512)]
-                await asyncio.sleep(0.05)  # that batch runs: ~0.5 s on one thread
-                waiting = b.submit(px, time.monotonic() + 60)
-                await asyncio.gather(*first)
-                await asyncio.sleep(0.05)
-                assert not waiting.done()  # held for the 512 answered, who do not come back
+                waiting = await _one_held_after_512(b, 60)
                 old_pid = pool.workers[0].pid
                 assert sent == [(old_pid, 512)]
                 os.kill(old_pid, signal.SIGKILL)

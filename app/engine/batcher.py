@@ -249,8 +249,7 @@ class ModelBatcher:
         try:  # the slot is given back on every way out but a batch sent into it
             await self._merge(slot, asked)
             if slot.future.done():  # its worker died meanwhile: the images ask again
-                if not slot.future.cancelled():
-                    slot.future.exception()  # the crash, consumed: no batch of ours was in it
+                self.pool.release(slot)  # (consumes the crash: no batch of ours was in it)
                 return
             self._drop_stale()  # what waited past its deadline gets 504 and is not computed
             if not self._queue:
