@@ -44,7 +44,9 @@ def test_every_line_on_stderr_is_json(tmp_path: Path):
     text), and the workers' (a worker configured no logging at all: its info lines were lost,
     its warnings plain text) are JSON lines too, each with its level and logger. A TIFF that
     Pillow reads with a warning (a tag past the file's end) is answered and not logged: a
-    client could fill the log with such warnings."""
+    client could fill the log with such warnings. A worker killed after it compiled (the
+    watchdog, a crash) leaves nothing behind for multiprocessing's resource tracker, which
+    would print a plain-text warning of "leaked semaphore objects" when the service stops."""
     port = free_port()
     env = {
         **os.environ, "IMGCLS_MODELS": "cifar10_plain20", "PORT": str(port),
@@ -68,6 +70,8 @@ def test_every_line_on_stderr_is_json(tmp_path: Path):
                 sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n")
                 data, _, _ = read_until_closed(sock, 10)
             assert status_of(data) == 400, data
+            (worker,) = _workers_of(proc.pid)
+            os.kill(worker, signal.SIGKILL)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -76,6 +80,28 @@ def test_every_line_on_stderr_is_json(tmp_path: Path):
     assert {"imgcls.access", "imgcls.worker", "uvicorn.error"} <= loggers, loggers
     assert any("Invalid HTTP request" in r["message"] for r in records), loggers
     assert not [r for r in records if "Tag data larger than file" in r["message"]]
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The service's CPU workers: the children of its multiprocessing fork server."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # it ended meanwhile
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+
+    def cmdline(p: int) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    servers = [c for c in children.get(pid, []) if b"multiprocessing.forkserver" in cmdline(c)]
+    return [w for server in servers for w in children.get(server, [])]
 
 
 def _json_lines(text: str) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -355,34 +356,46 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     """A worker that hangs with a batch (here: stopped) holds the shutdown for
     IMGCLS_SHUTDOWN_GRACE_S, not until the watchdog's IMGCLS_WORKER_TIMEOUT_S: the server's
     wait for in-flight requests, then the service's for the batches at the workers and their
-    exit, each within the grace; then the worker is killed. The request it held, cancelled by
+    exit, each within the grace; then the worker is killed, and the log says so and what it
+    was doing. The request it held, cancelled by
     uvicorn past the grace, is answered 503 with Retry-After (uvicorn's own answer: a plain-text
     500), with CORS's headers: a page on another origin reads it."""
     grace = 2.0
     origin = "https://demo.example"
     ex = cf.ThreadPoolExecutor(1)
-    with run_service(
-        models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
-        shutdown_grace_s=grace, worker_timeout_s=120, request_timeout_s=100,
-        cors_origins=origin,
-    ) as svc:  # fmt: skip
-        pool = svc.service.pool
-        pid = pool.workers[0].pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            held = ex.submit(_post, svc.url, "cifar10_plain20", 60, {"Origin": origin})
-            _until(
-                lambda: any(x.sent_at for w in pool.workers for x in w.inflight.values()),
-                30, "a batch reached the worker",
-            )  # fmt: skip
-            started = time.monotonic()
-        except BaseException:
-            os.kill(pid, signal.SIGCONT)
-            raise
-    took = time.monotonic() - started
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append  # type: ignore[method-assign]
+    pool_log = logging.getLogger("imgcls.pool")
+    try:
+        with run_service(
+            models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
+            shutdown_grace_s=grace, worker_timeout_s=120, request_timeout_s=100,
+            cors_origins=origin,
+        ) as svc:  # fmt: skip
+            pool = svc.service.pool
+            pid = pool.workers[0].pid
+            pool_log.addHandler(catch)  # the service configured its logging: not propagated
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                held = ex.submit(_post, svc.url, "cifar10_plain20", 60, {"Origin": origin})
+                _until(
+                    lambda: any(x.sent_at for w in pool.workers for x in w.inflight.values()),
+                    30, "a batch reached the worker",
+                )  # fmt: skip
+                started = time.monotonic()
+            except BaseException:
+                os.kill(pid, signal.SIGCONT)
+                raise
+        took = time.monotonic() - started
+    finally:
+        pool_log.removeHandler(catch)
     ex.shutdown(wait=False)
     assert took < 2 * grace + 10, f"the shutdown took {took:.1f} s"
     _until(lambda: not running([pid]), 10, "the hung worker was killed")
+    killed = [r.getMessage() for r in records if "killed" in r.getMessage()]
+    assert len(killed) == 1 and killed[0].startswith("worker 0 did not stop within "), killed
+    assert killed[0].endswith(" s (running a batch): killed"), killed
     status, _, headers = held.result(timeout=0)
     assert status == 503 and headers.get("retry-after") == "1", (status, headers)
     assert headers["content-type"] == "application/json" and "x-request-id" in headers, headers

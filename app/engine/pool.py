@@ -368,6 +368,13 @@ class WorkerPool:
                 remaining = max(0.0, deadline - time.monotonic())
                 await asyncio.to_thread(w.process.join, remaining)
             if _is_alive(w.process):
+                doing = (
+                    f"building {w.building}" if w.building
+                    else "starting" if not w.started
+                    else "running a batch"
+                )  # fmt: skip
+                log.warning("worker %s did not stop within %.0f s (%s): killed",
+                            w.worker_id, grace_s, doing)  # fmt: skip
                 w.process.kill()
                 await asyncio.to_thread(w.process.join, 5)
             self._fail_inflight(w, WorkerCrashedError("the service is shutting down"))

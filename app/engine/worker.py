@@ -893,6 +893,7 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
             "multiprocessing's fork server could not import app.engine.forkserver: each worker "
             "imports torch itself, and a SIGTERM to the process group ends the server"
         )
+    _progress_bars_lock_threads_only()
     started_by = multiprocessing.parent_process()  # None when not started as a process
     threading.Thread(
         target=_heartbeat, args=(outbox, started_by, forked_by), daemon=True, name="heartbeat"
@@ -919,6 +920,21 @@ def worker_main(cfg: WorkerConfig, inbox: Any, outbox: Any) -> None:
         else:
             _answer(outbox, "batch", msg, functools.partial(_run_batch, runner, cfg, *msg[1:]))
         del msg  # the batch's shared memory goes as soon as it is answered
+
+
+def _progress_bars_lock_threads_only() -> None:
+    """torch.fx's interpreter makes a (disabled) tqdm progress bar for each graph that inductor
+    compiles, and tqdm's first bar makes a multiprocessing RLock. In a worker that lock is a
+    named semaphore registered with the API process's resource tracker (the fork server and
+    spawn pass the tracker on): a worker killed (the watchdog, a crash, a stop past its grace)
+    never unregisters it, and when the service stops the tracker prints a plain-text warning
+    of "leaked semaphore objects" to the service's stderr. A worker's bars are never shown and
+    it runs no processes of its own that could share them: a thread lock is all they need."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # torch.hub's stand-in then, which makes no lock
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _run_explain(runner: Runner, msg: tuple[Any, ...]) -> tuple[Any, ...]:
