@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import socket
 import threading
@@ -191,6 +192,22 @@ def descendants(pid: int) -> list[int]:
         found += below
         todo += below
     return found
+
+
+@contextlib.contextmanager
+def log_records(name: str, level: int = logging.NOTSET) -> Iterator[list[logging.LogRecord]]:
+    """The records that reach logger ``name`` (at ``level`` or above) while inside. A handler
+    on the logger itself: imgcls's loggers do not propagate to the root once the service has
+    configured its logging, so pytest's caplog does not see them."""
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(level)
+    catch.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(catch)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(catch)
 
 
 def running(pids: list[int]) -> list[str]:

@@ -34,7 +34,7 @@ from app.engine.pool import (
 )
 from app.engine.worker import Runner, WorkerConfig
 from tests import images
-from tests.conftest import ROOT, ready_pool, run_service
+from tests.conftest import ROOT, log_records, ready_pool, run_service
 from tests.test_reliability import _metric
 
 PNG = images.encode(images.photo((64, 64)), "PNG")
@@ -864,15 +864,8 @@ def test_server_fault_answers_in_client_terms_with_request_id(tmp_path):
     (tmp_path / "m.toml").write_text(
         '[models.broken]\narch = "resnet18"\nweights = "nan.pt"\nlabels = "nan.txt"\n'
     )
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("imgcls")
-    logger.addHandler(handler)
-    try:
+    with log_records("imgcls") as records:
         _classify_broken(tmp_path)
-    finally:
-        logger.removeHandler(handler)
     logged = [r for r in records if r.exc_info and "req-nan-1" in r.getMessage()]
     assert logged and "non-finite" in str(logged[0].exc_info[1]), [r.getMessage() for r in records]
 

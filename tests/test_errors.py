@@ -322,7 +322,7 @@ def test_a_fault_no_handler_knows_is_a_json_500_with_the_request_id(tmp_path):
     Starlette's outermost handler, the answer was written and the exception raised on to
     uvicorn, which closed the connection: clients read a reset, not the 500."""
     from app.errors import INTERNAL_MESSAGE
-    from tests.conftest import run_service
+    from tests.conftest import log_records, run_service
 
     def configure(app) -> None:  # a route with a bug, in the real app and middleware
         async def boom() -> None:
@@ -330,11 +330,6 @@ def test_a_fault_no_handler_knows_is_a_json_500_with_the_request_id(tmp_path):
 
         app.add_api_route("/boom", boom, methods=["GET"])
 
-    import logging
-
-    records: list[logging.LogRecord] = []
-    catch = logging.Handler()
-    catch.emit = records.append  # type: ignore[method-assign]
     with (
         run_service(
             models="cifar10_plain20",
@@ -343,8 +338,8 @@ def test_a_fault_no_handler_knows_is_a_json_500_with_the_request_id(tmp_path):
             configure=configure,
         ) as svc,  # fmt: skip
         httpx.Client(base_url=svc.url, timeout=30) as c,
+        log_records("imgcls") as records,
     ):
-        logging.getLogger("imgcls").addHandler(catch)  # the service configured its logging
         for _ in range(2):  # twice on one keep-alive connection
             r = c.get("/boom", headers={"X-Request-ID": "req-boom"})
             assert r.status_code == 500 and r.headers["content-type"] == "application/json"
@@ -352,6 +347,5 @@ def test_a_fault_no_handler_knows_is_a_json_500_with_the_request_id(tmp_path):
             assert detail.startswith(INTERNAL_MESSAGE) and "req-boom" in detail
             assert "secret" not in detail
         assert c.get("/healthz").status_code == 200
-        logging.getLogger("imgcls").removeHandler(catch)
     logged = [rec for rec in records if "req-boom" in rec.getMessage()]
     assert logged and "secret internal detail" in str(logged[0].exc_info[1])

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from PIL import Image, TiffImagePlugin
 
-from tests.conftest import ROOT, free_port, wait_until_ready
+from tests.conftest import ROOT, children, free_port, wait_until_ready
 from tests.rawhttp import connect, read_until_closed, status_of
 
 
@@ -84,24 +84,15 @@ def test_every_line_on_stderr_is_json(tmp_path: Path):
 
 def _workers_of(pid: int) -> list[int]:
     """The service's CPU workers: the children of its multiprocessing fork server."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # it ended meanwhile
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
+    servers = [c for c in children(pid) if b"multiprocessing.forkserver" in _cmdline(c)]
+    return [w for server in servers for w in children(server)]
 
-    def cmdline(p: int) -> bytes:
-        try:
-            return Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            return b""
 
-    servers = [c for c in children.get(pid, []) if b"multiprocessing.forkserver" in cmdline(c)]
-    return [w for server in servers for w in children.get(server, [])]
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
 
 
 def _json_lines(text: str) -> list[dict]:

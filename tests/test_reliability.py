@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from tests import images
-from tests.conftest import ROOT, descendants, free_port, run_service, running
+from tests.conftest import ROOT, descendants, free_port, log_records, run_service, running
 from tests.rawhttp import connect, read_until_closed, status_of
 
 PNG = images.encode(images.photo((64, 64)), "PNG")
@@ -363,33 +363,28 @@ def test_a_hung_worker_does_not_hold_the_shutdown_past_its_grace(tmp_path: Path)
     grace = 2.0
     origin = "https://demo.example"
     ex = cf.ThreadPoolExecutor(1)
-    records: list[logging.LogRecord] = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = records.append  # type: ignore[method-assign]
-    pool_log = logging.getLogger("imgcls.pool")
-    try:
-        with run_service(
+    with (
+        log_records("imgcls.pool", logging.WARNING) as records,
+        run_service(
             models="cifar10_plain20", allow_random_weights=True, weights_dir=tmp_path,
             shutdown_grace_s=grace, worker_timeout_s=120, request_timeout_s=100,
             cors_origins=origin,
-        ) as svc:  # fmt: skip
-            pool = svc.service.pool
-            pid = pool.workers[0].pid
-            pool_log.addHandler(catch)  # the service configured its logging: not propagated
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                held = ex.submit(_post, svc.url, "cifar10_plain20", 60, {"Origin": origin})
-                _until(
-                    lambda: any(x.sent_at for w in pool.workers for x in w.inflight.values()),
-                    30, "a batch reached the worker",
-                )  # fmt: skip
-                started = time.monotonic()
-            except BaseException:
-                os.kill(pid, signal.SIGCONT)
-                raise
-        took = time.monotonic() - started
-    finally:
-        pool_log.removeHandler(catch)
+        ) as svc,
+    ):  # fmt: skip
+        pool = svc.service.pool
+        pid = pool.workers[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            held = ex.submit(_post, svc.url, "cifar10_plain20", 60, {"Origin": origin})
+            _until(
+                lambda: any(x.sent_at for w in pool.workers for x in w.inflight.values()),
+                30, "a batch reached the worker",
+            )  # fmt: skip
+            started = time.monotonic()
+        except BaseException:
+            os.kill(pid, signal.SIGCONT)
+            raise
+    took = time.monotonic() - started
     ex.shutdown(wait=False)
     assert took < 2 * grace + 10, f"the shutdown took {took:.1f} s"
     _until(lambda: not running([pid]), 10, "the hung worker was killed")
