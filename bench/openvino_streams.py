@@ -1,10 +1,12 @@
 """OpenVINO's CPU plugin inside a worker: one stream on the worker's two threads against the
 same batch split over two one-thread streams (two infer requests of one compiled model, as
 OpenVINO's THROUGHPUT hint runs), resnet50, per batch size, in alternating blocks within one
-process. IMGCLS_CPU_RUNTIME=openvino compiles both and splits batches of
-``app.engine.openvino.SPLIT_FROM`` images or more; this measures where the split pays.
+process. IMGCLS_CPU_RUNTIME=openvino compiles both and splits the batches that
+``app.engine.openvino.in_halves`` names; this measures where the split pays.
 ``--graph imgcls`` (the default) converts the model as imgcls does (``NormalizingModel``: uint8
-pixels in, softmax out); ``--graph plain`` torchvision's model alone, float input. Prints
+pixels in, softmax out); ``--graph plain`` torchvision's model alone, float input.
+``--precision int8``: torchvision's quantizable resnet50, quantized (random weights), converted
+as imgcls converts ``resnet50:int8``, its float parts at bf16 (imgcls graph only). Prints
 images/s per block and writes them as JSON (docs/PERFORMANCE.md, the AMX section).
 
     .venv/bin/python bench/openvino_streams.py --precision bf16 --out streams.json
@@ -21,9 +23,10 @@ import openvino as ov
 import torch
 from torchvision.models import resnet50
 
+from app.engine.quantize import published_int8
 from app.engine.worker import NormalizingModel
 
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # int8: its float parts at bf16
 
 
 def main() -> None:
@@ -34,11 +37,16 @@ def main() -> None:
     p.add_argument("--graph", choices=["imgcls", "plain"], default="imgcls")
     p.add_argument("--out", default="openvino-streams.json")
     args = p.parse_args()
+    if args.precision == "int8" and args.graph != "imgcls":
+        p.error("--precision int8 runs imgcls's graph only")
     core = ov.Core()
     torch.manual_seed(0)
     if args.graph == "imgcls":
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-        net = NormalizingModel(resnet50().eval(), mean, std, torch.float32, False).eval()
+        # int8: torchvision's quantizable resnet50 (random weights, quantized as published
+        # weights are), converted as IMGCLS_CPU_RUNTIME=openvino converts resnet50:int8
+        body = published_int8("resnet50") if args.precision == "int8" else resnet50().eval()
+        net = NormalizingModel(body, mean, std, torch.float32, False).eval()
         example = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
     else:
         net, example = resnet50().eval(), torch.zeros(1, 3, 224, 224)
