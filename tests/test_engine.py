@@ -718,17 +718,25 @@ def test_twenty_restarts_under_load_leak_nothing():
     the API process holds no more file descriptors, threads or shared-memory segments than after
     the first."""
 
-    def resources() -> tuple[int, int, int, int]:
-        targets = []
+    def descriptors() -> set[tuple[str, str]]:
+        found = set()
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):  # closed while listing
-                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+                found.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        return found
+
+    # shared-memory descriptors this process held before the pool (earlier tests' tensors):
+    # not this pool's batches
+    earlier = {d for d in descriptors() if d[1].startswith("/dev/shm/torch_")}
+
+    def resources() -> tuple[int, int, int, int]:
+        held = descriptors()
         # A batch's pixels cross in shared memory and hold a /dev/shm descriptor until the
         # worker has them: a few at any moment (the batches on their way), counted apart (as
         # the soak does); those of batches a dead worker never fetched must not pile up.
-        batches = sum(t.startswith("/dev/shm/torch_") for t in targets)
+        batches = sum(t.startswith("/dev/shm/torch_") and (fd, t) not in earlier for fd, t in held)
         shm = len([f for f in os.listdir("/dev/shm") if f.startswith("torch_")])
-        return len(targets) - batches, threading.active_count(), shm, batches
+        return len(held) - batches, threading.active_count(), shm, batches
 
     async def scenario() -> tuple[tuple[int, ...], tuple[int, ...]]:
         pool = WorkerPool([_config()], backoff_s=0.0)
