@@ -137,6 +137,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import signal
 
+    from app.benchmarks.common import check_plan
+
+    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+    images = Path(args.images) if args.images else None
+    # what can be refused without torch is refused before it loads (seconds)
+    check_plan(servers, args.max_batch, args.model_seconds, images, Path(args.out))
     from app.benchmarks.harness import run_bench
 
     # The servers run in sessions of their own (so that they can be stopped whole): stopped by
@@ -150,7 +156,7 @@ def _bench(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         duration_s=args.duration,
         batch_sizes=args.batch_sizes,
-        servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
+        servers=servers,
         max_batch=args.max_batch,
         api_workers=args.api_workers,
         client_processes=args.client_processes,
@@ -160,7 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
         model_precisions=tuple(p.strip() for p in args.model_precisions.split(",") if p.strip()),
         openvino=not args.no_openvino,
         warmup_s=args.warmup,
-        images=Path(args.images) if args.images else None,
+        images=images,
     )
     return 0
 

@@ -5,6 +5,7 @@ forever on a device that is not there."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,49 @@ def test_bad_settings_and_arguments_exit_2_in_one_line():
         *usage, last = r.stderr.strip().splitlines()
         assert last.startswith("imgcls") and said in last, (name, r.stderr[-2000:])
         assert all(u.startswith(("usage:", " ")) for u in usage), (name, r.stderr[-2000:])
+
+
+# refused from the arguments or the settings alone: torch (seconds to import) is never loaded
+BEFORE_TORCH = [
+    "log level",
+    "API key not ASCII",
+    "port range",
+    "eval no models",
+    "bench unknown server",
+    "bench no photos",
+    "bench no model-only, no batch",
+    "bench out not a folder",
+]
+
+
+def test_mistakes_found_in_the_arguments_are_refused_before_torch_loads():
+    """Every case here in one process, each through ``main`` as the command runs it: each exits
+    2, and torch is still not imported at the end."""
+    script = (
+        "import json, os, sys\n"
+        "from app.cli import main\n"
+        "codes = []\n"
+        "for env, args in json.loads(sys.argv[1]):\n"
+        "    os.environ.update(env)\n"
+        "    try:\n"
+        "        codes.append(main(args))\n"
+        "    except SystemExit as exc:  # argparse's own refusals\n"
+        "        codes.append(exc.code)\n"
+        "    for k in env: os.environ.pop(k)\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n"
+    )
+    cases = [CASES[name][:2] for name in BEFORE_TORCH]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGCLS_") and k != "PORT"}
+    r = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        env=clean, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = json.loads(r.stdout.strip().splitlines()[-1])
+    assert said["codes"] == [2] * len(cases), (said, r.stderr[-2000:])
+    assert not said["torch"], "torch was imported to refuse a mistake in the arguments"
+    for name in BEFORE_TORCH:
+        assert CASES[name][2] in r.stderr, (name, r.stderr[-2000:])
 
 
 def test_a_bad_port_in_the_environment_does_not_break_other_commands():

@@ -21,6 +21,32 @@ APP_DIR = str(Path(__file__).resolve().parents[2])
 SHARED_IMAGES = Path(APP_DIR).parent / "shared" / "data" / "images"
 
 
+# The servers `imgcls bench` can measure (their commands: harness._servers).
+SERVERS = ("imgcls", "imgcls-int8", "naive", "litserve")
+
+
+def check_plan(
+    servers: tuple[str, ...],
+    max_batch: int | None,
+    model_seconds: float,
+    images: Path | None,
+    out: Path,
+) -> Path:
+    """The checks of a benchmark's arguments that need neither torch nor the model catalog:
+    ValueError, in one line, for an unknown server, no batch limit to serve at, a folder of
+    photos that is not there or a reports folder that cannot be made. The photos' folder."""
+    unknown = [name for name in servers if name not in SERVERS]
+    if unknown:
+        raise ValueError(
+            f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}"
+        )
+    if max_batch is None and model_seconds <= 0:
+        raise ValueError("--model-seconds 0 (no model-only sweep) needs --max-batch")
+    folder = photos(images)
+    out_folder(out, "--out")
+    return folder
+
+
 def photos(folder: Path | None = None) -> Path:
     """The folder of photos the upload sets are made from: ``folder``, else
     IMGCLS_BENCH_IMAGES, else the shared photos; ValueError, in one line, when it is not one."""

@@ -27,10 +27,10 @@ import torch
 from app.benchmarks.common import (
     APP_DIR,
     IMAGE_SETS,
+    SERVERS,
+    check_plan,
     free_port,
     image_set,
-    out_folder,
-    photos,
     start_server,
     stop_server,
 )
@@ -131,9 +131,6 @@ def model_only(
         "batch1_latency_ms": round(sorted(times)[len(times) // 2], 2),
         "gflops_per_image": spec.gflops,
     }
-
-
-SERVERS = ("imgcls", "imgcls-int8", "naive", "litserve")
 
 
 def _servers(
@@ -239,15 +236,7 @@ def run_bench(
     is not there, a folder of photos that is not there or an output folder that cannot be made
     is a ValueError before anything runs."""
     check_target(model, device)
-    unknown = [name for name in servers if name not in SERVERS]
-    if unknown:
-        raise ValueError(
-            f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}"
-        )
-    if max_batch is None and model_seconds <= 0:
-        raise ValueError("--model-seconds 0 (no model-only sweep) needs --max-batch")
-    folder = photos(images)
-    out_folder(out, "--out")
+    folder = check_plan(servers, max_batch, model_seconds, images, out)
     uploads = {name: image_set(name, folder) for name in image_sets}
     result: dict[str, Any] = {
         "model": model,
