@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -175,6 +176,26 @@ def test_mistakes_found_in_the_arguments_are_refused_before_torch_loads():
     assert not said["torch"], "torch was imported to refuse a mistake in the arguments"
     for name in BEFORE_TORCH:
         assert CASES[name][2] in r.stderr, (name, r.stderr[-2000:])
+
+
+def test_a_refused_bench_leaves_no_reports_folder(tmp_path, capsys):
+    """A bench refused for its arguments makes no --out folder (each mistake found before the
+    folder would be made, the model's too), and an --out that cannot be made is still refused."""
+    from app.cli import main
+
+    term = signal.getsignal(signal.SIGTERM)  # the bench sets its own before the model's check
+    try:
+        for mistake in (["--model", "nope"], ["--servers", "bogus"], ["--images", "/nowhere"]):
+            assert main(["bench", *mistake, "--out", str(tmp_path / "a" / "reports")]) == 2
+            assert not (tmp_path / "a").exists(), mistake
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--out", str(tmp_path / "file" / "reports")]) == 2
+    assert main(["bench", "--out", str(tmp_path / "file")]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert "cannot make the folder (Not a directory)" in said[-2], said
+    assert "cannot make the folder (File exists)" in said[-1], said
 
 
 def test_a_bad_port_in_the_environment_does_not_break_other_commands():

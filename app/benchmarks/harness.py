@@ -31,6 +31,7 @@ from app.benchmarks.common import (
     check_plan,
     free_port,
     image_set,
+    out_folder,
     start_server,
     stop_server,
 )
@@ -237,6 +238,7 @@ def run_bench(
     is a ValueError before anything runs."""
     check_target(model, device)
     folder = check_plan(servers, max_batch, model_seconds, images, out)
+    out_folder(out, "--out")
     uploads = {name: image_set(name, folder) for name in image_sets}
     result: dict[str, Any] = {
         "model": model,
