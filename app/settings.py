@@ -166,6 +166,26 @@ class Settings(BaseSettings):
         # `IMGCLS_MODEL_CONFIG=` (a compose file's empty default) means none, not the folder "."
         return None if isinstance(v, str) and not v.strip() else v
 
+    @field_validator("model_config_file")
+    @classmethod
+    def _config_is_a_file(cls, v: Path | None) -> Path | None:
+        # refused with the settings (a fraction of a second), not after torch and the catalog
+        # have loaded; what the file says is checked as the catalog reads it
+        if v is not None and not v.is_file():
+            why = "is a folder" if v.is_dir() else "no such file"
+            raise ValueError(f"IMGCLS_MODEL_CONFIG: {why}: {v} (a TOML file of [models.NAME])")
+        return v
+
+    @field_validator("int8_calibration")
+    @classmethod
+    def _calibration_is_a_folder(cls, v: Path | None) -> Path | None:
+        # otherwise every NAME:int8 it serves fails at load, minutes after start-up; whether the
+        # folder holds images is checked as a model is quantized
+        if v is not None and not v.is_dir():
+            why = "not a folder" if v.exists() else "no such folder"
+            raise ValueError(f"IMGCLS_INT8_CALIBRATION: {why}: {v} (a folder of images)")
+        return v
+
     @field_validator("weights_dir", mode="before")
     @classmethod
     def _weights_dir_named(cls, v: object) -> object:

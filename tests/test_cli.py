@@ -96,7 +96,26 @@ CASES = {
         ["bench", "--model", "resnet18", "--model-seconds", "0"],
         "--model-seconds 0 (no model-only sweep) needs --max-batch",
     ),
-    "model config a folder": ({"IMGCLS_MODEL_CONFIG": "app"}, ["serve"], "cannot be read"),
+    "model config a folder": (
+        {"IMGCLS_MODEL_CONFIG": "app"},
+        ["serve"],
+        "imgcls: IMGCLS_MODEL_CONFIG: is a folder: app",
+    ),
+    "model config missing": (
+        {"IMGCLS_MODEL_CONFIG": "/nonexistent/models.toml"},
+        ["serve"],
+        "imgcls: IMGCLS_MODEL_CONFIG: no such file: /nonexistent/models.toml",
+    ),
+    "calibration folder missing": (
+        {"IMGCLS_INT8_CALIBRATION": "/nonexistent/photos", "IMGCLS_MODELS": "resnet34:int8"},
+        ["serve"],
+        "imgcls: IMGCLS_INT8_CALIBRATION: no such folder: /nonexistent/photos",
+    ),
+    "calibration folder a file": (
+        {"IMGCLS_INT8_CALIBRATION": "pyproject.toml"},
+        ["serve"],
+        "imgcls: IMGCLS_INT8_CALIBRATION: not a folder: pyproject.toml",
+    ),
     "default model not served": (
         {"IMGCLS_DEFAULT_MODEL": "nope"},
         ["serve"],
@@ -145,6 +164,10 @@ BEFORE_TORCH = [
     "bench no photos",
     "bench no model-only, no batch",
     "bench out not a folder",
+    "model config a folder",
+    "model config missing",
+    "calibration folder missing",
+    "calibration folder a file",
 ]
 
 
