@@ -409,9 +409,9 @@ def run_eval(
     if not models:
         raise ValueError("--models names no model")
     models = list(dict.fromkeys(models))  # a model named twice is evaluated once
-    from app.benchmarks.common import out_folder
+    from app.benchmarks.common import check_out_folder
 
-    out_folder(out, "--out")
+    check_out_folder(out, "--out")  # made as the reports are written: none for a refused run
     with contextlib.ExitStack() as stack:
         if url is None:
             url = stack.enter_context(local_service(models))

@@ -142,7 +142,8 @@ def test_imgcls_eval_without_url_starts_the_service_in_process(tmp_path):
 
 def test_eval_mistakes_are_one_line_not_a_traceback(service, tmp_path):
     """What a user gets wrong (or a service that cannot answer) ends `imgcls eval` with one
-    line and exit 2, quickly: no traceback, no ten-minute wait for a model that cannot load."""
+    line and exit 2, quickly: no traceback, no ten-minute wait for a model that cannot load,
+    and no empty reports folder left behind."""
     empty = tmp_path / "empty"
     (empty / "cat").mkdir(parents=True)
     good = tmp_path / "good"
@@ -179,6 +180,7 @@ def test_eval_mistakes_are_one_line_not_a_traceback(service, tmp_path):
     for name, r in results.items():
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
         assert cases[name][1] in r.stderr and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+    assert not (tmp_path / "o").exists(), "a refused eval left its --out folder"
 
 
 def test_eval_waits_out_a_busy_service(tmp_path):

@@ -44,7 +44,7 @@ def check_plan(
     if max_batch is None and model_seconds <= 0:
         raise ValueError("--model-seconds 0 (no model-only sweep) needs --max-batch")
     folder = photos(images)
-    out_folder(out, "--out", make=False)  # made when the run starts (harness.run_bench)
+    check_out_folder(out, "--out")  # made when the run starts (harness.run_bench)
     return folder
 
 
@@ -173,27 +173,31 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def out_folder(out: Path, option: str, make: bool = True) -> None:
+def out_folder(out: Path, option: str) -> None:
     """Make the reports' folder ``out`` now, not after the whole run (ValueError if it cannot
-    be made or written); ``make=False`` only checks that it could be, leaving no folder behind
-    for a run refused later."""
-    if make:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"{option} {out}: cannot make the folder ({exc.strerror})") from None
-    else:
-        target = Path(os.path.abspath(out))
-        there = target
-        while not there.exists() and there != there.parent:
-            there = there.parent
-        if not there.is_dir():  # a file where the folder, or one above it, would be
-            why = os.strerror(errno.EEXIST if there == target else errno.ENOTDIR)
+    be made or written)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {out}: cannot make the folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {out}: the folder cannot be written")
+
+
+def check_out_folder(out: Path, option: str) -> None:
+    """ValueError unless the reports' folder ``out`` could be made and written; nothing is made,
+    so that a run refused later (its model, the service) leaves no empty folder behind."""
+    target = Path(os.path.abspath(out))
+    there = target
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():  # a file where the folder, or one above it, would be
+        why = os.strerror(errno.EEXIST if there == target else errno.ENOTDIR)
+        raise ValueError(f"{option} {out}: cannot make the folder ({why})")
+    if there != target:  # to be made below ``there``, which must be writable
+        if not os.access(there, os.W_OK | os.X_OK):
+            why = os.strerror(errno.EACCES)
             raise ValueError(f"{option} {out}: cannot make the folder ({why})")
-        if there != target:  # to be made below ``there``, which must be writable
-            if not os.access(there, os.W_OK | os.X_OK):
-                why = os.strerror(errno.EACCES)
-                raise ValueError(f"{option} {out}: cannot make the folder ({why})")
-            return
+        return
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {out}: the folder cannot be written")
