@@ -135,7 +135,7 @@ def _run(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[st
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         env={**clean, "IMGCLS_GRPC_PORT": "0", **env},
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
 
 
