@@ -9,6 +9,7 @@ import threading
 import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -182,6 +183,12 @@ def test_short_bench_run_writes_table_json_and_plot(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert "service_vs_naive" in out and "OpenVINO" in out
     assert f"batch limit: {mo['best_batch']} (imgcls-int8: {mo['best_batch']})" in out
+    # x86 CPUs a virtual machine names alike (AMD EPYC: Zen 3, 4 or 5) are told apart
+    info = Path("/proc/cpuinfo").read_text()
+    if "cpu family" in info:
+        family = info.split("cpu family", 1)[1].split(":", 1)[1].split()[0]
+        assert saved["machine"]["cpu_id"].startswith(f"family {family} model "), saved["machine"]
+        assert f"{saved['machine']['cpu']}, {saved['machine']['cpu_id']})" in out
 
 
 def test_each_imgcls_server_runs_at_its_own_engines_batch_size():

@@ -43,16 +43,26 @@ from app.settings import Settings
 
 
 def machine() -> dict[str, Any]:
+    """The machine a run measured. ``cpu_id`` (x86 family/model/stepping) tells apart CPUs that
+    a virtual machine names alike: "AMD EPYC" is Zen 3 (family 25, model 1), Zen 4 (family 25,
+    model 17) or Zen 5 (family 26), whose AVX-512 runs at different widths."""
     cpu = platform.processor() or platform.machine()
+    ident: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                cpu = value.strip()
+            elif key in ("cpu family", "model", "stepping") and key not in ident:
+                ident[key] = value.strip()
+            elif not key and ident:  # the first processor's block has ended
                 break
     except OSError:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_id": " ".join(f"{k.split()[-1]} {v}" for k, v in ident.items()) or None,
         "cores": os.cpu_count(),
         "cpu_bf16": fastpath.cpu_has_bf16(),
         "cpu_features": fastpath.cpu_features().names(),
@@ -452,6 +462,8 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     mo = result["model_only"]
     hw = result["machine"].get("gpu") or result["machine"]["cpu"]
+    if not result["machine"].get("gpu") and result["machine"].get("cpu_id"):
+        hw += f", {result['machine']['cpu_id']}"
     lines = [
         f"{result['model']} on {result['device']} ({hw}), load average at start "
         f"{result.get('load_average_at_start')}",
