@@ -14,6 +14,20 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 AUTO_BATCH_CAP = 32
 
 
+def _not_a(kind: Literal["file", "folder"], path: Path) -> str | None:
+    """Why ``path`` is not a regular file (or a folder), or None if it is one."""
+    try:
+        if path.is_file() if kind == "file" else path.is_dir():
+            return None
+        if not path.exists():
+            return f"no such {kind}"
+        if kind == "file":
+            return "is a folder" if path.is_dir() else "not a regular file"
+        return "not a folder"
+    except OSError as exc:  # a folder above it that cannot be searched, a name too long
+        return f"cannot be read ({exc.strerror or exc})"
+
+
 class Settings(BaseSettings):
     # inf passes gt=0 and then overflows where a number of bytes or seconds is made of it
     model_config = SettingsConfigDict(
@@ -171,9 +185,10 @@ class Settings(BaseSettings):
     def _config_is_a_file(cls, v: Path | None) -> Path | None:
         # refused with the settings (a fraction of a second), not after torch and the catalog
         # have loaded; what the file says is checked as the catalog reads it
-        if v is not None and not v.is_file():
-            why = "is a folder" if v.is_dir() else "no such file"
-            raise ValueError(f"IMGCLS_MODEL_CONFIG: {why}: {v} (a TOML file of [models.NAME])")
+        if v is not None:
+            why = _not_a("file", v)
+            if why:
+                raise ValueError(f"IMGCLS_MODEL_CONFIG: {why}: {v} (a TOML file of [models.NAME])")
         return v
 
     @field_validator("int8_calibration")
@@ -181,9 +196,10 @@ class Settings(BaseSettings):
     def _calibration_is_a_folder(cls, v: Path | None) -> Path | None:
         # otherwise every NAME:int8 it serves fails at load, minutes after start-up; whether the
         # folder holds images is checked as a model is quantized
-        if v is not None and not v.is_dir():
-            why = "not a folder" if v.exists() else "no such folder"
-            raise ValueError(f"IMGCLS_INT8_CALIBRATION: {why}: {v} (a folder of images)")
+        if v is not None:
+            why = _not_a("folder", v)
+            if why:
+                raise ValueError(f"IMGCLS_INT8_CALIBRATION: {why}: {v} (a folder of images)")
         return v
 
     @field_validator("weights_dir", mode="before")

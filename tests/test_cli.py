@@ -111,6 +111,11 @@ CASES = {
         ["serve"],
         "imgcls: IMGCLS_INT8_CALIBRATION: no such folder: /nonexistent/photos",
     ),
+    "model config name too long": (
+        {"IMGCLS_MODEL_CONFIG": "m" * 5000},
+        ["serve"],
+        "imgcls: IMGCLS_MODEL_CONFIG: cannot be read (File name too long)",
+    ),
     "calibration folder a file": (
         {"IMGCLS_INT8_CALIBRATION": "pyproject.toml"},
         ["serve"],
@@ -166,6 +171,7 @@ BEFORE_TORCH = [
     "bench out not a folder",
     "model config a folder",
     "model config missing",
+    "model config name too long",
     "calibration folder missing",
     "calibration folder a file",
 ]
@@ -214,11 +220,16 @@ def test_a_refused_bench_leaves_no_reports_folder(tmp_path, capsys):
     finally:
         signal.signal(signal.SIGTERM, term)
     (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # mkdir would fail only at the end
     assert main(["bench", "--out", str(tmp_path / "file" / "reports")]) == 2
     assert main(["bench", "--out", str(tmp_path / "file")]) == 2
+    assert main(["bench", "--out", str(tmp_path / "dangling")]) == 2
+    assert main(["bench", "--out", str(tmp_path / "dangling" / "reports")]) == 2
     said = capsys.readouterr().err.splitlines()
-    assert "cannot make the folder (Not a directory)" in said[-2], said
-    assert "cannot make the folder (File exists)" in said[-1], said
+    assert "cannot make the folder (Not a directory)" in said[-4], said
+    assert "cannot make the folder (File exists)" in said[-3], said
+    assert "cannot make the folder (File exists)" in said[-2], said
+    assert "cannot make the folder (Not a directory)" in said[-1], said
 
 
 def test_a_bad_port_in_the_environment_does_not_break_other_commands():

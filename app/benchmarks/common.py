@@ -189,9 +189,10 @@ def check_out_folder(out: Path, option: str) -> None:
     so that a run refused later (its model, the service) leaves no empty folder behind."""
     target = Path(os.path.abspath(out))
     there = target
-    while not there.exists() and there != there.parent:
+    while not os.path.lexists(there) and there != there.parent:
         there = there.parent
-    if not there.is_dir():  # a file where the folder, or one above it, would be
+    # a file, or a dangling link, where the folder (or one above it) would be
+    if not there.is_dir():
         why = os.strerror(errno.EEXIST if there == target else errno.ENOTDIR)
         raise ValueError(f"{option} {out}: cannot make the folder ({why})")
     if there != target:  # to be made below ``there``, which must be writable

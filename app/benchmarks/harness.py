@@ -60,6 +60,8 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    if "cpu family" not in ident:  # not x86 (POWER's "model" is the machine's)
+        ident = {}
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_id": " ".join(f"{k.split()[-1]} {v}" for k, v in ident.items()) or None,
@@ -459,11 +461,17 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _hardware(result: dict[str, Any]) -> str:
+    """What the run measured on: the GPU for a CUDA run, else the CPU (and its x86 identity)."""
+    m = result["machine"]
+    if str(result["device"]).startswith("cuda") and m.get("gpu"):
+        return str(m["gpu"])
+    return f"{m['cpu']}, {m['cpu_id']}" if m.get("cpu_id") else str(m["cpu"])
+
+
 def table(result: dict[str, Any]) -> str:
     mo = result["model_only"]
-    hw = result["machine"].get("gpu") or result["machine"]["cpu"]
-    if not result["machine"].get("gpu") and result["machine"].get("cpu_id"):
-        hw += f", {result['machine']['cpu_id']}"
+    hw = _hardware(result)
     lines = [
         f"{result['model']} on {result['device']} ({hw}), load average at start "
         f"{result.get('load_average_at_start')}",
@@ -545,7 +553,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     a.legend(fontsize=7)
     b.set_yscale("log")
-    hw = result["machine"].get("gpu") or result["machine"]["cpu"]
+    hw = _hardware(result)
     fig.suptitle(f"{result['model']} on {result['device']}: {hw}")
     fig.tight_layout()
     fig.savefig(path)
